@@ -1,0 +1,27 @@
+# Set-up and entry points. Both targets create the virtual environment on first use.
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## train the digits teacher and write samples (a few minutes on 2 CPU cores)
+	$(VENV)/bin/nfm teacher train --preset digits
+
+test: $(STAMP)  ## the test suite (CPU only)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/teacher_bench.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The `nfm` command and what every stage shares: configuration, data, the training loop, I/O."""

@@ -1,0 +1,180 @@
+"""The `nfm` command.
+
+    nfm teacher train  [--preset digits] [--config FILE] [--run-dir DIR] [--size NAME] [key=value ...]
+    nfm teacher sample RUN [--n 100] [--guidance W] [--temperature T] [--no-denoise] [--out PNG]
+    nfm teacher eval   RUN [--split test]
+
+Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,
+and prints the resolved config. Rerunning a training command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline.errors import NFMError
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=default_preset, help=f"named preset (default: {default_preset})")
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/teacher-PRESET); "
+                   "an existing one is resumed")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.steps=500 model.width=64 data.name=fashion-mnist")
+
+
+def cmd_teacher_train(args) -> int:
+    from pipeline.config import _merge, build_config
+    from pipeline.presets import size_overrides, teacher_preset
+    from teacher.train import TeacherRunConfig, run_teacher_training
+
+    preset = teacher_preset(args.preset)
+    if args.size:
+        preset = _merge(preset, size_overrides(args.size))
+    cfg = build_config(TeacherRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    run_dir = Path(args.run_dir or f"runs/teacher-{args.preset}")
+    t0 = time.perf_counter()
+    export = run_teacher_training(cfg, run_dir)
+    print(f"done in {time.perf_counter() - t0:.0f}s. teacher export: {export}")
+    samples = sorted((run_dir / "samples").glob("*.png"))
+    if samples:
+        print(f"samples: {samples[-1]}")
+    return 0
+
+
+def cmd_teacher_sample(args) -> int:
+    import torch
+
+    from pipeline.images import save_grid
+    from pipeline.io import save_tensors
+    from teacher.export import load_teacher, resolve_export_dir
+
+    device = _device(args.device)
+    model = load_teacher(args.run, device)
+    if args.n <= 0:
+        raise NFMError(f"--n must be positive, got {args.n}")
+    g = torch.Generator().manual_seed(args.seed)
+    if args.label is not None:
+        y = torch.full((args.n,), args.label, dtype=torch.long)
+    elif model.num_classes:
+        y = torch.arange(args.n) % model.num_classes
+    else:
+        y = None
+    z = torch.randn(args.n, *model.image_shape, generator=g) * args.temperature
+    t0 = time.perf_counter()
+    x = model.decode(z.to(device), None if y is None else y.to(device), guidance=args.guidance,
+                     annealed_guidance=args.annealed, attn_temp=args.attn_temp)
+    if not args.no_denoise and model.noise_std > 0:
+        x = model.denoise(x, None if y is None else y.to(device))
+    dt = time.perf_counter() - t0
+    base = Path(args.out) if args.out else resolve_export_dir(args.run).parent / "samples" / "sample"
+    base = base.with_suffix("")
+    tensors = {"images": x.cpu(), "noise": z}
+    if y is not None:
+        tensors["labels"] = y
+    save_tensors(base.with_suffix(".safetensors"), tensors)
+    nrow = model.num_classes if model.num_classes and args.n % model.num_classes == 0 and args.label is None else None
+    save_grid(x, base.with_suffix(".png"), nrow=nrow)
+    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} img/s) -> {base.with_suffix('.png')}, "
+          f"{base.with_suffix('.safetensors')}")
+    return 0
+
+
+def cmd_teacher_eval(args) -> int:
+    from pipeline.config import from_dict
+    from pipeline.data import DataConfig, load_data
+    from pipeline.io import write_json
+    from teacher.export import export_info, load_teacher, resolve_export_dir
+    from teacher.train import evaluate_bpd
+
+    device = _device(args.device)
+    model = load_teacher(args.run, device)
+    info = export_info(args.run)
+    data_cfg = from_dict(DataConfig, info.get("data", {}))
+    if args.data:
+        data_cfg = from_dict(DataConfig, {**info.get("data", {}), "name": args.data})
+    data = load_data(data_cfg, args.split)
+    t0 = time.perf_counter()
+    bpd = evaluate_bpd(model, data, batch_size=args.batch_size)
+    result = {"split": args.split, "data": data.describe(), "bits_per_dim": bpd, "noise_std": model.noise_std,
+              "images": len(data), "seconds": round(time.perf_counter() - t0, 2)}
+    out = resolve_export_dir(args.run).parent / f"eval-{args.split}.json"
+    write_json(out, result)
+    print(json.dumps(result, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    teacher = stages.add_parser("teacher", help="stage one: the TarFlow teacher")
+    tsub = teacher.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = tsub.add_parser("train", help="train (or resume) a TarFlow teacher",
+                        description="Train a TarFlow teacher by maximum likelihood on x + eta * eps. "
+                        "Rerunning the same command resumes from the newest checkpoint.")
+    _add_config_args(p, "digits")
+    p.add_argument("--size", help="named TarFlow size (tiny, digits8, mnist28), applied before overrides")
+    p.set_defaults(func=cmd_teacher_train)
+
+    p = tsub.add_parser("sample", help="sample images from a trained teacher")
+    p.add_argument("run", help="teacher run directory or export directory")
+    p.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
+    p.add_argument("--label", type=int, help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight (default 0)")
+    p.add_argument("--annealed", action="store_true", help="anneal guidance linearly over the patches")
+    p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unguided branch")
+    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
+    p.add_argument("--no-denoise", action="store_true", help="skip the score denoising step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_teacher_sample)
+
+    p = tsub.add_parser("eval", help="bits/dim of a trained teacher on held-out data")
+    p.add_argument("run", help="teacher run directory or export directory")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data", help="evaluate on another data source (default: the teacher's own)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_teacher_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from pipeline.training import Interrupted
+
+    try:
+        return args.func(args)
+    except NFMError as e:
+        print(f"nfm: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"nfm: {e}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("nfm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

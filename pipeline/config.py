@@ -1,0 +1,183 @@
+"""Config is data: frozen dataclasses, built from presets, files and `key=value` overrides.
+
+    cfg = build_config(TeacherRunConfig, preset=PRESETS["digits"], file="my.toml",
+                       overrides=["train.steps=500", "model.width=64"])
+
+Precedence: dataclass defaults < preset < config file (JSON or TOML) < overrides.
+Unknown keys and unparsable values raise an NFMError that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.errors import NFMError
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A nested plain dict (JSON-serialisable) of a dataclass config."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out += _keys(tp, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a value (possibly a string from the command line) to the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, list):
+        (elem, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+                     .split(",") if v.strip()]
+        return origin(_coerce(v, elem, key) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise NFMError(f"config key {key!r}: cannot read {value!r} as {tp.__name__}") from e
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys."""
+    types_ = _field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        valid = ", ".join(_keys(cls, prefix))
+        raise NFMError(f"unknown config key {prefix + unknown[0]!r}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = types_[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise NFMError(f"config key {prefix + name!r} is a section; set its fields as {prefix + name}.FIELD")
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.steps=10", "model.width=64"] -> {"train": {"steps": "10"}, "model": {"width": "64"}}."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise NFMError(f"override {item!r} is not of the form key=value (e.g. train.steps=1000)")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise NFMError(f"override {item!r} conflicts with an earlier override of {p!r}")
+        node[parts[-1]] = value.strip()
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise NFMError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        return json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise NFMError(f"config file {path} does not parse ({e}); use JSON (.json) or TOML (.toml)") from e
+
+
+def build_config(
+    cls: type[T],
+    preset: dict[str, Any] | None = None,
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> T:
+    data: dict[str, Any] = {}
+    if preset:
+        data = _merge(data, preset)
+    if file:
+        data = _merge(data, load_file(file))
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return from_dict(cls, data)
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two nested dicts: [(key, a_value, b_value)]."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append((prefix + k, va, vb))
+    return out
+
+
+def format_table(cfg: Any, title: str = "config") -> str:
+    """The resolved config as an aligned two-column table."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                rows.append((prefix + k, repr(v) if isinstance(v, str) else str(v)))
+
+    walk(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, "")
+    width = max(len(k) for k, _ in rows) if rows else 0
+    line = "-" * (width + 2 + max((len(v) for _, v in rows), default=0))
+    body = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return f"{title}\n{line}\n{body}\n{line}"

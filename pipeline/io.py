@@ -1,0 +1,121 @@
+"""Atomic file I/O: nothing half-written is ever visible under its final name.
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and
+renamed into place (`os.replace` is atomic on POSIX). Directories (checkpoints, exports)
+are assembled under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import NFMError
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, then rename tmp_path to `path`. The temp file is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise NFMError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NFMError(f"{what} {path} is not valid JSON ({e}); it is corrupt: delete or regenerate it") from e
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Atomically write a safetensors file (tensors made contiguous and detached)."""
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
+
+
+def load_tensors(path: str | Path, what: str = "weights file", device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file with a clear error for a missing, truncated or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NFMError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise NFMError(f"{what} {path} cannot be read ({e}); it is truncated or corrupt: regenerate it") from e
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a directory under a temporary name; on success it replaces `path` in one rename.
+
+    If `path` already exists it is moved aside first and removed after the rename, so at
+    every instant either the old or the new complete directory is visible under `path`
+    (or, for a moment, none, never a partial one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,45 @@
+"""Named presets: one dict per preset and stage, layered under config files and overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.errors import NFMError
+from teacher.model import TARFLOW_SIZES
+
+TEACHER_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on a CPU: for tests and smoke runs
+    "tiny": {
+        "model": {**TARFLOW_SIZES["tiny"], "noise_std": 0.1},
+        "data": {"name": "digits"},
+        "train": {"steps": 20, "batch_size": 32, "lr": 1e-3, "warmup_steps": 5, "log_every": 5,
+                  "sample_every": 10, "ckpt_every": 10, "ema_decay": 0.9},
+        "sample": {"n": 20},
+    },
+    # 8x8 digits: the CPU demo
+    "digits": {
+        "model": {**TARFLOW_SIZES["digits8"], "noise_std": 0.1},
+        "data": {"name": "digits"},
+        "train": {"steps": 3000, "batch_size": 128, "lr": 5e-4, "warmup_steps": 200, "log_every": 100,
+                  "sample_every": 1000, "ckpt_every": 500, "ema_decay": 0.999},
+    },
+    # 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist): hours on a CPU, minutes on a GPU
+    "fashion-mnist": {
+        "model": {**TARFLOW_SIZES["mnist28"], "noise_std": 0.05},
+        "data": {"name": "fashion-mnist"},
+        "train": {"steps": 20000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 1000, "log_every": 100,
+                  "sample_every": 2000, "ckpt_every": 1000, "ema_decay": 0.9995},
+    },
+}
+
+
+def teacher_preset(name: str) -> dict[str, Any]:
+    if name not in TEACHER_PRESETS:
+        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(TEACHER_PRESETS)}")
+    return TEACHER_PRESETS[name]
+
+
+def size_overrides(name: str) -> dict[str, Any]:
+    if name not in TARFLOW_SIZES:
+        raise NFMError(f"unknown TarFlow size {name!r}; choose one of {', '.join(TARFLOW_SIZES)}")
+    return {"model": dict(TARFLOW_SIZES[name])}

@@ -1,0 +1,1 @@
+"""Stage three: the flow-matching student (velocity networks, couplings, paths, ODE samplers)."""

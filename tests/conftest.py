@@ -1,0 +1,31 @@
+import os
+
+# Tests never touch the network: the hub is off, so an unknown dataset name fails at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
+
+
+def make_flow(channels=1, img_size=8, patch_size=2, num_classes=0, dtype=torch.float64, seed=0,
+              randomize=True, **kw) -> TarFlow:
+    """A tiny TarFlow with non-trivial weights (the output projections are random, not zero)."""
+    torch.manual_seed(seed)
+    size = {**TARFLOW_SIZES["tiny"], "patch_size": patch_size, **kw}
+    cfg = TarFlowConfig(in_channels=channels, img_size=img_size, num_classes=num_classes, noise_std=0.1, **size)
+    model = TarFlow(cfg).to(dtype)
+    if randomize:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.proj_out.weight.normal_(0, 0.02)
+                block.proj_out.bias.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def flow_factory():
+    return make_flow

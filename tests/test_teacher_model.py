@@ -1,0 +1,190 @@
+"""Exactness tests of the TarFlow teacher, in float64."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.errors import NFMError
+from teacher.model import TarFlow, TarFlowConfig
+
+torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+@pytest.mark.parametrize("num_classes", [0, 10])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decode_inverts_encode_float64(flow_factory, patch_size, num_classes, channels):
+    model = flow_factory(channels=channels, patch_size=patch_size, num_classes=num_classes)
+    x = torch.randn(4, channels, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 3, -1, 9]) if num_classes else None
+    z, logdet = model.encode(x, y)
+    assert z.shape == x.shape and logdet.shape == (4,)
+    assert (z - x).abs().max() > 1e-3, "the test model must not be the identity"
+    x_rec = model.decode(z, y)
+    torch.testing.assert_close(x_rec, x, atol=1e-10, rtol=0)
+    # and the other way round: encode(decode(z)) == z
+    z2 = torch.randn_like(x)
+    torch.testing.assert_close(model.encode(model.decode(z2, y), y)[0], z2, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_logdet_equals_autograd_jacobian(flow_factory, num_classes):
+    model = flow_factory(channels=2, img_size=4, patch_size=2, num_classes=num_classes)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    y = torch.tensor([2]) if num_classes else None
+    _, logdet = model.encode(x, y)
+    jac = torch.autograd.functional.jacobian(lambda v: model.encode(v.view(1, 2, 4, 4), y)[0].flatten(),
+                                             x.flatten())
+    sign, logabsdet = torch.linalg.slogdet(jac)
+    assert sign != 0
+    torch.testing.assert_close(logdet[0], logabsdet, atol=1e-10, rtol=0)
+    assert abs(float(logdet[0].detach())) > 1e-3
+
+
+@pytest.mark.parametrize("block_index", [0, 1])
+def test_block_is_causal_in_its_order(flow_factory, block_index):
+    """dz_k/dx_j = 0 for j > k (block order), and dz_k/dx_k is diagonal: patch k's (a, b) see only x_<k."""
+    model = flow_factory(channels=1, img_size=4, patch_size=2)
+    block = model.blocks[block_index]
+    T, dim = 4, 4
+    x = torch.randn(1, T, dim, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.view(1, T, dim))[0].flatten(), x.flatten())
+    jac = jac.view(T, dim, T, dim)  # (out patch, out dim, in patch, in dim), model order
+    order = list(range(T))[::-1] if block.flip else list(range(T))
+    jac = jac[order][:, :, order]  # block order
+    for k in range(T):
+        for j in range(T):
+            blk = jac[k, :, j, :]
+            if j > k:
+                assert blk.abs().max() == 0, f"output patch {k} depends on later input patch {j}"
+            elif j == k:
+                assert torch.equal(blk, torch.diag(torch.diagonal(blk))), "diagonal block must be diagonal"
+    assert jac[T - 1, :, 0, :].abs().max() > 0, "later patches must depend on earlier ones"
+
+
+@pytest.mark.parametrize("num_classes,guidance,annealed", [(0, 0.0, False), (5, 0.0, False), (5, 2.0, False),
+                                                           (5, 1.5, True)])
+def test_kv_cached_decode_equals_recomputed_prefix(flow_factory, num_classes, guidance, annealed):
+    model = flow_factory(channels=2, patch_size=2, num_classes=num_classes, layers_per_block=2)
+    z = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 4, 2]) if num_classes else None
+    kw = dict(guidance=guidance, annealed_guidance=annealed, attn_temp=0.7)
+    cached = model.decode(z, y, kv_cache=True, **kw)
+    full = model.decode(z, y, kv_cache=False, **kw)
+    torch.testing.assert_close(cached, full, atol=1e-12, rtol=0)
+
+
+def test_guidance_changes_samples_and_zero_guidance_is_conditional(flow_factory):
+    model = flow_factory(num_classes=5)
+    z = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    plain = model.decode(z, y)
+    torch.testing.assert_close(model.decode(z, y, guidance=0.0), plain, atol=0, rtol=0)
+    assert (model.decode(z, y, guidance=2.0) - plain).abs().max() > 1e-6
+
+
+def test_dropped_label_is_the_mean_class_embedding(flow_factory):
+    model = flow_factory(num_classes=5)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    z_none, ld_none = model.encode(x, None)
+    z_drop, ld_drop = model.encode(x, torch.tensor([-1, -1]))
+    torch.testing.assert_close(z_none, z_drop, atol=0, rtol=0)
+    assert (model.encode(x, torch.tensor([0, 0]))[0] - z_none).abs().max() > 0
+
+
+def test_fresh_model_is_the_identity():
+    cfg = TarFlowConfig(in_channels=3, img_size=8, patch_size=2, width=32, num_blocks=3, layers_per_block=1,
+                        head_dim=16, num_classes=4)
+    model = TarFlow(cfg).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([1, -1])
+    z, logdet = model.encode(x, y)
+    assert torch.equal(z, x)
+    assert torch.equal(logdet, torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model.decode(x, y), x)
+
+
+def test_log_prob_of_identity_model_is_standard_normal():
+    cfg = TarFlowConfig(in_channels=1, img_size=4, patch_size=2, width=16, num_blocks=2, layers_per_block=1,
+                        head_dim=8, num_classes=0)
+    model = TarFlow(cfg).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(model.log_prob(x), expected, atol=1e-12, rtol=0)
+    bpd = model.bits_per_dim(x)
+    torch.testing.assert_close(bpd, (-expected / 16 + math.log(127.5)) / math.log(2), atol=1e-12, rtol=0)
+
+
+def test_denoise_is_a_score_step(flow_factory):
+    model = flow_factory(num_classes=0)
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    step = model.denoise(x) - x
+    # finite-difference score at a few coordinates
+    for idx in [(0, 0, 0, 0), (0, 0, 3, 5), (0, 0, 7, 7)]:
+        e = torch.zeros_like(x)
+        e[idx] = 1e-6
+        fd = (model.log_prob(x + e) - model.log_prob(x - e)) / 2e-6
+        torch.testing.assert_close(step[idx], model.noise_std**2 * fd[0], atol=1e-8, rtol=1e-6)
+
+
+def test_affine_arithmetic_stays_float32_under_bf16_autocast(flow_factory):
+    model = flow_factory(dtype=torch.float32, num_classes=3)
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, -1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, logdet = model(x, y)
+    assert z.dtype == torch.float32 and logdet.dtype == torch.float32
+    # the transformer ran in bf16, but the result is still close to the float32 encode
+    z32, _ = model(x, y)
+    assert (z - z32).abs().max() < 0.05
+
+
+def test_fingerprint_changes_with_weights(flow_factory):
+    a, b = flow_factory(seed=0), flow_factory(seed=0)
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        b.blocks[0].proj_out.bias[0] += 1e-3
+    assert a.fingerprint() != b.fingerprint()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_wrong_channel_count_is_a_clear_error(flow_factory):
+    model = flow_factory(channels=1)
+    with pytest.raises(NFMError, match=r"shape \(N, 1, 8, 8\), got \(2, 3, 8, 8\)"):
+        model.encode(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_wrong_image_size_is_a_clear_error(flow_factory):
+    model = flow_factory(channels=1)
+    with pytest.raises(NFMError, match=r"got \(2, 1, 16, 16\)"):
+        model.decode(torch.randn(2, 1, 16, 16, dtype=torch.float64))
+
+
+def test_nan_in_batch_is_a_clear_error(flow_factory):
+    model = flow_factory()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    x[1, 0, 2, 2] = float("nan")
+    with pytest.raises(NFMError, match=r"1 of 3 images contain NaN or Inf \(rows \[1\]\)"):
+        model.encode(x)
+
+
+def test_bad_labels_and_guidance_without_classes(flow_factory):
+    model = flow_factory(num_classes=3)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(NFMError, match=r"labels must be in \[-1, 2\]"):
+        model.encode(x, torch.tensor([0, 3]))
+    with pytest.raises(NFMError, match="needs labels"):
+        model.decode(x, None, guidance=1.0)
+    uncond = flow_factory(num_classes=0)
+    with pytest.raises(NFMError, match="class-conditional"):
+        uncond.decode(x, torch.tensor([0, 1]), guidance=1.0)
+
+
+def test_invalid_config_is_a_clear_error():
+    with pytest.raises(NFMError, match="not a multiple of patch_size"):
+        TarFlow(TarFlowConfig(in_channels=1, img_size=10, patch_size=4, num_classes=0))
+    with pytest.raises(NFMError, match="not a multiple of head_dim"):
+        TarFlow(TarFlowConfig(in_channels=1, img_size=8, width=100, head_dim=32, num_classes=0))

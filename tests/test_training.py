@@ -1,0 +1,142 @@
+"""The shared training loop: schedule, batches, checkpoints, resume, bad data."""
+
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline.config import build_config
+from pipeline.errors import NFMError
+from pipeline.io import load_tensors
+from pipeline.presets import TEACHER_PRESETS
+from pipeline.training import Interrupted, StepBatchSampler, TrainConfig, list_checkpoints, lr_at, train
+from teacher.train import TeacherRunConfig, run_teacher_training, teacher_loss
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_batches_cover_every_row_once_per_epoch_and_split_by_rank():
+    n, batch, world = 50, 10, 2
+    per_epoch = n // batch
+    samplers = [StepBatchSampler(n, batch, seed=3, rank=r, world=world, start=0, end=per_epoch) for r in range(2)]
+    rows = [r for s in samplers for b in s for r in b]
+    assert sorted(rows) == list(range(n))
+    # a sampler started mid-way yields exactly the tail of the uninterrupted stream
+    full = list(StepBatchSampler(37, 8, 0, 0, 1, 0, 20))
+    assert list(StepBatchSampler(37, 8, 0, 0, 1, 7, 20)) == full[7:]
+    # batches that straddle epochs are still full
+    assert all(len(b) == 8 for b in full)
+
+
+def tiny_cfg(**train_kw) -> TeacherRunConfig:
+    cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"])
+    return replace(cfg, train=replace(cfg.train, **train_kw))
+
+
+def _interrupt_after(calls: int):
+    """A loss wrapper that sends SIGINT to this process during call number `calls`."""
+    import teacher.train as tt
+
+    original = tt.teacher_loss
+    count = {"n": 0}
+
+    def wrapped(eta, label_drop):
+        fn = original(eta, label_drop)
+
+        def loss_fn(model, batch, gen):
+            count["n"] += 1
+            if count["n"] == calls:
+                os.kill(os.getpid(), signal.SIGINT)
+            return fn(model, batch, gen)
+
+        return loss_fn
+
+    return wrapped
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = tiny_cfg(steps=12, ckpt_every=5, sample_every=0, log_every=4)
+    straight = run_teacher_training(cfg, tmp_path / "a")
+
+    import teacher.train as tt
+
+    monkeypatch.setattr(tt, "teacher_loss", _interrupt_after(7))
+    with pytest.raises(Interrupted, match="interrupted at step 7"):
+        run_teacher_training(cfg, tmp_path / "b")
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-0000005", "step-0000007"]
+    monkeypatch.setattr(tt, "teacher_loss", teacher_loss)
+    resumed = run_teacher_training(cfg, tmp_path / "b")
+
+    a, b = load_tensors(straight / "model.safetensors"), load_tensors(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the raw (non-EMA) weights of the last checkpoint agree too
+    ca = load_tensors(list_checkpoints(tmp_path / "a")[-1] / "model.safetensors")
+    cb = load_tensors(list_checkpoints(tmp_path / "b")[-1] / "model.safetensors")
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    # metrics were not duplicated by the resume
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    run_teacher_training(tiny_cfg(steps=4, sample_every=0), tmp_path)
+    with pytest.raises(NFMError, match=r"different config \(train.lr"):
+        run_teacher_training(tiny_cfg(steps=4, sample_every=0, lr=0.5), tmp_path)
+
+
+def test_completed_run_is_not_retrained_and_can_be_extended(tmp_path):
+    run_teacher_training(tiny_cfg(steps=4, sample_every=0, ckpt_every=0), tmp_path)
+    mtime = (tmp_path / "export/model.safetensors").stat().st_mtime_ns
+    run_teacher_training(tiny_cfg(steps=4, sample_every=0, ckpt_every=0), tmp_path)
+    assert (tmp_path / "export/model.safetensors").stat().st_mtime_ns == mtime
+    run_teacher_training(tiny_cfg(steps=6, sample_every=0, ckpt_every=0), tmp_path)
+    assert list_checkpoints(tmp_path)[-1].name == "step-0000006"
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch):
+    import teacher.train as tt
+
+    cfg = tiny_cfg(steps=10, ckpt_every=3, keep_ckpts=3, sample_every=0)
+    monkeypatch.setattr(tt, "teacher_loss", _interrupt_after(7))
+    with pytest.raises(Interrupted):
+        run_teacher_training(cfg, tmp_path)
+    newest = list_checkpoints(tmp_path)[-1]
+    assert newest.name == "step-0000007"
+    (newest / "model.safetensors").write_bytes(b"\x00" * 10)  # corrupt it
+    monkeypatch.setattr(tt, "teacher_loss", teacher_loss)
+    run_teacher_training(cfg, tmp_path)
+    log = (tmp_path / "log.txt").read_text()
+    assert "skipping unreadable checkpoint" in log and "resumed from" in log and "(step 6)" in log
+
+
+class NaNData(torch.utils.data.Dataset):
+    name = "nan-data"
+
+    def __len__(self):
+        return 16
+
+    def __getitems__(self, rows):
+        x = torch.zeros(len(rows), 1, 8, 8)
+        for i, r in enumerate(rows):
+            if r == 11:
+                x[i, 0, 0, 0] = float("nan")
+        return x, torch.zeros(len(rows), dtype=torch.long)
+
+
+def test_nan_in_training_batch_names_the_rows(tmp_path, flow_factory):
+    model = flow_factory(dtype=torch.float32, randomize=False)
+    with pytest.raises(NFMError, match=r"nan-data\): rows \[11\] contain NaN"):
+        train(run_dir=tmp_path, cfg=TrainConfig(steps=4, batch_size=16, sample_every=0), model=model,
+              dataset=NaNData(), loss_fn=teacher_loss(0.1, 0.0), resolved_config={}, export_fn=lambda *a: None)
