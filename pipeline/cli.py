@@ -31,15 +31,21 @@ def _device(name: str | None):
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=default_preset, help=f"named preset (default: {default_preset})")
     p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
-    p.add_argument("--run-dir", metavar="DIR", help="run directory (default: runs/teacher-PRESET); "
-                   "an existing one is resumed")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. train.steps=500 model.width=64 data.name=fashion-mnist")
+    p.add_argument(
+        "--run-dir", metavar="DIR", help="run directory (default: runs/teacher-PRESET); an existing one is resumed"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.steps=500 model.width=64 data.name=fashion-mnist",
+    )
 
 
 def cmd_teacher_train(args) -> int:
     from pipeline.config import _merge, build_config
     from pipeline.presets import size_overrides, teacher_preset
+    from pipeline.training import process_state
     from teacher.train import TeacherRunConfig, run_teacher_training
 
     preset = teacher_preset(args.preset)
@@ -49,6 +55,8 @@ def cmd_teacher_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/teacher-{args.preset}")
     t0 = time.perf_counter()
     export = run_teacher_training(cfg, run_dir)
+    if not process_state().is_main_process:
+        return 0
     print(f"done in {time.perf_counter() - t0:.0f}s. teacher export: {export}")
     samples = sorted((run_dir / "samples").glob("*.png"))
     if samples:
@@ -76,8 +84,13 @@ def cmd_teacher_sample(args) -> int:
         y = None
     z = torch.randn(args.n, *model.image_shape, generator=g) * args.temperature
     t0 = time.perf_counter()
-    x = model.decode(z.to(device), None if y is None else y.to(device), guidance=args.guidance,
-                     annealed_guidance=args.annealed, attn_temp=args.attn_temp)
+    x = model.decode(
+        z.to(device),
+        None if y is None else y.to(device),
+        guidance=args.guidance,
+        annealed_guidance=args.annealed,
+        attn_temp=args.attn_temp,
+    )
     if not args.no_denoise and model.noise_std > 0:
         x = model.denoise(x, None if y is None else y.to(device))
     dt = time.perf_counter() - t0
@@ -89,8 +102,10 @@ def cmd_teacher_sample(args) -> int:
     save_tensors(base.with_suffix(".safetensors"), tensors)
     nrow = model.num_classes if model.num_classes and args.n % model.num_classes == 0 and args.label is None else None
     save_grid(x, base.with_suffix(".png"), nrow=nrow)
-    print(f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} img/s) -> {base.with_suffix('.png')}, "
-          f"{base.with_suffix('.safetensors')}")
+    print(
+        f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} img/s) -> {base.with_suffix('.png')}, "
+        f"{base.with_suffix('.safetensors')}"
+    )
     return 0
 
 
@@ -110,8 +125,14 @@ def cmd_teacher_eval(args) -> int:
     data = load_data(data_cfg, args.split)
     t0 = time.perf_counter()
     bpd = evaluate_bpd(model, data, batch_size=args.batch_size)
-    result = {"split": args.split, "data": data.describe(), "bits_per_dim": bpd, "noise_std": model.noise_std,
-              "images": len(data), "seconds": round(time.perf_counter() - t0, 2)}
+    result = {
+        "split": args.split,
+        "data": data.describe(),
+        "bits_per_dim": bpd,
+        "noise_std": model.noise_std,
+        "images": len(data),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     out = resolve_export_dir(args.run).parent / f"eval-{args.split}.json"
     write_json(out, result)
     print(json.dumps(result, indent=2))
@@ -126,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = stages.add_parser("teacher", help="stage one: the TarFlow teacher")
     tsub = teacher.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = tsub.add_parser("train", help="train (or resume) a TarFlow teacher",
-                        description="Train a TarFlow teacher by maximum likelihood on x + eta * eps. "
-                        "Rerunning the same command resumes from the newest checkpoint.")
+    p = tsub.add_parser(
+        "train",
+        help="train (or resume) a TarFlow teacher",
+        description="Train a TarFlow teacher by maximum likelihood on x + eta * eps. "
+        "Rerunning the same command resumes from the newest checkpoint.",
+    )
     _add_config_args(p, "digits")
     p.add_argument("--size", help="named TarFlow size (tiny, digits8, mnist28), applied before overrides")
     p.set_defaults(func=cmd_teacher_train)

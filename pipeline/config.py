@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from pipeline.errors import NFMError
 
@@ -63,8 +64,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (tuple, list):
         (elem, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
-            value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
-                     .split(",") if v.strip()]
+            value = [
+                v
+                for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
+                if v.strip()
+            ]
         return origin(_coerce(v, elem, key) for v in value)
     try:
         if tp is bool:

@@ -90,8 +90,9 @@ def identity_collate(batch):
 class TensorImages(ImageDataset):
     """A source held in memory as uint8 (N, C, H, W) with ``levels`` grey levels."""
 
-    def __init__(self, name: str, split: str, images: torch.Tensor, labels: torch.Tensor, levels: int,
-                 num_classes: int):
+    def __init__(
+        self, name: str, split: str, images: torch.Tensor, labels: torch.Tensor, levels: int, num_classes: int
+    ):
         assert images.dtype == torch.uint8 and images.ndim == 4
         self.name, self.split, self.levels, self.num_classes = name, split, levels, num_classes
         self.images, self.labels = images.contiguous(), labels.long().contiguous()
@@ -125,7 +126,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Parse an IDX file (optionally gzip): magic 0x0000, dtype code, ndim; big-endian int32 dims; data."""
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise
@@ -256,9 +257,7 @@ class HFImages(ImageDataset):
     @property
     def fingerprint(self) -> str:
         base = getattr(self.ds, "_fingerprint", None) or self.name
-        h = hashlib.sha256(
-            f"{base}|{self.split}|{self.image_col}|{self.label_col}|{self.image_shape}".encode()
-        )
+        h = hashlib.sha256(f"{base}|{self.split}|{self.image_col}|{self.label_col}|{self.image_shape}".encode())
         h.update(np.asarray(self.rows, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 

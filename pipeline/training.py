@@ -4,8 +4,9 @@ Step-based and reproducible (after NVlabs/edm2):
   * the learning rate is a pure function of the step (linear warmup, then cosine);
   * the batch of step s is a pure function of (seed, s): epochs are seeded permutations of the
     rows, concatenated into one stream; process r takes its slice of the global batch;
-  * randomness inside the loss (noise, label dropout) comes from a generator seeded by
-    (seed, rank, step);
+  * randomness inside the loss (noise, label dropout) is drawn per row of the global batch
+    from (seed, step): row i gets the same noise whatever the number of processes or
+    accumulation rounds (see BatchRandom);
   * checkpoints (model, EMA, optimizer, step) are written atomically on a fixed cadence and on
     Ctrl-C / SIGTERM; a rerun of the same command resumes from the newest one, so a resumed run
     on the CPU ends with the same weights as an uninterrupted one.
@@ -21,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -37,9 +39,9 @@ from tqdm.auto import tqdm
 
 from pipeline import config as config_mod
 from pipeline.errors import NFMError
-from pipeline.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from pipeline.io import atomic_dir, load_tensors, read_json, save_tensors, write_bytes, write_json
 
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "BatchRandom"], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,14 @@ class TrainConfig:
 
 
 # Keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.sample_every", "train.ckpt_every",
-                     "train.keep_ckpts", "train.num_workers"}
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.num_workers",
+}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -82,6 +90,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def derive_seed(*parts: Any) -> int:
     """A well-mixed 63-bit seed from any tuple, e.g. (seed, rank, step)."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+class BatchRandom:
+    """Random numbers for rows [offset, offset + n) of one step's global batch of `total` rows.
+
+    Each draw generates the values of the whole global batch from a generator seeded by
+    (seed, step, draw index) and keeps this slice, so a row's noise does not depend on how
+    the batch is split over processes and accumulation rounds. Draws must happen in the same
+    order on every process (they do: every process runs the same loss code).
+    """
+
+    def __init__(self, seed: int, step: int, offset: int, n: int, total: int, device: torch.device | str = "cpu"):
+        self.seed, self.step, self.offset, self.n, self.total = seed, step, offset, n, total
+        self.device = torch.device(device)
+        self._draws = 0
+
+    def _generator(self) -> torch.Generator:
+        self._draws += 1
+        return torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, self.step, self._draws))
+
+    def randn(self, *row_shape: int) -> torch.Tensor:
+        """Standard normal, shape (n, *row_shape)."""
+        full = torch.randn(self.total, *row_shape, generator=self._generator(), device=self.device)
+        return full[self.offset : self.offset + self.n]
+
+    def rand(self, *row_shape: int) -> torch.Tensor:
+        """Uniform on [0, 1), shape (n, *row_shape)."""
+        full = torch.rand(self.total, *row_shape, generator=self._generator(), device=self.device)
+        return full[self.offset : self.offset + self.n]
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
@@ -133,8 +170,10 @@ def check_finite(rows: torch.Tensor, batch: tuple[torch.Tensor, ...], what: str)
         if t.is_floating_point():
             bad = ~torch.isfinite(t).flatten(1).all(dim=1)
             if bad.any():
-                raise NFMError(f"{what}: rows {rows[bad][:8].tolist()} contain NaN or Inf "
-                               f"({int(bad.sum())} in this batch); clean or drop them")
+                raise NFMError(
+                    f"{what}: rows {rows[bad][:8].tolist()} contain NaN or Inf "
+                    f"({int(bad.sum())} in this batch); clean or drop them"
+                )
 
 
 class EMA:
@@ -155,6 +194,22 @@ class EMA:
         for k, p in model.named_parameters():
             p.copy_(self.shadow[k].to(p.dtype))
         return model
+
+
+def force_cpu() -> bool:
+    """Run on the CPU when asked (NFM_CPU=1) or when several processes run without a GPU, in which
+    case accelerate needs cpu=True to join them with gloo (torchrun / accelerate launch on CPU)."""
+    if os.environ.get("NFM_CPU", "") not in ("", "0"):
+        return True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and not torch.cuda.is_available()
+
+
+def process_state():
+    """accelerate's process state (rank, world size, device), initialised consistently with train()."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=force_cpu())
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -227,8 +282,9 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                    keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, keep: int
+) -> Path:
     path = run_dir / "checkpoints" / f"step-{step:07d}"
     opt_tensors, opt_meta = _optimizer_to_tensors(opt)
     with atomic_dir(path) as tmp:
@@ -264,7 +320,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash
-    path.write_text("".join(k + "\n" for k in keep))
+    write_bytes(path, "".join(k + "\n" for k in keep).encode())
 
 
 class _Stop:
@@ -305,7 +361,7 @@ def train(
     cfg: TrainConfig,  # the optimisation settings
     model: nn.Module,  # freshly initialised (weights are replaced on resume)
     dataset: torch.utils.data.Dataset,  # __getitems__(rows) -> batch tuple
-    loss_fn: LossFn,  # (model, batch on device, generator) -> (scalar loss, logs)
+    loss_fn: LossFn,  # (model, batch on device, BatchRandom) -> (scalar loss, logs)
     resolved_config: dict[str, Any],  # written to RUN/config.json
     export_fn: Callable[[nn.Module, Path, int], None],  # (EMA model, directory, step): write the export
     sample_fn: Callable[[nn.Module, Path], None] | None = None,  # (EMA model, png path): preview grid
@@ -318,11 +374,13 @@ def train(
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise NFMError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=force_cpu())
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise NFMError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
-                       f"= {world} x {cfg.grad_accum}")
+        raise NFMError(
+            f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
+            f"= {world} x {cfg.grad_accum}"
+        )
     if len(dataset) == 0:
         raise NFMError("the training set is empty")
     log = log or setup_logger(run_dir, main=acc.is_main_process)
@@ -331,8 +389,7 @@ def train(
         prepare_run_dir(run_dir, resolved_config)
     acc.wait_for_everyone()
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)  # moves the model to the device; the optimizer follows it
     raw_model = acc.unwrap_model(model)
     raw_opt = opt.optimizer if hasattr(opt, "optimizer") else opt
@@ -357,12 +414,19 @@ def train(
     per_process = cfg.batch_size // world
     micro = per_process // cfg.grad_accum
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world, step, cfg.steps)
-    loader = torch.utils.data.DataLoader(_RowTagged(dataset), batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=lambda b: b, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _RowTagged(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=lambda b: b,
+        persistent_workers=False,
+    )
     n_params = sum(p.numel() for p in raw_model.parameters())
-    log.info(f"{desc}: {n_params / 1e6:.2f}M parameters, {world} process(es) on {acc.device}, "
-             f"global batch {cfg.batch_size} ({micro} x {cfg.grad_accum} accum x {world}), "
-             f"steps {step} -> {cfg.steps}")
+    log.info(
+        f"{desc}: {n_params / 1e6:.2f}M parameters, {world} process(es) on {acc.device}, "
+        f"global batch {cfg.batch_size} ({micro} x {cfg.grad_accum} accum x {world}), "
+        f"steps {step} -> {cfg.steps}"
+    )
 
     def checkpoint() -> None:
         if acc.is_main_process:
@@ -375,13 +439,19 @@ def train(
 
     window: list[dict[str, float]] = []
     t_window = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not acc.is_main_process, dynamic_ncols=True,
-               unit="step", mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc=desc,
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+        unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     last_ckpt = step
     with _Stop() as stop:
         for rows, *batch in loader:  # this process's rows of the step's global batch
             check_finite(rows, batch, f"training data ({getattr(dataset, 'name', 'dataset')})")
-            gen = torch.Generator(device=acc.device).manual_seed(derive_seed(cfg.seed, rank, step))
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -391,15 +461,21 @@ def train(
                 sync = m == cfg.grad_accum - 1
                 with nullcontext() if sync else acc.no_sync(model):  # all-reduce on the last round only
                     with acc.autocast():
-                        loss, logs = loss_fn(model, part, gen)
+                        rng = BatchRandom(
+                            cfg.seed, step, rank * per_process + m * micro, micro, cfg.batch_size, acc.device
+                        )
+                        loss, logs = loss_fn(model, part, rng)
                     acc.backward(loss / cfg.grad_accum)
                 for k, v in {"loss": float(loss.detach()), **logs}.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
             if cfg.grad_clip > 0:
                 grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+                grad_norm = float(
+                    torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+                    )
+                )
             if not math.isfinite(grad_norm) or not math.isfinite(logs_acc["loss"]):
                 raise NFMError(
                     f"training diverged at step {step} (loss {logs_acc['loss']}, grad norm {grad_norm}). "
@@ -421,8 +497,12 @@ def train(
                     keys = sorted(means)
                     t = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), "mean")
                     means = dict(zip(keys, t.tolist()))
-                rec = {"step": step, **{k: round(v, 6) for k, v in means.items()}, "lr": lr,
-                       "img_per_s": round(len(window) * cfg.batch_size / max(dt, 1e-9), 1)}
+                rec = {
+                    "step": step,
+                    **{k: round(v, 6) for k, v in means.items()},
+                    "lr": lr,
+                    "img_per_s": round(len(window) * cfg.batch_size / max(dt, 1e-9), 1),
+                }
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -1,8 +1,8 @@
 """The teacher export: what stage two loads. A directory with
 
-    model.safetensors   EMA weights (float32)
-    config.json         {"kind": "tarflow", "format_version": 1, "model": {...}, "data": {...}, "step": N,
-                         "fingerprint": "..."}
+model.safetensors   EMA weights (float32)
+config.json         {"kind": "tarflow", "format_version": 1, "model": {...}, "data": {...}, "step": N,
+                     "fingerprint": "..."}
 """
 
 from __future__ import annotations
@@ -25,10 +25,17 @@ def save_export(model: TarFlow, directory: Path, step: int, extra: dict[str, Any
     directory = Path(directory)
     sd = {k: v.float() for k, v in model.state_dict().items()}
     save_tensors(directory / "model.safetensors", sd, metadata={"format": "nfm-tarflow", "step": str(step)})
-    write_json(directory / "config.json", {
-        "kind": "tarflow", "format_version": FORMAT_VERSION, "model": asdict(model.cfg), "step": step,
-        "fingerprint": model.fingerprint(), **(extra or {}),
-    })
+    write_json(
+        directory / "config.json",
+        {
+            "kind": "tarflow",
+            "format_version": FORMAT_VERSION,
+            "model": asdict(model.cfg),
+            "step": step,
+            "fingerprint": model.fingerprint(),
+            **(extra or {}),
+        },
+    )
 
 
 def resolve_export_dir(path: str | Path) -> Path:
@@ -43,10 +50,13 @@ def resolve_export_dir(path: str | Path) -> Path:
     if not p.exists():
         raise NFMError(f"teacher not found: {p} does not exist")
     if (p / "checkpoints").is_dir():
-        raise NFMError(f"{p} is a teacher run that has not finished (no export yet): rerun its "
-                       "`nfm teacher train` command to resume and complete it")
-    raise NFMError(f"{p} is neither a teacher run directory nor a teacher export "
-                   "(expected config.json + model.safetensors)")
+        raise NFMError(
+            f"{p} is a teacher run that has not finished (no export yet): rerun its "
+            "`nfm teacher train` command to resume and complete it"
+        )
+    raise NFMError(
+        f"{p} is neither a teacher run directory nor a teacher export (expected config.json + model.safetensors)"
+    )
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TarFlow:
@@ -62,8 +72,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TarFlo
     sd = load_tensors(d / "model.safetensors", "teacher weights")
     missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
     if missing or unexpected:
-        raise NFMError(f"teacher weights {d / 'model.safetensors'} do not match its config: missing "
-                       f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise NFMError(
+            f"teacher weights {d / 'model.safetensors'} do not match its config: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:

@@ -80,7 +80,8 @@ class TarFlowConfig:
 TARFLOW_SIZES: dict[str, dict] = {
     "tiny": dict(patch_size=2, width=32, num_blocks=2, layers_per_block=1, head_dim=16),  # tests
     "digits8": dict(patch_size=2, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 8x8: 16 tokens
-    "mnist28": dict(patch_size=4, width=256, num_blocks=4, layers_per_block=4, head_dim=64),  # 28x28: 49 tokens
+    "mnist28": dict(patch_size=4, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 28x28: 49 tokens
+    "mnist28-large": dict(patch_size=4, width=256, num_blocks=4, layers_per_block=4, head_dim=64),  # GPU
 }
 
 
@@ -104,8 +105,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.heads, self.head_dim = width // head_dim, head_dim
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
-                q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0, q_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         b, t, c = x.shape
         h = self.norm(x.to(_affine_dtype(x))).type(x.dtype)  # LayerNorm in float32 (float64 stays)
         # features viewed as (3 * heads, head_dim): q of every head first, then k, then v
@@ -174,8 +176,14 @@ class MetaBlock(nn.Module):
         emb = self.class_embed[y.clamp(min=0)]  # (b, 1, width)
         return torch.where((y < 0).view(-1, 1, 1), mean, emb)
 
-    def trunk(self, x: torch.Tensor, y: torch.Tensor | None, caches: list[KVCache] | None = None, pos: int = 0,
-              q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def trunk(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        caches: list[KVCache] | None = None,
+        pos: int = 0,
+        q_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Raw (a, b) for the patch *after* each input patch. x: (b, t, dim) in block order from `pos`."""
         t = x.shape[1]
         pos_embed = self.permute(self.pos_embed, dim=0)[pos : pos + t]
@@ -195,9 +203,16 @@ class MetaBlock(nn.Module):
         return self.permute(z), -a.sum(dim=(1, 2))
 
     @torch.no_grad()
-    def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, guidance: float = 0.0,
-                guide_what: str = "ab", annealed_guidance: bool = False, attn_temp: float = 1.0,
-                kv_cache: bool = True) -> torch.Tensor:
+    def reverse(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor | None = None,
+        guidance: float = 0.0,
+        guide_what: str = "ab",
+        annealed_guidance: bool = False,
+        attn_temp: float = 1.0,
+        kv_cache: bool = True,
+    ) -> torch.Tensor:
         """Noise -> data, patch by patch. With guidance, a conditional and an unconditional pass run as
         one batch; the unconditional branch attends with temperature `attn_temp` (as in ml-tarflow)."""
         dt = _affine_dtype(z)
@@ -212,8 +227,9 @@ class MetaBlock(nn.Module):
         caches = None
         if kv_cache:
             m = self.attn_blocks[0].attention
-            caches = [KVCache(2 * n if guided else n, m.heads, T, m.head_dim, param_dtype, x.device)
-                      for _ in self.attn_blocks]
+            caches = [
+                KVCache(2 * n if guided else n, m.heads, T, m.head_dim, param_dtype, x.device) for _ in self.attn_blocks
+            ]
         for i in range(T - 1):
             inp = x[:, i : i + 1] if kv_cache else x[:, : i + 1]
             inp = torch.cat([inp, inp]) if guided else inp
@@ -273,8 +289,10 @@ class TarFlow(nn.Module):
             bad = ~torch.isfinite(x).flatten(1).all(dim=1)
             if bad.any():
                 rows = bad.nonzero().flatten()[:8].tolist()
-                raise NFMError(f"{what}: {int(bad.sum())} of {x.shape[0]} images contain NaN or Inf "
-                               f"(rows {rows}); clean the data before encoding")
+                raise NFMError(
+                    f"{what}: {int(bad.sum())} of {x.shape[0]} images contain NaN or Inf "
+                    f"(rows {rows}); clean the data before encoding"
+                )
 
     def check_labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if y is None or self.num_classes == 0:
@@ -283,8 +301,10 @@ class TarFlow(nn.Module):
         if y.shape != (n,) or y.is_floating_point():
             raise NFMError(f"labels must be an int64 tensor of shape ({n},), got {tuple(y.shape)} {y.dtype}")
         if ((y < -1) | (y >= self.num_classes)).any():
-            raise NFMError(f"labels must be in [-1, {self.num_classes - 1}] (-1: no label), got "
-                           f"min {int(y.min())}, max {int(y.max())}")
+            raise NFMError(
+                f"labels must be in [-1, {self.num_classes - 1}] (-1: no label), got "
+                f"min {int(y.min())}, max {int(y.max())}"
+            )
         return y.long()
 
     # ------------------------------------------------------------------ the flow
@@ -305,9 +325,17 @@ class TarFlow(nn.Module):
         return self(x, y)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None, *, guidance: float = 0.0,
-               guide_what: str = "ab", annealed_guidance: bool = False, attn_temp: float = 1.0,
-               kv_cache: bool = True) -> torch.Tensor:
+    def decode(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        guidance: float = 0.0,
+        guide_what: str = "ab",
+        annealed_guidance: bool = False,
+        attn_temp: float = 1.0,
+        kv_cache: bool = True,
+    ) -> torch.Tensor:
         """Noise -> data, patch by patch with a KV cache (kv_cache=False recomputes the prefix).
 
         guidance w: a <- a_c + w (a_c - a_u) (likewise b); annealed: w_i = w (i + 1) / (T - 1).
@@ -344,8 +372,16 @@ class TarFlow(nn.Module):
         return (x + self.noise_std**2 * grad).detach()
 
     @torch.no_grad()
-    def sample(self, n: int, y: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
-               temperature: float = 1.0, denoise: bool = True, **decode_kwargs) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        denoise: bool = True,
+        **decode_kwargs,
+    ) -> torch.Tensor:
         p = next(self.parameters())
         z = torch.randn(n, *self.image_shape, generator=generator).to(p.device, p.dtype) * temperature
         x = self.decode(z, y, **decode_kwargs)

@@ -19,7 +19,7 @@ from pipeline.config import format_table, to_dict
 from pipeline.data import DataConfig, ImageDataset, load_data
 from pipeline.errors import NFMError
 from pipeline.images import save_grid
-from pipeline.training import TrainConfig, setup_logger, train
+from pipeline.training import BatchRandom, TrainConfig, process_state, setup_logger, train
 from teacher.export import save_export
 from teacher.model import TarFlow, TarFlowConfig, nll_to_bpd
 
@@ -45,11 +45,11 @@ class TeacherRunConfig:
 def teacher_loss(eta: float, label_drop: float):
     """The maximum-likelihood loss on x + eta * eps, in nats per dimension (logs bits/dim too)."""
 
-    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], gen: torch.Generator):
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], rng: BatchRandom):
         x, y = batch
-        eps = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device)
+        eps = rng.randn(*x.shape[1:]).to(x.device)
         if label_drop > 0:
-            drop = torch.rand(y.shape, generator=gen, device=gen.device).to(y.device) < label_drop
+            drop = rng.rand().to(y.device) < label_drop
             y = torch.where(drop, torch.full_like(y, -1), y)
         z, logdet = model(x + eta * eps, y)
         d = x[0].numel()
@@ -81,8 +81,9 @@ def sample_grid(model: TarFlow, scfg: TeacherSampleConfig, path: Path) -> torch.
 
 
 @torch.no_grad()
-def evaluate_bpd(model: TarFlow, data: ImageDataset, batch_size: int = 500, eta: float | None = None,
-                 seed: int = 0) -> float:
+def evaluate_bpd(
+    model: TarFlow, data: ImageDataset, batch_size: int = 500, eta: float | None = None, seed: int = 0
+) -> float:
     """Mean bits/dim of x + eta * eps over a split (eta defaults to the model's own noise_std)."""
     device = next(model.parameters()).device
     eta = model.noise_std if eta is None else eta
@@ -107,8 +108,10 @@ def resolve(cfg: TeacherRunConfig, data: ImageDataset) -> TeacherRunConfig:
             f"({data.describe()}); leave them at 0 to take them from the data"
         )
     if model.num_classes not in (0, data.num_classes):
-        raise NFMError(f"model.num_classes={model.num_classes} but the data has {data.num_classes} classes; "
-                       "use -1 (from the data) or 0 (unconditional)")
+        raise NFMError(
+            f"model.num_classes={model.num_classes} but the data has {data.num_classes} classes; "
+            "use -1 (from the data) or 0 (unconditional)"
+        )
     model.validate()
     if not 0 <= cfg.label_drop < 1:
         raise NFMError(f"label_drop must be in [0, 1), got {cfg.label_drop}")
@@ -120,7 +123,7 @@ def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     data = load_data(cfg.data, "train")
     cfg = resolve(cfg, data)
-    log = setup_logger(run_dir)
+    log = setup_logger(run_dir, main=process_state().is_main_process)  # one log, by the main process
     log.info(format_table(cfg, f"nfm teacher train -> {run_dir}"))
     log.info(data.describe())
     torch.manual_seed(cfg.train.seed)
@@ -130,13 +133,23 @@ def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path) -> Path:
         held_out = load_data(cfg.data, "test")
         bpd = evaluate_bpd(ema_model, held_out)
         log.info(f"held-out bits/dim (EMA, {held_out.describe()}): {bpd:.4f}")
-        save_export(ema_model, directory, step, extra={"data": asdict(cfg.data), "test_bpd": bpd,
-                                                       "data_fingerprint": data.fingerprint})
+        save_export(
+            ema_model,
+            directory,
+            step,
+            extra={"data": asdict(cfg.data), "test_bpd": bpd, "data_fingerprint": data.fingerprint},
+        )
 
     export_dir = train(
-        run_dir=run_dir, cfg=cfg.train, model=model, dataset=data,
+        run_dir=run_dir,
+        cfg=cfg.train,
+        model=model,
+        dataset=data,
         loss_fn=teacher_loss(cfg.model.noise_std, cfg.label_drop if cfg.model.num_classes else 0.0),
-        resolved_config=to_dict(cfg), export_fn=export,
-        sample_fn=lambda m, path: sample_grid(m, cfg.sample, path), desc="teacher", log=log,
+        resolved_config=to_dict(cfg),
+        export_fn=export,
+        sample_fn=lambda m, path: sample_grid(m, cfg.sample, path),
+        desc="teacher",
+        log=log,
     )
     return export_dir

@@ -11,8 +11,9 @@ import torch  # noqa: E402
 from teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 
-def make_flow(channels=1, img_size=8, patch_size=2, num_classes=0, dtype=torch.float64, seed=0,
-              randomize=True, **kw) -> TarFlow:
+def make_flow(
+    channels=1, img_size=8, patch_size=2, num_classes=0, dtype=torch.float64, seed=0, randomize=True, **kw
+) -> TarFlow:
     """A tiny TarFlow with non-trivial weights (the output projections are random, not zero)."""
     torch.manual_seed(seed)
     size = {**TARFLOW_SIZES["tiny"], "patch_size": patch_size, **kw}

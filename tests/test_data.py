@@ -138,7 +138,8 @@ def test_image_folder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            img = Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8))
+            img.save(tmp_path / "imgs" / cls / f"{i}.png")
     ds = load_data(DataConfig(name=str(tmp_path / "imgs"), image_size=8, held_out=0.2), "train")
     x, y = ds.tensors()
     assert x.shape == (8, 3, 8, 8) and ds.num_classes == 2 and set(y.tolist()) <= {0, 1}

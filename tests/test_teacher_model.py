@@ -34,8 +34,7 @@ def test_logdet_equals_autograd_jacobian(flow_factory, num_classes):
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     y = torch.tensor([2]) if num_classes else None
     _, logdet = model.encode(x, y)
-    jac = torch.autograd.functional.jacobian(lambda v: model.encode(v.view(1, 2, 4, 4), y)[0].flatten(),
-                                             x.flatten())
+    jac = torch.autograd.functional.jacobian(lambda v: model.encode(v.view(1, 2, 4, 4), y)[0].flatten(), x.flatten())
     sign, logabsdet = torch.linalg.slogdet(jac)
     assert sign != 0
     torch.testing.assert_close(logdet[0], logabsdet, atol=1e-10, rtol=0)
@@ -63,8 +62,9 @@ def test_block_is_causal_in_its_order(flow_factory, block_index):
     assert jac[T - 1, :, 0, :].abs().max() > 0, "later patches must depend on earlier ones"
 
 
-@pytest.mark.parametrize("num_classes,guidance,annealed", [(0, 0.0, False), (5, 0.0, False), (5, 2.0, False),
-                                                           (5, 1.5, True)])
+@pytest.mark.parametrize(
+    "num_classes,guidance,annealed", [(0, 0.0, False), (5, 0.0, False), (5, 2.0, False), (5, 1.5, True)]
+)
 def test_kv_cached_decode_equals_recomputed_prefix(flow_factory, num_classes, guidance, annealed):
     model = flow_factory(channels=2, patch_size=2, num_classes=num_classes, layers_per_block=2)
     z = torch.randn(3, 2, 8, 8, dtype=torch.float64)
@@ -94,8 +94,9 @@ def test_dropped_label_is_the_mean_class_embedding(flow_factory):
 
 
 def test_fresh_model_is_the_identity():
-    cfg = TarFlowConfig(in_channels=3, img_size=8, patch_size=2, width=32, num_blocks=3, layers_per_block=1,
-                        head_dim=16, num_classes=4)
+    cfg = TarFlowConfig(
+        in_channels=3, img_size=8, patch_size=2, width=32, num_blocks=3, layers_per_block=1, head_dim=16, num_classes=4
+    )
     model = TarFlow(cfg).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, -1])
@@ -106,8 +107,9 @@ def test_fresh_model_is_the_identity():
 
 
 def test_log_prob_of_identity_model_is_standard_normal():
-    cfg = TarFlowConfig(in_channels=1, img_size=4, patch_size=2, width=16, num_blocks=2, layers_per_block=1,
-                        head_dim=8, num_classes=0)
+    cfg = TarFlowConfig(
+        in_channels=1, img_size=4, patch_size=2, width=16, num_blocks=2, layers_per_block=1, head_dim=8, num_classes=0
+    )
     model = TarFlow(cfg).double()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     expected = torch.distributions.Normal(0.0, 1.0).log_prob(x).flatten(1).sum(1)

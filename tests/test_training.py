@@ -1,5 +1,6 @@
 """The shared training loop: schedule, batches, checkpoints, resume, bad data."""
 
+import json
 import os
 import signal
 from dataclasses import replace
@@ -53,11 +54,11 @@ def _interrupt_after(calls: int):
     def wrapped(eta, label_drop):
         fn = original(eta, label_drop)
 
-        def loss_fn(model, batch, gen):
+        def loss_fn(model, batch, rng):
             count["n"] += 1
             if count["n"] == calls:
                 os.kill(os.getpid(), signal.SIGINT)
-            return fn(model, batch, gen)
+            return fn(model, batch, rng)
 
         return loss_fn
 
@@ -86,7 +87,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     cb = load_tensors(list_checkpoints(tmp_path / "b")[-1] / "model.safetensors")
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
     # metrics were not duplicated by the resume
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps == sorted(set(steps))
 
 
@@ -138,5 +140,24 @@ class NaNData(torch.utils.data.Dataset):
 def test_nan_in_training_batch_names_the_rows(tmp_path, flow_factory):
     model = flow_factory(dtype=torch.float32, randomize=False)
     with pytest.raises(NFMError, match=r"nan-data\): rows \[11\] contain NaN"):
-        train(run_dir=tmp_path, cfg=TrainConfig(steps=4, batch_size=16, sample_every=0), model=model,
-              dataset=NaNData(), loss_fn=teacher_loss(0.1, 0.0), resolved_config={}, export_fn=lambda *a: None)
+        train(
+            run_dir=tmp_path,
+            cfg=TrainConfig(steps=4, batch_size=16, sample_every=0),
+            model=model,
+            dataset=NaNData(),
+            loss_fn=teacher_loss(0.1, 0.0),
+            resolved_config={},
+            export_fn=lambda *a: None,
+        )
+
+
+def test_batch_random_gives_each_row_the_same_noise_however_the_batch_is_split():
+    from pipeline.training import BatchRandom
+
+    whole = BatchRandom(7, 3, 0, 8, 8)
+    a, b = whole.randn(2, 2), whole.rand()
+    parts = [BatchRandom(7, 3, off, 2, 8) for off in (0, 2, 4, 6)]
+    pa = torch.cat([p.randn(2, 2) for p in parts])
+    pb = torch.cat([p.rand() for p in parts])
+    assert torch.equal(a, pa) and torch.equal(b, pb)
+    assert not torch.equal(BatchRandom(7, 4, 0, 8, 8).randn(2, 2), a)  # another step, other noise
