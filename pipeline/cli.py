@@ -29,7 +29,10 @@ def _device(name: str | None):
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=default_preset, help=f"named preset (default: {default_preset})")
+    from pipeline.presets import TEACHER_PRESETS
+
+    names = ", ".join(TEACHER_PRESETS)
+    p.add_argument("--preset", default=default_preset, help=f"named preset: {names} (default: {default_preset})")
     p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
     p.add_argument(
         "--run-dir", metavar="DIR", help="run directory (default: runs/teacher-PRESET); an existing one is resumed"
@@ -154,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Rerunning the same command resumes from the newest checkpoint.",
     )
     _add_config_args(p, "digits")
-    p.add_argument("--size", help="named TarFlow size (tiny, digits8, mnist28), applied before overrides")
+    from teacher.model import TARFLOW_SIZES
+
+    p.add_argument("--size", help=f"named TarFlow size ({', '.join(TARFLOW_SIZES)}), applied before overrides")
     p.set_defaults(func=cmd_teacher_train)
 
     p = tsub.add_parser("sample", help="sample images from a trained teacher")
