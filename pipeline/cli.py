@@ -3,6 +3,8 @@
     nfm teacher train  [--preset digits] [--config FILE] [--run-dir DIR] [--size NAME] [key=value ...]
     nfm teacher sample RUN [--n 100] [--guidance W] [--temperature T] [--no-denoise] [--out PNG]
     nfm teacher eval   RUN [--split test]
+    nfm pairs build    --teacher RUN [--data NAME] [--views K] [--dtype float16] [key=value ...]
+    nfm pairs ls | verify KEY | rm KEY
 
 Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,
 and prints the resolved config. Rerunning a training command resumes it.
@@ -143,6 +145,126 @@ def cmd_teacher_eval(args) -> int:
     return 0
 
 
+def _cache_root(args) -> Path:
+    from pairs.build import default_cache_root
+
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_root()
+
+
+def cmd_pairs_build(args) -> int:
+    from pairs.build import PairsRunConfig, build_pairs
+    from pipeline.config import build_config, format_table
+    from pipeline.data import load_data
+    from pipeline.training import process_state
+    from teacher.export import export_info, load_teacher, resolve_export_dir
+
+    state = process_state()
+    info = export_info(args.teacher)
+    preset: dict = {"data": dict(info.get("data", {})), "pairs": {}}
+    if args.data:
+        preset["data"]["name"] = args.data
+    for flag in ("views", "dtype", "seed", "batch_size"):
+        if getattr(args, flag) is not None:
+            preset["pairs"][flag] = getattr(args, flag)
+    cfg = build_config(PairsRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    log = print if state.is_main_process else (lambda *a: None)
+    log(format_table(cfg, "nfm pairs build"))
+    teacher = load_teacher(args.teacher, state.device)
+    data = load_data(cfg.data, cfg.pairs.split)
+    log(data.describe())
+    source = resolve_export_dir(args.teacher)
+    cache_dir = build_pairs(
+        teacher,
+        data,
+        cfg.pairs,
+        _cache_root(args),
+        teacher_info={"kind": "tarflow", "source": str(source.resolve()), "step": info.get("step")},
+        log=log,
+    )
+    if state.is_main_process:
+        print(f"key: {cache_dir.name}\npath: {cache_dir}")
+    return 0
+
+
+def cmd_pairs_ls(args) -> int:
+    from pairs.build import cache_summary
+    from pairs.format import INDEX_NAME
+
+    root = _cache_root(args)
+    rows = []
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        if (d / INDEX_NAME).is_file():
+            try:
+                rows.append(cache_summary(d))
+            except NFMError as e:
+                rows.append(
+                    {
+                        "key": d.name,
+                        "teacher": "?",
+                        "data": f"unreadable: {e}",
+                        "rows": "",
+                        "views": "",
+                        "dtype": "",
+                        "size_mb": "",
+                        "complete": False,
+                    }
+                )
+    if not rows:
+        print(f"no pair caches under {root}")
+        return 0
+    cols = ["key", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete"]
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+    print(f"({len(rows)} caches under {root})")
+    return 0
+
+
+def cmd_pairs_verify(args) -> int:
+    from pairs.format import read_index
+    from pairs.verify import check_shards, find_cache, reconstruction_error
+    from teacher.export import load_teacher
+
+    cache_dir = find_cache(args.key, _cache_root(args))
+    t0 = time.perf_counter()
+    problems = check_shards(cache_dir)
+    if problems:
+        raise NFMError(
+            f"pair cache {cache_dir.name} failed verification:\n  "
+            + "\n  ".join(problems)
+            + f"\nRebuild it: nfm pairs rm {cache_dir.name}, then nfm pairs build"
+        )
+    index = read_index(cache_dir)
+    print(f"{len(index['shards'])} shards, {index['total_rows']} pairs: sha256 ok ({time.perf_counter() - t0:.1f}s)")
+    if args.samples > 0:
+        source = args.teacher or index["teacher"].get("source")
+        if not source:
+            raise NFMError("the cache does not record its teacher; pass --teacher PATH to check reconstruction")
+        teacher = load_teacher(source, _device(args.device))
+        rec = reconstruction_error(cache_dir, teacher, args.samples)
+        print(
+            f"reconstruction on {rec['pairs_checked']} pairs: worst |decode(noise*sigma_f) - (x + eta*eps)| = "
+            f"{rec['worst_abs_error']:.3g} (mean of per-pair max {rec['mean_max_abs_error']:.3g}; "
+            f"noise stored as {index['dtypes']['noise']})"
+        )
+        if rec["worst_abs_error"] > args.tolerance:
+            raise NFMError(f"reconstruction error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
+    print(f"pair cache {cache_dir.name}: OK")
+    return 0
+
+
+def cmd_pairs_rm(args) -> int:
+    import shutil
+
+    from pairs.verify import find_cache
+
+    cache_dir = find_cache(args.key, _cache_root(args))
+    shutil.rmtree(cache_dir)
+    print(f"removed {cache_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -183,6 +305,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_teacher_eval)
+
+    pairs = stages.add_parser("pairs", help="stage two: the teacher's noise/data pair cache")
+    psub = pairs.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cache_help = "cache root (default: $NFM_CACHE_DIR/pairs or ~/.cache/nfm/pairs)"
+
+    p = psub.add_parser(
+        "build",
+        help="invert a teacher over a data set into a pair cache (or reuse it)",
+        description="z = encode(x + eta*eps) / sigma_f for every training image, in sharded "
+        "safetensors. A second build with the same inputs is a cache hit; an interrupted build "
+        "resumes. Under `accelerate launch`/torchrun each process builds its own shards.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher run directory or export directory")
+    p.add_argument("--data", help="data source (default: the teacher's own)")
+    p.add_argument("--views", type=int, help="noise draws per image (default 1)")
+    p.add_argument("--dtype", choices=["float16", "float32"], help="noise storage dtype (default float16)")
+    p.add_argument("--seed", type=int, help="seed of the per-row noise (default 0)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="encode batch (default 256)")
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML)")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. pairs.shard_mb=64 data.held_out=0.1")
+    p.set_defaults(func=cmd_pairs_build)
+
+    p = psub.add_parser("ls", help="list the pair caches")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.set_defaults(func=cmd_pairs_ls)
+
+    p = psub.add_parser("verify", help="re-hash every shard and check reconstruction through the teacher")
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    p.add_argument("--samples", type=int, default=64, help="pairs decoded for the reconstruction check (0: skip)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="worst reconstruction error allowed (default 0.1)")
+    p.add_argument("--teacher", help="teacher to decode with (default: the one recorded in the cache)")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_pairs_verify)
+
+    p = psub.add_parser("rm", help="delete a pair cache")
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.set_defaults(func=cmd_pairs_rm)
     return parser
 
 

@@ -1,0 +1,328 @@
+"""Stage two: one pass of the frozen teacher over the data, data -> noise, into a pair cache.
+
+For dataset row r and view v (pair id p = r * views + v):
+
+    eps_{r,v} ~ N(0, I)    drawn from a generator seeded by (seed, r, v), not by a process's stream
+    z_{r,v}   = encode(x_r + eta * eps_{r,v}, y_r)
+    noise     = z_{r,v} / sigma_f,   sigma_f = RMS of z over a fixed sample of rows (view 0)
+    data      = x_r (clean; uint8 where the source is 8-bit or fewer levels)
+
+Shard s covers pair ids [s * R, (s + 1) * R). Process k of W builds the shards s with s % W == k;
+a build resumes after its last complete shard, and the result is byte-identical to an
+uninterrupted single-process build (same batches, same per-row noise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pairs.format import FORMAT_VERSION, INDEX_NAME, ShardFile, cache_key, read_index, sha256_file, shard_name
+from pipeline.data import DataConfig, ImageDataset
+from pipeline.errors import NFMError
+from pipeline.io import save_tensors, write_json
+from pipeline.training import derive_seed, process_state
+
+
+@dataclass(frozen=True)
+class PairBuildConfig:
+    views: int = 1  # noise draws per image
+    dtype: str = "float16"  # noise storage: float16 | float32
+    seed: int = 0  # seeds every row's noise: eps = f(seed, row, view)
+    batch_size: int = 256  # encode batch
+    shard_mb: int = 256  # target shard size
+    shard_rows: int = 0  # pairs per shard; 0: derived from shard_mb
+    sigma_rows: int = 4096  # rows (view 0) used to estimate sigma_f
+    max_nonfinite: float = 0.0  # fraction of pairs that may be NaN/Inf (dropped and counted); more refuses
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class PairsRunConfig:
+    data: DataConfig = field(default_factory=DataConfig)  # defaults to the teacher's own data
+    pairs: PairBuildConfig = field(default_factory=PairBuildConfig)
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("NFM_CACHE_DIR", Path.home() / ".cache" / "nfm")) / "pairs"
+
+
+NOISE_BLOCK = 256  # pair ids per noise block
+
+
+def pair_noise(seed: int, ids: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """eps for pair ids `ids`: (n, *shape). Pair p takes row p % 256 of block p // 256, a standard-normal
+    block drawn on the CPU from a generator seeded by (seed, block). So eps is a function of
+    (seed, row, view) alone: not of the batch, the shard layout, the process or the device."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    blocks = ids // NOISE_BLOCK
+    out = torch.empty(len(ids), *shape)
+    for b in torch.unique(blocks).tolist():
+        g = torch.Generator().manual_seed(derive_seed(seed, "noise", b))
+        block = torch.randn(NOISE_BLOCK, *shape, generator=g)
+        sel = blocks == b
+        out[sel] = block[ids[sel] % NOISE_BLOCK]
+    return out
+
+
+def _uint8_ok(data: ImageDataset) -> bool:
+    return 0 < getattr(data, "levels", 0) <= 255
+
+
+@torch.no_grad()
+def encode_pairs(
+    teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, sigma: float, device
+) -> dict[str, torch.Tensor]:
+    """Encode the pairs with ids `ids` (one batch): unscaled z if sigma == 1."""
+    rows, views = ids // cfg.views, ids % cfg.views
+    u, y = data.raw(rows.tolist())
+    x = u.float() * (2.0 / data.levels) - 1.0
+    eps = pair_noise(cfg.seed, ids, tuple(x.shape[1:]))
+    z, _ = teacher.encode((x + teacher.noise_std * eps).to(device), y.to(device))
+    noise = (z.float() / sigma).cpu()
+    return {"noise": noise, "data": u if _uint8_ok(data) else x, "label": y, "index": rows, "view": views}
+
+
+def estimate_sigma(teacher, data: ImageDataset, cfg: PairBuildConfig, device) -> float:
+    """sigma_f = sqrt(mean z^2) over ~sigma_rows pairs: whole noise blocks chosen by a seeded permutation."""
+    total_pairs = len(data) * cfg.views
+    n_blocks = math.ceil(total_pairs / NOISE_BLOCK)
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sigma"))
+    chosen = torch.randperm(n_blocks, generator=g)[: max(1, math.ceil(cfg.sigma_rows / NOISE_BLOCK))].sort().values
+    ids = (chosen[:, None] * NOISE_BLOCK + torch.arange(NOISE_BLOCK)).flatten()
+    ids = ids[ids < total_pairs]
+    total, count = 0.0, 0
+    for i in range(0, len(ids), cfg.batch_size):
+        z = encode_pairs(teacher, data, ids[i : i + cfg.batch_size], cfg, 1.0, device)["noise"].double().flatten(1)
+        z = z[torch.isfinite(z).all(1)]
+        total, count = total + float(z.pow(2).sum()), count + z.numel()
+    if count == 0:
+        raise NFMError("every z in the sigma_f sample is NaN/Inf: the teacher is broken on this data")
+    return math.sqrt(total / count)
+
+
+def key_fields(teacher_fp: str, data: ImageDataset, eta: float, cfg: PairBuildConfig, shard_rows: int) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher_fp,
+        "data": data.fingerprint,
+        "split": cfg.split,
+        "eta": eta,
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "data_dtype": "uint8" if _uint8_ok(data) else "float32",
+        "sigma_rows": cfg.sigma_rows,
+        "shard_rows": shard_rows,
+        "max_nonfinite": cfg.max_nonfinite,
+    }
+
+
+def _shard_rows(data: ImageDataset, cfg: PairBuildConfig) -> int:
+    if cfg.shard_rows > 0:
+        return cfg.shard_rows
+    c, h, w = data.image_shape
+    row_bytes = c * h * w * ((2 if cfg.dtype == "float16" else 4) + (1 if _uint8_ok(data) else 4)) + 24
+    return max(1, (cfg.shard_mb << 20) // row_bytes)
+
+
+def _assemble_index(cache_dir: Path, base: dict[str, Any], num_shards: int, complete: bool) -> dict[str, Any]:
+    """Index over the shards present under their final names (sha256 reused where already known)."""
+    known = {}
+    if (cache_dir / INDEX_NAME).is_file():
+        try:
+            known = {s["file"]: s for s in read_index(cache_dir).get("shards", [])}
+        except NFMError:
+            known = {}
+    shards = []
+    for i in range(num_shards):
+        name = shard_name(i, num_shards)
+        path = cache_dir / name
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        entry = known.get(name)
+        if entry is None or entry.get("bytes") != size:
+            sf = ShardFile(path)
+            entry = {
+                "file": name,
+                "rows": sf.rows,
+                "bytes": size,
+                "sha256": sha256_file(path),
+                "dropped": int(json.loads(sf.metadata.get("nfm-pairs", "{}")).get("dropped", 0)),
+            }
+        shards.append(entry)
+    index = {
+        **base,
+        "complete": complete and len(shards) == num_shards,
+        "shards": shards,
+        "total_rows": sum(s["rows"] for s in shards),
+        "dropped": sum(s.get("dropped", 0) for s in shards),
+    }
+    write_json(cache_dir / INDEX_NAME, index)
+    return index
+
+
+def build_pairs(
+    teacher,
+    data: ImageDataset,
+    cfg: PairBuildConfig,
+    cache_root: Path | None = None,
+    teacher_info: dict[str, Any] | None = None,
+    log=print,
+) -> Path:
+    """Build (or resume, or reuse) the pair cache of (teacher, data, cfg); returns its directory."""
+    if cfg.views < 1:
+        raise NFMError(f"views must be >= 1, got {cfg.views}")
+    if cfg.dtype not in ("float16", "float32"):
+        raise NFMError(f"pairs dtype must be float16 or float32, got {cfg.dtype!r}")
+    if tuple(data.image_shape) != tuple(teacher.image_shape):
+        raise NFMError(
+            f"the data ({data.describe()}) does not match the teacher's image shape "
+            f"{tuple(teacher.image_shape)}: build pairs on the data the teacher was trained for"
+        )
+    state = process_state()
+    rank, world, device = state.process_index, state.num_processes, state.device
+    teacher = teacher.to(device).eval()
+    eta = float(teacher.noise_std)
+    shard_rows = _shard_rows(data, cfg)
+    fields = key_fields(teacher.fingerprint(), data, eta, cfg, shard_rows)
+    key = cache_key(fields)
+    cache_dir = Path(cache_root or default_cache_root()) / key
+    total = len(data) * cfg.views
+    num_shards = max(1, math.ceil(total / shard_rows))
+
+    if (cache_dir / INDEX_NAME).is_file():
+        index = read_index(cache_dir)
+        if index.get("complete") and all(
+            (cache_dir / s["file"]).is_file() and (cache_dir / s["file"]).stat().st_size == s["bytes"]
+            for s in index["shards"]
+        ):
+            log(f"pair cache hit: {key} ({index['total_rows']} pairs) at {cache_dir}")
+            return cache_dir
+        sigma = float(index["sigma_f"])
+        log(f"resuming pair cache {key}: {len(index.get('shards', []))} of {num_shards} shards present")
+    else:
+        t0 = time.perf_counter()
+        sigma = estimate_sigma(teacher, data, cfg, device)
+        log(
+            f"sigma_f = {sigma:.5f} (RMS of z over {min(cfg.sigma_rows, len(data))} rows, "
+            f"{time.perf_counter() - t0:.1f}s)"
+        )
+    c, h, w = data.image_shape
+    base = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "key_fields": fields,
+        "teacher": {"fingerprint": fields["teacher"], **(teacher_info or {})},
+        "data": {
+            "name": data.name,
+            "split": cfg.split,
+            "fingerprint": data.fingerprint,
+            "rows": len(data),
+            "levels": data.levels,
+            "num_classes": data.num_classes,
+        },
+        "noise_std": eta,
+        "sigma_f": sigma,
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "dtypes": {"noise": cfg.dtype, "data": fields["data_dtype"], "label": "int64", "index": "int64"},
+        "shapes": {"noise": [c, h, w], "data": [c, h, w]},
+        "shard_rows": shard_rows,
+        "num_shards": num_shards,
+        "expected_rows": total,
+    }
+    if state.is_main_process:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.glob(".*.tmp"):  # temp files of a build that was killed
+            stale.unlink(missing_ok=True)
+        _assemble_index(cache_dir, base, num_shards, complete=False)
+    state.wait_for_everyone()
+
+    mine = [s for s in range(num_shards) if s % world == rank and not (cache_dir / shard_name(s, num_shards)).is_file()]
+    allowed = int(cfg.max_nonfinite * total)
+    dropped_total = sum(s.get("dropped", 0) for s in read_index(cache_dir).get("shards", []))
+    bar = tqdm(
+        total=sum(min(shard_rows, total - s * shard_rows) for s in mine),
+        desc=f"pairs {key[:8]}",
+        unit="pair",
+        disable=not state.is_main_process,
+        mininterval=0.5 if os.isatty(2) else 30.0,
+    )
+    t0 = time.perf_counter()
+    noise_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    for s in mine:
+        ids_all = torch.arange(s * shard_rows, min((s + 1) * shard_rows, total))
+        parts = []
+        for i in range(0, len(ids_all), cfg.batch_size):
+            parts.append(encode_pairs(teacher, data, ids_all[i : i + cfg.batch_size], cfg, sigma, device))
+            bar.update(len(parts[-1]["label"]))
+        shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        shard["noise"] = shard["noise"].to(noise_dtype)
+        finite = torch.isfinite(shard["noise"]).flatten(1).all(1)
+        dropped = int((~finite).sum())
+        dropped_total += dropped
+        if dropped_total > allowed:
+            raise NFMError(
+                f"{dropped_total} pairs so far encode to NaN/Inf (allowed: {allowed} = pairs.max_nonfinite "
+                f"{cfg.max_nonfinite} x {total}); e.g. dataset rows {shard['index'][~finite][:5].tolist()}. "
+                "The teacher is unstable on this data (check it with `nfm teacher eval`), or raise "
+                "max_nonfinite to drop such pairs. Nothing past the last complete shard was written"
+            )
+        if dropped:
+            log(f"shard {s + 1}: dropped {dropped} non-finite pairs")
+            shard = {k: v[finite] for k, v in shard.items()}
+        # one metadata entry: safetensors does not keep the order of several, and shards must be byte-exact
+        provenance = {
+            "key": key,
+            "shard": s + 1,
+            "of": num_shards,
+            "teacher": fields["teacher"],
+            "data": data.fingerprint,
+            "dropped": dropped,
+            "sigma_f": sigma,
+        }
+        meta = {"nfm-pairs": json.dumps(provenance, sort_keys=True)}
+        save_tensors(cache_dir / shard_name(s, num_shards), shard, metadata=meta)
+        if state.is_main_process and world == 1:
+            _assemble_index(cache_dir, base, num_shards, complete=False)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        index = _assemble_index(cache_dir, base, num_shards, complete=True)
+        if not index["complete"]:
+            raise NFMError(f"pair cache {cache_dir} is missing shards after the build; rerun it")
+        dt = time.perf_counter() - t0
+        rate = f", {bar.n / dt:.0f} pairs/s" if mine and dt > 0 else ""
+        log(f"pair cache built: {key} ({index['total_rows']} pairs, {index['dropped']} dropped{rate}) at {cache_dir}")
+    state.wait_for_everyone()
+    return cache_dir
+
+
+def remove_cache(cache_dir: Path) -> None:
+    shutil.rmtree(cache_dir)
+
+
+def cache_summary(cache_dir: Path) -> dict[str, Any]:
+    index = read_index(cache_dir)
+    return {
+        "key": index["key"],
+        "teacher": index["teacher"]["fingerprint"],
+        "data": f"{index['data']['name']}[{index['data']['split']}]",
+        "rows": index["total_rows"],
+        "views": index["views"],
+        "dtype": index["dtypes"]["noise"],
+        "size_mb": round(sum(s["bytes"] for s in index["shards"]) / 2**20, 2),
+        "complete": bool(index.get("complete")),
+        "path": str(cache_dir),
+    }

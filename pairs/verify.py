@@ -1,0 +1,82 @@
+"""`nfm pairs verify`: re-hash every shard, then check decode(noise * sigma_f) ~= x + eta * eps on a sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pairs.build import pair_noise
+from pairs.format import INDEX_NAME, ShardFile, read_index, safe_member, sha256_file
+from pipeline.errors import NFMError
+
+
+def find_cache(key_or_path: str, root: Path) -> Path:
+    """A cache directory from a path, a key, or a unique key prefix."""
+    p = Path(key_or_path).expanduser()
+    if (p / INDEX_NAME).is_file():
+        return p
+    if (root / key_or_path / INDEX_NAME).is_file():
+        return root / key_or_path
+    matches = sorted(d for d in root.glob(f"{key_or_path}*") if (d / INDEX_NAME).is_file()) if root.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise NFMError(
+            f"key prefix {key_or_path!r} matches {len(matches)} caches: "
+            f"{', '.join(m.name for m in matches)}; give more of the key"
+        )
+    raise NFMError(
+        f"no pair cache {key_or_path!r} under {root}; `nfm pairs ls` lists the caches there "
+        "(--cache-dir chooses another root)"
+    )
+
+
+def check_shards(cache_dir: Path) -> list[str]:
+    """Problems found by re-hashing every shard against the index (empty: all good)."""
+    index = read_index(cache_dir)
+    problems = []
+    for s in index["shards"]:
+        path = safe_member(cache_dir, s["file"])
+        if not path.is_file():
+            problems.append(f"{s['file']}: missing")
+            continue
+        if path.stat().st_size != s["bytes"]:
+            problems.append(f"{s['file']}: {path.stat().st_size} bytes, index says {s['bytes']} (truncated?)")
+            continue
+        if sha256_file(path) != s["sha256"]:
+            problems.append(f"{s['file']}: sha256 mismatch (corrupt)")
+    if not index.get("complete"):
+        problems.append(f"the cache is incomplete ({len(index['shards'])} of {index.get('num_shards')} shards)")
+    return problems
+
+
+@torch.no_grad()
+def reconstruction_error(cache_dir: Path, teacher, samples: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Worst |decode(noise * sigma_f, y) - (x + eta * eps)| over `samples` pairs spread over the shards."""
+    index = read_index(cache_dir)
+    if teacher.fingerprint() != index["teacher"]["fingerprint"]:
+        raise NFMError(
+            f"teacher fingerprint {teacher.fingerprint()} is not the cache's "
+            f"({index['teacher']['fingerprint']}): verify with the teacher that built it"
+        )
+    device = next(teacher.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    per = max(1, samples // len(index["shards"]))
+    worst, mean, n = 0.0, 0.0, 0
+    levels, uint8 = index["data"]["levels"], index["dtypes"]["data"] == "uint8"
+    for s in index["shards"]:
+        sf = ShardFile(safe_member(cache_dir, s["file"]))
+        take = torch.randperm(sf.rows, generator=g)[:per].sort().values.tolist()
+        cols = {
+            k: torch.stack([sf.read(k, i, i + 1)[0] for i in take]) for k in ("noise", "data", "label", "index", "view")
+        }
+        x = cols["data"].float() * (2.0 / levels) - 1.0 if uint8 else cols["data"].float()
+        eps = pair_noise(index["seed"], cols["index"] * index["views"] + cols["view"], tuple(x.shape[1:]))
+        target = x + index["noise_std"] * eps
+        z = cols["noise"].float() * index["sigma_f"]
+        rec = teacher.decode(z.to(device), cols["label"].to(device)).cpu()
+        err = (rec - target).abs().flatten(1).max(1).values
+        worst, mean, n = max(worst, float(err.max())), mean + float(err.sum()), n + len(err)
+    return {"pairs_checked": n, "worst_abs_error": worst, "mean_max_abs_error": mean / max(n, 1)}

@@ -1,0 +1,311 @@
+"""Stage two: the pair cache — contents, keys, resume, corruption, multi-process, the reader."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pairs.build import PairBuildConfig, build_pairs, pair_noise
+from pairs.format import INDEX_NAME, ShardFile, read_index
+from pairs.reader import PairCache, PairReader
+from pairs.verify import check_shards, reconstruction_error
+from pipeline.data import DataConfig, load_data
+from pipeline.errors import NFMError
+from teacher.export import load_teacher, save_export
+from teacher.model import TarFlow, TarFlowConfig
+
+DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images: fast
+
+
+def make_export(path: Path, seed: int = 0, noise_std: float = 0.1, width: int = 32, blocks: int = 2) -> Path:
+    torch.manual_seed(seed)
+    cfg = TarFlowConfig(
+        in_channels=1,
+        img_size=8,
+        patch_size=2,
+        width=width,
+        num_blocks=blocks,
+        layers_per_block=1,
+        head_dim=16,
+        num_classes=10,
+        noise_std=noise_std,
+    )
+    model = TarFlow(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.proj_out.weight.normal_(0, 0.02)
+            b.proj_out.bias.normal_(0, 0.02)
+    save_export(model, path, step=0, extra={"data": DATA.__dict__})
+    return path
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return make_export(tmp_path_factory.mktemp("teacher") / "export")
+
+
+def build(export, root, cfg=None, data=DATA, logs=None):
+    cfg = cfg or PairBuildConfig()
+    teacher = load_teacher(export)
+    return build_pairs(
+        teacher,
+        load_data(data, cfg.split),
+        cfg,
+        root,
+        teacher_info={"source": str(export)},
+        log=(logs.append if logs is not None else lambda *a: None),
+    )
+
+
+def test_build_contents(export, tmp_path):
+    cfg = PairBuildConfig(views=2, shard_rows=100, dtype="float32")
+    cache_dir = build(export, tmp_path, cfg)
+    index = read_index(cache_dir)
+    data = load_data(DATA)
+    assert index["complete"] and index["total_rows"] == 2 * len(data) == 360
+    assert [s["file"] for s in index["shards"]] == [f"pairs-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    for key in ("key", "teacher", "data", "noise_std", "sigma_f", "views", "seed", "dtypes", "shapes"):
+        assert key in index
+    cache = PairCache(cache_dir)
+    cols = {
+        k: torch.cat([cache.shard(i).read(k) for i in range(4)]) for k in ("noise", "data", "label", "index", "view")
+    }
+    assert cols["noise"].dtype == torch.float32 and cols["data"].dtype == torch.uint8
+    # the noise end is unit-variance (sigma_f was estimated over every pair here)
+    assert cols["noise"].pow(2).mean().sqrt().item() == pytest.approx(1.0, abs=1e-4)
+    # the data end is the clean image, with its label, for every (row, view)
+    x, y = data.tensors()
+    torch.testing.assert_close(cache.to_float(cols["data"]), x[cols["index"]])
+    assert torch.equal(cols["label"], y[cols["index"]])
+    assert sorted((cols["index"] * 2 + cols["view"]).tolist()) == list(range(360))
+    # noise = encode(x + eta * eps(seed, row, view)) / sigma_f, exactly what the teacher gives
+    teacher = load_teacher(export)
+    ids = cols["index"][:7] * 2 + cols["view"][:7]
+    eps = pair_noise(0, ids, (1, 8, 8))
+    z, _ = teacher.encode(x[cols["index"][:7]] + 0.1 * eps, y[cols["index"][:7]])
+    torch.testing.assert_close(cols["noise"][:7], z / index["sigma_f"], atol=1e-6, rtol=1e-5)
+    rec = reconstruction_error(cache_dir, teacher, samples=32)
+    assert rec["worst_abs_error"] < 1e-4
+
+
+def test_float16_noise_and_reconstruction(export, tmp_path):
+    cache_dir = build(export, tmp_path, PairBuildConfig())
+    cache = PairCache(cache_dir)
+    assert cache.shard(0).read("noise").dtype == torch.float16
+    assert reconstruction_error(cache_dir, load_teacher(export), samples=32)["worst_abs_error"] < 1e-2
+
+
+def test_second_build_is_a_cache_hit(export, tmp_path):
+    first = build(export, tmp_path)
+    shard = next(first.glob("pairs-*.safetensors"))
+    mtime = shard.stat().st_mtime_ns
+    logs = []
+    t0 = time.perf_counter()
+    assert build(export, tmp_path, logs=logs) == first
+    assert time.perf_counter() - t0 < 10
+    assert any("cache hit" in line for line in logs)
+    assert shard.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("change", ["views", "seed", "dtype", "eta", "weights", "data", "split"])
+def test_every_input_of_the_key_changes_it(export, tmp_path, change):
+    base = build(export, tmp_path).name
+    cfg, data, exp = PairBuildConfig(), DATA, export
+    if change == "views":
+        cfg = replace(cfg, views=2)
+    elif change == "seed":
+        cfg = replace(cfg, seed=1)
+    elif change == "dtype":
+        cfg = replace(cfg, dtype="float32")
+    elif change == "eta":
+        exp = make_export(tmp_path / "eta", noise_std=0.2)
+    elif change == "weights":
+        exp = make_export(tmp_path / "w", seed=1)
+    elif change == "data":
+        data = replace(DATA, held_out=0.85)
+    elif change == "split":
+        cfg = replace(cfg, split="test")
+    assert build(exp, tmp_path, cfg, data).name != base
+
+
+def _shards(cache_dir):
+    return {p.name: p.read_bytes() for p in sorted(Path(cache_dir).glob("pairs-*.safetensors"))}
+
+
+def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path):
+    exp = make_export(tmp_path / "t", width=64, blocks=4)
+    args = ["build", "--teacher", str(exp), "--views", "4", "pairs.shard_rows=32", "data.held_out=0.2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cli = [sys.executable, "-m", "pipeline.cli", "pairs"]
+    subprocess.run(cli + args + ["--cache-dir", str(tmp_path / "a")], env=env, check=True, capture_output=True)
+    (ref,) = [d for d in (tmp_path / "a").iterdir()]
+    n_shards = len(_shards(ref))
+    assert n_shards > 100
+
+    proc = subprocess.Popen(
+        cli + args + ["--cache-dir", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        dirs = list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else []
+        if dirs and len(list(dirs[0].glob("pairs-*.safetensors"))) >= 3:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (part,) = [d for d in (tmp_path / "b").iterdir()]
+    visible = list(part.glob("pairs-*.safetensors"))
+    assert 3 <= len(visible) < n_shards, "the kill must land mid-build"
+    for p in visible:  # no half shard is ever visible under a final name
+        ShardFile(p)
+    with pytest.raises(NFMError, match="incomplete"):
+        PairCache(part)
+    subprocess.run(cli + args + ["--cache-dir", str(tmp_path / "b")], env=env, check=True, capture_output=True)
+    assert _shards(part) == _shards(ref)
+    ia, ib = read_index(ref), read_index(part)
+    assert ia["shards"] == ib["shards"] and ia["sigma_f"] == ib["sigma_f"] and ib["complete"]
+    assert not list(part.glob(".*.tmp"))
+
+
+def test_two_process_build_equals_one_process(export, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["pairs", "build", "--teacher", str(export), "--views", "3", "pairs.shard_rows=50"]
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args, "--cache-dir", str(tmp_path / "one")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "pipeline.cli",
+            *args,
+            "--cache-dir",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (one,), (two,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())
+    assert one.name == two.name
+    assert _shards(one) == _shards(two) and len(_shards(one)) == 11
+    assert read_index(one)["shards"] == read_index(two)["shards"]
+
+
+def test_flipped_byte_is_named_by_verify(export, tmp_path):
+    cache_dir = build(export, tmp_path, PairBuildConfig(shard_rows=60))
+    victim = cache_dir / "pairs-00002-of-00003.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert check_shards(cache_dir) == ["pairs-00002-of-00003.safetensors: sha256 mismatch (corrupt)"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "pairs", "verify", cache_dir.name, "--cache-dir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2 and "pairs-00002-of-00003.safetensors: sha256 mismatch" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_truncated_or_missing_shard_is_named_on_read(export, tmp_path):
+    cache_dir = build(export, tmp_path, PairBuildConfig(shard_rows=60))
+    victim = cache_dir / "pairs-00003-of-00003.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(NFMError, match="pairs-00003-of-00003.safetensors is .* bytes, the index says"):
+        PairCache(cache_dir)
+    with pytest.raises(NFMError, match="pairs-00003-of-00003.safetensors is truncated or corrupt"):
+        ShardFile(victim)
+    victim.unlink()
+    with pytest.raises(NFMError, match="pair shard missing: .*pairs-00003-of-00003.safetensors"):
+        PairCache(cache_dir)
+
+
+@pytest.mark.parametrize("bad", ["../evil.safetensors", "/etc/passwd", "sub/pairs-00001-of-00001.safetensors"])
+def test_index_pointing_outside_the_cache_is_rejected(export, tmp_path, bad):
+    cache_dir = build(export, tmp_path)
+    index = json.loads((cache_dir / INDEX_NAME).read_text())
+    index["shards"][0]["file"] = bad
+    (cache_dir / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(NFMError, match="not a plain shard file name"):
+        PairCache(cache_dir)
+
+
+def test_nonfinite_pairs_are_refused_or_dropped_and_counted(export, tmp_path):
+    teacher = load_teacher(export)
+    original = teacher.encode
+
+    def broken(x, y):  # NaN for every image of class 3
+        z, ld = original(x, y)
+        return torch.where((y == 3).view(-1, 1, 1, 1), torch.full_like(z, float("nan")), z), ld
+
+    teacher.encode = broken
+    data = load_data(DATA)
+    n3 = int((data.labels == 3).sum())
+    with pytest.raises(NFMError, match=rf"{n3} pairs so far encode to NaN/Inf \(allowed: 0"):
+        build_pairs(teacher, data, PairBuildConfig(), tmp_path, log=lambda *a: None)
+    cache_dir = build_pairs(teacher, data, PairBuildConfig(max_nonfinite=0.2), tmp_path, log=lambda *a: None)
+    index = read_index(cache_dir)
+    assert index["dropped"] == n3 and index["total_rows"] == len(data) - n3
+    assert torch.isfinite(PairCache(cache_dir).shard(0).read("noise")).all()
+
+
+def test_data_that_does_not_match_the_teacher_is_refused(export, tmp_path, monkeypatch):
+    teacher = load_teacher(export)
+    data = load_data(DATA)
+    monkeypatch.setattr(data, "image_shape", (3, 8, 8))
+    with pytest.raises(NFMError, match="does not match the teacher's image shape"):
+        build_pairs(teacher, data, PairBuildConfig(), tmp_path, log=lambda *a: None)
+
+
+def test_reader_covers_every_row_once_per_epoch_across_ranks(export, tmp_path):
+    cache = PairCache(build(export, tmp_path, PairBuildConfig(views=2, shard_rows=37)))
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            for chunk in PairReader(cache, seed=5, rank=rank, world=2, window=2).iter_epoch(epoch):
+                seen += (chunk[3]).tolist()
+        assert len(seen) == len(cache)
+    # a row is identified by (index, view); count each pair id once per epoch
+    ids = []
+    for rank in (0, 1):
+        for noise, _data, _label, index in PairReader(cache, seed=5, rank=rank, world=2).iter_epoch(0):
+            ids += [(int(i), float(n.flatten()[0])) for i, n in zip(index, noise)]
+    assert len(set(ids)) == len(cache)
+    r = PairReader(cache, seed=5)
+    first = torch.cat([c[3] for c in r.iter_epoch(0)])
+    second = torch.cat([c[3] for c in r.iter_epoch(1)])
+    assert not torch.equal(first, second)  # reshuffled every epoch
+
+
+def test_reader_batches_resume_mid_stream(export, tmp_path):
+    cache = PairCache(build(export, tmp_path, PairBuildConfig(views=2, shard_rows=37)))
+    reader = PairReader(cache, seed=1, rank=1, world=2)
+    it = reader.batches(16)
+    stream = [next(it) for _ in range(30)]  # crosses an epoch (180 rows per rank)
+    it2 = reader.batches(16, start=17)
+    for want in stream[17:]:
+        got = next(it2)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+    noise, data, label = stream[0]
+    assert (
+        noise.shape == (16, 1, 8, 8) and data.dtype == torch.float32 and data.min() >= -1 and label.dtype == torch.int64
+    )
