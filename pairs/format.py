@@ -101,16 +101,24 @@ class ShardFile:
     def rows(self) -> int:
         return self.tensors["label"][1][0]
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of a tensor, read from disk (no mapping of the whole file)."""
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read from disk with one positional read (no mapping of the
+        file); into `out` (a contiguous tensor of the right dtype and shape) when given, without a copy."""
         dt, shape, off, _ = self.tensors[name]
         stop = shape[0] if stop is None else stop
         row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
-        with open(self.path, "rb", buffering=0) as f:
-            buf = os.pread(f.fileno(), (stop - start) * row, self.base + off + start * row)
+        if out is None:
+            out = torch.from_numpy(np.empty((stop - start, *shape[1:]), dtype=dt))
+        buf = memoryview(out.numpy()).cast("B")
         if len(buf) != (stop - start) * row:
+            raise ValueError(
+                f"out has {len(buf)} bytes, rows [{start}, {stop}) of {name!r} need {(stop - start) * row}"
+            )
+        with open(self.path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [buf], self.base + off + start * row)
+        if got != len(buf):
             raise NFMError(f"pair shard {self.path} is truncated: short read of {name!r}; rebuild the cache")
-        return torch.from_numpy(np.frombuffer(buf, dtype=dt).reshape(stop - start, *shape[1:]).copy())
+        return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
         return {k: self.read(k) for k in self.tensors}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pairs.format import ShardFile, read_index, safe_member
@@ -73,10 +74,13 @@ class PairCache:
 class PairReader:
     """Iterates a cache as (noise, data, label) rows for process `rank` of `world`, epoch by epoch."""
 
-    def __init__(self, cache: PairCache, seed: int = 0, rank: int = 0, world: int = 1, window: int = 2):
+    def __init__(
+        self, cache: PairCache, seed: int = 0, rank: int = 0, world: int = 1, window: int = 2, chunk: int = 4096
+    ):
         if not 0 <= rank < world:
             raise NFMError(f"rank {rank} is not in [0, {world})")
         self.cache, self.seed, self.rank, self.world, self.window = cache, seed, rank, world, max(1, window)
+        self.chunk = chunk  # rows converted to float at a time
 
     def _windows(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(
@@ -91,47 +95,59 @@ class PairReader:
     def rows_per_epoch(self, epoch: int = 0) -> int:
         return sum(self._mine(sum(self.cache.shards[i]["rows"] for i in w)) for w in self._windows(epoch))
 
+    def _read_window(self, window: list[int]) -> dict[str, torch.Tensor]:
+        """The window's shards, column by column, read straight into one buffer per column."""
+        parts = [self.cache.shard(i) for i in window]
+        cols = {}
+        for k in ("noise", "data", "label", "index"):
+            dt, shape = parts[0].tensors[k][0], parts[0].tensors[k][1][1:]
+            out = torch.from_numpy(np.empty((sum(p.rows for p in parts), *shape), dtype=dt))
+            a = 0
+            for p in parts:
+                p.read(k, out=out[a : a + p.rows])
+                a += p.rows
+            cols[k] = out
+        return cols
+
     def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yields this rank's chunks (noise, data, label, index) of one epoch, after skipping `skip` rows."""
+        """Yields this rank's rows of one epoch as float chunks (noise, data, label, index) of at most
+        `self.chunk` rows, after skipping `skip` rows. Memory: one window in stored dtypes, plus one chunk."""
         for w_i, window in enumerate(self._windows(epoch)):
             n = sum(self.cache.shards[i]["rows"] for i in window)
             mine = self._mine(n)
             if skip >= mine:  # resume: skip whole windows without reading them
                 skip -= mine
                 continue
-            parts = [self.cache.shard(i) for i in window]
-            cols = {k: torch.cat([p.read(k) for p in parts]) for k in ("noise", "data", "label", "index")}
+            cols = self._read_window(window)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch, w_i)))
             take = perm[self.rank :: self.world][skip:]
             skip = 0
-            yield (
-                cols["noise"][take].float(),
-                self.cache.to_float(cols["data"][take]),
-                cols["label"][take],
-                cols["index"][take],
-            )
+            for i in range(0, len(take), self.chunk):
+                idx = take[i : i + self.chunk]
+                yield (
+                    cols["noise"][idx].float(),
+                    self.cache.to_float(cols["data"][idx]),
+                    cols["label"][idx],
+                    cols["index"][idx],
+                )
+            del cols
 
     def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """An endless stream of (noise, data, label) batches of this rank, crossing epochs;
         `start` = batches already consumed (resume)."""
-        per_epoch = self.rows_per_epoch()
-        if per_epoch == 0:
+        if self.rows_per_epoch() == 0:
             raise NFMError(f"pair cache {self.cache.dir} gives rank {self.rank} no rows")
-        consumed = start * batch_size
-        epoch, skip = 0, consumed
+        epoch, skip = 0, start * batch_size
         while skip >= (n := self.rows_per_epoch(epoch)):
             skip -= n
             epoch += 1
-        bufs: list[list[torch.Tensor]] = [[], [], []]
-        have = 0
+        left: list[torch.Tensor] | None = None
         while True:
             for chunk in self.iter_epoch(epoch, skip):
-                for j in range(3):
-                    bufs[j].append(chunk[j])
-                have += len(chunk[0])
-                while have >= batch_size:
-                    cat = [torch.cat(b) for b in bufs]
-                    yield cat[0][:batch_size], cat[1][:batch_size], cat[2][:batch_size]
-                    bufs, have = [[c[batch_size:]] for c in cat], have - batch_size
+                cols = list(chunk[:3]) if left is None else [torch.cat([a, b]) for a, b in zip(left, chunk[:3])]
+                full = len(cols[0]) // batch_size * batch_size
+                for i in range(0, full, batch_size):
+                    yield cols[0][i : i + batch_size], cols[1][i : i + batch_size], cols[2][i : i + batch_size]
+                left = [c[full:] for c in cols]
             skip = 0
             epoch += 1

@@ -297,10 +297,10 @@ def test_reader_covers_every_row_once_per_epoch_across_ranks(export, tmp_path):
 
 def test_reader_batches_resume_mid_stream(export, tmp_path):
     cache = PairCache(build(export, tmp_path, PairBuildConfig(views=2, shard_rows=37)))
-    reader = PairReader(cache, seed=1, rank=1, world=2)
+    reader = PairReader(cache, seed=1, rank=1, world=2, chunk=7)  # chunks smaller than a batch
     it = reader.batches(16)
     stream = [next(it) for _ in range(30)]  # crosses an epoch (180 rows per rank)
-    it2 = reader.batches(16, start=17)
+    it2 = PairReader(cache, seed=1, rank=1, world=2, chunk=50).batches(16, start=17)
     for want in stream[17:]:
         got = next(it2)
         for a, b in zip(want, got):
