@@ -102,7 +102,21 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "teacher not found" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["teacher"], ["teacher", "train"], ["teacher", "sample"], ["teacher", "eval"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [],
+        ["teacher"],
+        ["teacher", "train"],
+        ["teacher", "sample"],
+        ["teacher", "eval"],
+        ["pairs"],
+        ["pairs", "build"],
+        ["pairs", "ls"],
+        ["pairs", "verify"],
+        ["pairs", "rm"],
+    ],
+)
 def test_help(tmp_path, cmd):
     p = nfm(*cmd, "--help", cwd=tmp_path)
     assert "usage: nfm" in p.stdout

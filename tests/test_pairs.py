@@ -309,3 +309,30 @@ def test_reader_batches_resume_mid_stream(export, tmp_path):
     assert (
         noise.shape == (16, 1, 8, 8) and data.dtype == torch.float32 and data.min() >= -1 and label.dtype == torch.int64
     )
+
+
+def test_pairs_commands_end_to_end(export, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def nfm(*args, check=True):
+        p = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "pairs", *args, "--cache-dir", str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert (p.returncode == 0) == check, p.stderr
+        return p
+
+    out = nfm("build", "--teacher", str(export), "--views", "2").stdout
+    key = out.split("key: ")[1].split()[0]
+    assert f"path: {tmp_path / key}" in out and "pair cache built" in out
+    assert "cache hit" in nfm("build", "--teacher", str(export), "--views", "2").stdout
+    listing = nfm("ls").stdout
+    assert key in listing and "digits[train]" in listing and "360" in listing
+    verify = nfm("verify", key[:6]).stdout
+    assert "sha256 ok" in verify and "worst |decode" in verify and "OK" in verify
+    assert "removed" in nfm("rm", key).stdout
+    assert not (tmp_path / key).exists()
+    p = nfm("verify", key, check=False)
+    assert p.returncode == 2 and f"no pair cache {key!r}" in p.stderr and "Traceback" not in p.stderr
