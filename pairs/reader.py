@@ -72,28 +72,31 @@ class PairCache:
 
 
 class PairReader:
-    """Iterates a cache as (noise, data, label) rows for process `rank` of `world`, epoch by epoch."""
+    """Batches of a pair cache for process `rank` of `world`.
+
+    One global stream per seed: epoch e visits the shards in an order seeded by (seed, e), `window`
+    shards at a time, with the rows of each window permuted by (seed, e, window). The stream is cut
+    into global batches of batch_size * world rows, and process r takes rows
+    [r * batch_size, (r + 1) * batch_size) of each. So the processes together read every row exactly
+    once per epoch of the stream, and N processes see exactly the global batches that one process
+    with the global batch size sees. Memory holds one window in its stored dtypes.
+    """
 
     def __init__(
         self, cache: PairCache, seed: int = 0, rank: int = 0, world: int = 1, window: int = 2, chunk: int = 4096
     ):
         if not 0 <= rank < world:
             raise NFMError(f"rank {rank} is not in [0, {world})")
+        if len(cache) == 0:
+            raise NFMError(f"pair cache {cache.dir} holds no pairs")
         self.cache, self.seed, self.rank, self.world, self.window = cache, seed, rank, world, max(1, window)
-        self.chunk = chunk  # rows converted to float at a time
+        self.chunk = chunk  # rows handed on at a time
 
     def _windows(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(
             len(self.cache.shards), generator=torch.Generator().manual_seed(derive_seed(self.seed, "shards", epoch))
         ).tolist()
         return [order[i : i + self.window] for i in range(0, len(order), self.window)]
-
-    def _mine(self, n: int) -> int:
-        """How many of a window's n rows this rank takes."""
-        return len(range(self.rank, n, self.world))
-
-    def rows_per_epoch(self, epoch: int = 0) -> int:
-        return sum(self._mine(sum(self.cache.shards[i]["rows"] for i in w)) for w in self._windows(epoch))
 
     def _read_window(self, window: list[int]) -> dict[str, torch.Tensor]:
         """The window's shards, column by column, read straight into one buffer per column."""
@@ -109,45 +112,42 @@ class PairReader:
             cols[k] = out
         return cols
 
-    def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        """Yields this rank's rows of one epoch as float chunks (noise, data, label, index) of at most
-        `self.chunk` rows, after skipping `skip` rows. Memory: one window in stored dtypes, plus one chunk."""
+    def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The global stream of one epoch in chunks of at most `chunk` rows (stored dtypes), after
+        skipping `skip` rows; windows wholly skipped are not read."""
         for w_i, window in enumerate(self._windows(epoch)):
             n = sum(self.cache.shards[i]["rows"] for i in window)
-            mine = self._mine(n)
-            if skip >= mine:  # resume: skip whole windows without reading them
-                skip -= mine
+            if skip >= n:
+                skip -= n
                 continue
             cols = self._read_window(window)
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch, w_i)))
-            take = perm[self.rank :: self.world][skip:]
+            perm = perm[skip:]
             skip = 0
-            for i in range(0, len(take), self.chunk):
-                idx = take[i : i + self.chunk]
-                yield (
-                    cols["noise"][idx].float(),
-                    self.cache.to_float(cols["data"][idx]),
-                    cols["label"][idx],
-                    cols["index"][idx],
-                )
+            for i in range(0, len(perm), self.chunk):
+                idx = perm[i : i + self.chunk]
+                yield {k: v[idx] for k, v in cols.items()}
             del cols
 
-    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """An endless stream of (noise, data, label) batches of this rank, crossing epochs;
-        `start` = batches already consumed (resume)."""
-        if self.rows_per_epoch() == 0:
-            raise NFMError(f"pair cache {self.cache.dir} gives rank {self.rank} no rows")
-        epoch, skip = 0, start * batch_size
-        while skip >= (n := self.rows_per_epoch(epoch)):
-            skip -= n
-            epoch += 1
-        left: list[torch.Tensor] | None = None
+    def batches(self, batch_size: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Endless (noise, data, label, index) batches of this process (floats in [-1, 1] for the
+        images), crossing epochs; `start` = steps already taken (resume)."""
+        total = len(self.cache)
+        glob = batch_size * self.world
+        epoch, skip = divmod(start * glob, total)
+        lo, hi = self.rank * batch_size, (self.rank + 1) * batch_size
+        left: dict[str, torch.Tensor] | None = None
         while True:
             for chunk in self.iter_epoch(epoch, skip):
-                cols = list(chunk[:3]) if left is None else [torch.cat([a, b]) for a, b in zip(left, chunk[:3])]
-                full = len(cols[0]) // batch_size * batch_size
-                for i in range(0, full, batch_size):
-                    yield cols[0][i : i + batch_size], cols[1][i : i + batch_size], cols[2][i : i + batch_size]
-                left = [c[full:] for c in cols]
+                cols = chunk if left is None else {k: torch.cat([left[k], chunk[k]]) for k in chunk}
+                full = len(cols["label"]) // glob * glob
+                for i in range(0, full, glob):
+                    yield (
+                        cols["noise"][i + lo : i + hi].float(),
+                        self.cache.to_float(cols["data"][i + lo : i + hi]),
+                        cols["label"][i + lo : i + hi],
+                        cols["index"][i + lo : i + hi],
+                    )
+                left = {k: v[full:] for k, v in cols.items()}
             skip = 0
             epoch += 1
