@@ -285,11 +285,13 @@ def test_reader_covers_every_row_once_per_epoch_across_ranks(export, tmp_path):
             for it in streams:
                 noise, data, label, index = next(it)
                 assert noise.shape == (18, 1, 8, 8) and data.dtype == torch.float32 and label.dtype == torch.int64
-                seen += index.tolist()
-        assert sorted(seen) == sorted(
-            cache.shard(0).read("index").tolist()
-            + sum((cache.shard(i).read("index").tolist() for i in range(1, 10)), [])
-        )
+                seen += [(int(i), round(float(n.sum()), 3)) for i, n in zip(index, noise)]
+        every = [
+            (int(i), round(float(n.float().sum()), 3))
+            for k in range(10)
+            for i, n in zip(cache.shard(k).read("index"), cache.shard(k).read("noise"))
+        ]
+        assert len(set(every)) == 360 and sorted(seen) == sorted(every)
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
 
