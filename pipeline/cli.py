@@ -5,6 +5,8 @@
     nfm teacher eval   RUN [--split test]
     nfm pairs build    --teacher RUN [--data NAME] [--views K] [--dtype float16] [key=value ...]
     nfm pairs ls | verify KEY | rm KEY
+    nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot] [--pairs KEY] [key=value ...]
+    nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
 
 Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,
 and prints the resolved config. Rerunning a training command resumes it.
@@ -265,6 +267,79 @@ def cmd_pairs_rm(args) -> int:
     return 0
 
 
+def cmd_student_train(args) -> int:
+    from pipeline.config import _merge, build_config
+    from pipeline.presets import student_preset, student_size_overrides
+    from pipeline.training import process_state
+    from student.train import StudentRunConfig, run_student_training
+
+    preset = student_preset(args.preset)
+    if args.size:
+        preset = _merge(preset, student_size_overrides(args.size))
+    flow = {k: v for k, v in (("coupling", args.coupling), ("pairs", args.pairs)) if v}
+    preset = _merge(preset, {"flow": flow})
+    cfg = build_config(StudentRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    run_dir = Path(args.run_dir or f"runs/student-{args.preset}-{cfg.flow.coupling}")
+    t0 = time.perf_counter()
+    export = run_student_training(cfg, run_dir, _cache_root(args))
+    if process_state().is_main_process:
+        print(f"done in {time.perf_counter() - t0:.0f}s. student export: {export}")
+        samples = sorted((run_dir / "samples").glob("*.png"))
+        if samples:
+            print(f"samples: {samples[-1]}")
+    return 0
+
+
+def cmd_student_sample(args) -> int:
+    import torch
+
+    from pipeline.images import save_grid
+    from pipeline.io import save_tensors
+    from student.paths import ProbPath
+    from student.sampling import sample_ode
+    from student.train import load_student
+
+    device = _device(args.device)
+    model, meta = load_student(args.run, device)
+    mc, flow = meta["model"], meta["flow"]
+    if args.n <= 0:
+        raise NFMError(f"--n must be positive, got {args.n}")
+    shape = (mc["in_channels"], mc["img_size"], mc["img_size"])
+    z = torch.randn(args.n, *shape, generator=torch.Generator().manual_seed(args.seed))
+    if args.label is not None:
+        y = torch.full((args.n,), args.label, dtype=torch.long)
+    else:
+        y = torch.arange(args.n) % mc["num_classes"] if mc["num_classes"] else None
+    prior = ProbPath(flow["path"], flow["ve_sigma_min"], flow["ve_sigma_max"]).prior_scale
+    t0 = time.perf_counter()
+    x, stats = sample_ode(
+        model,
+        z.to(device),
+        None if y is None else y.to(device),
+        solver=args.solver,
+        steps=args.steps,
+        grid=args.grid,
+        guidance=args.guidance,
+        rtol=args.rtol,
+        atol=args.atol,
+        prior_scale=prior,
+        num_classes=mc["num_classes"],
+    )
+    dt = time.perf_counter() - t0
+    run = Path(args.run)
+    default = (run if (run / "export").is_dir() else run.parent) / "samples" / f"sample-{args.solver}-{stats['nfe']}"
+    base = (Path(args.out) if args.out else default).with_suffix("")
+    tensors = {"images": x.cpu(), "noise": z, **({"labels": y} if y is not None else {})}
+    save_tensors(base.with_suffix(".safetensors"), tensors, metadata={k: str(v) for k, v in stats.items()})
+    k = mc["num_classes"]
+    save_grid(x, base.with_suffix(".png"), nrow=k if k and args.n % k == 0 and args.label is None else None)
+    print(
+        f"{args.n} samples, solver {args.solver}, NFE {stats['nfe']} ({stats['forward_passes']} forward passes), "
+        f"{dt:.2f}s ({args.n / dt:.0f} img/s) -> {base.with_suffix('.png')}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -345,6 +420,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
     p.add_argument("--cache-dir", help=cache_help)
     p.set_defaults(func=cmd_pairs_rm)
+
+    student = stages.add_parser("student", help="stage three: the flow-matching student")
+    ssub = student.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from pipeline.presets import STUDENT_PRESETS
+    from student.couplings import COUPLINGS
+    from student.models import STUDENT_SIZES
+    from student.sampling import GRIDS, SOLVERS
+
+    p = ssub.add_parser(
+        "train",
+        help="train (or resume) a flow-matching student on a coupling",
+        description="Flow matching on the teacher's pairs (nfm) or a baseline coupling "
+        "(independent, minibatch-ot), with the same network, steps and batch. Rerunning the same "
+        "command resumes, data position included.",
+    )
+    p.add_argument("--preset", default="digits", help=f"named preset: {', '.join(STUDENT_PRESETS)} (default digits)")
+    p.add_argument("--coupling", choices=COUPLINGS, help="coupling (default nfm)")
+    p.add_argument("--pairs", help="nfm coupling: pair cache key, key prefix or directory")
+    p.add_argument("--size", help=f"named network size ({', '.join(STUDENT_SIZES)})")
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/student-PRESET-COUPLING)")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. train.steps=500 flow.path=vp flow.time=logit-normal model.width=64",
+    )
+    p.set_defaults(func=cmd_student_train)
+
+    p = ssub.add_parser("sample", help="sample a trained student with an ODE solver")
+    p.add_argument("run", help="student run directory or export directory")
+    p.add_argument("--solver", default="euler", help=f"{', '.join(SOLVERS)} (default euler)")
+    p.add_argument("--steps", type=int, default=4, help="steps of a fixed-step solver (default 4)")
+    p.add_argument("--grid", default="uniform", help=f"time grid: {', '.join(GRIDS)} (default uniform)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default 0)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--label", type=int, help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_student_sample)
     return parser
 
 

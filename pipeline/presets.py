@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.errors import NFMError
+from student.models import STUDENT_SIZES
 from teacher.model import TARFLOW_SIZES
 
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {
@@ -55,6 +56,65 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model": dict(STUDENT_SIZES["SiT-tiny"]),
+        "data": {"name": "digits"},
+        "train": {
+            "steps": 20,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "warmup_steps": 5,
+            "log_every": 5,
+            "sample_every": 10,
+            "ckpt_every": 10,
+            "ema_decay": 0.9,
+        },
+        "sample": {"n": 20, "steps": 2},
+    },
+    "digits": {
+        "model": dict(STUDENT_SIZES["SiT-S/2"]),
+        "data": {"name": "digits"},
+        "train": {
+            "steps": 3000,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "warmup_steps": 200,
+            "log_every": 100,
+            "sample_every": 1000,
+            "ckpt_every": 500,
+            "ema_decay": 0.999,
+        },
+    },
+    "fashion-mnist": {
+        "model": dict(STUDENT_SIZES["SiT-S/4"]),
+        "data": {"name": "fashion-mnist"},
+        "train": {
+            "steps": 20000,
+            "batch_size": 256,
+            "lr": 5e-4,
+            "warmup_steps": 1000,
+            "log_every": 100,
+            "sample_every": 2000,
+            "ckpt_every": 1000,
+            "ema_decay": 0.9995,
+        },
+    },
+}
+
+
+def student_preset(name: str) -> dict[str, Any]:
+    if name not in STUDENT_PRESETS:
+        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(STUDENT_PRESETS)}")
+    return STUDENT_PRESETS[name]
+
+
+def student_size_overrides(name: str) -> dict[str, Any]:
+    if name not in STUDENT_SIZES:
+        raise NFMError(f"unknown student size {name!r}; choose one of {', '.join(STUDENT_SIZES)}")
+    return {"model": dict(STUDENT_SIZES[name])}
 
 
 def teacher_preset(name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ from pipeline import config as config_mod
 from pipeline.errors import NFMError
 from pipeline.io import atomic_dir, load_tensors, read_json, save_tensors, write_bytes, write_json
 
+# (rank, world, per-process batch, first step) -> this process's batches for that step and the next ones
+BatchStream = Callable[[int, int, int, int], Iterator[tuple[torch.Tensor, ...]]]
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], "BatchRandom"], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -174,6 +177,22 @@ def check_finite(rows: torch.Tensor, batch: tuple[torch.Tensor, ...], what: str)
                     f"{what}: rows {rows[bad][:8].tolist()} contain NaN or Inf "
                     f"({int(bad.sum())} in this batch); clean or drop them"
                 )
+
+
+def dataset_batches(dataset: torch.utils.data.Dataset, seed: int, end: int, num_workers: int = 0) -> BatchStream:
+    """Batches of a map-style data set (``__getitems__``): step s reads the rows that StepBatchSampler
+    gives (seed, s), so the stream resumes at any step; rows with NaN/Inf are named."""
+
+    def stream(rank: int, world: int, per_process: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler = StepBatchSampler(len(dataset), per_process * world, seed, rank, world, start, end)
+        loader = torch.utils.data.DataLoader(
+            _RowTagged(dataset), batch_sampler=sampler, num_workers=num_workers, collate_fn=lambda b: b
+        )
+        for rows, *batch in loader:
+            check_finite(rows, batch, f"training data ({getattr(dataset, 'name', 'dataset')})")
+            yield tuple(batch)
+
+    return stream
 
 
 class EMA:
@@ -360,7 +379,8 @@ def train(
     run_dir: Path,
     cfg: TrainConfig,  # the optimisation settings
     model: nn.Module,  # freshly initialised (weights are replaced on resume)
-    dataset: torch.utils.data.Dataset,  # __getitems__(rows) -> batch tuple
+    dataset: torch.utils.data.Dataset | None = None,  # __getitems__(rows) -> batch tuple; or:
+    batches: BatchStream | None = None,  # a batch stream (e.g. a pair cache's)
     loss_fn: LossFn,  # (model, batch on device, BatchRandom) -> (scalar loss, logs)
     resolved_config: dict[str, Any],  # written to RUN/config.json
     export_fn: Callable[[nn.Module, Path, int], None],  # (EMA model, directory, step): write the export
@@ -381,8 +401,10 @@ def train(
             f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
             f"= {world} x {cfg.grad_accum}"
         )
-    if len(dataset) == 0:
-        raise NFMError("the training set is empty")
+    if batches is None:
+        if dataset is None or len(dataset) == 0:
+            raise NFMError("the training set is empty")
+        batches = dataset_batches(dataset, cfg.seed, cfg.steps, cfg.num_workers)
     log = log or setup_logger(run_dir, main=acc.is_main_process)
     export_dir = run_dir / "export"
     if acc.is_main_process:
@@ -413,14 +435,7 @@ def train(
     ema_model = copy.deepcopy(raw_model).eval().requires_grad_(False)
     per_process = cfg.batch_size // world
     micro = per_process // cfg.grad_accum
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, rank, world, step, cfg.steps)
-    loader = torch.utils.data.DataLoader(
-        _RowTagged(dataset),
-        batch_sampler=sampler,
-        num_workers=cfg.num_workers,
-        collate_fn=lambda b: b,
-        persistent_workers=False,
-    )
+    stream = itertools.islice(batches(rank, world, per_process, step), max(0, cfg.steps - step))
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(
         f"{desc}: {n_params / 1e6:.2f}M parameters, {world} process(es) on {acc.device}, "
@@ -450,8 +465,7 @@ def train(
     )
     last_ckpt = step
     with _Stop() as stop:
-        for rows, *batch in loader:  # this process's rows of the step's global batch
-            check_finite(rows, batch, f"training data ({getattr(dataset, 'name', 'dataset')})")
+        for batch in stream:  # this process's part of the step's global batch
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr

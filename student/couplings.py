@@ -1,0 +1,126 @@
+"""Couplings: how noise z is paired with data x for flow matching. One interface, three choices.
+
+    nfm            (z, x) read from a teacher's pair cache: z = teacher.encode(x + eta*eps) / sigma_f
+    independent    z ~ N(0, I) drawn fresh for each data batch (I-CFM)
+    minibatch-ot   z ~ N(0, I), re-paired to the batch by an exact assignment minimising
+                   sum_i |x_i - z_pi(i)|^2 (OT-CFM; scipy's linear_sum_assignment; a permutation of the
+                   whole batch). The assignment runs per process and micro-batch.
+
+A coupling gives the trainer a batch stream (CPU tensors, this process's rows) and turns each
+batch into (z, x, y) on the device inside the loss. Labels stay with their data points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from pairs.reader import PairCache, PairReader
+from pipeline.data import ImageDataset
+from pipeline.errors import NFMError
+from pipeline.training import BatchRandom, BatchStream, dataset_batches
+
+COUPLINGS = ("nfm", "independent", "minibatch-ot")
+
+
+class Coupling:
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def stream(self, seed: int, end: int, num_workers: int = 0) -> BatchStream:
+        raise NotImplementedError
+
+    def couple(self, batch: tuple[torch.Tensor, ...], rng: BatchRandom) -> tuple[torch.Tensor, ...]:
+        """(z, x, y) on the batch's device."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class PairCoupling(Coupling):
+    """`nfm`: the teacher's pairs, read from a pair cache."""
+
+    name = "nfm"
+
+    def __init__(self, cache: PairCache, window: int = 2):
+        self.cache, self.window = cache, window
+        self.image_shape, self.num_classes = tuple(cache.image_shape), cache.num_classes
+
+    def stream(self, seed: int, end: int, num_workers: int = 0) -> BatchStream:
+        def batches(rank: int, world: int, per_process: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+            reader = PairReader(self.cache, seed=seed, rank=rank, world=world, window=self.window)
+            for noise, data, label, index in reader.batches(per_process, start):
+                bad = ~(torch.isfinite(noise).flatten(1).all(1) & torch.isfinite(data).flatten(1).all(1))
+                if bad.any():
+                    raise NFMError(
+                        f"pair cache {self.cache.key}: pairs of dataset rows {index[bad][:8].tolist()} "
+                        f"hold NaN/Inf; run `nfm pairs verify {self.cache.key}` and rebuild the cache"
+                    )
+                yield noise, data, label
+
+        return batches
+
+    def couple(self, batch, rng):
+        return batch
+
+    def describe(self) -> str:
+        return f"nfm: pair cache {self.cache.key} ({len(self.cache)} pairs, sigma_f {self.cache.sigma_f:.4f})"
+
+
+class IndependentCoupling(Coupling):
+    """`independent`: fresh standard-normal noise for every data batch."""
+
+    name = "independent"
+
+    def __init__(self, data: ImageDataset):
+        self.data = data
+        self.image_shape, self.num_classes = tuple(data.image_shape), data.num_classes
+
+    def stream(self, seed: int, end: int, num_workers: int = 0) -> BatchStream:
+        return dataset_batches(self.data, seed, end, num_workers)
+
+    def couple(self, batch, rng):
+        x, y = batch
+        z = rng.randn(*x.shape[1:]).to(x.device, x.dtype)
+        return z, x, y
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.data.describe()}"
+
+
+def ot_permutation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """perm such that sum_i |x_i - z_perm[i]|^2 is minimal over all permutations (exact assignment)."""
+    cost = torch.cdist(x.detach().flatten(1).double().cpu(), z.detach().flatten(1).double().cpu()).pow(2)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+class MinibatchOTCoupling(IndependentCoupling):
+    """`minibatch-ot`: fresh noise, re-paired to the batch by exact optimal assignment."""
+
+    name = "minibatch-ot"
+
+    def couple(self, batch, rng):
+        z, x, y = super().couple(batch, rng)
+        return z[ot_permutation(x, z).to(z.device)], x, y
+
+
+def make_coupling(name: str, *, data: ImageDataset | None = None, cache: PairCache | None = None) -> Coupling:
+    if name == "nfm":
+        if cache is None:
+            raise NFMError(
+                "the nfm coupling needs a pair cache: set flow.pairs=KEY_OR_DIR "
+                "(build one with `nfm pairs build --teacher RUN`)"
+            )
+        return PairCoupling(cache)
+    if name in ("independent", "minibatch-ot"):
+        assert data is not None
+        return IndependentCoupling(data) if name == "independent" else MinibatchOTCoupling(data)
+    raise NFMError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")

@@ -1,0 +1,204 @@
+"""Stage three: train a velocity network by flow matching on a coupling.
+
+    loss = E_{(z, x, y) ~ coupling, t ~ p(t)} | v(x_t, t, y') - u_t(z, x) |^2,   x_t = alpha_t x + sigma_t z
+
+with y' = y, dropped to the null class with probability model.class_dropout. All three couplings
+run through this one loop with the same network, steps and batch: the comparison is fair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pairs.build import default_cache_root
+from pairs.reader import PairCache
+from pairs.verify import find_cache
+from pipeline.config import format_table, from_dict, to_dict
+from pipeline.data import DataConfig, load_data
+from pipeline.errors import NFMError
+from pipeline.images import save_grid
+from pipeline.io import load_tensors, read_json, save_tensors, write_json
+from pipeline.training import BatchRandom, TrainConfig, process_state, setup_logger, train
+from student.couplings import COUPLINGS, Coupling, make_coupling
+from student.models import StudentModelConfig, build_student
+from student.paths import TIME_SAMPLERS, ProbPath, sample_time
+from student.sampling import sample_ode
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    coupling: str = "nfm"  # nfm | independent | minibatch-ot
+    pairs: str = ""  # nfm: pair cache key (under the cache root) or directory
+    path: str = "linear"  # linear | vp | ve
+    time: str = "uniform"  # uniform | logit-normal
+    time_mean: float = 0.0  # logit-normal mean
+    time_std: float = 1.0  # logit-normal std
+    ve_sigma_min: float = 0.01
+    ve_sigma_max: float = 20.0
+
+    def make_path(self) -> ProbPath:
+        return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max)
+
+
+@dataclass(frozen=True)
+class StudentSampleConfig:
+    n: int = 100  # preview grid size
+    solver: str = "euler"
+    steps: int = 4  # preview NFE (euler)
+    grid: str = "uniform"
+    guidance: float = 0.0
+    seed: int = 4321  # fixed preview noise
+
+
+@dataclass(frozen=True)
+class StudentRunConfig:
+    model: StudentModelConfig = field(default_factory=StudentModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the data of the independent / OT couplings
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: StudentSampleConfig = field(default_factory=StudentSampleConfig)
+
+
+def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, class_dropout: float):
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], rng: BatchRandom):
+        z, x, y = coupling.couple(batch, rng)
+        t = sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device)
+        xt, u = path.sample(z, x, t)
+        if class_dropout > 0:
+            y = torch.where(rng.rand().to(y.device) < class_dropout, torch.full_like(y, -1), y)
+        v = model(xt, t, y)
+        return (v.float() - u.float()).pow(2).mean(), {}
+
+    return loss_fn
+
+
+def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None) -> Coupling:
+    if cfg.flow.coupling not in COUPLINGS:
+        raise NFMError(f"unknown coupling {cfg.flow.coupling!r}; choose one of {', '.join(COUPLINGS)}")
+    if cfg.flow.coupling == "nfm":
+        if not cfg.flow.pairs:
+            return make_coupling("nfm")  # raises with the fix
+        return make_coupling("nfm", cache=PairCache(find_cache(cfg.flow.pairs, cache_root or default_cache_root())))
+    return make_coupling(cfg.flow.coupling, data=load_data(cfg.data, "train"))
+
+
+def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
+    c, h, w = coupling.image_shape
+    model = cfg.model.resolved(c, h, coupling.num_classes)
+    if (model.in_channels, model.img_size) != (c, h) or h != w:
+        raise NFMError(
+            f"the {coupling.name} coupling gives {c}x{h}x{w} images but the student is configured for "
+            f"{model.in_channels}x{model.img_size}x{model.img_size}: leave model.in_channels/img_size at 0 "
+            "(from the data), or use a pair cache built for this image shape"
+        )
+    if model.num_classes > coupling.num_classes:
+        raise NFMError(f"model.num_classes={model.num_classes} but the data has {coupling.num_classes} classes")
+    model.validate()
+    flow = cfg.flow
+    if flow.time not in TIME_SAMPLERS:
+        raise NFMError(f"unknown time sampler {flow.time!r}; choose one of {', '.join(TIME_SAMPLERS)}")
+    flow.make_path()  # validates the path name
+    if flow.coupling == "nfm" and flow.pairs:
+        flow = replace(flow, pairs=str(coupling.cache.dir.resolve()))
+    return replace(cfg, model=model, flow=flow)
+
+
+def preview_labels(num_classes: int, n: int) -> torch.Tensor | None:
+    return torch.arange(n) % num_classes if num_classes else None
+
+
+def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
+    device = next(model.parameters()).device
+    s = cfg.sample
+    z = torch.randn(
+        s.n,
+        *(cfg.model.in_channels, cfg.model.img_size, cfg.model.img_size),
+        generator=torch.Generator().manual_seed(s.seed),
+    )
+    y = preview_labels(cfg.model.num_classes, s.n)
+    x, _ = sample_ode(
+        model,
+        z.to(device),
+        None if y is None else y.to(device),
+        solver=s.solver,
+        steps=s.steps,
+        grid=s.grid,
+        guidance=s.guidance,
+        prior_scale=cfg.flow.make_path().prior_scale,
+        num_classes=cfg.model.num_classes,
+    )
+    k = cfg.model.num_classes
+    save_grid(x, path, nrow=k if k and s.n % k == 0 else None)
+
+
+def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunConfig, extra: dict | None = None):
+    save_tensors(
+        Path(directory) / "model.safetensors",
+        {k: v.float() for k, v in model.state_dict().items()},
+        metadata={"format": "nfm-student"},
+    )
+    write_json(
+        Path(directory) / "config.json",
+        {
+            "kind": "student",
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "model": asdict(cfg.model),
+            "flow": asdict(cfg.flow),
+            "data": asdict(cfg.data),
+            **(extra or {}),
+        },
+    )
+
+
+def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, Any]]:
+    p = Path(path).expanduser()
+    d = p / "export" if (p / "export" / "config.json").is_file() else p
+    if not (d / "config.json").is_file():
+        if (p / "checkpoints").is_dir():
+            raise NFMError(
+                f"{p} is a student run that has not finished (no export yet): rerun its "
+                "`nfm student train` command to resume it"
+            )
+        raise NFMError(f"student not found: {p} is neither a student run directory nor a student export")
+    meta = read_json(d / "config.json", "student config")
+    if meta.get("kind") != "student":
+        raise NFMError(f"{d / 'config.json'} describes a {meta.get('kind')!r}, not a student export")
+    model = build_student(from_dict(StudentModelConfig, meta["model"]))
+    try:
+        model.load_state_dict(load_tensors(d / "model.safetensors", "student weights"))
+    except RuntimeError as e:
+        raise NFMError(f"student weights in {d} do not match its config: {e}") from e
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def run_student_training(cfg: StudentRunConfig, run_dir: Path, cache_root: Path | None = None) -> Path:
+    """`nfm student train`: train (or resume) a student in run_dir; returns the export directory."""
+    run_dir = Path(run_dir)
+    coupling = open_coupling(cfg, cache_root)
+    cfg = resolve(cfg, coupling)
+    log = setup_logger(run_dir, main=process_state().is_main_process)
+    log.info(format_table(cfg, f"nfm student train -> {run_dir}"))
+    log.info(coupling.describe())
+    torch.manual_seed(cfg.train.seed)
+    model = build_student(cfg.model)
+    path = cfg.flow.make_path()
+    return train(
+        run_dir=run_dir,
+        cfg=cfg.train,
+        model=model,
+        batches=coupling.stream(cfg.train.seed, cfg.train.steps, cfg.train.num_workers),
+        loss_fn=flow_matching_loss(coupling, path, cfg.flow, cfg.model.class_dropout if cfg.model.num_classes else 0),
+        resolved_config=to_dict(cfg),
+        export_fn=lambda m, d, step: save_student(m, d, step, cfg),
+        sample_fn=lambda m, png: sample_grid(m, cfg, png),
+        desc=f"student[{coupling.name}]",
+        log=log,
+    )
