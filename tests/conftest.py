@@ -30,3 +30,30 @@ def make_flow(
 @pytest.fixture
 def flow_factory():
     return make_flow
+
+
+def make_teacher_export(path, seed=0, noise_std=0.1, width=32, blocks=2, data=None):
+    """A small random (non-trivial) class-conditional digits teacher, saved as an export."""
+    from pipeline.data import DataConfig
+    from teacher.export import save_export
+
+    data = data or DataConfig(name="digits", held_out=0.9)
+    torch.manual_seed(seed)
+    cfg = TarFlowConfig(
+        in_channels=1,
+        img_size=8,
+        patch_size=2,
+        width=width,
+        num_blocks=blocks,
+        layers_per_block=1,
+        head_dim=16,
+        num_classes=10,
+        noise_std=noise_std,
+    )
+    model = TarFlow(cfg)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.proj_out.weight.normal_(0, 0.02)
+            b.proj_out.bias.normal_(0, 0.02)
+    save_export(model, path, step=0, extra={"data": data.__dict__})
+    return path

@@ -18,32 +18,14 @@ from pairs.reader import PairCache, PairReader
 from pairs.verify import check_shards, reconstruction_error
 from pipeline.data import DataConfig, load_data
 from pipeline.errors import NFMError
-from teacher.export import load_teacher, save_export
-from teacher.model import TarFlow, TarFlowConfig
+from teacher.export import load_teacher
+from tests.conftest import make_teacher_export
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images: fast
 
 
 def make_export(path: Path, seed: int = 0, noise_std: float = 0.1, width: int = 32, blocks: int = 2) -> Path:
-    torch.manual_seed(seed)
-    cfg = TarFlowConfig(
-        in_channels=1,
-        img_size=8,
-        patch_size=2,
-        width=width,
-        num_blocks=blocks,
-        layers_per_block=1,
-        head_dim=16,
-        num_classes=10,
-        noise_std=noise_std,
-    )
-    model = TarFlow(cfg)
-    with torch.no_grad():
-        for b in model.blocks:
-            b.proj_out.weight.normal_(0, 0.02)
-            b.proj_out.bias.normal_(0, 0.02)
-    save_export(model, path, step=0, extra={"data": DATA.__dict__})
-    return path
+    return make_teacher_export(path, seed, noise_std, width, blocks, DATA)
 
 
 @pytest.fixture(scope="module")

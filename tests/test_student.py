@@ -1,0 +1,379 @@
+"""Stage three: paths, the loss, samplers, couplings, the velocity networks, training and its CLI."""
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pairs.build import PairBuildConfig, build_pairs
+from pairs.reader import PairCache
+from pipeline.config import build_config
+from pipeline.data import DataConfig, load_data
+from pipeline.errors import NFMError
+from pipeline.io import load_tensors
+from pipeline.presets import STUDENT_PRESETS
+from pipeline.training import BatchRandom, Interrupted, list_checkpoints
+from student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation
+from student.models import StudentModelConfig, build_student
+from student.paths import PATHS, ProbPath
+from student.sampling import EVALS_PER_STEP, sample_ode, time_grid
+from student.train import FlowConfig, StudentRunConfig, flow_matching_loss, run_student_training
+from teacher.export import load_teacher
+from tests.conftest import make_teacher_export
+
+DATA = DataConfig(name="digits", held_out=0.9)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    export = make_teacher_export(root / "teacher", data=DATA)
+    return build_pairs(
+        load_teacher(export), load_data(DATA), PairBuildConfig(views=2, shard_rows=50), root / "c", log=lambda *a: None
+    )
+
+
+# ----------------------------------------------------------------------------- paths and the loss
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_path_velocity_is_the_time_derivative(kind):
+    path = ProbPath(kind)
+    z, x = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(5, 2, 3, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64).requires_grad_(True)
+    xt, u = path.sample(z, x, t)
+    for i in range(5):
+        (dt,) = torch.autograd.grad(xt[i].sum(), t, retain_graph=True)
+        # d/dt of the sum over the row's entries = sum of u over the row
+        assert dt[i].item() == pytest.approx(u[i].sum().item(), abs=1e-10)
+    ends = path.sample(z, x, torch.tensor([0.0, 1.0], dtype=torch.float64).repeat(3)[:5])[0]
+    if kind != "ve":
+        torch.testing.assert_close(ends[0], z[0], atol=1e-12, rtol=0)  # t = 0 is noise
+        torch.testing.assert_close(ends[1], x[1], atol=1e-12, rtol=0)  # t = 1 is data
+    assert path.prior_scale == (20.0 if kind == "ve" else 1.0)
+
+
+class _Oracle(torch.nn.Module):
+    """Returns the true conditional velocity of the batch it was built for."""
+
+    def __init__(self, path, z, x):
+        super().__init__()
+        self.path, self.z, self.x = path, z, x
+
+    def forward(self, xt, t, y):
+        xt_true, u = self.path.sample(self.z, self.x, t)
+        assert torch.equal(xt, xt_true)
+        return u
+
+
+class _FixedCoupling:
+    def __init__(self, z):
+        self.z = z
+
+    def couple(self, batch, rng):
+        x, y = batch
+        return self.z, x, y
+
+
+@pytest.mark.parametrize("kind", PATHS)
+@pytest.mark.parametrize("time", ["uniform", "logit-normal"])
+def test_flow_matching_loss_is_exactly_zero_for_the_true_velocity(kind, time):
+    torch.set_default_dtype(torch.float64)
+    try:
+        z, x, y = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4), torch.arange(8)
+        path = ProbPath(kind)
+        flow = FlowConfig(path=kind, time=time)
+        loss_fn = flow_matching_loss(_FixedCoupling(z), path, flow, class_dropout=0.5)
+        loss, _ = loss_fn(_Oracle(path, z, x), (x, y), BatchRandom(0, 0, 0, 8, 8))
+        assert loss.item() == 0.0
+        wrong, _ = loss_fn(lambda xt, t, y: torch.zeros_like(xt), (x, y), BatchRandom(0, 0, 0, 8, 8))
+        assert wrong.item() > 0.1
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+class _Exp(torch.nn.Module):
+    """v(x, t) = x: the exact flow is x(1) = e * x(0)."""
+
+    def forward(self, x, t, y=None):
+        return x
+
+
+def _one_step_gain(solver: str, h: float) -> float:
+    return {
+        "euler": 1 + h,
+        "midpoint": 1 + h + h**2 / 2,
+        "heun": 1 + h + h**2 / 2,
+        "rk4": 1 + h + h**2 / 2 + h**3 / 6 + h**4 / 24,
+    }[solver]
+
+
+@pytest.mark.parametrize("solver", ["euler", "midpoint", "heun", "rk4"])
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("grid", ["uniform", "data-end"])
+def test_fixed_step_solvers_land_where_they_should_with_the_right_nfe(solver, steps, grid):
+    z = torch.randn(4, 1, 2, 2)
+    x, stats = sample_ode(_Exp(), z, solver=solver, steps=steps, grid=grid)
+    ts = time_grid(steps, grid).double()
+    gain = math.prod(_one_step_gain(solver, float(b - a)) for a, b in zip(ts[:-1], ts[1:]))
+    torch.testing.assert_close(x, z * gain, rtol=1e-5, atol=1e-6)
+    assert stats["nfe"] == EVALS_PER_STEP[solver] * steps == stats["forward_passes"]
+    if solver == "rk4" and steps == 8:
+        torch.testing.assert_close(x, z * math.e, rtol=1e-5, atol=1e-6)
+
+
+def test_dopri5_reaches_the_exact_flow_and_counts_its_evaluations():
+    z = torch.randn(4, 1, 2, 2)
+    x, stats = sample_ode(_Exp(), z, solver="dopri5", rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(x, z * math.e, rtol=1e-5, atol=1e-6)
+    assert stats["nfe"] >= 6 and stats["steps"] is None
+
+
+def test_euler_follows_a_straight_flow_exactly_in_one_step():
+    x1 = torch.randn(3, 1, 2, 2)
+
+    class Straight(torch.nn.Module):  # the marginal velocity towards a single data point
+        def forward(self, x, t, y=None):
+            return (x1 - x) / (1 - t.view(-1, 1, 1, 1))
+
+    x, stats = sample_ode(Straight(), torch.randn(3, 1, 2, 2), solver="euler", steps=1)
+    torch.testing.assert_close(x, x1)
+    assert stats["nfe"] == 1
+
+
+def test_guided_velocity_and_its_count():
+    class Lin(torch.nn.Module):  # v = y (or 10 for the null class), constant in x and t
+        def forward(self, x, t, y):
+            return torch.where(y < 0, 10.0, y.float()).view(-1, 1, 1, 1).expand_as(x)
+
+    z, y = torch.zeros(2, 1, 2, 2), torch.tensor([1, 3])
+    x, stats = sample_ode(Lin(), z, y, solver="euler", steps=2, guidance=2.0, num_classes=4)
+    torch.testing.assert_close(x[:, 0, 0, 0], 3 * y.float() - 2 * 10.0)  # (1 + w) v_c - w v_u over t in [0, 1]
+    assert stats["nfe"] == 2 and stats["forward_passes"] == 4
+
+
+def test_sampler_bad_input():
+    z = torch.randn(2, 1, 2, 2)
+    with pytest.raises(NFMError, match="unknown solver 'rk45'"):
+        sample_ode(_Exp(), z, solver="rk45")
+    with pytest.raises(NFMError, match="steps must be >= 1"):
+        sample_ode(_Exp(), z, steps=0)
+    with pytest.raises(NFMError, match="unknown time grid"):
+        sample_ode(_Exp(), z, grid="log")
+    with pytest.raises(NFMError, match="class-conditional student"):
+        sample_ode(_Exp(), z, torch.tensor([0, 1]), guidance=1.0, num_classes=0)
+    with pytest.raises(NFMError, match="needs labels"):
+        sample_ode(_Exp(), z, None, guidance=1.0, num_classes=10)
+
+
+# ----------------------------------------------------------------------------- couplings
+
+
+def test_minibatch_ot_is_a_cost_reducing_permutation_equal_to_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 4, 6):
+        x, z = torch.randn(n, 3, generator=g), torch.randn(n, 3, generator=g)
+        perm = ot_permutation(x, z)
+        assert sorted(perm.tolist()) == list(range(n))
+
+        def cost(p, x=x, z=z):
+            return float(((x - z[list(p)]) ** 2).sum())
+
+        best = min(itertools.permutations(range(n)), key=cost)
+        assert cost(perm.tolist()) == pytest.approx(cost(best), abs=1e-9)
+        assert cost(perm.tolist()) <= cost(range(n)) + 1e-12
+    x, z = torch.randn(64, 1, 4, 4, generator=g), torch.randn(64, 1, 4, 4, generator=g)
+    perm = ot_permutation(x, z)
+    assert sorted(perm.tolist()) == list(range(64))
+    assert ((x - z[perm]) ** 2).sum() < ((x - z) ** 2).sum()
+
+
+def test_ot_coupling_keeps_data_and_labels_and_permutes_the_noise():
+    data = load_data(DATA)
+    x, y = data.__getitems__(list(range(16)))
+    rng = BatchRandom(0, 0, 0, 16, 16)
+    z_ind, x1, y1 = IndependentCoupling(data).couple((x, y), BatchRandom(0, 0, 0, 16, 16))
+    z_ot, x2, y2 = MinibatchOTCoupling(data).couple((x, y), rng)
+    assert torch.equal(x1, x) and torch.equal(x2, x) and torch.equal(y2, y)
+    assert sorted(z_ot.flatten(1).sum(1).tolist()) == pytest.approx(sorted(z_ind.flatten(1).sum(1).tolist()))
+    assert ((x - z_ot) ** 2).sum() <= ((x - z_ind) ** 2).sum()
+
+
+def test_nfm_coupling_reads_every_pair_once_per_epoch_across_two_processes(cache):
+    coupling = PairCoupling(PairCache(cache))
+    n = len(coupling.cache)  # 360
+    stream = coupling.stream(seed=0, end=100)
+    seen = []
+    for rank in (0, 1):
+        for noise, data, _label in itertools.islice(stream(rank, 2, 18, 0), n // 36):
+            seen += [(round(float(a.sum()), 3), round(float(b.sum()), 3)) for a, b in zip(noise, data)]
+    every = []
+    for i in range(len(coupling.cache.shards)):
+        sh = coupling.cache.shard(i)
+        every += [
+            (round(float(a.float().sum()), 3), round(float(coupling.cache.to_float(b).sum()), 3))
+            for a, b in zip(sh.read("noise"), sh.read("data"))
+        ]
+    assert sorted(seen) == sorted(every) and len(set(every)) == n
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+@pytest.mark.parametrize("arch", ["dit", "mlp"])
+def test_velocity_networks(arch):
+    cfg = StudentModelConfig(arch=arch, in_channels=3, img_size=8, num_classes=5, width=32, depth=2, heads=2)
+    model = build_student(cfg)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 4, -1, 2])
+    v = model(x, t, y)
+    assert v.shape == x.shape
+    if arch == "dit":
+        assert torch.equal(v, torch.zeros_like(v))  # adaLN-zero: a fresh network outputs zero
+        torch.nn.init.normal_(model.out.weight, std=0.1)
+        torch.nn.init.normal_(model.ada[1].weight, std=0.1)
+        for b in model.blocks:
+            torch.nn.init.normal_(b.ada[1].weight, std=0.1)
+    # labels matter, the null class (-1) is its own embedding, time matters
+    assert not torch.allclose(model(x, t, torch.tensor([0, 0, 0, 0])), model(x, t, torch.tensor([1, 1, 1, 1])))
+    assert not torch.allclose(model(x, t, torch.full((4,), -1)), model(x, t, torch.zeros(4, dtype=torch.long)))
+    assert not torch.allclose(model(x, t, y), model(x, 1 - t, y))
+
+
+def test_invalid_student_config():
+    with pytest.raises(NFMError, match="not a multiple of patch_size"):
+        build_student(StudentModelConfig(in_channels=1, img_size=10, patch_size=4, num_classes=0))
+    with pytest.raises(NFMError, match="arch 'unet'"):
+        build_student(StudentModelConfig(arch="unet", in_channels=1, img_size=8, num_classes=0))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def tiny(coupling="nfm", pairs="", **train):
+    cfg = build_config(StudentRunConfig, preset=STUDENT_PRESETS["tiny"])
+    cfg = replace(cfg, flow=replace(cfg.flow, coupling=coupling, pairs=pairs), data=DATA)
+    return replace(cfg, train=replace(cfg.train, **train))
+
+
+def test_pair_cache_that_does_not_match_the_network_is_refused(cache, tmp_path):
+    cfg = tiny("nfm", str(cache))
+    cfg = replace(cfg, model=replace(cfg.model, img_size=16))
+    with pytest.raises(NFMError, match="gives 1x8x8 images but the student is configured for 1x16x16"):
+        run_student_training(cfg, tmp_path)
+
+
+def test_nfm_coupling_without_a_cache_is_a_clear_error(tmp_path):
+    with pytest.raises(NFMError, match="needs a pair cache: set flow.pairs"):
+        run_student_training(tiny("nfm", ""), tmp_path)
+    with pytest.raises(NFMError, match="unknown coupling 'sinkhorn'"):
+        run_student_training(tiny("sinkhorn"), tmp_path)
+
+
+@pytest.mark.parametrize("coupling", ["nfm", "minibatch-ot"])
+def test_resume_gives_the_same_weights(cache, tmp_path, monkeypatch, coupling):
+    import student.train as st
+
+    cfg = tiny(coupling, str(cache), steps=12, ckpt_every=5, sample_every=0, log_every=4)
+    straight = run_student_training(cfg, tmp_path / "a")
+    original = st.flow_matching_loss
+    calls = {"n": 0}
+
+    def interrupting(*args, **kw):
+        fn = original(*args, **kw)
+
+        def loss_fn(model, batch, rng):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            return fn(model, batch, rng)
+
+        return loss_fn
+
+    monkeypatch.setattr(st, "flow_matching_loss", interrupting)
+    with pytest.raises(Interrupted):
+        run_student_training(cfg, tmp_path / "b")
+    assert list_checkpoints(tmp_path / "b")[-1].name == "step-0000007"
+    monkeypatch.setattr(st, "flow_matching_loss", original)
+    resumed = run_student_training(cfg, tmp_path / "b")
+    a, b = load_tensors(straight / "model.safetensors"), load_tensors(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _nfm(*args, cwd, module=True, nproc=1):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    prefix = [sys.executable, "-m"] + (
+        ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else []
+    )
+    p = subprocess.run(prefix + ["pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.parametrize("coupling", ["nfm", "independent"])
+def test_two_process_gloo_run_matches_one_process(cache, tmp_path, coupling):
+    common = [
+        "student",
+        "train",
+        "--preset",
+        "tiny",
+        "--coupling",
+        coupling,
+        "--pairs",
+        str(cache),
+        "train.steps=5",
+        "train.log_every=1",
+        "train.sample_every=0",
+        "data.held_out=0.9",
+    ]
+    _nfm(*common, "--run-dir", str(tmp_path / "one"), cwd=tmp_path)
+    _nfm(*common, "--run-dir", str(tmp_path / "two"), cwd=tmp_path, nproc=2)
+    one = [json.loads(x) for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["lr"] == b["lr"]  # the schedule steps once per optimizer step, whatever the processes
+
+
+def test_student_commands_end_to_end(cache, tmp_path):
+    run = tmp_path / "run"
+    out = _nfm("student", "train", "--preset", "tiny", "--pairs", str(cache), "--run-dir", str(run), cwd=tmp_path)
+    assert "student export" in out.stdout and "flow.coupling" in out.stdout
+    for f in (
+        "config.json",
+        "log.txt",
+        "metrics.jsonl",
+        "export/model.safetensors",
+        "export/config.json",
+        "samples/step-0000010.png",
+        "samples/step-0000020.png",
+    ):
+        assert (run / f).is_file(), f
+    s = _nfm(
+        "student",
+        "sample",
+        str(run),
+        "--solver",
+        "heun",
+        "--steps",
+        "3",
+        "--n",
+        "10",
+        "--out",
+        str(tmp_path / "s"),
+        cwd=tmp_path,
+    )
+    assert "NFE 6" in s.stdout
+    t = load_tensors(tmp_path / "s.safetensors")
+    assert t["images"].shape == (10, 1, 8, 8) and torch.isfinite(t["images"]).all()
+    assert (tmp_path / "s.png").is_file()
