@@ -394,7 +394,10 @@ def train(
 
     if cfg.mixed_precision not in ("no", "bf16"):
         raise NFMError(f"train.mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=force_cpu())
+    # bf16 autocast is applied by this loop, not by accelerate's process-wide (and, once set, fixed)
+    # mixed-precision state: one process can then train a float32 teacher and a bf16 student in turn.
+    acc = accelerator or Accelerator(cpu=force_cpu())
+    autocast_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % (world * cfg.grad_accum):
         raise NFMError(
@@ -474,7 +477,9 @@ def train(
                 part = tuple(t[m * micro : (m + 1) * micro].to(acc.device, non_blocking=True) for t in batch)
                 sync = m == cfg.grad_accum - 1
                 with nullcontext() if sync else acc.no_sync(model):  # all-reduce on the last round only
-                    with acc.autocast():
+                    with torch.autocast(
+                        acc.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+                    ):
                         rng = BatchRandom(
                             cfg.seed, step, rank * per_process + m * micro, micro, cfg.batch_size, acc.device
                         )

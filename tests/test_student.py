@@ -377,3 +377,21 @@ def test_student_commands_end_to_end(cache, tmp_path):
     t = load_tensors(tmp_path / "s.safetensors")
     assert t["images"].shape == (10, 1, 8, 8) and torch.isfinite(t["images"]).all()
     assert (tmp_path / "s.png").is_file()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Per-row randomness makes 2 micro-batches of 16 the same global batch as one of 32."""
+    one = run_student_training(tiny("independent", steps=4, sample_every=0), tmp_path / "one")
+    two = run_student_training(tiny("independent", steps=4, sample_every=0, grad_accum=2), tmp_path / "two")
+    a, b = load_tensors(one / "model.safetensors"), load_tensors(two / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ma = [json.loads(x)["loss"] for x in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x)["loss"] for x in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert ma == pytest.approx(mb, abs=1e-5)
+
+
+def test_bf16_autocast_training_runs_and_samples_in_float32(cache, tmp_path):
+    out = run_student_training(tiny("nfm", str(cache), steps=3, sample_every=0, mixed_precision="bf16"), tmp_path)
+    weights = load_tensors(out / "model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
