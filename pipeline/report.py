@@ -1,0 +1,148 @@
+"""The NFM-vs-baselines report: report.json, report.md, a FID-vs-NFE plot and sample grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.images import save_grid
+from pipeline.io import atomic_write, write_json
+
+LABELS = {"nfm": "NFM (teacher pairs)", "independent": "independent (I-CFM)", "minibatch-ot": "minibatch OT (OT-CFM)"}
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, res in results["students"].items():
+        rows = [r for r in res["rows"] if r["solver"] == "euler"]
+        ax.plot(
+            [r["nfe"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{LABELS.get(name, name)}, Euler"
+        )
+        other = [r for r in res["rows"] if r["solver"] != "euler"]
+        if other:
+            ax.scatter(
+                [r["nfe"] for r in other], [r[metric] for r in other], marker="x", color=ax.lines[-1].get_color()
+            )
+    teacher = results.get("teacher")
+    if teacher:
+        for r, style in zip(teacher["rows"], (":", "--")):
+            ax.axhline(r[metric], color="grey", linestyle=style, label=f"teacher ({r['sampler']})")
+    if results.get("data_floor") is not None:
+        ax.axhline(results["data_floor"][metric], color="black", linewidth=0.8, label="real train vs held-out")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE (function evaluations; x = heun / dopri5)")
+    ax.set_ylabel(f"{metric.upper()} vs held-out ({results['extractor']})")
+    ax.set_title(f"{results['preset']}: {metric.upper()} vs NFE (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> Path:
+    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", results)
+    plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
+    grid_files = {}
+    for model, gs in grids.items():
+        for key, x in gs.items():
+            f = out_dir / "samples" / f"{model}-{key}.png"
+            save_grid(x[:100], f, nrow=10)
+            grid_files[(model, key)] = f.relative_to(out_dir)
+
+    students = results["students"]
+    euler_nfes = sorted({r["nfe"] for res in students.values() for r in res["rows"] if r["solver"] == "euler"})
+    lines = [f"# NFM report — preset `{results['preset']}`", ""]
+    lines += [
+        f"Samples per evaluation: {results['n']} (fixed noise seed {results['seed']}), against the held-out split "
+        f"({results['reference']} images); features: `{results['extractor']}` through torch-fidelity. "
+        f"Real training images vs held-out score FID {_fmt(results['data_floor']['fid'])}.",
+        "",
+    ]
+    lines += ["## FID vs NFE (lower is better)", ""]
+    head = "| model | " + " | ".join(f"Euler {k}" for k in euler_nfes) + " | higher order | dopri5 | straightness |"
+    lines += [head, "|" + "---|" * (len(euler_nfes) + 4)]
+    for name, res in students.items():
+        euler = {r["nfe"]: r for r in res["rows"] if r["solver"] == "euler"}
+        hi = [r for r in res["rows"] if r["solver"] not in ("euler", "dopri5")]
+        dp = [r for r in res["rows"] if r["solver"] == "dopri5"]
+        cells = [_fmt(euler[k]["fid"]) if k in euler else "–" for k in euler_nfes]
+        hi_s = ", ".join(f"{r['solver']} NFE {r['nfe']}: {_fmt(r['fid'])}" for r in hi) or "–"
+        dp_s = f"{_fmt(dp[0]['fid'])} (NFE {dp[0]['nfe']})" if dp else "–"
+        lines.append(
+            f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {res['straightness']:.4f} |"
+        )
+    if results.get("teacher"):
+        t = {r["sampler"]: r for r in results["teacher"]["rows"]}
+        lines.append(
+            "| teacher (decode / + denoise) | "
+            + " | ".join("" for _ in euler_nfes)
+            + f" | {_fmt(t['decode']['fid'])} / {_fmt(t['decode+denoise']['fid'])} | | |"
+        )
+    lines += [
+        "",
+        "KID (×10³) at the same points:",
+        "",
+        "| model | " + " | ".join(f"Euler {k}" for k in euler_nfes) + " |",
+        "|" + "---|" * (len(euler_nfes) + 1),
+    ]
+    for name, res in students.items():
+        euler = {r["nfe"]: r for r in res["rows"] if r["solver"] == "euler"}
+        lines.append(
+            f"| {LABELS.get(name, name)} | "
+            + " | ".join(_fmt(euler[k]["kid"] * 1e3) if k in euler else "–" for k in euler_nfes)
+            + " |"
+        )
+    lines += [
+        "",
+        "Straightness: E_t E |v(x_t, t) − (x_1 − x_0)|² per dimension along 32-step Euler trajectories "
+        "(0 = straight paths).",
+        "",
+    ]
+    if results.get("teacher"):
+        tb = results["teacher"]
+        lines += [
+            f"Teacher: held-out bits/dim {_fmt(tb.get('test_bpd'), 4)} (noise-augmented, η = {tb.get('noise_std')}).",
+            "",
+        ]
+    lines += [
+        "## Memorisation check",
+        "",
+        "RMS per-pixel distance of each sample to its nearest training image (Euler, most steps; teacher: denoised):",
+        "",
+        "| model | mean | min | fraction < 0.05 |",
+        "|---|---|---|---|",
+    ]
+    for name, res in list(students.items()) + ([("teacher", results["teacher"])] if results.get("teacher") else []):
+        m = res["memorisation"]
+        lines.append(
+            f"| {LABELS.get(name, name)} | {m['nn_dist_mean']:.3f} | {m['nn_dist_min']:.3f} | "
+            f"{m['frac_below_0.05']:.3f} |"
+        )
+    lines += ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
+    lines += ["Samples from the same noise and labels (column k = class k):", ""]
+    for (model, key), f in grid_files.items():
+        lines += [f"**{LABELS.get(model, model)} — {key}**", "", f"![{model} {key}]({f})", ""]
+    if results.get("timings"):
+        lines += ["## Time per stage", "", "| stage | seconds | reused |", "|---|---|---|"]
+        lines += [
+            f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['reused'] else 'no'} |" for s in results["timings"]
+        ]
+        lines += ["", f"Peak memory (RSS): {results.get('peak_rss_mb', 0):.0f} MB", ""]
+    report = out_dir / "report.md"
+    atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
+    return report
