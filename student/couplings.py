@@ -4,7 +4,10 @@
     independent    z ~ N(0, I) drawn fresh for each data batch (I-CFM)
     minibatch-ot   z ~ N(0, I), re-paired to the batch by an exact assignment minimising
                    sum_i |x_i - z_pi(i)|^2 (OT-CFM; scipy's linear_sum_assignment; a permutation of the
-                   whole batch). The assignment runs per process and micro-batch.
+                   whole batch). With labels it is solved within each class: a global assignment would
+                   hand each class only the part of noise space nearest to it, and a class-conditional
+                   sampler that starts from N(0, I) would then start off its training distribution.
+                   The assignment runs per process and micro-batch.
 
 A coupling gives the trainer a batch stream (CPU tensors, this process's rows) and turns each
 batch into (z, x, y) on the device inside the loss. Labels stay with their data points.
@@ -93,23 +96,32 @@ class IndependentCoupling(Coupling):
         return f"{self.name}: {self.data.describe()}"
 
 
-def ot_permutation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """perm such that sum_i |x_i - z_perm[i]|^2 is minimal over all permutations (exact assignment)."""
+def ot_permutation(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """perm minimising sum_i |x_i - z_perm[i]|^2 over permutations (exact assignment). With labels y the
+    assignment is made within each class, so the noise each class is trained on stays N(0, I)."""
     cost = torch.cdist(x.detach().flatten(1).double().cpu(), z.detach().flatten(1).double().cpu()).pow(2)
-    rows, cols = linear_sum_assignment(cost.numpy())
-    perm = np.empty(len(rows), dtype=np.int64)
-    perm[rows] = cols
+    n = cost.shape[0]
+    groups = [torch.arange(n)] if y is None else [(y.cpu() == c).nonzero().flatten() for c in torch.unique(y.cpu())]
+    perm = np.empty(n, dtype=np.int64)
+    for idx in groups:
+        rows, cols = linear_sum_assignment(cost[idx][:, idx].numpy())
+        perm[idx[rows].numpy()] = idx[cols].numpy()
     return torch.from_numpy(perm)
 
 
 class MinibatchOTCoupling(IndependentCoupling):
-    """`minibatch-ot`: fresh noise, re-paired to the batch by exact optimal assignment."""
+    """`minibatch-ot`: fresh noise, re-paired to the batch by exact optimal assignment (within each class
+    when the data are labelled: a class-conditional velocity must see N(0, I) noise for every class)."""
 
     name = "minibatch-ot"
 
+    def __init__(self, data: ImageDataset, per_class: bool = True):
+        super().__init__(data)
+        self.per_class = per_class and data.num_classes > 0
+
     def couple(self, batch, rng):
         z, x, y = super().couple(batch, rng)
-        return z[ot_permutation(x, z).to(z.device)], x, y
+        return z[ot_permutation(x, z, y if self.per_class else None).to(z.device)], x, y
 
 
 def make_coupling(name: str, *, data: ImageDataset | None = None, cache: PairCache | None = None) -> Coupling:

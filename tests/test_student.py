@@ -198,6 +198,23 @@ def test_minibatch_ot_is_a_cost_reducing_permutation_equal_to_brute_force():
     assert ((x - z[perm]) ** 2).sum() < ((x - z) ** 2).sum()
 
 
+def test_labelled_ot_assigns_within_each_class():
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.randn(8, 2, generator=g), torch.randn(8, 2, generator=g)
+    y = torch.tensor([0, 1, 0, 1, 2, 0, 1, 2])
+    perm = ot_permutation(x, z, y)
+    assert sorted(perm.tolist()) == list(range(8))
+    assert torch.equal(y[perm], y)  # every row keeps noise drawn for its own class's rows
+    for c in (0, 1, 2):
+        idx = (y == c).nonzero().flatten().tolist()
+
+        def cost(p, idx=idx):
+            return sum(float(((x[i] - z[j]) ** 2).sum()) for i, j in zip(idx, p))
+
+        best = min(itertools.permutations(idx), key=cost)
+        assert cost([int(perm[i]) for i in idx]) == pytest.approx(cost(best), abs=1e-9)
+
+
 def test_ot_coupling_keeps_data_and_labels_and_permutes_the_noise():
     data = load_data(DATA)
     x, y = data.__getitems__(list(range(16)))
