@@ -17,18 +17,18 @@ from torch import nn
 
 from pipeline.errors import NFMError
 
-ARCHS = ("dit", "mlp")
+ARCHS = ("dit", "mlp", "conv")
 
 
 @dataclass(frozen=True)
 class StudentModelConfig:
-    arch: str = "dit"  # dit | mlp
+    arch: str = "dit"  # dit | mlp | conv
     in_channels: int = 0  # 0: from the data
     img_size: int = 0  # 0: from the data
     num_classes: int = -1  # -1: from the data; 0: unconditional
     patch_size: int = 2  # dit
-    width: int = 128  # dit: transformer width; mlp: hidden width
-    depth: int = 4  # dit: blocks; mlp: hidden layers
+    width: int = 128  # dit: transformer width; mlp: hidden width; conv: channels
+    depth: int = 4  # dit: blocks; mlp: hidden layers; conv: residual blocks
     heads: int = 4  # dit
     mlp_ratio: float = 4.0  # dit
     class_dropout: float = 0.1  # P(label -> null) during training, for classifier-free guidance
@@ -64,6 +64,7 @@ class StudentModelConfig:
 STUDENT_SIZES: dict[str, dict] = {
     "mlp-tiny": dict(arch="mlp", width=64, depth=2),
     "mlp-S": dict(arch="mlp", width=512, depth=3),
+    "conv-S": dict(arch="conv", width=64, depth=4),  # small images: residual blocks at full resolution
     "SiT-tiny": dict(arch="dit", patch_size=2, width=32, depth=2, heads=2),
     "SiT-S/2": dict(arch="dit", patch_size=2, width=128, depth=6, heads=4),  # 8x8: 16 tokens
     "SiT-S/4": dict(arch="dit", patch_size=4, width=192, depth=8, heads=6),  # 28x28: 49 tokens
@@ -168,6 +169,46 @@ class DiTVelocity(nn.Module):
         return rearrange(h, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=s, w=s, p1=p, p2=p)
 
 
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv -> FiLM(time + class) -> SiLU -> conv (zero-initialised), residual."""
+
+    def __init__(self, ch: int, cond: int):
+        super().__init__()
+        groups = 8 if ch % 8 == 0 else 1
+        self.norm1, self.conv1 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(groups, ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.film = nn.Linear(cond, 2 * ch)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return x + self.conv2(nn.functional.silu(h))
+
+
+class ConvVelocity(nn.Module):
+    """A residual conv net at full resolution with FiLM conditioning: the small-image student."""
+
+    def __init__(self, cfg: StudentModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.width
+        self.cond = Conditioning(ch, cfg.num_classes)
+        self.inp = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.blocks = nn.ModuleList(ResBlock(ch, ch) for _ in range(cfg.depth))
+        self.norm = nn.GroupNorm(8 if ch % 8 == 0 else 1, ch)
+        self.out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        c = nn.functional.silu(self.cond(t, y))
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(nn.functional.silu(self.norm(h)))
+
+
 def build_student(cfg: StudentModelConfig) -> nn.Module:
     cfg.validate()
-    return MLPVelocity(cfg) if cfg.arch == "mlp" else DiTVelocity(cfg)
+    return {"mlp": MLPVelocity, "dit": DiTVelocity, "conv": ConvVelocity}[cfg.arch](cfg)

@@ -247,13 +247,16 @@ def test_nfm_coupling_reads_every_pair_once_per_epoch_across_two_processes(cache
 # ----------------------------------------------------------------------------- networks
 
 
-@pytest.mark.parametrize("arch", ["dit", "mlp"])
+@pytest.mark.parametrize("arch", ["dit", "mlp", "conv"])
 def test_velocity_networks(arch):
     cfg = StudentModelConfig(arch=arch, in_channels=3, img_size=8, num_classes=5, width=32, depth=2, heads=2)
     model = build_student(cfg)
     x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.tensor([0, 4, -1, 2])
     v = model(x, t, y)
     assert v.shape == x.shape
+    if arch == "conv":
+        for b in model.blocks:
+            torch.nn.init.normal_(b.conv2.weight, std=0.1)
     if arch == "dit":
         assert torch.equal(v, torch.zeros_like(v))  # adaLN-zero: a fresh network outputs zero
         torch.nn.init.normal_(model.out.weight, std=0.1)
