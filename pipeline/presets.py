@@ -75,10 +75,10 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
         "sample": {"n": 20, "steps": 2},
     },
     "digits": {
-        "model": dict(STUDENT_SIZES["SiT-S/2"]),
+        "model": dict(STUDENT_SIZES["conv-S"]),
         "data": {"name": "digits"},
         "train": {
-            "steps": 3000,
+            "steps": 2000,
             "batch_size": 256,
             "lr": 1e-3,
             "warmup_steps": 200,
@@ -141,7 +141,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         eval={"n": 100, "euler_nfes": (1, 2), "higher_steps": 1, "straightness_steps": 4, "dopri5": False},
     ),
     # the CPU demo: 8x8 digits
-    "digits": _run("digits", "digits", pairs={"views": 4}),
+    "digits": _run("digits", "digits", pairs={"views": 32}),
     # 28x28 Fashion-MNIST: hours on a CPU, minutes on a GPU
     "fashion-mnist": _run("fashion-mnist", "fashion-mnist", pairs={"views": 2}),
 }

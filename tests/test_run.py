@@ -1,0 +1,103 @@
+"""`nfm run` end to end on the tiny preset, stage reuse, resume after a kill, and the FID plumbing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.data import DataConfig, load_data
+from pipeline.errors import NFMError
+from pipeline.evaluate import fid_kid, straightness
+
+pytestmark = pytest.mark.slow
+
+
+def test_registered_feature_extractor_fid_is_zero_on_itself_and_large_on_noise():
+    test = load_data(DataConfig(name="digits"), "test").tensors()[0]
+    same = fid_kid(test, test, "nfm-digits")
+    assert abs(same["fid"]) < 1e-3
+    noise = fid_kid(torch.rand_like(test) * 2 - 1, test, "nfm-digits")
+    assert noise["fid"] > 100 * max(same["fid"], 0.1) and noise["kid"] > 0.1
+    blurred = torch.nn.functional.avg_pool2d(test, 3, 1, 1)  # blur must cost FID too
+    assert fid_kid(blurred, test, "nfm-digits")["fid"] > 5
+    with pytest.raises(NFMError, match="unknown feature extractor"):
+        fid_kid(test, test, "no-such-net")
+
+
+def test_straightness_is_zero_for_straight_paths():
+    x1 = torch.randn(6, 1, 2, 2)
+
+    def straight(x, t, y):  # marginal velocity towards fixed endpoints: straight lines
+        return (x1 - x) / (1 - t.view(-1, 1, 1, 1)).clamp(min=1e-6)
+
+    z = torch.randn(6, 1, 2, 2)
+    assert straightness(straight, z, None, steps=8) < 1e-10
+    assert straightness(lambda x, t, y: x, z, None, steps=8) > 0.1  # curved: v = x
+
+
+def _run(tmp_path, *extra, check=True, **popen):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NFM_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), *extra]
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_nfm_run_end_to_end_then_reuse(tmp_path):
+    p = _run(tmp_path)
+    run = tmp_path / "run"
+    assert "report:" in p.stdout
+    for f in ("config.json", "log.txt", "report.md", "report.json", "fid_vs_nfe.png"):
+        assert (run / f).is_file(), f
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["students"]) == {"nfm", "independent", "minibatch-ot"}
+    for res in report["students"].values():
+        assert [r["nfe"] for r in res["rows"] if r["solver"] == "euler"] == [1, 2]
+        assert all(r["fid"] > 0 for r in res["rows"]) and res["straightness"] >= 0
+    assert {r["sampler"] for r in report["teacher"]["rows"]} == {"decode", "decode+denoise"}
+    for name in ("nfm", "independent", "minibatch-ot"):
+        for k in (1, 2):
+            assert (run / "samples" / f"{name}-euler-{k}.png").is_file()
+    assert (run / "samples" / "teacher-decode+denoise.png").is_file()
+    md = (run / "report.md").read_text()
+    assert "| NFM (teacher pairs) |" in md and "fid_vs_nfe.png" in md
+    assert len(list((tmp_path / "cache" / "pairs").iterdir())) == 1
+
+    again = _run(tmp_path)
+    log = again.stdout
+    for stage in ("teacher", "pairs", "student nfm", "student independent", "student minibatch-ot", "evaluation"):
+        assert f"[{stage}] reused" in log, stage
+
+
+def test_interrupted_run_resumes(tmp_path):
+    proc = _run(
+        tmp_path,
+        "student.train.steps=400",
+        "student.train.ckpt_every=20",
+        "eval.n=50",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    students = tmp_path / "run" / "students"
+    while time.time() < deadline:  # kill once the first student has written a checkpoint
+        ckpts = list(students.glob("*/checkpoints/step-*")) if students.exists() else []
+        if ckpts:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpts, "the run never reached the student stage"
+    assert not (tmp_path / "run" / "report.md").exists()
+    p = _run(tmp_path, "student.train.steps=400", "student.train.ckpt_every=20", "eval.n=50")
+    assert "[teacher] reused" in p.stdout and "[pairs] reused" in p.stdout
+    assert "resumed from" in p.stdout
+    assert (tmp_path / "run" / "report.md").is_file()
