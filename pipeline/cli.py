@@ -52,7 +52,6 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
 def cmd_teacher_train(args) -> int:
     from pipeline.config import _merge, build_config
     from pipeline.presets import size_overrides, teacher_preset
-    from pipeline.training import process_state
     from teacher.train import TeacherRunConfig, run_teacher_training
 
     preset = teacher_preset(args.preset)
@@ -62,12 +61,18 @@ def cmd_teacher_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/teacher-{args.preset}")
     t0 = time.perf_counter()
     export = run_teacher_training(cfg, run_dir)
-    if not process_state().is_main_process:
-        return 0
-    print(f"done in {time.perf_counter() - t0:.0f}s. teacher export: {export}")
-    samples = sorted((run_dir / "samples").glob("*.png"))
-    if samples:
-        print(f"samples: {samples[-1]}")
+    return _finished("teacher", t0, run_dir, export)
+
+
+def _finished(kind: str, t0: float, run_dir: Path, export: Path) -> int:
+    """Where a training command left its export and newest sample grid (main process only)."""
+    from pipeline.training import process_state
+
+    if process_state().is_main_process:
+        print(f"done in {time.perf_counter() - t0:.0f}s. {kind} export: {export}")
+        samples = sorted((run_dir / "samples").glob("*.png"))
+        if samples:
+            print(f"samples: {samples[-1]}")
     return 0
 
 
@@ -270,7 +275,6 @@ def cmd_pairs_rm(args) -> int:
 def cmd_student_train(args) -> int:
     from pipeline.config import _merge, build_config
     from pipeline.presets import student_preset, student_size_overrides
-    from pipeline.training import process_state
     from student.train import StudentRunConfig, run_student_training
 
     preset = student_preset(args.preset)
@@ -282,12 +286,7 @@ def cmd_student_train(args) -> int:
     run_dir = Path(args.run_dir or f"runs/student-{args.preset}-{cfg.flow.coupling}")
     t0 = time.perf_counter()
     export = run_student_training(cfg, run_dir, _cache_root(args))
-    if process_state().is_main_process:
-        print(f"done in {time.perf_counter() - t0:.0f}s. student export: {export}")
-        samples = sorted((run_dir / "samples").glob("*.png"))
-        if samples:
-            print(f"samples: {samples[-1]}")
-    return 0
+    return _finished("student", t0, run_dir, export)
 
 
 def cmd_student_sample(args) -> int:
@@ -310,7 +309,7 @@ def cmd_student_sample(args) -> int:
         y = torch.full((args.n,), args.label, dtype=torch.long)
     else:
         y = torch.arange(args.n) % mc["num_classes"] if mc["num_classes"] else None
-    prior = ProbPath(flow["path"], flow["ve_sigma_min"], flow["ve_sigma_max"]).prior_scale
+    prior = ProbPath.from_flow(flow).prior_scale
     t0 = time.perf_counter()
     x, stats = sample_ode(
         model,

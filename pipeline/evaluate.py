@@ -30,20 +30,18 @@ from pipeline.images import to_uint8
 INCEPTION = "inception-v3-fid-helper"
 
 
-class _NFMFeatures(FeatureExtractorBase):
-    data_name = ""
+class _Extractor(FeatureExtractorBase):
+    """torch-fidelity's extractor interface; subclasses name their features (the first is the default)."""
 
-    def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list)
-        self.net = load_featurenet(self.data_name)
+    FEATURES: tuple[str, ...] = ()
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("128", "logits")
+    @classmethod
+    def get_provided_features_list(cls):
+        return cls.FEATURES
 
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "128"
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return cls.FEATURES[0]
 
     @staticmethod
     def can_be_compiled():
@@ -52,6 +50,15 @@ class _NFMFeatures(FeatureExtractorBase):
     @staticmethod
     def get_dummy_input_for_compile():
         return None
+
+
+class _NFMFeatures(_Extractor):
+    FEATURES = ("128", "logits")
+    data_name = ""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.net = load_featurenet(self.data_name)
 
     def forward(self, x: torch.Tensor):
         c = self.net.meta["channels"]
@@ -77,28 +84,14 @@ def inception_weights() -> Path:
     return path
 
 
-class _InceptionFIDHelper(FeatureExtractorBase):
+class _InceptionFIDHelper(_Extractor):
     """2048-d pool features of the TorchScript Inception-v3 (inputs 299x299 in [-1, 0.9921875])."""
+
+    FEATURES = ("2048",)
 
     def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
         self.net = torch.jit.load(str(inception_weights()), map_location="cpu").eval()
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("2048",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "2048"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return None
 
     def forward(self, x: torch.Tensor):
         x = x.float() / 255.0
@@ -231,7 +224,7 @@ def student_sweep(
 
     device = next(model.parameters()).device
     mc, flow = meta["model"], meta["flow"]
-    prior = ProbPath(flow["path"], flow["ve_sigma_min"], flow["ve_sigma_max"]).prior_scale
+    prior = ProbPath.from_flow(flow).prior_scale
     shape = (mc["in_channels"], mc["img_size"], mc["img_size"])
     z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     y = labels_like(reference_labels, n, mc["num_classes"])

@@ -46,6 +46,11 @@ class ProbPath:
         sigma = self.ve_sigma_max * torch.exp(log_ratio * t)
         return torch.ones_like(t), sigma, torch.zeros_like(t), log_ratio * sigma
 
+    @classmethod
+    def from_flow(cls, flow: dict) -> ProbPath:
+        """The path of a student's exported flow config (a dict)."""
+        return cls(flow["path"], flow["ve_sigma_min"], flow["ve_sigma_max"])
+
     @property
     def prior_scale(self) -> float:
         """Standard deviation of the t = 0 marginal's noise: samplers start from prior_scale * z."""
