@@ -105,30 +105,6 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def student_preset(name: str) -> dict[str, Any]:
-    if name not in STUDENT_PRESETS:
-        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(STUDENT_PRESETS)}")
-    return STUDENT_PRESETS[name]
-
-
-def student_size_overrides(name: str) -> dict[str, Any]:
-    if name not in STUDENT_SIZES:
-        raise NFMError(f"unknown student size {name!r}; choose one of {', '.join(STUDENT_SIZES)}")
-    return {"model": dict(STUDENT_SIZES[name])}
-
-
-def teacher_preset(name: str) -> dict[str, Any]:
-    if name not in TEACHER_PRESETS:
-        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(TEACHER_PRESETS)}")
-    return TEACHER_PRESETS[name]
-
-
-def size_overrides(name: str) -> dict[str, Any]:
-    if name not in TARFLOW_SIZES:
-        raise NFMError(f"unknown TarFlow size {name!r}; choose one of {', '.join(TARFLOW_SIZES)}")
-    return {"model": dict(TARFLOW_SIZES[name])}
-
-
 def _run(teacher: str, student: str, **extra: Any) -> dict[str, Any]:
     return {"teacher": TEACHER_PRESETS[teacher], "student": STUDENT_PRESETS[student], **extra}
 
@@ -147,7 +123,27 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise NFMError(f"unknown {what} {name!r}; choose one of {', '.join(table)}")
+    return table[name]
+
+
+def teacher_preset(name: str) -> dict[str, Any]:
+    return _lookup(TEACHER_PRESETS, name, "preset")
+
+
+def student_preset(name: str) -> dict[str, Any]:
+    return _lookup(STUDENT_PRESETS, name, "preset")
+
+
 def run_preset(name: str) -> dict[str, Any]:
-    if name not in RUN_PRESETS:
-        raise NFMError(f"unknown preset {name!r}; choose one of {', '.join(RUN_PRESETS)}")
-    return RUN_PRESETS[name]
+    return _lookup(RUN_PRESETS, name, "preset")
+
+
+def size_overrides(name: str) -> dict[str, Any]:
+    return {"model": dict(_lookup(TARFLOW_SIZES, name, "TarFlow size"))}
+
+
+def student_size_overrides(name: str) -> dict[str, Any]:
+    return {"model": dict(_lookup(STUDENT_SIZES, name, "student size"))}
