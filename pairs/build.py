@@ -3,8 +3,9 @@
 For dataset row r and view v (pair id p = r * views + v):
 
     eps_{r,v} ~ N(0, I)    drawn from a generator seeded by (seed, r, v), not by a process's stream
-    z_{r,v}   = encode(x_r + eta * eps_{r,v}, y_r)
-    noise     = z_{r,v} / sigma_f,   sigma_f = RMS of z over a fixed sample of rows (view 0)
+    z_{r,v}   = encode(x_r + eta * eps_{r,v}, y_r)                 any teacher.protocol.Teacher
+    noise     = z_{r,v} / (prior_std * sigma_f)    prior_std: the teacher's prior (1 unless it has one),
+                sigma_f = RMS of z / prior_std over a fixed sample of rows, so the noise end is unit-variance
     data      = x_r (clean; uint8 where the source is 8-bit or fewer levels)
 
 Shard s covers pair ids [s * R, (s + 1) * R). Process k of W builds the shards s with s % W == k;
@@ -31,6 +32,7 @@ from pipeline.data import DataConfig, ImageDataset
 from pipeline.errors import NFMError
 from pipeline.io import save_tensors, write_json
 from pipeline.training import derive_seed, process_state
+from teacher.protocol import check_teacher, prior_std
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,16 @@ def _uint8_ok(data: ImageDataset) -> bool:
 def encode_pairs(
     teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, sigma: float, device
 ) -> dict[str, torch.Tensor]:
-    """Encode the pairs with ids `ids` (one batch): unscaled z if sigma == 1."""
+    """Encode the pairs with ids `ids` (one batch): z / prior_std, and / sigma_f when sigma != 1."""
     rows, views = ids // cfg.views, ids % cfg.views
     u, y = data.raw(rows.tolist())
     x = u.float() * (2.0 / data.levels) - 1.0
     eps = pair_noise(cfg.seed, ids, tuple(x.shape[1:]))
-    z, _ = teacher.encode((x + teacher.noise_std * eps).to(device), y.to(device))
-    noise = (z.float() / sigma).cpu()
+    yy = y.to(device) if teacher.num_classes else None
+    z = teacher.encode((x + teacher.noise_std * eps).to(device), yy)
+    if tuple(z.shape) != tuple(x.shape):
+        raise NFMError(f"the teacher's encode returned shape {tuple(z.shape)} for images {tuple(x.shape)}")
+    noise = z.float().cpu() / (prior_std(teacher) * sigma)
     return {"noise": noise, "data": u if _uint8_ok(data) else x, "label": y, "index": rows, "view": views}
 
 
@@ -181,6 +186,7 @@ def build_pairs(
     log=print,
 ) -> Path:
     """Build (or resume, or reuse) the pair cache of (teacher, data, cfg); returns its directory."""
+    check_teacher(teacher, "the teacher")
     if cfg.views < 1:
         raise NFMError(f"views must be >= 1, got {cfg.views}")
     if cfg.dtype not in ("float16", "float32"):
@@ -192,7 +198,8 @@ def build_pairs(
         )
     state = process_state()
     rank, world, device = state.process_index, state.num_processes, state.device
-    teacher = teacher.to(device).eval()
+    if isinstance(teacher, torch.nn.Module):
+        teacher = teacher.to(device).eval()
     eta = float(teacher.noise_std)
     shard_rows = _shard_rows(data, cfg)
     fields = key_fields(teacher.fingerprint(), data, eta, cfg, shard_rows)
@@ -234,6 +241,7 @@ def build_pairs(
         },
         "noise_std": eta,
         "sigma_f": sigma,
+        "prior_std": "per-pixel" if getattr(teacher, "prior_std", None) is not None else "unit",
         "views": cfg.views,
         "seed": cfg.seed,
         "dtypes": {"noise": cfg.dtype, "data": fields["data_dtype"], "label": "int64", "index": "int64"},

@@ -10,6 +10,7 @@ import torch
 from pairs.build import pair_noise
 from pairs.format import INDEX_NAME, ShardFile, read_index, safe_member, sha256_file
 from pipeline.errors import NFMError
+from teacher.protocol import prior_std, teacher_device
 
 
 def find_cache(key_or_path: str, root: Path) -> Path:
@@ -54,14 +55,15 @@ def check_shards(cache_dir: Path) -> list[str]:
 
 @torch.no_grad()
 def reconstruction_error(cache_dir: Path, teacher, samples: int = 64, seed: int = 0) -> dict[str, Any]:
-    """Worst |decode(noise * sigma_f, y) - (x + eta * eps)| over `samples` pairs spread over the shards."""
+    """Worst |decode(noise * sigma_f * prior_std, y) - (x + eta * eps)| over `samples` pairs spread over the shards."""
     index = read_index(cache_dir)
     if teacher.fingerprint() != index["teacher"]["fingerprint"]:
         raise NFMError(
             f"teacher fingerprint {teacher.fingerprint()} is not the cache's "
             f"({index['teacher']['fingerprint']}): verify with the teacher that built it"
         )
-    device = next(teacher.parameters()).device
+    device = teacher_device(teacher)
+    prior = prior_std(teacher)
     g = torch.Generator().manual_seed(seed)
     per = max(1, samples // len(index["shards"]))
     worst, mean, n = 0.0, 0.0, 0
@@ -75,8 +77,9 @@ def reconstruction_error(cache_dir: Path, teacher, samples: int = 64, seed: int 
         x = cols["data"].float() * (2.0 / levels) - 1.0 if uint8 else cols["data"].float()
         eps = pair_noise(index["seed"], cols["index"] * index["views"] + cols["view"], tuple(x.shape[1:]))
         target = x + index["noise_std"] * eps
-        z = cols["noise"].float() * index["sigma_f"]
-        rec = teacher.decode(z.to(device), cols["label"].to(device)).cpu()
+        z = cols["noise"].float() * index["sigma_f"] * prior
+        y = cols["label"].to(device) if teacher.num_classes else None
+        rec = teacher.decode(z.to(device), y).cpu()
         err = (rec - target).abs().flatten(1).max(1).values
         worst, mean, n = max(worst, float(err.max())), mean + float(err.sum()), n + len(err)
     return {"pairs_checked": n, "worst_abs_error": worst, "mean_max_abs_error": mean / max(n, 1)}

@@ -3,7 +3,8 @@
     nfm teacher train  [--preset digits] [--config FILE] [--run-dir DIR] [--size NAME] [key=value ...]
     nfm teacher sample RUN [--n 100] [--guidance W] [--temperature T] [--no-denoise] [--out PNG]
     nfm teacher eval   RUN [--split test]
-    nfm pairs build    --teacher RUN [--data NAME] [--views K] [--dtype float16] [key=value ...]
+    nfm teacher import ml-tarflow:PATH.pth --out DIR [--teacher-arch k=v,...] [--data NAME]
+    nfm pairs build    --teacher RUN|ml-tarflow:PATH|python:mod:factory [--data NAME] [--views K] [key=value ...]
     nfm pairs ls | verify KEY | rm KEY
     nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot] [--pairs KEY] [key=value ...]
     nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
@@ -22,6 +23,13 @@ import time
 from pathlib import Path
 
 from pipeline.errors import NFMError
+
+SPEC_HELP = "teacher run/export directory, ml-tarflow:PATH.pth, or python:package.module:factory"
+ARCH_HELP = (
+    "architecture of an ml-tarflow / python teacher as key=value,... e.g. "
+    "patch_size=8,in_channels=3,noise_std=0.07,num_classes=0 (ml-tarflow: inferred from shapes and file name "
+    "where possible; python: passed to the factory)"
+)
 
 
 def _device(name: str | None):
@@ -94,15 +102,23 @@ def cmd_teacher_sample(args) -> int:
         y = torch.arange(args.n) % model.num_classes
     else:
         y = None
-    z = torch.randn(args.n, *model.image_shape, generator=g) * args.temperature
+    z = torch.randn(args.n, *model.image_shape, generator=g) * args.temperature * model.prior_std.cpu()
     t0 = time.perf_counter()
+    stats: dict = {}
     x = model.decode(
         z.to(device),
         None if y is None else y.to(device),
         guidance=args.guidance,
         annealed_guidance=args.annealed,
         attn_temp=args.attn_temp,
+        method=args.decoder,
+        tol=args.tol,
+        chunk=args.chunk,
+        max_iters=args.max_iters,
+        stats=stats,
     )
+    if args.decoder == "jacobi":
+        print(f"jacobi iterations per block: {stats['iterations']} (sequential: {model.cfg.num_patches - 1} steps)")
     if not args.no_denoise and model.noise_std > 0:
         x = model.denoise(x, None if y is None else y.to(device))
     dt = time.perf_counter() - t0
@@ -117,6 +133,38 @@ def cmd_teacher_sample(args) -> int:
     print(
         f"{args.n} samples in {dt:.1f}s ({args.n / dt:.1f} img/s) -> {base.with_suffix('.png')}, "
         f"{base.with_suffix('.safetensors')}"
+    )
+    return 0
+
+
+def cmd_teacher_import(args) -> int:
+    from dataclasses import asdict
+
+    from pipeline.config import build_config
+    from pipeline.data import DataConfig
+    from teacher.export import save_export
+    from teacher.protocol import load_teacher_spec, parse_spec
+
+    spec = parse_spec(args.spec, args.teacher_arch)
+    if spec.kind != "ml-tarflow":
+        raise NFMError(f"nfm teacher import converts ml-tarflow:PATH checkpoints; got {args.spec!r}")
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        raise NFMError(f"{out} already holds an export; choose another --out or delete it first")
+    t0 = time.perf_counter()
+    model, info = load_teacher_spec(spec, "cpu")
+    extra = {"imported_from": {"kind": "ml-tarflow", "path": info["path"], "arch": info["arch"]}}
+    if args.data:  # other data settings: pass them to `nfm pairs build` as data.key=value
+        extra["data"] = asdict(build_config(DataConfig, preset={"name": args.data}))
+    save_export(model, out, step=0, extra=extra)
+    n = sum(p.numel() for p in model.parameters())
+    cfg = model.cfg
+    print(
+        f"imported {spec.target} ({n / 1e6:.1f} M parameters; {cfg.in_channels}x{cfg.img_size}x{cfg.img_size}, "
+        f"patch {cfg.patch_size}, width {cfg.width}, {cfg.num_blocks} blocks x {cfg.layers_per_block} layers, "
+        f"{cfg.num_classes} classes, eta {cfg.noise_std}) in {time.perf_counter() - t0:.1f}s -> {out}\n"
+        f"fingerprint {model.fingerprint()}; next: nfm pairs build --teacher {out}"
+        + ("" if "data" in extra else " --data NAME")
     )
     return 0
 
@@ -163,31 +211,27 @@ def cmd_pairs_build(args) -> int:
     from pipeline.config import build_config, format_table
     from pipeline.data import load_data
     from pipeline.training import process_state
-    from teacher.export import export_info, load_teacher, resolve_export_dir
+    from teacher.protocol import load_teacher_spec
 
     state = process_state()
-    info = export_info(args.teacher)
-    preset: dict = {"data": dict(info.get("data", {})), "pairs": {}}
+    teacher, info = load_teacher_spec(args.teacher, state.device, args.teacher_arch)
+    preset: dict = {"data": dict(info.get("data") or {}), "pairs": {}}
     if args.data:
         preset["data"]["name"] = args.data
+    elif not info.get("data") and not any(o.startswith("data.") for o in args.overrides):
+        raise NFMError(
+            f"the teacher {args.teacher} does not say what data it models: pass --data NAME "
+            "(digits, fashion-mnist, a Hugging Face dataset or directory)"
+        )
     for flag in ("views", "dtype", "seed", "batch_size"):
         if getattr(args, flag) is not None:
             preset["pairs"][flag] = getattr(args, flag)
     cfg = build_config(PairsRunConfig, preset=preset, file=args.config, overrides=args.overrides)
     log = print if state.is_main_process else (lambda *a: None)
     log(format_table(cfg, "nfm pairs build"))
-    teacher = load_teacher(args.teacher, state.device)
     data = load_data(cfg.data, cfg.pairs.split)
     log(data.describe())
-    source = resolve_export_dir(args.teacher)
-    cache_dir = build_pairs(
-        teacher,
-        data,
-        cfg.pairs,
-        _cache_root(args),
-        teacher_info={"kind": "tarflow", "source": str(source.resolve()), "step": info.get("step")},
-        log=log,
-    )
+    cache_dir = build_pairs(teacher, data, cfg.pairs, _cache_root(args), teacher_info=info, log=log)
     if state.is_main_process:
         print(f"key: {cache_dir.name}\npath: {cache_dir}")
     return 0
@@ -231,7 +275,7 @@ def cmd_pairs_ls(args) -> int:
 def cmd_pairs_verify(args) -> int:
     from pairs.format import read_index
     from pairs.verify import check_shards, find_cache, reconstruction_error
-    from teacher.export import load_teacher
+    from teacher.protocol import load_teacher_spec
 
     cache_dir = find_cache(args.key, _cache_root(args))
     t0 = time.perf_counter()
@@ -248,7 +292,8 @@ def cmd_pairs_verify(args) -> int:
         source = args.teacher or index["teacher"].get("source")
         if not source:
             raise NFMError("the cache does not record its teacher; pass --teacher PATH to check reconstruction")
-        teacher = load_teacher(source, _device(args.device))
+        arch = None if args.teacher else index["teacher"].get("arch")
+        teacher, _ = load_teacher_spec(source, _device(args.device), arch or None)
         rec = reconstruction_error(cache_dir, teacher, args.samples)
         print(
             f"reconstruction on {rec['pairs_checked']} pairs: worst |decode(noise*sigma_f) - (x + eta*eps)| = "
@@ -347,7 +392,7 @@ def cmd_run(args) -> int:
     cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=args.overrides)
     run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
     t0 = time.perf_counter()
-    report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, _cache_root(args))
+    report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, _cache_root(args), args.teacher_arch)
     if report is not None:
         print(f"done in {time.perf_counter() - t0:.0f}s. report: {report}")
     return 0
@@ -381,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unguided branch")
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
     p.add_argument("--no-denoise", action="store_true", help="skip the score denoising step")
+    p.add_argument(
+        "--decoder",
+        choices=["sequential", "jacobi"],
+        default="sequential",
+        help="sequential (KV-cached, patch by patch; default) or jacobi (parallel fixed-point iteration)",
+    )
+    p.add_argument("--tol", type=float, default=1e-4, help="jacobi: stop when the largest change is below this")
+    p.add_argument("--chunk", type=int, default=0, help="jacobi: patches per Gauss-Seidel chunk (0: all)")
+    p.add_argument("--max-iters", type=int, default=0, help="jacobi: iteration cap per chunk (0: chunk length, exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -394,6 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_teacher_eval)
 
+    p = tsub.add_parser(
+        "import",
+        help="convert a pretrained teacher (an apple/ml-tarflow .pth) into this project's export",
+        description="Loads an ml-tarflow state dict with torch.load(weights_only=True), maps it exactly onto "
+        "this project's TarFlow and writes model.safetensors + config.json: a teacher export that "
+        "`nfm pairs build --teacher DIR` and `nfm run --from-teacher DIR` take. The architecture comes from "
+        "the tensor shapes, the file name ({data}_model_{patch}_{width}_{blocks}_{layers}_{eta}.pth) and "
+        "--teacher-arch.",
+    )
+    p.add_argument(
+        "spec", metavar="ml-tarflow:PATH", help="the checkpoint, e.g. ml-tarflow:afhq_model_8_768_8_8_0.07.pth"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
+    p.add_argument("--teacher-arch", metavar="K=V,...", help=ARCH_HELP)
+    p.add_argument("--data", help="the data set it models (recorded so pairs build needs no --data)")
+    p.set_defaults(func=cmd_teacher_import)
+
     pairs = stages.add_parser("pairs", help="stage two: the teacher's noise/data pair cache")
     psub = pairs.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_help = "cache root (default: $NFM_CACHE_DIR/pairs or ~/.cache/nfm/pairs)"
@@ -405,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors. A second build with the same inputs is a cache hit; an interrupted build "
         "resumes. Under `accelerate launch`/torchrun each process builds its own shards.",
     )
-    p.add_argument("--teacher", required=True, help="teacher run directory or export directory")
-    p.add_argument("--data", help="data source (default: the teacher's own)")
+    p.add_argument("--teacher", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--teacher-arch", metavar="K=V,...", help=ARCH_HELP)
+    p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
     p.add_argument("--views", type=int, help="noise draws per image (default 1)")
     p.add_argument("--dtype", choices=["float16", "float32"], help="noise storage dtype (default float16)")
     p.add_argument("--seed", type=int, help="seed of the per-row noise (default 0)")
@@ -424,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
     p.add_argument("--samples", type=int, default=64, help="pairs decoded for the reconstruction check (0: skip)")
     p.add_argument("--tolerance", type=float, default=0.1, help="worst reconstruction error allowed (default 0.1)")
-    p.add_argument("--teacher", help="teacher to decode with (default: the one recorded in the cache)")
+    p.add_argument("--teacher", metavar="SPEC", help="teacher to decode with (default: the one recorded in the cache)")
     p.add_argument("--cache-dir", help=cache_help)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_pairs_verify)
@@ -488,7 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
         "interrupted ones resume: rerun the same command.",
     )
     p.add_argument("--preset", default="digits", help=f"named preset: {', '.join(RUN_PRESETS)} (default digits)")
-    p.add_argument("--from-teacher", metavar="PATH", help="start from an existing teacher export (skips stage one)")
+    p.add_argument(
+        "--from-teacher",
+        metavar="SPEC",
+        help="start from an existing teacher (skips stage one): an export, ml-tarflow:PATH.pth or "
+        "python:module:factory; teachers that do not record their data take the preset's (teacher.data.*)",
+    )
+    p.add_argument("--teacher-arch", metavar="K=V,...", help=ARCH_HELP)
     p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
     p.add_argument("--run-dir", metavar="DIR", help="run directory (default runs/run-PRESET)")
     p.add_argument("--cache-dir", help=cache_help)

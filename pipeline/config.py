@@ -60,6 +60,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
+        seq = [a for a in args if typing.get_origin(a) in (tuple, list)]
+        if seq and (isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value)):
+            return _coerce(value, seq[0], key)  # e.g. int | tuple[int, ...]: "8,2,2" or [8, 2, 2]
         return _coerce(value, args[0], key)
     if origin in (tuple, list):
         (elem, *_) = typing.get_args(tp) or (Any,)

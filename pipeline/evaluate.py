@@ -272,23 +272,30 @@ def teacher_sweep(
     batch: int = 500,
     log=print,
 ) -> dict[str, Any]:
-    """FID/KID of the teacher's samples with and without the denoising step (same noise and labels)."""
-    device = next(teacher.parameters()).device
-    z = torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
+    teachers without `denoise` (a user's own flow) are scored on their decoded samples only."""
+    from teacher.protocol import prior_std, teacher_device
+
+    device = teacher_device(teacher)
+    z = torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(seed)) * prior_std(teacher)
+    z = z.to(device)
     y = labels_like(reference_labels, n, teacher.num_classes)
     y = None if y is None else y.to(device)
+    can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     raw, den = [], []
     for i in range(0, n, batch):
         yy = None if y is None else y[i : i + batch]
         x = teacher.decode(z[i : i + batch], yy)
         raw.append(x.cpu())
-        den.append(teacher.denoise(x, yy).cpu())
+        if can_denoise:
+            den.append(teacher.denoise(x, yy).cpu())
     out, grids = {"rows": []}, {}
-    for name, x in (("decode", torch.cat(raw)), ("decode+denoise", torch.cat(den))):
+    sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
+    for name, x in sets:
         x = x.clamp(-1, 1)
         row = {"sampler": name, **fid_kid(x, reference, extractor)}
         log(f"  teacher {name:15s} FID {row['fid']:8.3f}  KID {row['kid']:.5f}")
         out["rows"].append(row)
         grids[name] = x
-    out["memorisation"] = nearest_train_distance(grids["decode+denoise"], train_images)
+    out["memorisation"] = nearest_train_distance(grids[sets[-1][0]], train_images)
     return {**out, "_grids": grids}

@@ -87,11 +87,11 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
             f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {res['straightness']:.4f} |"
         )
     if results.get("teacher"):
-        t = {r["sampler"]: r for r in results["teacher"]["rows"]}
+        rows = results["teacher"]["rows"]
         lines.append(
-            "| teacher (decode / + denoise) | "
+            f"| teacher ({' / '.join(r['sampler'] for r in rows)}) | "
             + " | ".join("" for _ in euler_nfes)
-            + f" | {_fmt(t['decode']['fid'])} / {_fmt(t['decode+denoise']['fid'])} | | |"
+            + f" | {' / '.join(_fmt(r['fid']) for r in rows)} | | |"
         )
     lines += [
         "",

@@ -32,7 +32,7 @@ from pipeline.io import load_tensors, read_json, save_tensors, write_json
 from pipeline.training import process_state, setup_logger
 from student.couplings import COUPLINGS
 from student.train import StudentRunConfig, load_student, run_student_training
-from teacher.export import export_info, load_teacher, resolve_export_dir
+from teacher.protocol import load_teacher_spec
 from teacher.train import TeacherRunConfig, evaluate_bpd, run_teacher_training
 
 
@@ -85,6 +85,7 @@ def run_pipeline(
     preset: str = "custom",
     from_teacher: str | None = None,
     cache_root: Path | None = None,
+    teacher_arch: str | None = None,
 ) -> Path | None:
     """Run (or resume, or reuse) every stage; returns the report path (None on non-main processes)."""
     run_dir = Path(run_dir)
@@ -106,20 +107,20 @@ def run_pipeline(
 
     # 1. teacher
     t0 = time.perf_counter()
-    if from_teacher:
-        export = resolve_export_dir(from_teacher)
-        data_cfg = from_dict(DataConfig, export_info(export).get("data", {}))
+    if from_teacher:  # an export, ml-tarflow:PATH or python:module:factory; data: its own, else the preset's
+        teacher, teacher_info = load_teacher_spec(from_teacher, state.device, teacher_arch)
+        data_cfg = from_dict(DataConfig, teacher_info["data"]) if teacher_info.get("data") else cfg.teacher.data
         stage("teacher (--from-teacher)", True, t0)
     else:
         tdir = run_dir / f"teacher-{config_hash(cfg.teacher)}"
         reused = (tdir / "export" / "config.json").is_file()
         export = run_teacher_training(cfg.teacher, tdir)
         data_cfg = cfg.teacher.data
+        teacher, teacher_info = load_teacher_spec(str(export), state.device)
         stage("teacher", reused, t0)
 
     # 2. pairs
     t0 = time.perf_counter()
-    teacher = load_teacher(export, state.device)
     train_data = load_data(data_cfg, cfg.pairs.split)
     said: list[str] = []
     cache_dir = build_pairs(
@@ -128,7 +129,7 @@ def run_pipeline(
         cfg.pairs,
         cache_root,
         log=lambda m: (said.append(m), log.info(m)),
-        teacher_info={"kind": "tarflow", "source": str(export.resolve())},
+        teacher_info=teacher_info,
     )
     stage("pairs", any("cache hit" in m for m in said), t0)
 
@@ -184,7 +185,8 @@ def run_pipeline(
             out = teacher_sweep(
                 teacher, reference, ref_labels, train_images, n=ev.n, seed=ev.seed, extractor=extractor, log=log.info
             )
-            out["test_bpd"] = evaluate_bpd(teacher, load_data(data_cfg, "test"))
+            if callable(getattr(teacher, "log_prob", None)):
+                out["test_bpd"] = evaluate_bpd(teacher, load_data(data_cfg, "test"))
             out["noise_std"] = teacher.noise_std
             return out
 

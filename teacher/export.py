@@ -70,6 +70,8 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TarFlo
     cfg = from_dict(TarFlowConfig, meta["model"])
     model = TarFlow(cfg)
     sd = load_tensors(d / "model.safetensors", "teacher weights")
+    if "var" not in sd:  # exports written before the prior variance existed: the unit prior
+        sd["var"] = model.var.clone()
     missing, unexpected = set(model.state_dict()) - set(sd), set(sd) - set(model.state_dict())
     if missing or unexpected:
         raise NFMError(

@@ -8,6 +8,17 @@ Per MetaBlock, in that block's patch order (identity for even blocks, reversed f
     x_t       = z_t * exp(a_t) + b_t                                         # reverse, t = 1 .. T-1 in turn
     log|det dz/dx| = -sum_t,d a_t,d
 
+With `scale="softplus"` (STARFlow) the scale is s_t = softplus(a_t + log(e - 1)) instead of exp(a_t)
+(1 at a_t = 0, so a fresh block is still the identity): z_t = (x_t - b_t) / s_t, log|det| = -sum log s_t.
+`layers_per_block` may be a list, one entry per block (STARFlow's deep-shallow layout, e.g. 8,2,2,2).
+
+Decoding is sequential over patches (KV-cached), or a parallel fixed-point iteration per block
+(`decode(..., method="jacobi")`): all patches of a chunk are updated at once from the previous
+iterate until the largest change is below `tol` (Gauss-Seidel over chunks, Jacobi within one).
+
+The prior is N(0, diag(var)), `var` a (patches, channels * p^2) buffer as in apple/ml-tarflow (ones for
+teachers trained here): `sample` decodes eps * sqrt(var); `encode` / `decode` are exact inverses.
+
 The output projection is zero-initialised, so every fresh block (and model) is the identity.
 The affine arithmetic runs in float32 (float64 if the input is float64) whatever the autocast
 dtype of the transformer. Names follow apple/ml-tarflow (MetaBlock, proj_in, attn_blocks, proj_out).
@@ -35,11 +46,12 @@ class TarFlowConfig:
     patch_size: int = 2  # patches of patch_size^2 pixels; T = (img_size / patch_size)^2 tokens
     width: int = 128  # transformer width
     num_blocks: int = 4  # MetaBlocks (flow steps), alternating patch order
-    layers_per_block: int = 2  # transformer layers in each MetaBlock
+    layers_per_block: int | tuple[int, ...] = 2  # transformer layers per MetaBlock; a list: one per block
     head_dim: int = 32  # attention head width; heads = width / head_dim
     expansion: int = 4  # MLP hidden = expansion * width
     num_classes: int = -1  # -1: from the data; 0: unconditional
     noise_std: float = 0.1  # eta: the model is trained on x + eta * eps
+    scale: str = "exp"  # affine scale: exp(a) (TarFlow) | softplus (STARFlow)
 
     @property
     def num_patches(self) -> int:
@@ -48,6 +60,13 @@ class TarFlowConfig:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.patch_size**2
+
+    @property
+    def block_layers(self) -> tuple[int, ...]:
+        """Transformer layers of each block, in block order (data -> noise)."""
+        if isinstance(self.layers_per_block, int):
+            return (self.layers_per_block,) * self.num_blocks
+        return tuple(self.layers_per_block)
 
     def resolved(self, channels: int, img_size: int, num_classes: int) -> TarFlowConfig:
         """Fill the data-dependent fields (0 / -1) from the data set."""
@@ -66,8 +85,15 @@ class TarFlowConfig:
             problems.append(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.width % self.head_dim:
             problems.append(f"width={self.width} is not a multiple of head_dim={self.head_dim}")
-        if min(self.patch_size, self.width, self.num_blocks, self.layers_per_block, self.expansion) <= 0:
+        if min(self.patch_size, self.width, self.num_blocks, *self.block_layers, self.expansion) <= 0:
             problems.append("patch_size, width, num_blocks, layers_per_block and expansion must be positive")
+        if len(self.block_layers) != self.num_blocks:
+            problems.append(
+                f"layers_per_block lists {len(self.block_layers)} blocks but num_blocks={self.num_blocks}; "
+                "give one entry per block (deep-shallow, e.g. 8,2,2,2) or a single number"
+            )
+        if self.scale not in SCALES:
+            problems.append(f"scale={self.scale!r} is not one of {', '.join(SCALES)}")
         if self.num_classes < 0:
             problems.append("num_classes is unresolved (-1); resolve it from the data first")
         if not self.noise_std >= 0:
@@ -76,12 +102,21 @@ class TarFlowConfig:
             raise NFMError("invalid TarFlow config: " + "; ".join(problems))
 
 
+SCALES = ("exp", "softplus")
+DECODERS = ("sequential", "jacobi")
+SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(a + shift) = 1 at a = 0
+
+
 # Named sizes, DiT-style. The data-dependent fields come from the data set.
 TARFLOW_SIZES: dict[str, dict] = {
     "tiny": dict(patch_size=2, width=32, num_blocks=2, layers_per_block=1, head_dim=16),  # tests
     "digits8": dict(patch_size=2, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 8x8: 16 tokens
     "mnist28": dict(patch_size=4, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 28x28: 49 tokens
     "mnist28-large": dict(patch_size=4, width=256, num_blocks=4, layers_per_block=4, head_dim=64),  # GPU
+    # deep-shallow (STARFlow): one deep block next to the noise, three shallow ones, softplus scale
+    "mnist28-ds": dict(
+        patch_size=4, width=128, num_blocks=4, layers_per_block=(2, 2, 2, 6), head_dim=32, scale="softplus"
+    ),
 }
 
 
@@ -116,11 +151,12 @@ class Attention(nn.Module):
             q = q * q_scale.to(q.dtype)  # (b, 1, 1, 1)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, t, d)
-        else:
-            assert t == 1, "cached attention decodes one patch at a time"
-            cache.k[:, :, pos : pos + 1] = k
-            cache.v[:, :, pos : pos + 1] = v
-            out = F.scaled_dot_product_attention(q, cache.k[:, :, : pos + 1], cache.v[:, :, : pos + 1])
+        else:  # t new patches at positions pos .. pos + t - 1, attending to the cached prefix and causally
+            cache.k[:, :, pos : pos + t] = k
+            cache.v[:, :, pos : pos + t] = v
+            keys, values = cache.k[:, :, : pos + t], cache.v[:, :, : pos + t]
+            mask = None if t == 1 else torch.ones(t, pos + t, dtype=torch.bool, device=x.device).tril(pos)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, c))
 
 
@@ -148,16 +184,15 @@ class AttentionBlock(nn.Module):
 class MetaBlock(nn.Module):
     """One flow step: an autoregressive affine transform of the patch sequence."""
 
-    def __init__(self, cfg: TarFlowConfig, flip: bool):
+    def __init__(self, cfg: TarFlowConfig, flip: bool, layers: int):
         super().__init__()
         width, dim, T = cfg.width, cfg.patch_dim, cfg.num_patches
         self.flip = flip
+        self.softplus = cfg.scale == "softplus"
         self.proj_in = nn.Linear(dim, width)
         self.pos_embed = nn.Parameter(torch.randn(T, width) * 1e-2)  # (t, width), in model patch order
         self.class_embed = nn.Parameter(torch.randn(cfg.num_classes, 1, width) * 1e-2) if cfg.num_classes else None
-        self.attn_blocks = nn.ModuleList(
-            AttentionBlock(width, cfg.head_dim, cfg.expansion) for _ in range(cfg.layers_per_block)
-        )
+        self.attn_blocks = nn.ModuleList(AttentionBlock(width, cfg.head_dim, cfg.expansion) for _ in range(layers))
         self.proj_out = nn.Linear(width, 2 * dim)  # -> (a, b); zero: the block starts as the identity
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -192,6 +227,13 @@ class MetaBlock(nn.Module):
             h = layer(h, None if caches is None else caches[j], pos, q_scale)
         return self.proj_out(h)  # (b, t, 2 * dim)
 
+    def log_scale(self, a: torch.Tensor) -> torch.Tensor:
+        """log s for the raw scale output a: a itself (exp), or log softplus(a + shift) (STARFlow)."""
+        if not self.softplus:
+            return a
+        u = a + SOFTPLUS_SHIFT
+        return torch.where(u < -20.0, u, torch.log(F.softplus(u)))  # log softplus(u) = u - exp(u) + ... for u << 0
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> noise for all patches in parallel. x: (b, t, dim) in model order. Returns (z, logdet (b,))."""
         x = self.permute(x)
@@ -199,8 +241,45 @@ class MetaBlock(nn.Module):
         out = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)  # shift: patch 0 passes through
         dt = _affine_dtype(x)
         a, b = out.to(dt).chunk(2, dim=-1)  # (b, t, dim) each
-        z = (x.to(dt) - b) * torch.exp(-a)
-        return self.permute(z), -a.sum(dim=(1, 2))
+        log_s = self.log_scale(a)
+        z = (x.to(dt) - b) * torch.exp(-log_s)
+        return self.permute(z), -log_s.sum(dim=(1, 2))
+
+    def _guided_params(
+        self, out: torch.Tensor, n: int, targets: torch.Tensor, guide: dict | None, dt: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log s, b) for the target patches from raw trunk outputs (n or 2n rows, t, 2 dim). With guidance the
+        second half of the rows is the unconditional branch: a <- a_c + w (a_c - a_u), likewise b."""
+        a, b = out.to(dt).chunk(2, dim=-1)
+        if guide is not None:
+            w = guide["w"]
+            if guide["annealed"]:  # w_p = w * p / (T - 1) for target patch p
+                w = w * targets.to(dt).view(1, -1, 1) / (self.pos_embed.shape[0] - 1)
+            (a_c, a_u), (b_c, b_u) = a.split(n), b.split(n)
+            a = a_c + w * (a_c - a_u) if "a" in guide["what"] else a_c
+            b = b_c + w * (b_c - b_u) if "b" in guide["what"] else b_c
+        return self.log_scale(a), b
+
+    def _decode_setup(self, z, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache):
+        dt = _affine_dtype(z)
+        x = self.permute(z).to(dt).clone()  # decoded in place, in block order
+        n, T, _ = x.shape
+        guide, yy, q_scale = None, y, None
+        if guidance != 0.0:
+            guide = {"w": guidance, "what": guide_what, "annealed": annealed_guidance}
+            yy = torch.cat([y, torch.full_like(y, -1)])
+            q_scale = torch.cat([torch.ones(n), torch.full((n,), 1.0 / attn_temp)]).to(x.device).view(-1, 1, 1, 1)
+        caches = None
+        if kv_cache:
+            m = self.attn_blocks[0].attention
+            rows = 2 * n if guide else n
+            dtype = self.proj_in.weight.dtype
+            caches = [KVCache(rows, m.heads, T, m.head_dim, dtype, x.device) for _ in self.attn_blocks]
+        return x, dt, guide, yy, q_scale, caches
+
+    def _run(self, x_in, yy, caches, pos, q_scale, guided: bool) -> torch.Tensor:
+        inp = torch.cat([x_in, x_in]) if guided else x_in
+        return self.trunk(inp.to(self.proj_in.weight.dtype), yy, caches, pos, q_scale)
 
     @torch.no_grad()
     def reverse(
@@ -215,33 +294,55 @@ class MetaBlock(nn.Module):
     ) -> torch.Tensor:
         """Noise -> data, patch by patch. With guidance, a conditional and an unconditional pass run as
         one batch; the unconditional branch attends with temperature `attn_temp` (as in ml-tarflow)."""
-        dt = _affine_dtype(z)
-        x = self.permute(z).to(dt).clone()  # decoded in place, in block order
+        x, dt, guide, yy, q_scale, caches = self._decode_setup(
+            z, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache
+        )
         n, T, _ = x.shape
-        guided = guidance != 0.0
-        yy, q_scale = y, None
-        if guided:
-            yy = torch.cat([y, torch.full_like(y, -1)])
-            q_scale = torch.cat([torch.ones(n), torch.full((n,), 1.0 / attn_temp)]).to(x.device).view(-1, 1, 1, 1)
-        param_dtype = self.proj_in.weight.dtype
-        caches = None
-        if kv_cache:
-            m = self.attn_blocks[0].attention
-            caches = [
-                KVCache(2 * n if guided else n, m.heads, T, m.head_dim, param_dtype, x.device) for _ in self.attn_blocks
-            ]
         for i in range(T - 1):
             inp = x[:, i : i + 1] if kv_cache else x[:, : i + 1]
-            inp = torch.cat([inp, inp]) if guided else inp
-            out = self.trunk(inp.to(param_dtype), yy, caches, i if kv_cache else 0, q_scale)[:, -1]
-            a, b = out.to(dt).chunk(2, dim=-1)  # (b, dim) each: parameters of patch i + 1
-            if guided:
-                g = guidance * (i + 1) / (T - 1) if annealed_guidance else guidance
-                (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
-                a = a_c + g * (a_c - a_u) if "a" in guide_what else a_c
-                b = b_c + g * (b_c - b_u) if "b" in guide_what else b_c
-            x[:, i + 1] = x[:, i + 1] * torch.exp(a) + b
+            out = self._run(inp, yy, caches, i if kv_cache else 0, q_scale, guide is not None)[:, -1:]
+            log_s, b = self._guided_params(out, n, torch.tensor([i + 1]), guide, dt)  # patch i + 1
+            x[:, i + 1] = x[:, i + 1] * torch.exp(log_s[:, 0]) + b[:, 0]
         return self.permute(x)
+
+    @torch.no_grad()
+    def reverse_jacobi(
+        self,
+        z: torch.Tensor,
+        y: torch.Tensor | None = None,
+        guidance: float = 0.0,
+        guide_what: str = "ab",
+        annealed_guidance: bool = False,
+        attn_temp: float = 1.0,
+        tol: float = 1e-4,
+        max_iters: int = 0,
+        chunk: int = 0,
+    ) -> tuple[torch.Tensor, int]:
+        """Noise -> data by fixed-point iteration: the patches of a chunk are all updated at once,
+        x <- z * s(x_<) + b(x_<), starting from x = z, until max |change| <= tol (or max_iters per chunk);
+        chunks in turn (Gauss-Seidel), their prefix in a KV cache. chunk=0: one chunk (plain Jacobi).
+        After k iterations the first k patches of a chunk are exact, so a chunk of c patches is exact
+        after c iterations (the default cap). Returns (x, iterations summed over chunks)."""
+        x, dt, guide, yy, q_scale, caches = self._decode_setup(
+            z, y, guidance, guide_what, annealed_guidance, attn_temp, True
+        )
+        n, T, _ = x.shape
+        zz = x.clone()
+        c = chunk if chunk > 0 else T - 1
+        total = 0
+        for s in range(1, T, c):  # solve patches [s, e) from inputs [s - 1, e - 1)
+            e = min(s + c, T)
+            targets = torch.arange(s, e)
+            for _ in range(max_iters if max_iters > 0 else e - s):
+                out = self._run(x[:, s - 1 : e - 1], yy, caches, s - 1, q_scale, guide is not None)
+                log_s, b = self._guided_params(out, n, targets, guide, dt)
+                new = zz[:, s:e] * torch.exp(log_s) + b
+                delta = float((new - x[:, s:e]).abs().max())
+                x[:, s:e] = new
+                total += 1
+                if delta <= tol:
+                    break
+        return self.permute(x), total
 
 
 class TarFlow(nn.Module):
@@ -251,7 +352,9 @@ class TarFlow(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.blocks = nn.ModuleList(MetaBlock(cfg, flip=bool(i % 2)) for i in range(cfg.num_blocks))
+        self.blocks = nn.ModuleList(MetaBlock(cfg, flip=bool(i % 2), layers=n) for i, n in enumerate(cfg.block_layers))
+        # prior variance per (patch, channel * p^2), as ml-tarflow's `var`; the prior is N(0, diag(var))
+        self.register_buffer("var", torch.ones(cfg.num_patches, cfg.patch_dim))
 
     # ------------------------------------------------------------------ shapes and checks
     @property
@@ -265,6 +368,11 @@ class TarFlow(nn.Module):
     @property
     def noise_std(self) -> float:
         return self.cfg.noise_std
+
+    @property
+    def prior_std(self) -> torch.Tensor:
+        """Standard deviation of the prior per pixel, (c, H, W): sqrt(var) laid out as an image."""
+        return self.unpatchify(self.var.sqrt()[None])[0]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         # (b, c, H, W) -> (b, t, c*p*p), channel-major within a patch (= F.unfold's order)
@@ -319,10 +427,10 @@ class TarFlow(nn.Module):
             logdet = logdet + ld
         return self.unpatchify(h), logdet
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data -> noise in one parallel pass: (z (b, c, H, W), log|det dz/dx| (b,))."""
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Data -> noise in one parallel pass: z (b, c, H, W). `self(x, y)` also returns log|det dz/dx|."""
         self.check_images(x, "encode")
-        return self(x, y)
+        return self(x, y)[0]
 
     @torch.no_grad()
     def decode(
@@ -335,11 +443,24 @@ class TarFlow(nn.Module):
         annealed_guidance: bool = False,
         attn_temp: float = 1.0,
         kv_cache: bool = True,
+        method: str = "sequential",
+        tol: float = 1e-4,
+        max_iters: int = 0,
+        chunk: int = 0,
+        stats: dict | None = None,
     ) -> torch.Tensor:
-        """Noise -> data, patch by patch with a KV cache (kv_cache=False recomputes the prefix).
+        """Noise -> data, the exact inverse of `encode`.
 
-        guidance w: a <- a_c + w (a_c - a_u) (likewise b); annealed: w_i = w (i + 1) / (T - 1).
+        method "sequential": patch by patch with a KV cache (kv_cache=False recomputes the prefix).
+        method "jacobi": parallel fixed-point iteration per block to tolerance `tol` (at most `max_iters`
+        iterations per chunk; default: the chunk length, which is exact), in chunks of `chunk` patches
+        (0: the whole sequence; smaller chunks = Gauss-Seidel-Jacobi). `stats`, a dict, receives the
+        iterations per block. guidance w: a <- a_c + w (a_c - a_u) (likewise b); annealed: w_p = w p / (T - 1).
         """
+        if method not in DECODERS:
+            raise NFMError(f"unknown decoder {method!r}; choose one of {', '.join(DECODERS)}")
+        if method == "jacobi" and not tol >= 0:
+            raise NFMError(f"jacobi tolerance must be >= 0, got {tol}")
         self.check_images(z, "decode")
         y = self.check_labels(y, z.shape[0])
         if guidance != 0.0:
@@ -350,15 +471,27 @@ class TarFlow(nn.Module):
             if attn_temp <= 0:
                 raise NFMError(f"attn_temp must be > 0, got {attn_temp}")
         h = self.patchify(z)
+        iters = []
         for block in reversed(self.blocks):
-            h = block.reverse(h, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache)
+            if method == "jacobi":
+                h, k = block.reverse_jacobi(
+                    h, y, guidance, guide_what, annealed_guidance, attn_temp, tol, max_iters, chunk
+                )
+                iters.append(k)
+            else:
+                h = block.reverse(h, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache)
+        if stats is not None:
+            stats["iterations"] = iters[::-1]  # block order
         return self.unpatchify(h)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x) in nats, (b,): log N(z; 0, I) + log|det dz/dx|."""
-        z, logdet = self.encode(x, y)
+        """log p(x) in nats, (b,): log N(z; 0, diag(var)) + log|det dz/dx|."""
+        self.check_images(x, "log_prob")
+        z, logdet = self(x, y)
+        var = self.var.to(_affine_dtype(z))
         d = z[0].numel()
-        return -0.5 * z.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
+        quad = (self.patchify(z).pow(2) / var).flatten(1).sum(1)
+        return -0.5 * quad - 0.5 * d * math.log(2 * math.pi) - 0.5 * var.log().sum() + logdet
 
     def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """-log2 p(x) / D on the 8-bit pixel scale (x = u / 127.5 - 1), (b,)."""
@@ -383,14 +516,20 @@ class TarFlow(nn.Module):
         **decode_kwargs,
     ) -> torch.Tensor:
         p = next(self.parameters())
-        z = torch.randn(n, *self.image_shape, generator=generator).to(p.device, p.dtype) * temperature
-        x = self.decode(z, y, **decode_kwargs)
+        eps = torch.randn(n, *self.image_shape, generator=generator).to(p.device, p.dtype)
+        x = self.decode(eps * (temperature * self.prior_std.to(p.dtype)), y, **decode_kwargs)
         return self.denoise(x, y) if denoise and self.noise_std > 0 else x
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight: the teacher's identity in cache keys."""
-        h = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode())
+        """sha256 of the config and every weight: the teacher's identity in cache keys. Options added since
+        the first format (scale, var) enter only when not at their defaults, so older teachers keep theirs."""
+        cfg = asdict(self.cfg)
+        if cfg["scale"] == "exp":
+            del cfg["scale"]
+        h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
         for k, v in sorted(self.state_dict().items()):
+            if k == "var" and bool((v == 1).all()):
+                continue
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]

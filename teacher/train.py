@@ -85,14 +85,16 @@ def evaluate_bpd(
     model: TarFlow, data: ImageDataset, batch_size: int = 500, eta: float | None = None, seed: int = 0
 ) -> float:
     """Mean bits/dim of x + eta * eps over a split (eta defaults to the model's own noise_std)."""
-    device = next(model.parameters()).device
+    from teacher.protocol import teacher_device
+
+    device = teacher_device(model)
     eta = model.noise_std if eta is None else eta
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for i in range(0, len(data), batch_size):
         x, y = data.__getitems__(list(range(i, min(i + batch_size, len(data)))))
         x = x + eta * torch.randn(x.shape, generator=g)
-        bpd = model.bits_per_dim(x.to(device), y.to(device))
+        bpd = nll_to_bpd(-model.log_prob(x.to(device), y.to(device) if model.num_classes else None) / x[0].numel())
         total, n = total + float(bpd.sum()), n + x.shape[0]
     return total / n
 

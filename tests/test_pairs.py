@@ -71,7 +71,7 @@ def test_build_contents(export, tmp_path):
     teacher = load_teacher(export)
     ids = cols["index"][:7] * 2 + cols["view"][:7]
     eps = pair_noise(0, ids, (1, 8, 8))
-    z, _ = teacher.encode(x[cols["index"][:7]] + 0.1 * eps, y[cols["index"][:7]])
+    z = teacher.encode(x[cols["index"][:7]] + 0.1 * eps, y[cols["index"][:7]])
     torch.testing.assert_close(cols["noise"][:7], z / index["sigma_f"], atol=1e-6, rtol=1e-5)
     rec = reconstruction_error(cache_dir, teacher, samples=32)
     assert rec["worst_abs_error"] < 1e-4
@@ -235,8 +235,8 @@ def test_nonfinite_pairs_are_refused_or_dropped_and_counted(export, tmp_path):
     original = teacher.encode
 
     def broken(x, y):  # NaN for every image of class 3
-        z, ld = original(x, y)
-        return torch.where((y == 3).view(-1, 1, 1, 1), torch.full_like(z, float("nan")), z), ld
+        z = original(x, y)
+        return torch.where((y == 3).view(-1, 1, 1, 1), torch.full_like(z, float("nan")), z)
 
     teacher.encode = broken
     data = load_data(DATA)
