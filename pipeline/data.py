@@ -303,6 +303,11 @@ def load_data(cfg: DataConfig, split: str = "train") -> ImageDataset:
     """The `split` ("train" or "test") of the source named by ``cfg.name``."""
     if split not in SPLITS:
         raise NFMError(f"unknown split {split!r}; use one of {SPLITS}")
+    if not cfg.name:
+        raise NFMError(
+            "data.name is empty: this preset trains on your own images; set it, e.g. teacher.data.name=DIR "
+            "(nfm run) or data.name=DIR: a Hugging Face dataset name, a save_to_disk directory or an image folder"
+        )
     if cfg.name == "digits":
         ds = _digits(cfg, split)
     elif cfg.name == "fashion-mnist":

@@ -8,6 +8,46 @@ from pipeline.errors import NFMError
 from student.models import STUDENT_SIZES
 from teacher.model import TARFLOW_SIZES
 
+
+def _gpu_teacher(size: int) -> dict[str, Any]:
+    """A user's own RGB images at size x size on one GPU (bf16): set teacher.data.name."""
+    return {
+        "model": {**TARFLOW_SIZES[f"img{size}"], "noise_std": 0.05},
+        "data": {"name": "", "image_size": size, "channels": 3},
+        "train": {
+            "steps": 100_000,
+            "batch_size": 256,
+            "lr": 3e-4,
+            "warmup_steps": 2000,
+            "mixed_precision": "bf16",
+            "log_every": 200,
+            "sample_every": 5000,
+            "ckpt_every": 2000,
+            "ema_decay": 0.9999,
+            "num_workers": 4,
+        },
+    }
+
+
+def _gpu_student(size: int) -> dict[str, Any]:
+    return {
+        "model": dict(STUDENT_SIZES["SiT-B/2" if size == 32 else "SiT-B/4"]),
+        "data": {"name": "", "image_size": size, "channels": 3},
+        "train": {
+            "steps": 100_000,
+            "batch_size": 256,
+            "lr": 2e-4,
+            "warmup_steps": 2000,
+            "mixed_precision": "bf16",
+            "log_every": 200,
+            "sample_every": 5000,
+            "ckpt_every": 2000,
+            "ema_decay": 0.9999,
+            "num_workers": 4,
+        },
+    }
+
+
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a CPU: for tests and smoke runs
     "tiny": {
@@ -55,6 +95,9 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
             "ema_decay": 0.9995,
         },
     },
+    # a user's own 32x32 / 64x64 RGB images on one GPU: nfm teacher train --preset gpu32 data.name=DIR
+    "gpu32": _gpu_teacher(32),
+    "gpu64": _gpu_teacher(64),
 }
 
 
@@ -102,6 +145,8 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
             "ema_decay": 0.9995,
         },
     },
+    "gpu32": _gpu_student(32),
+    "gpu64": _gpu_student(64),
 }
 
 
@@ -120,6 +165,10 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     "digits": _run("digits", "digits", pairs={"views": 32}),
     # 28x28 Fashion-MNIST: hours on a CPU, minutes on a GPU
     "fashion-mnist": _run("fashion-mnist", "fashion-mnist", pairs={"views": 2}),
+    # a user's own images on one GPU (Inception-v3 FID: pip install -e '.[inception]'):
+    # nfm run --preset gpu32 teacher.data.name=DIR
+    "gpu32": _run("gpu32", "gpu32", pairs={"views": 1}, eval={"n": 10000, "extractor": "inception-v3-fid-helper"}),
+    "gpu64": _run("gpu64", "gpu64", pairs={"views": 1}, eval={"n": 10000, "extractor": "inception-v3-fid-helper"}),
 }
 
 

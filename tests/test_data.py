@@ -152,3 +152,21 @@ def test_unknown_dataset_name_fails_fast_and_clearly():
     assert time.perf_counter() - t0 < 60
     with pytest.raises(NFMError, match="dataset directory not found"):
         load_data(DataConfig(name="./missing/dir"))
+
+
+def test_empty_data_name_says_how_to_set_it():
+    with pytest.raises(NFMError, match="data.name is empty: this preset trains on your own images"):
+        load_data(DataConfig(name=""))
+
+
+@pytest.mark.parametrize("preset", ["gpu32", "gpu64"])
+def test_gpu_presets_resolve_for_a_users_dataset(preset):
+    from pipeline.config import build_config
+    from pipeline.presets import run_preset
+    from pipeline.run import RunConfig
+
+    cfg = build_config(RunConfig, preset=run_preset(preset), overrides=["teacher.data.name=/data/mine"])
+    size = int(preset[3:])
+    assert cfg.teacher.data.image_size == size and cfg.teacher.data.channels == 3
+    assert (size // cfg.teacher.model.patch_size) ** 2 == 256  # the published configurations' sequence length
+    assert cfg.teacher.train.mixed_precision == "bf16" and cfg.eval.extractor == "inception-v3-fid-helper"
