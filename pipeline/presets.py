@@ -121,10 +121,10 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
         "model": dict(STUDENT_SIZES["conv-S"]),
         "data": {"name": "digits"},
         "train": {
-            "steps": 2000,
-            "batch_size": 256,
+            "steps": 1000,
+            "batch_size": 128,
             "lr": 1e-3,
-            "warmup_steps": 200,
+            "warmup_steps": 100,
             "log_every": 100,
             "sample_every": 1000,
             "ckpt_every": 500,
