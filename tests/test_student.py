@@ -473,3 +473,7 @@ def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
     probes = (torch.randint(0, 2, (4000, *x.shape), generator=torch.Generator().manual_seed(1)) * 2 - 1).double()
     _, est = _Augmented(Field(), None, probes)(t, (x, None))
     assert (est - div).abs().max() < 0.05 * div.abs().max() + 0.02
+    ev = _nfm("student", "eval", str(run), "--n", "6", "--solver", "rk4", "--eta", "0.1", cwd=tmp_path)
+    res = json.loads((run / "eval-likelihood-test.json").read_text())
+    assert res["images"] == 6 and res["divergence"] == "exact" and res["eta"] == 0.1
+    assert math.isfinite(res["bits_per_dim"]) and res["bits_per_dim"] > 0 and "bits_per_dim" in ev.stdout
