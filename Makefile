@@ -22,6 +22,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/teacher_bench.py
+	$(VENV)/bin/python benchmarks/decode_bench.py
+	$(VENV)/bin/python benchmarks/pairs_bench.py
+	$(VENV)/bin/python benchmarks/student_bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -65,18 +65,19 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
         },
         "sample": {"n": 20},
     },
-    # 8x8 digits: the CPU demo
+    # 8x8 digits: the CPU demo. Per CPU minute a narrow model, small batches and a high learning rate
+    # gave the best samples (teacher FID 4.7 in 4.8 min vs 15.8 in 7.4 min for width 128, batch 128, lr 5e-4)
     "digits": {
-        "model": {**TARFLOW_SIZES["digits8"], "noise_std": 0.1},
+        "model": {**TARFLOW_SIZES["digits8-S"], "noise_std": 0.1},
         "data": {"name": "digits"},
         "train": {
-            "steps": 3000,
-            "batch_size": 128,
-            "lr": 5e-4,
+            "steps": 9000,
+            "batch_size": 64,
+            "lr": 2e-3,
             "warmup_steps": 200,
             "log_every": 100,
-            "sample_every": 1000,
-            "ckpt_every": 500,
+            "sample_every": 3000,
+            "ckpt_every": 1000,
             "ema_decay": 0.999,
         },
     },

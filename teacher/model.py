@@ -111,6 +111,7 @@ SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(a + shift) = 1 at a = 0
 TARFLOW_SIZES: dict[str, dict] = {
     "tiny": dict(patch_size=2, width=32, num_blocks=2, layers_per_block=1, head_dim=16),  # tests
     "digits8": dict(patch_size=2, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 8x8: 16 tokens
+    "digits8-S": dict(patch_size=2, width=64, num_blocks=4, layers_per_block=2, head_dim=32),  # the CPU demo's
     "mnist28": dict(patch_size=4, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 28x28: 49 tokens
     "mnist28-large": dict(patch_size=4, width=256, num_blocks=4, layers_per_block=4, head_dim=64),  # GPU
     # GPU sizes for a user's own images: the published TarFlow configurations (patch 2-8, width 768-1024,
