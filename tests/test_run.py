@@ -117,3 +117,37 @@ def test_inception_extractor_says_how_to_get_its_weights(tmp_path, monkeypatch):
             inception_weights()
     else:
         assert inception_weights().name == "default_1.pt"
+
+
+def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
+    """--from-teacher python:module:factory: a flow without log_prob or denoise runs the whole pipeline."""
+    env_path = f"{user_flow_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--from-teacher",
+            "python:userflow:make",
+            "--teacher-arch",
+            "scale=0.6",
+            "couplings=nfm",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "NFM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": env_path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[teacher (--from-teacher)] reused" in p.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert set(report["students"]) == {"nfm"}
+    assert [r["sampler"] for r in report["teacher"]["rows"]] == ["decode"]  # no denoise step: none offered
+    assert "test_bpd" not in report["teacher"]
+    index = json.loads(next((tmp_path / "cache" / "pairs").glob("*/pairs.index.json")).read_text())
+    assert index["teacher"]["kind"] == "python" and index["teacher"]["arch"] == {"scale": 0.6}

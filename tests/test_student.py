@@ -397,6 +397,10 @@ def test_student_commands_end_to_end(cache, tmp_path):
     t = load_tensors(tmp_path / "s.safetensors")
     assert t["images"].shape == (10, 1, 8, 8) and torch.isfinite(t["images"]).all()
     assert (tmp_path / "s.png").is_file()
+    ev = _nfm("student", "eval", str(run), "--n", "6", "--solver", "rk4", "--eta", "0.1", cwd=tmp_path)
+    res = json.loads((run / "eval-likelihood-test.json").read_text())
+    assert res["images"] == 6 and res["divergence"] == "exact" and res["eta"] == 0.1
+    assert math.isfinite(res["bits_per_dim"]) and res["bits_per_dim"] > 0 and "bits_per_dim" in ev.stdout
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -473,7 +477,3 @@ def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
     probes = (torch.randint(0, 2, (4000, *x.shape), generator=torch.Generator().manual_seed(1)) * 2 - 1).double()
     _, est = _Augmented(Field(), None, probes)(t, (x, None))
     assert (est - div).abs().max() < 0.05 * div.abs().max() + 0.02
-    ev = _nfm("student", "eval", str(run), "--n", "6", "--solver", "rk4", "--eta", "0.1", cwd=tmp_path)
-    res = json.loads((run / "eval-likelihood-test.json").read_text())
-    assert res["images"] == 6 and res["divergence"] == "exact" and res["eta"] == 0.1
-    assert math.isfinite(res["bits_per_dim"]) and res["bits_per_dim"] > 0 and "bits_per_dim" in ev.stdout

@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -218,46 +217,9 @@ def test_pickled_objects_are_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- a user's own flow
 
-USER_FLOW = textwrap.dedent(
-    '''
-    import hashlib
-    import torch
 
-    class ElementwiseFlow:
-        """z = (x - mu_y) / s: a per-pixel affine flow with a class-dependent shift."""
-
-        def __init__(self, scale=0.5, num_classes=10):
-            g = torch.Generator().manual_seed(0)
-            self.image_shape = (1, 8, 8)
-            self.num_classes = num_classes
-            self.noise_std = 0.1
-            self.s = scale + 0.1 * torch.rand(1, 8, 8, generator=g)
-            self.mu = 0.3 * torch.randn(num_classes, 1, 8, 8, generator=g)
-
-        def _shift(self, y, n):
-            return self.mu[y.clamp(min=0)] if y is not None else torch.zeros(n, 1, 8, 8)
-
-        def encode(self, x, y):
-            return (x - self._shift(y, len(x))) / self.s
-
-        def decode(self, z, y):
-            return z * self.s + self._shift(y, len(z))
-
-        def fingerprint(self):
-            return hashlib.sha256(self.s.numpy().tobytes() + self.mu.numpy().tobytes()).hexdigest()[:16]
-
-    def make(scale=0.5):
-        return ElementwiseFlow(scale=float(scale))
-
-    def broken():
-        return object()
-    '''
-)
-
-
-def test_python_teacher_implements_the_protocol(tmp_path, monkeypatch):
-    (tmp_path / "userflow.py").write_text(USER_FLOW)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_python_teacher_implements_the_protocol(user_flow_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(user_flow_dir))
     teacher, info = load_teacher_spec("python:userflow:make", arch="scale=0.7")
     assert isinstance(teacher, Teacher) and info["kind"] == "python"
     assert float(teacher.s.min()) >= 0.7
@@ -275,13 +237,13 @@ def test_python_teacher_implements_the_protocol(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_pretrained_teachers_end_to_end(tmp_path):
+def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     """One command each: import an ml-tarflow checkpoint, build its pairs, train a student; and the same for
     a user's own flow through python:."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONPATH": f"{user_flow_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
 
     def nfm(*args, check=True):
@@ -318,7 +280,6 @@ def test_pretrained_teachers_end_to_end(tmp_path):
     no_data = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", *cache, check=False)
     assert no_data.returncode == 2 and "pass --data NAME" in no_data.stderr
 
-    (tmp_path / "userflow.py").write_text(USER_FLOW)
     built = nfm(
         "pairs",
         "build",
