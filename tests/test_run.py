@@ -151,3 +151,22 @@ def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
     assert "test_bpd" not in report["teacher"]
     index = json.loads(next((tmp_path / "cache" / "pairs").glob("*/pairs.index.json")).read_text())
     assert index["teacher"]["kind"] == "python" and index["teacher"]["arch"] == {"scale": 0.6}
+
+
+def test_fashion_mnist_feature_net_is_committed_and_registered():
+    """The committed 28x28 weights load, match their recorded recipe, and give FID ~0 on a set vs itself."""
+    from pathlib import Path
+
+    import pipeline.featurenet
+    from pipeline.featurenet import load_featurenet
+
+    recipe = json.loads(
+        (Path(pipeline.featurenet.__file__).parent / "weights/featurenet-fashion-mnist.json").read_text()
+    )
+    assert recipe["test_accuracy"] > 0.85 and recipe["script"] == "python -m pipeline.featurenet fashion-mnist"
+    assert load_featurenet("fashion-mnist").meta["img_size"] == 28
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(64, 1, 28, 28, generator=g) * 2 - 1).round()  # binary-ish images
+    same = fid_kid(x, x, "nfm-fashion-mnist")
+    assert abs(same["fid"]) < 1e-3
+    assert fid_kid(torch.rand_like(x) * 2 - 1, x, "nfm-fashion-mnist")["fid"] > 1.0
