@@ -119,6 +119,23 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
             f"Teacher: held-out bits/dim {_fmt(tb.get('test_bpd'), 4)} (noise-augmented, η = {tb.get('noise_std')}).",
             "",
         ]
+    liks = {name: res["likelihood"] for name, res in students.items() if res.get("likelihood")}
+    if liks:
+        lines += [
+            "Students as continuous normalizing flows: bits/dim of held-out x + η·ε through the ODE "
+            "(`eval.likelihood`):",
+            "",
+            "| model | bits/dim | images | divergence | solver |",
+            "|---|---|---|---|---|",
+        ]
+        for name, lk in liks.items():
+            lines.append(
+                f"| {LABELS.get(name, name)} | {_fmt(lk['bits_per_dim'], 4)} | {lk['images']} | {lk['divergence']} | "
+                f"{lk['solver']} |"
+            )
+        if results.get("teacher") and results["teacher"].get("test_bpd") is not None:
+            lines.append(f"| teacher (exact) | {_fmt(results['teacher']['test_bpd'], 4)} | all | – | – |")
+        lines.append("")
     lines += [
         "## Memorisation check",
         "",

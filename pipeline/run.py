@@ -47,6 +47,11 @@ class EvalConfig:
     dopri5: bool = True  # adaptive, NFE measured
     straightness_steps: int = 32
     teacher: bool = True  # evaluate the teacher's samples too
+    # the students' bits/dim through the ODE on held-out x + eta * eps (eta: the teacher's); slow on a CPU
+    likelihood: bool = False
+    likelihood_n: int = 0  # held-out images (0: all)
+    likelihood_solver: str = "dopri5"
+    likelihood_hutchinson: int = -1  # probes; -1: exact divergence up to 1,024 dimensions, 8 probes above
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,22 @@ def run_pipeline(
                 log=log.info,
             ),
         )
+        if ev.likelihood and "likelihood" not in res:
+            from student.likelihood import student_bpd
+
+            m = ev.likelihood_n or len(reference)
+            log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
+            res["likelihood"] = student_bpd(
+                model,
+                meta,
+                reference[:m],
+                ref_labels[:m],
+                eta=teacher.noise_std,
+                hutchinson=ev.likelihood_hutchinson,
+                solver=ev.likelihood_solver,
+            )
+            write_json(eval_dir / f"student-{coupling}-{fp}-{eval_key}.json", res)  # cached with the sweep
+            log.info(f"  bits/dim {res['likelihood']['bits_per_dim']:.4f} ({res['likelihood']['divergence']})")
         results["students"][coupling] = res
         grids[coupling] = {k: v for k, v in g.items() if k.startswith("euler-") and int(k.split("-")[1]) <= 8}
         reused_all = reused_all and reused

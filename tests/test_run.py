@@ -1,6 +1,7 @@
 """`nfm run` end to end on the tiny preset, stage reuse, resume after a kill, and the FID plumbing."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,3 +171,29 @@ def test_fashion_mnist_feature_net_is_committed_and_registered():
     same = fid_kid(x, x, "nfm-fashion-mnist")
     assert abs(same["fid"]) < 1e-3
     assert fid_kid(torch.rand_like(x) * 2 - 1, x, "nfm-fashion-mnist")["fid"] > 1.0
+
+
+def test_nfm_run_reports_student_likelihood_when_asked(tmp_path):
+    p = _run(
+        tmp_path,
+        "couplings=nfm,independent",
+        "eval.likelihood=true",
+        "eval.likelihood_n=6",
+        "eval.likelihood_solver=rk4",
+    )
+    assert "bits/dim of the nfm student through the ODE (6 held-out images)" in p.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    for name in ("nfm", "independent"):
+        lk = report["students"][name]["likelihood"]
+        assert lk["images"] == 6 and lk["divergence"] == "exact" and lk["eta"] == 0.1
+        assert math.isfinite(lk["bits_per_dim"]) and lk["bits_per_dim"] > 0
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "bits/dim of held-out x + η·ε through the ODE" in md and "| teacher (exact) |" in md
+    again = _run(
+        tmp_path,
+        "couplings=nfm,independent",
+        "eval.likelihood=true",
+        "eval.likelihood_n=6",
+        "eval.likelihood_solver=rk4",
+    )
+    assert "[evaluation] reused" in again.stdout and "through the ODE" not in again.stdout
