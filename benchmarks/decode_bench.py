@@ -36,8 +36,17 @@ VARIANTS = [  # (label, decode kwargs)
 def synthetic(name: str, device) -> TarFlow:
     c, s, p, w, nb, nl = SYNTHETIC[name]
     torch.manual_seed(0)
-    cfg = TarFlowConfig(in_channels=c, img_size=s, patch_size=p, width=w, num_blocks=nb, layers_per_block=nl,
-                        head_dim=64 if w >= 256 else 32, num_classes=10, noise_std=0.05)
+    cfg = TarFlowConfig(
+        in_channels=c,
+        img_size=s,
+        patch_size=p,
+        width=w,
+        num_blocks=nb,
+        layers_per_block=nl,
+        head_dim=64 if w >= 256 else 32,
+        num_classes=10,
+        noise_std=0.05,
+    )
     model = TarFlow(cfg)
     with torch.no_grad():
         for b in model.blocks:

@@ -82,9 +82,9 @@ def _uint8_ok(data: ImageDataset) -> bool:
 
 @torch.no_grad()
 def encode_pairs(
-    teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, sigma: float, device
+    teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, scale: torch.Tensor | float, device
 ) -> dict[str, torch.Tensor]:
-    """Encode the pairs with ids `ids` (one batch): z / prior_std, and / sigma_f when sigma != 1."""
+    """Encode the pairs with ids `ids` (one batch): noise = z / scale (prior_std * sigma_f, on the CPU)."""
     rows, views = ids // cfg.views, ids % cfg.views
     u, y = data.raw(rows.tolist())
     x = u.float() * (2.0 / data.levels) - 1.0
@@ -93,12 +93,15 @@ def encode_pairs(
     z = teacher.encode((x + teacher.noise_std * eps).to(device), yy)
     if tuple(z.shape) != tuple(x.shape):
         raise NFMError(f"the teacher's encode returned shape {tuple(z.shape)} for images {tuple(x.shape)}")
-    noise = z.float().cpu() / (prior_std(teacher) * sigma)
+    noise = z.float().cpu() / scale
     return {"noise": noise, "data": u if _uint8_ok(data) else x, "label": y, "index": rows, "view": views}
 
 
-def estimate_sigma(teacher, data: ImageDataset, cfg: PairBuildConfig, device) -> float:
-    """sigma_f = sqrt(mean z^2) over ~sigma_rows pairs: whole noise blocks chosen by a seeded permutation."""
+def estimate_sigma(
+    teacher, data: ImageDataset, cfg: PairBuildConfig, device, prior: torch.Tensor | float = 1.0
+) -> float:
+    """sigma_f = sqrt(mean (z / prior_std)^2) over ~sigma_rows pairs: whole noise blocks chosen by a seeded
+    permutation."""
     total_pairs = len(data) * cfg.views
     n_blocks = math.ceil(total_pairs / NOISE_BLOCK)
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sigma"))
@@ -107,7 +110,7 @@ def estimate_sigma(teacher, data: ImageDataset, cfg: PairBuildConfig, device) ->
     ids = ids[ids < total_pairs]
     total, count = 0.0, 0
     for i in range(0, len(ids), cfg.batch_size):
-        z = encode_pairs(teacher, data, ids[i : i + cfg.batch_size], cfg, 1.0, device)["noise"].double().flatten(1)
+        z = encode_pairs(teacher, data, ids[i : i + cfg.batch_size], cfg, prior, device)["noise"].double().flatten(1)
         z = z[torch.isfinite(z).all(1)]
         total, count = total + float(z.pow(2).sum()), count + z.numel()
     if count == 0:
@@ -201,6 +204,7 @@ def build_pairs(
     if isinstance(teacher, torch.nn.Module):
         teacher = teacher.to(device).eval()
     eta = float(teacher.noise_std)
+    prior = prior_std(teacher)  # per-pixel prior std, or 1
     shard_rows = _shard_rows(data, cfg)
     fields = key_fields(teacher.fingerprint(), data, eta, cfg, shard_rows)
     key = cache_key(fields)
@@ -220,7 +224,7 @@ def build_pairs(
         log(f"resuming pair cache {key}: {len(index.get('shards', []))} of {num_shards} shards present")
     else:
         t0 = time.perf_counter()
-        sigma = estimate_sigma(teacher, data, cfg, device)
+        sigma = estimate_sigma(teacher, data, cfg, device, prior)
         log(
             f"sigma_f = {sigma:.5f} (RMS of z over {min(cfg.sigma_rows, len(data))} rows, "
             f"{time.perf_counter() - t0:.1f}s)"
@@ -273,7 +277,7 @@ def build_pairs(
         ids_all = torch.arange(s * shard_rows, min((s + 1) * shard_rows, total))
         parts = []
         for i in range(0, len(ids_all), cfg.batch_size):
-            parts.append(encode_pairs(teacher, data, ids_all[i : i + cfg.batch_size], cfg, sigma, device))
+            parts.append(encode_pairs(teacher, data, ids_all[i : i + cfg.batch_size], cfg, prior * sigma, device))
             bar.update(len(parts[-1]["label"]))
         shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         shard["noise"] = shard["noise"].to(noise_dtype)

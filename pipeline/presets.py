@@ -9,15 +9,15 @@ from student.models import STUDENT_SIZES
 from teacher.model import TARFLOW_SIZES
 
 
-def _gpu_teacher(size: int) -> dict[str, Any]:
-    """A user's own RGB images at size x size on one GPU (bf16): set teacher.data.name."""
+def _gpu(model: dict[str, Any], size: int, lr: float) -> dict[str, Any]:
+    """A user's own RGB images at size x size on one GPU (bf16): set data.name (teacher.data.name in a run)."""
     return {
-        "model": {**TARFLOW_SIZES[f"img{size}"], "noise_std": 0.05},
+        "model": model,
         "data": {"name": "", "image_size": size, "channels": 3},
         "train": {
             "steps": 100_000,
             "batch_size": 256,
-            "lr": 3e-4,
+            "lr": lr,
             "warmup_steps": 2000,
             "mixed_precision": "bf16",
             "log_every": 200,
@@ -27,25 +27,14 @@ def _gpu_teacher(size: int) -> dict[str, Any]:
             "num_workers": 4,
         },
     }
+
+
+def _gpu_teacher(size: int) -> dict[str, Any]:
+    return _gpu({**TARFLOW_SIZES[f"img{size}"], "noise_std": 0.05}, size, 3e-4)
 
 
 def _gpu_student(size: int) -> dict[str, Any]:
-    return {
-        "model": dict(STUDENT_SIZES["SiT-B/2" if size == 32 else "SiT-B/4"]),
-        "data": {"name": "", "image_size": size, "channels": 3},
-        "train": {
-            "steps": 100_000,
-            "batch_size": 256,
-            "lr": 2e-4,
-            "warmup_steps": 2000,
-            "mixed_precision": "bf16",
-            "log_every": 200,
-            "sample_every": 5000,
-            "ckpt_every": 2000,
-            "ema_decay": 0.9999,
-            "num_workers": 4,
-        },
-    }
+    return _gpu(dict(STUDENT_SIZES["SiT-B/2" if size == 32 else "SiT-B/4"]), size, 2e-4)
 
 
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {

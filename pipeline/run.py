@@ -197,34 +197,29 @@ def run_pipeline(
 
         res, g, reused = _cached_eval(eval_dir / f"teacher-{fp}-{eval_key}.json", teacher_eval)
         results["teacher"], grids["teacher"], reused_all = res, g, reused_all and reused
-    for coupling, sexport in students.items():
-        log.info(f"evaluating the {coupling} student")
-        model, meta = load_student(sexport, state.device)
-        fp = sha256_file(sexport / "model.safetensors")[:16]
-        res, g, reused = _cached_eval(
-            eval_dir / f"student-{coupling}-{fp}-{eval_key}.json",
-            lambda model=model, meta=meta: student_sweep(
-                model,
-                meta,
-                reference,
-                ref_labels,
-                train_images,
-                n=ev.n,
-                seed=ev.seed,
-                extractor=extractor,
-                euler_nfes=ev.euler_nfes,
-                higher=((ev.higher_solver, ev.higher_steps),),
-                dopri5=ev.dopri5,
-                straightness_steps=ev.straightness_steps,
-                log=log.info,
-            ),
+
+    def evaluate_student(coupling: str, model, meta) -> dict[str, Any]:
+        out = student_sweep(
+            model,
+            meta,
+            reference,
+            ref_labels,
+            train_images,
+            n=ev.n,
+            seed=ev.seed,
+            extractor=extractor,
+            euler_nfes=ev.euler_nfes,
+            higher=((ev.higher_solver, ev.higher_steps),),
+            dopri5=ev.dopri5,
+            straightness_steps=ev.straightness_steps,
+            log=log.info,
         )
-        if ev.likelihood and "likelihood" not in res:
+        if ev.likelihood:
             from student.likelihood import student_bpd
 
             m = ev.likelihood_n or len(reference)
             log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
-            res["likelihood"] = student_bpd(
+            out["likelihood"] = lk = student_bpd(
                 model,
                 meta,
                 reference[:m],
@@ -233,8 +228,17 @@ def run_pipeline(
                 hutchinson=ev.likelihood_hutchinson,
                 solver=ev.likelihood_solver,
             )
-            write_json(eval_dir / f"student-{coupling}-{fp}-{eval_key}.json", res)  # cached with the sweep
-            log.info(f"  bits/dim {res['likelihood']['bits_per_dim']:.4f} ({res['likelihood']['divergence']})")
+            log.info(f"  bits/dim {lk['bits_per_dim']:.4f} ({lk['divergence']})")
+        return out
+
+    for coupling, sexport in students.items():
+        log.info(f"evaluating the {coupling} student")
+        model, meta = load_student(sexport, state.device)
+        fp = sha256_file(sexport / "model.safetensors")[:16]
+        res, g, reused = _cached_eval(
+            eval_dir / f"student-{coupling}-{fp}-{eval_key}.json",
+            lambda coupling=coupling, model=model, meta=meta: evaluate_student(coupling, model, meta),
+        )
         results["students"][coupling] = res
         grids[coupling] = {k: v for k, v in g.items() if k.startswith("euler-") and int(k.split("-")[1]) <= 8}
         reused_all = reused_all and reused

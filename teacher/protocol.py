@@ -88,10 +88,10 @@ def teacher_device(teacher) -> torch.device:
     return torch.device("cpu")
 
 
-def prior_std(teacher, device=None) -> torch.Tensor:
-    """The teacher's prior standard deviation, broadcastable to an image batch (1 if it has none)."""
+def prior_std(teacher) -> torch.Tensor:
+    """The teacher's prior standard deviation on the CPU, broadcastable to an image batch (1 if it has none)."""
     std = getattr(teacher, "prior_std", None)
-    return torch.ones(()) if std is None else torch.as_tensor(std, device=device).float().cpu()
+    return torch.ones(()) if std is None else torch.as_tensor(std).float().cpu()
 
 
 @dataclass
