@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nfm.teacher.model import TarFlow, TarFlowConfig  # noqa: E402
+
 from benchmarks.common import timeit, write_results  # noqa: E402
-from teacher.model import TarFlow, TarFlowConfig  # noqa: E402
 
 SYNTHETIC = {  # name -> (channels, image size, patch, width, blocks, layers)
     "49 patches (1x28x28, p4)": (1, 28, 4, 128, 4, 2),
@@ -93,7 +94,7 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for path in args.teacher:
-            from teacher.export import load_teacher
+            from nfm.teacher.export import load_teacher
 
             model = load_teacher(path, device)
             for batch in (16, 256):

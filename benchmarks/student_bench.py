@@ -17,17 +17,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nfm.pairs.build import PairBuildConfig, build_pairs  # noqa: E402
+from nfm.pairs.reader import PairCache  # noqa: E402
+from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
+from nfm.pipeline.core.seeding import BatchRandom  # noqa: E402
+from nfm.student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation  # noqa: E402
+from nfm.student.models import STUDENT_SIZES, StudentModelConfig, build_student  # noqa: E402
+from nfm.student.paths import ProbPath  # noqa: E402
+from nfm.student.sampling import sample_ode  # noqa: E402
+from nfm.student.train import FlowConfig, flow_matching_loss  # noqa: E402
+from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
+
 from benchmarks.common import timeit, write_results  # noqa: E402
-from pairs.build import PairBuildConfig, build_pairs  # noqa: E402
-from pairs.reader import PairCache  # noqa: E402
-from pipeline.data import DataConfig, load_data  # noqa: E402
-from pipeline.training import BatchRandom  # noqa: E402
-from student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation  # noqa: E402
-from student.models import STUDENT_SIZES, StudentModelConfig, build_student  # noqa: E402
-from student.paths import ProbPath  # noqa: E402
-from student.sampling import sample_ode  # noqa: E402
-from student.train import FlowConfig, flow_matching_loss  # noqa: E402
-from teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 
 def student(size: str, device) -> torch.nn.Module:

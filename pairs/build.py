@@ -18,44 +18,41 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from nfm.pairs.format import FORMAT_VERSION, INDEX_NAME, ShardFile, cache_key, read_index, sha256_file, shard_name
+from nfm.pairs.lookup import default_cache_root
+from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.data import DataConfig, ImageDataset
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import save_tensors, write_json
+from nfm.pipeline.core.seeding import derive_seed
+from nfm.teacher.protocol import Teacher, check_teacher, prior_std
 from tqdm.auto import tqdm
-
-from pairs.format import FORMAT_VERSION, INDEX_NAME, ShardFile, cache_key, read_index, sha256_file, shard_name
-from pipeline.data import DataConfig, ImageDataset
-from pipeline.errors import NFMError
-from pipeline.io import save_tensors, write_json
-from pipeline.training import derive_seed, process_state
-from teacher.protocol import check_teacher, prior_std
 
 
 @dataclass(frozen=True)
 class PairBuildConfig:
     views: int = 1  # noise draws per image
-    dtype: str = "float16"  # noise storage: float16 | float32
+    dtype: Literal["float16", "float32"] = "float16"  # noise storage
     seed: int = 0  # seeds every row's noise: eps = f(seed, row, view)
     batch_size: int = 256  # encode batch
     shard_mb: int = 256  # target shard size
     shard_rows: int = 0  # pairs per shard; 0: derived from shard_mb
     sigma_rows: int = 4096  # rows (view 0) used to estimate sigma_f
     max_nonfinite: float = 0.0  # fraction of pairs that may be NaN/Inf (dropped and counted); more refuses
-    split: str = "train"
+    split: Literal["train", "test"] = "train"
 
 
 @dataclass(frozen=True)
 class PairsRunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # defaults to the teacher's own data
     pairs: PairBuildConfig = field(default_factory=PairBuildConfig)
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("NFM_CACHE_DIR", Path.home() / ".cache" / "nfm")) / "pairs"
 
 
 NOISE_BLOCK = 256  # pair ids per noise block
@@ -82,7 +79,7 @@ def _uint8_ok(data: ImageDataset) -> bool:
 
 @torch.no_grad()
 def encode_pairs(
-    teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, scale: torch.Tensor | float, device
+    teacher: Teacher, data: ImageDataset, ids: torch.Tensor, cfg: PairBuildConfig, scale: torch.Tensor | float, device
 ) -> dict[str, torch.Tensor]:
     """Encode the pairs with ids `ids` (one batch): noise = z / scale (prior_std * sigma_f, on the CPU)."""
     rows, views = ids // cfg.views, ids % cfg.views
@@ -98,7 +95,7 @@ def encode_pairs(
 
 
 def estimate_sigma(
-    teacher, data: ImageDataset, cfg: PairBuildConfig, device, prior: torch.Tensor | float = 1.0
+    teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, device, prior: torch.Tensor | float = 1.0
 ) -> float:
     """sigma_f = sqrt(mean (z / prior_std)^2) over ~sigma_rows pairs: whole noise blocks chosen by a seeded
     permutation."""
@@ -180,61 +177,81 @@ def _assemble_index(cache_dir: Path, base: dict[str, Any], num_shards: int, comp
     return index
 
 
-def build_pairs(
-    teacher,
-    data: ImageDataset,
-    cfg: PairBuildConfig,
-    cache_root: Path | None = None,
-    teacher_info: dict[str, Any] | None = None,
-    log=print,
-) -> Path:
-    """Build (or resume, or reuse) the pair cache of (teacher, data, cfg); returns its directory."""
+@dataclass(frozen=True)
+class PairBuildResult:
+    """What `build_pairs` did: reused a complete cache (hit) or built / finished it."""
+
+    key: str
+    path: Path  # CACHE_ROOT/KEY
+    hit: bool  # True: the complete cache was there already; nothing was encoded
+    total_rows: int  # pairs in the cache
+    dropped: int  # pairs dropped as non-finite (over all shards)
+    built_rows: int  # pairs this process encoded in this call
+
+
+@dataclass
+class _Plan:
+    """Everything that determines the cache: its key, layout and index header."""
+
+    key: str
+    fields: dict[str, Any]
+    cache_dir: Path
+    total: int  # pairs expected: rows x views
+    shard_rows: int
+    num_shards: int
+
+    def shard_ids(self, s: int) -> torch.Tensor:
+        return torch.arange(s * self.shard_rows, min((s + 1) * self.shard_rows, self.total))
+
+
+def _check_inputs(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig) -> None:
     check_teacher(teacher, "the teacher")
+    check_choices(cfg, "pairs.")
     if cfg.views < 1:
         raise NFMError(f"views must be >= 1, got {cfg.views}")
-    if cfg.dtype not in ("float16", "float32"):
-        raise NFMError(f"pairs dtype must be float16 or float32, got {cfg.dtype!r}")
     if tuple(data.image_shape) != tuple(teacher.image_shape):
         raise NFMError(
             f"the data ({data.describe()}) does not match the teacher's image shape "
             f"{tuple(teacher.image_shape)}: build pairs on the data the teacher was trained for"
         )
-    state = process_state()
-    rank, world, device = state.process_index, state.num_processes, state.device
-    if isinstance(teacher, torch.nn.Module):
-        teacher = teacher.to(device).eval()
-    eta = float(teacher.noise_std)
-    prior = prior_std(teacher)  # per-pixel prior std, or 1
-    shard_rows = _shard_rows(data, cfg)
-    fields = key_fields(teacher.fingerprint(), data, eta, cfg, shard_rows)
-    key = cache_key(fields)
-    cache_dir = Path(cache_root or default_cache_root()) / key
-    total = len(data) * cfg.views
-    num_shards = max(1, math.ceil(total / shard_rows))
 
-    if (cache_dir / INDEX_NAME).is_file():
-        index = read_index(cache_dir)
-        if index.get("complete") and all(
-            (cache_dir / s["file"]).is_file() and (cache_dir / s["file"]).stat().st_size == s["bytes"]
-            for s in index["shards"]
-        ):
-            log(f"pair cache hit: {key} ({index['total_rows']} pairs) at {cache_dir}")
-            return cache_dir
-        sigma = float(index["sigma_f"])
-        log(f"resuming pair cache {key}: {len(index.get('shards', []))} of {num_shards} shards present")
-    else:
-        t0 = time.perf_counter()
-        sigma = estimate_sigma(teacher, data, cfg, device, prior)
-        log(
-            f"sigma_f = {sigma:.5f} (RMS of z over {min(cfg.sigma_rows, len(data))} rows, "
-            f"{time.perf_counter() - t0:.1f}s)"
-        )
+
+def _plan(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
+    shard_rows = _shard_rows(data, cfg)
+    fields = key_fields(teacher.fingerprint(), data, float(teacher.noise_std), cfg, shard_rows)
+    key = cache_key(fields)
+    total = len(data) * cfg.views
+    return _Plan(
+        key=key,
+        fields=fields,
+        cache_dir=Path(cache_root or default_cache_root()) / key,
+        total=total,
+        shard_rows=shard_rows,
+        num_shards=max(1, math.ceil(total / shard_rows)),
+    )
+
+
+def _complete_index(cache_dir: Path) -> dict[str, Any] | None:
+    """The index of a complete cache whose shards are all present at their recorded sizes, else None."""
+    if not (cache_dir / INDEX_NAME).is_file():
+        return None
+    index = read_index(cache_dir)
+    ok = index.get("complete") and all(
+        (cache_dir / s["file"]).is_file() and (cache_dir / s["file"]).stat().st_size == s["bytes"]
+        for s in index["shards"]
+    )
+    return index if ok else None
+
+
+def _index_header(
+    plan: _Plan, teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, sigma: float, teacher_info: dict
+) -> dict[str, Any]:
     c, h, w = data.image_shape
-    base = {
+    return {
         "format_version": FORMAT_VERSION,
-        "key": key,
-        "key_fields": fields,
-        "teacher": {"fingerprint": fields["teacher"], **(teacher_info or {})},
+        "key": plan.key,
+        "key_fields": plan.fields,
+        "teacher": {"fingerprint": plan.fields["teacher"], **teacher_info},
         "data": {
             "name": data.name,
             "split": cfg.split,
@@ -243,86 +260,150 @@ def build_pairs(
             "levels": data.levels,
             "num_classes": data.num_classes,
         },
-        "noise_std": eta,
+        "noise_std": float(teacher.noise_std),
         "sigma_f": sigma,
         "prior_std": "per-pixel" if getattr(teacher, "prior_std", None) is not None else "unit",
         "views": cfg.views,
         "seed": cfg.seed,
-        "dtypes": {"noise": cfg.dtype, "data": fields["data_dtype"], "label": "int64", "index": "int64"},
+        "dtypes": {"noise": cfg.dtype, "data": plan.fields["data_dtype"], "label": "int64", "index": "int64"},
         "shapes": {"noise": [c, h, w], "data": [c, h, w]},
-        "shard_rows": shard_rows,
-        "num_shards": num_shards,
-        "expected_rows": total,
+        "shard_rows": plan.shard_rows,
+        "num_shards": plan.num_shards,
+        "expected_rows": plan.total,
     }
+
+
+def _too_many_nonfinite(dropped: int, cfg: PairBuildConfig, total: int, rows: list[int]) -> NFMError:
+    allowed = int(cfg.max_nonfinite * total)
+    example = f"; e.g. dataset rows {rows[:5]}" if rows else ""
+    return NFMError(
+        f"{dropped} pairs encode to NaN/Inf (allowed: {allowed} = pairs.max_nonfinite "
+        f"{cfg.max_nonfinite} x {total}){example}. "
+        "The teacher is unstable on this data (check it with `nfm teacher eval`), or raise "
+        "max_nonfinite to drop such pairs. Nothing past the last complete shard was written"
+    )
+
+
+def _encode_shard(
+    teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, plan: _Plan, s: int, scale, device, bar
+) -> dict[str, torch.Tensor]:
+    """Shard s as stored columns (noise in its storage dtype), non-finite pairs included."""
+    ids_all = plan.shard_ids(s)
+    parts = []
+    for i in range(0, len(ids_all), cfg.batch_size):
+        parts.append(encode_pairs(teacher, data, ids_all[i : i + cfg.batch_size], cfg, scale, device))
+        bar.update(len(parts[-1]["label"]))
+    shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    shard["noise"] = shard["noise"].to(torch.float16 if cfg.dtype == "float16" else torch.float32)
+    return shard
+
+
+def _write_shard(shard: dict[str, torch.Tensor], plan: _Plan, s: int, sigma: float, dropped: int) -> None:
+    # one metadata entry: safetensors does not keep the order of several, and shards must be byte-exact
+    provenance = {
+        "key": plan.key,
+        "shard": s + 1,
+        "of": plan.num_shards,
+        "teacher": plan.fields["teacher"],
+        "data": plan.fields["data"],
+        "dropped": dropped,
+        "sigma_f": sigma,
+    }
+    meta = {"nfm-pairs": json.dumps(provenance, sort_keys=True)}
+    save_tensors(plan.cache_dir / shard_name(s, plan.num_shards), shard, metadata=meta)
+
+
+def _sigma(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, plan: _Plan, device, prior, log) -> float:
+    """sigma_f of an interrupted build from its index, else estimated afresh."""
+    if (plan.cache_dir / INDEX_NAME).is_file():
+        index = read_index(plan.cache_dir)
+        log(f"resuming pair cache {plan.key}: {len(index.get('shards', []))} of {plan.num_shards} shards present")
+        return float(index["sigma_f"])
+    t0 = time.perf_counter()
+    sigma = estimate_sigma(teacher, data, cfg, device, prior)
+    log(f"sigma_f = {sigma:.5f} (RMS of z over {min(cfg.sigma_rows, len(data))} rows, {time.perf_counter() - t0:.1f}s)")
+    return sigma
+
+
+def build_pairs(
+    teacher: Teacher,
+    data: ImageDataset,
+    cfg: PairBuildConfig,
+    cache_root: Path | None = None,
+    teacher_info: dict[str, Any] | None = None,
+    log=print,
+) -> PairBuildResult:
+    """Build (or resume, or reuse) the pair cache of (teacher, data, cfg)."""
+    _check_inputs(teacher, data, cfg)
+    state = process_state()
+    rank, world, device = state.process_index, state.num_processes, state.device
+    if isinstance(teacher, torch.nn.Module):
+        teacher = teacher.to(device).eval()
+    plan = _plan(teacher, data, cfg, cache_root)
+    index = _complete_index(plan.cache_dir)
+    if index is not None:
+        log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs) at {plan.cache_dir}")
+        return PairBuildResult(plan.key, plan.cache_dir, True, index["total_rows"], index.get("dropped", 0), 0)
+    prior = prior_std(teacher)  # per-pixel prior std, or 1
+    sigma = _sigma(teacher, data, cfg, plan, device, prior, log)
+    base = _index_header(plan, teacher, data, cfg, sigma, teacher_info or {})
     if state.is_main_process:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cache_dir.glob(".*.tmp"):  # temp files of a build that was killed
+        plan.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in plan.cache_dir.glob(".*.tmp"):  # temp files of a build that was killed
             stale.unlink(missing_ok=True)
-        _assemble_index(cache_dir, base, num_shards, complete=False)
+        _assemble_index(plan.cache_dir, base, plan.num_shards, complete=False)
     state.wait_for_everyone()
 
-    mine = [s for s in range(num_shards) if s % world == rank and not (cache_dir / shard_name(s, num_shards)).is_file()]
-    allowed = int(cfg.max_nonfinite * total)
-    dropped_total = sum(s.get("dropped", 0) for s in read_index(cache_dir).get("shards", []))
+    present = lambda s: (plan.cache_dir / shard_name(s, plan.num_shards)).is_file()  # noqa: E731
+    mine = [s for s in range(plan.num_shards) if s % world == rank and not present(s)]
+    allowed = int(cfg.max_nonfinite * plan.total)
+    dropped_total = sum(s.get("dropped", 0) for s in read_index(plan.cache_dir).get("shards", []))
     bar = tqdm(
-        total=sum(min(shard_rows, total - s * shard_rows) for s in mine),
-        desc=f"pairs {key[:8]}",
+        total=sum(len(plan.shard_ids(s)) for s in mine),
+        desc=f"pairs {plan.key[:8]}",
         unit="pair",
         disable=not state.is_main_process,
         mininterval=0.5 if os.isatty(2) else 30.0,
     )
     t0 = time.perf_counter()
-    noise_dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
     for s in mine:
-        ids_all = torch.arange(s * shard_rows, min((s + 1) * shard_rows, total))
-        parts = []
-        for i in range(0, len(ids_all), cfg.batch_size):
-            parts.append(encode_pairs(teacher, data, ids_all[i : i + cfg.batch_size], cfg, prior * sigma, device))
-            bar.update(len(parts[-1]["label"]))
-        shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        shard["noise"] = shard["noise"].to(noise_dtype)
+        shard = _encode_shard(teacher, data, cfg, plan, s, prior * sigma, device, bar)
         finite = torch.isfinite(shard["noise"]).flatten(1).all(1)
         dropped = int((~finite).sum())
-        dropped_total += dropped
+        dropped_total += dropped  # this process's view: the shards present at start + its own
         if dropped_total > allowed:
-            raise NFMError(
-                f"{dropped_total} pairs so far encode to NaN/Inf (allowed: {allowed} = pairs.max_nonfinite "
-                f"{cfg.max_nonfinite} x {total}); e.g. dataset rows {shard['index'][~finite][:5].tolist()}. "
-                "The teacher is unstable on this data (check it with `nfm teacher eval`), or raise "
-                "max_nonfinite to drop such pairs. Nothing past the last complete shard was written"
-            )
+            raise _too_many_nonfinite(dropped_total, cfg, plan.total, shard["index"][~finite].tolist())
         if dropped:
             log(f"shard {s + 1}: dropped {dropped} non-finite pairs")
             shard = {k: v[finite] for k, v in shard.items()}
-        # one metadata entry: safetensors does not keep the order of several, and shards must be byte-exact
-        provenance = {
-            "key": key,
-            "shard": s + 1,
-            "of": num_shards,
-            "teacher": fields["teacher"],
-            "data": data.fingerprint,
-            "dropped": dropped,
-            "sigma_f": sigma,
-        }
-        meta = {"nfm-pairs": json.dumps(provenance, sort_keys=True)}
-        save_tensors(cache_dir / shard_name(s, num_shards), shard, metadata=meta)
+        _write_shard(shard, plan, s, sigma, dropped)
         if state.is_main_process and world == 1:
-            _assemble_index(cache_dir, base, num_shards, complete=False)
+            _assemble_index(plan.cache_dir, base, plan.num_shards, complete=False)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        index = _assemble_index(cache_dir, base, num_shards, complete=True)
-        if not index["complete"]:
-            raise NFMError(f"pair cache {cache_dir} is missing shards after the build; rerun it")
-        dt = time.perf_counter() - t0
-        rate = f", {bar.n / dt:.0f} pairs/s" if mine and dt > 0 else ""
-        log(f"pair cache built: {key} ({index['total_rows']} pairs, {index['dropped']} dropped{rate}) at {cache_dir}")
+        _finish(plan, base, cfg, bar.n / max(time.perf_counter() - t0, 1e-9) if mine else None, log)
     state.wait_for_everyone()
-    return cache_dir
+    index = read_index(plan.cache_dir)
+    if not index.get("complete"):  # another process refused the cache (too many non-finite pairs)
+        raise _too_many_nonfinite(index.get("dropped", 0), cfg, plan.total, [])
+    return PairBuildResult(plan.key, plan.cache_dir, False, index["total_rows"], index.get("dropped", 0), bar.n)
 
 
-def remove_cache(cache_dir: Path) -> None:
-    shutil.rmtree(cache_dir)
+def _finish(plan: _Plan, base: dict[str, Any], cfg: PairBuildConfig, rate: float | None, log) -> None:
+    """Main process, after every process has written its shards: the index over all of them, marked
+    complete only if every shard is there and the non-finite pairs of all processes together are allowed."""
+    index = _assemble_index(plan.cache_dir, base, plan.num_shards, complete=False)
+    if len(index["shards"]) != plan.num_shards:
+        raise NFMError(f"pair cache {plan.cache_dir} is missing shards after the build; rerun it")
+    if index["dropped"] > int(cfg.max_nonfinite * plan.total):
+        return  # left incomplete: every process raises after the barrier
+    index = _assemble_index(plan.cache_dir, base, plan.num_shards, complete=True)
+    speed = f", {rate:.0f} pairs/s" if rate else ""
+    log(
+        f"pair cache built: {plan.key} ({index['total_rows']} pairs, {index['dropped']} dropped{speed}) "
+        f"at {plan.cache_dir}"
+    )
 
 
 def cache_summary(cache_dir: Path) -> dict[str, Any]:

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from pipeline.errors import NFMError
+from nfm.pipeline.core.errors import NFMError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "pairs.index.json"

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from pairs.format import ShardFile, read_index, safe_member
-from pipeline.errors import NFMError
-from pipeline.training import derive_seed
+from nfm.pairs.format import ShardFile, read_index, safe_member
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.seeding import derive_seed
 
 
 class PairCache:

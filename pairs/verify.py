@@ -6,32 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pairs.build import pair_noise
-from pairs.format import INDEX_NAME, ShardFile, read_index, safe_member, sha256_file
-from pipeline.errors import NFMError
-from teacher.protocol import prior_std, teacher_device
-
-
-def find_cache(key_or_path: str, root: Path) -> Path:
-    """A cache directory from a path, a key, or a unique key prefix."""
-    p = Path(key_or_path).expanduser()
-    if (p / INDEX_NAME).is_file():
-        return p
-    if (root / key_or_path / INDEX_NAME).is_file():
-        return root / key_or_path
-    matches = sorted(d for d in root.glob(f"{key_or_path}*") if (d / INDEX_NAME).is_file()) if root.is_dir() else []
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise NFMError(
-            f"key prefix {key_or_path!r} matches {len(matches)} caches: "
-            f"{', '.join(m.name for m in matches)}; give more of the key"
-        )
-    raise NFMError(
-        f"no pair cache {key_or_path!r} under {root}; `nfm pairs ls` lists the caches there "
-        "(--cache-dir chooses another root)"
-    )
+from nfm.pairs.build import pair_noise
+from nfm.pairs.format import ShardFile, read_index, safe_member, sha256_file
+from nfm.pipeline.core.errors import NFMError
+from nfm.teacher.protocol import prior_std, teacher_device
 
 
 def check_shards(cache_dir: Path) -> list[str]:

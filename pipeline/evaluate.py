@@ -14,18 +14,19 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.images import to_uint8
+from nfm.pipeline.core.sampling import sample_inputs
+from nfm.pipeline.featurenet import RECIPES, load_featurenet
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-from pipeline.errors import NFMError
-from pipeline.featurenet import RECIPES, load_featurenet
-from pipeline.images import to_uint8
 
 INCEPTION = "inception-v3-fid-helper"
 
@@ -162,7 +163,8 @@ def fid_kid(
 def straightness(
     model, z: torch.Tensor, y: torch.Tensor | None, steps: int = 32, prior_scale: float = 1.0, batch: int = 500
 ) -> float:
-    """E_t E |v(x_t, t) - (x_1 - x_0)|^2 / D along Euler trajectories of `steps` steps (0 = straight)."""
+    """E_t E |v(x_t, t) - (x_1 - x_0)|^2 / D along Euler trajectories of `steps` steps from x_0 = prior_scale * z
+    (0 = straight)."""
     total, n = 0.0, 0
     for i in range(0, z.shape[0], batch):
         x = prior_scale * z[i : i + batch].float()
@@ -195,11 +197,76 @@ def nearest_train_distance(samples: torch.Tensor, train: torch.Tensor, batch: in
     }
 
 
-def labels_like(reference_labels: torch.Tensor, n: int, num_classes: int) -> torch.Tensor | None:
-    """Labels for n samples with the reference set's class histogram (cycled)."""
-    if not num_classes:
-        return None
-    return reference_labels[torch.arange(n) % len(reference_labels)].clamp(min=0)
+@dataclass(frozen=True)
+class SweepRow:
+    """One sampler setting of a student sweep and its scores."""
+
+    solver: str
+    steps: int | None  # None for dopri5 (adaptive)
+    nfe: int
+    fid: float
+    kid: float
+    kid_std: float
+
+    @property
+    def grid_key(self) -> str:
+        return f"{self.solver}-{self.nfe}"
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    sampler: str  # "decode" or "decode+denoise"
+    fid: float
+    kid: float
+    kid_std: float
+
+
+@dataclass
+class StudentEval:
+    """A student's sweep: FID/KID per sampler, straightness, memorisation, optionally bits/dim. `grids` holds
+    the samples of each row (keyed by SweepRow.grid_key); it is stored beside the JSON, not in it."""
+
+    rows: list[SweepRow]
+    straightness: float
+    memorisation: dict[str, float]
+    likelihood: dict[str, Any] | None = None
+    grids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"rows": [asdict(r) for r in self.rows], "straightness": self.straightness}
+        out["memorisation"] = self.memorisation
+        return {**out, **({"likelihood": self.likelihood} if self.likelihood is not None else {})}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], grids: dict[str, torch.Tensor] | None = None) -> StudentEval:
+        return cls(
+            [SweepRow(**r) for r in d["rows"]], d["straightness"], d["memorisation"], d.get("likelihood"), grids or {}
+        )
+
+    def euler_grids(self, max_nfe: int = 8) -> dict[str, torch.Tensor]:
+        """The grids of the Euler rows up to max_nfe steps (what the report shows)."""
+        keys = [r.grid_key for r in self.rows if r.solver == "euler" and r.nfe <= max_nfe]
+        return {k: self.grids[k] for k in keys if k in self.grids}
+
+
+@dataclass
+class TeacherEval:
+    rows: list[TeacherRow]
+    memorisation: dict[str, float]
+    test_bpd: float | None = None
+    noise_std: float | None = None
+    grids: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # keyed by TeacherRow.sampler
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rows": [asdict(r) for r in self.rows], "memorisation": self.memorisation}
+        if self.test_bpd is not None:
+            out["test_bpd"] = self.test_bpd
+        return {**out, "noise_std": self.noise_std}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], grids: dict[str, torch.Tensor] | None = None) -> TeacherEval:
+        rows = [TeacherRow(**r) for r in d["rows"]]
+        return cls(rows, d["memorisation"], d.get("test_bpd"), d.get("noise_std"), grids or {})
 
 
 def student_sweep(
@@ -217,47 +284,48 @@ def student_sweep(
     dopri5: bool = True,
     straightness_steps: int = 32,
     log=print,
-) -> dict[str, Any]:
+) -> StudentEval:
     """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation."""
-    from student.paths import ProbPath
-    from student.sampling import sample_ode
+    from nfm.student.paths import ProbPath
+    from nfm.student.sampling import sample_ode
 
     device = next(model.parameters()).device
-    mc, flow = meta["model"], meta["flow"]
-    prior = ProbPath.from_flow(flow).prior_scale
-    shape = (mc["in_channels"], mc["img_size"], mc["img_size"])
-    z = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    y = labels_like(reference_labels, n, mc["num_classes"])
-    y = None if y is None else y.to(device)
+    mc = meta["model"]
+    inputs = sample_inputs(
+        n,
+        (mc["in_channels"], mc["img_size"], mc["img_size"]),
+        mc["num_classes"],
+        seed=seed,
+        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
+        labels_like=reference_labels,
+        device=device,
+    )
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
     for solver, steps in plan:
         x, stats = sample_ode(
             model,
-            z,
-            y,
+            inputs.z,
+            inputs.y,
             solver=solver,
             steps=steps or 1,
             rtol=1e-5,
             atol=1e-5,
-            prior_scale=prior,
             num_classes=mc["num_classes"],
         )
         x = x.clamp(-1, 1).cpu()
-        row = {"solver": solver, "steps": steps, "nfe": stats["nfe"], **fid_kid(x, reference, extractor)}
-        log(
-            f"  {solver:8s} steps {str(steps or '-'):>3s} NFE {stats['nfe']:4d}  FID {row['fid']:8.3f}  "
-            f"KID {row['kid']:.5f}"
-        )
+        row = SweepRow(solver=solver, steps=steps, nfe=stats["nfe"], **fid_kid(x, reference, extractor))
+        log(f"  {solver:8s} steps {str(steps or '-'):>3s} NFE {row.nfe:4d}  FID {row.fid:8.3f}  KID {row.kid:.5f}")
         rows.append(row)
-        grids[f"{solver}-{stats['nfe']}"] = x
-    result = {
-        "rows": rows,
-        "straightness": straightness(model, z, y, straightness_steps, prior),
-        "memorisation": nearest_train_distance(grids[f"euler-{max(euler_nfes)}"], train_images),
-    }
-    log(f"  straightness {result['straightness']:.5f}")
-    return {**result, "_grids": grids}
+        grids[row.grid_key] = x
+    result = StudentEval(
+        rows=rows,
+        straightness=straightness(model, inputs.z, inputs.y, straightness_steps),
+        memorisation=nearest_train_distance(grids[f"euler-{max(euler_nfes)}"], train_images),
+        grids=grids,
+    )
+    log(f"  straightness {result.straightness:.5f}")
+    return result
 
 
 def teacher_sweep(
@@ -271,16 +339,21 @@ def teacher_sweep(
     extractor: str,
     batch: int = 500,
     log=print,
-) -> dict[str, Any]:
+) -> TeacherEval:
     """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
     teachers without `denoise` (a user's own flow) are scored on their decoded samples only."""
-    from teacher.protocol import prior_std, teacher_device
+    from nfm.teacher.protocol import prior_std, teacher_device
 
-    device = teacher_device(teacher)
-    z = torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(seed)) * prior_std(teacher)
-    z = z.to(device)
-    y = labels_like(reference_labels, n, teacher.num_classes)
-    y = None if y is None else y.to(device)
+    inputs = sample_inputs(
+        n,
+        tuple(teacher.image_shape),
+        teacher.num_classes,
+        seed=seed,
+        prior=prior_std(teacher),
+        labels_like=reference_labels,
+        device=teacher_device(teacher),
+    )
+    z, y = inputs.z, inputs.y
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     raw, den = [], []
     for i in range(0, n, batch):
@@ -289,13 +362,13 @@ def teacher_sweep(
         raw.append(x.cpu())
         if can_denoise:
             den.append(teacher.denoise(x, yy).cpu())
-    out, grids = {"rows": []}, {}
+    out = TeacherEval(rows=[], memorisation={})
     sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
     for name, x in sets:
         x = x.clamp(-1, 1)
-        row = {"sampler": name, **fid_kid(x, reference, extractor)}
-        log(f"  teacher {name:15s} FID {row['fid']:8.3f}  KID {row['kid']:.5f}")
-        out["rows"].append(row)
-        grids[name] = x
-    out["memorisation"] = nearest_train_distance(grids[sets[-1][0]], train_images)
-    return {**out, "_grids": grids}
+        row = TeacherRow(sampler=name, **fid_kid(x, reference, extractor))
+        log(f"  teacher {name:15s} FID {row.fid:8.3f}  KID {row.kid:.5f}")
+        out.rows.append(row)
+        out.grids[name] = x
+    out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], train_images)
+    return out

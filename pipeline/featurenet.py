@@ -2,8 +2,8 @@
 
 One classifier per built-in data set, trained once by this deterministic script on the train split:
 
-    python -m pipeline.featurenet digits          # seconds on 2 CPU cores
-    python -m pipeline.featurenet fashion-mnist   # minutes
+    python -m nfm.pipeline.featurenet digits          # seconds on 2 CPU cores
+    python -m nfm.pipeline.featurenet fashion-mnist   # minutes
 
 writes pipeline/weights/featurenet-NAME.safetensors (+ .json with its held-out accuracy). Its
 128-d penultimate features are what FID/KID compare (registered with torch-fidelity as
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from nfm.pipeline.core.data import DataConfig, load_data
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors, save_tensors, write_json
 from torch import nn
-
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from pipeline.io import load_tensors, save_tensors, write_json
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FEATURE_DIM = 128
@@ -73,7 +72,7 @@ def load_featurenet(name: str) -> FeatureNet:
     if not path.is_file():
         raise NFMError(
             f"no feature network for {name!r} ({path} missing); train it with "
-            f"`python -m pipeline.featurenet {name}`, or evaluate with feature_extractor=inception"
+            f"`python -m nfm.pipeline.featurenet {name}`, or evaluate with feature_extractor=inception"
         )
     info = json.loads(path.with_suffix(".json").read_text())
     net = FeatureNet(info["channels"], info["img_size"], info["num_classes"])
@@ -130,7 +129,7 @@ def train_featurenet(name: str, out_dir: Path = WEIGHTS_DIR, log=print) -> dict:
         "test_images": len(xt),
         "seconds": round(time.perf_counter() - t0, 1),
         "feature_dim": FEATURE_DIM,
-        "script": "python -m pipeline.featurenet " + name,
+        "script": "python -m nfm.pipeline.featurenet " + name,
     }
     save_tensors(Path(out_dir) / f"featurenet-{name}.safetensors", net.state_dict())
     write_json(Path(out_dir) / f"featurenet-{name}.json", info)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import NFMError
-from student.models import STUDENT_SIZES
-from teacher.model import TARFLOW_SIZES
+from nfm.pipeline.core.errors import NFMError
+from nfm.student.models import STUDENT_SIZES
+from nfm.teacher.model import TARFLOW_SIZES
 
 
 def _gpu(model: dict[str, Any], size: int, lr: float) -> dict[str, Any]:

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pipeline.images import save_grid
-from pipeline.io import atomic_write, write_json
+from nfm.pipeline.core.images import save_grid
+from nfm.pipeline.core.io import atomic_write, write_json
 
 LABELS = {"nfm": "NFM (teacher pairs)", "independent": "independent (I-CFM)", "minibatch-ot": "minibatch OT (OT-CFM)"}
 
@@ -52,61 +51,53 @@ def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") ->
     return path
 
 
-def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> Path:
-    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / "report.json", results)
-    plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
-    grid_files = {}
-    for model, gs in grids.items():
-        for key, x in gs.items():
-            f = out_dir / "samples" / f"{model}-{key}.png"
-            save_grid(x[:100], f, nrow=10)
-            grid_files[(model, key)] = f.relative_to(out_dir)
+def _label(name: str) -> str:
+    return LABELS.get(name, name)
 
-    students = results["students"]
-    euler_nfes = sorted({r["nfe"] for res in students.values() for r in res["rows"] if r["solver"] == "euler"})
-    lines = [f"# NFM report — preset `{results['preset']}`", ""]
-    lines += [
+
+def _euler(res: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {r["nfe"]: r for r in res["rows"] if r["solver"] == "euler"}
+
+
+def _intro(results: dict[str, Any]) -> list[str]:
+    return [
+        f"# NFM report — preset `{results['preset']}`",
+        "",
         f"Samples per evaluation: {results['n']} (fixed noise seed {results['seed']}), against the held-out split "
         f"({results['reference']} images); features: `{results['extractor']}` through torch-fidelity. "
         f"Real training images vs held-out score FID {_fmt(results['data_floor']['fid'])}.",
         "",
     ]
-    lines += ["## FID vs NFE (lower is better)", ""]
-    head = "| model | " + " | ".join(f"Euler {k}" for k in euler_nfes) + " | higher order | dopri5 | straightness |"
-    lines += [head, "|" + "---|" * (len(euler_nfes) + 4)]
-    for name, res in students.items():
-        euler = {r["nfe"]: r for r in res["rows"] if r["solver"] == "euler"}
+
+
+def _fid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
+    head = "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " | higher order | dopri5 | straightness |"
+    lines = ["## FID vs NFE (lower is better)", "", head, "|" + "---|" * (len(nfes) + 4)]
+    for name, res in results["students"].items():
+        euler = _euler(res)
         hi = [r for r in res["rows"] if r["solver"] not in ("euler", "dopri5")]
         dp = [r for r in res["rows"] if r["solver"] == "dopri5"]
-        cells = [_fmt(euler[k]["fid"]) if k in euler else "–" for k in euler_nfes]
+        cells = [_fmt(euler[k]["fid"]) if k in euler else "–" for k in nfes]
         hi_s = ", ".join(f"{r['solver']} NFE {r['nfe']}: {_fmt(r['fid'])}" for r in hi) or "–"
         dp_s = f"{_fmt(dp[0]['fid'])} (NFE {dp[0]['nfe']})" if dp else "–"
-        lines.append(
-            f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {res['straightness']:.4f} |"
-        )
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {res['straightness']:.4f} |")
     if results.get("teacher"):
         rows = results["teacher"]["rows"]
         lines.append(
             f"| teacher ({' / '.join(r['sampler'] for r in rows)}) | "
-            + " | ".join("" for _ in euler_nfes)
+            + " | ".join("" for _ in nfes)
             + f" | {' / '.join(_fmt(r['fid']) for r in rows)} | | |"
         )
-    lines += [
-        "",
-        "KID (×10³) at the same points:",
-        "",
-        "| model | " + " | ".join(f"Euler {k}" for k in euler_nfes) + " |",
-        "|" + "---|" * (len(euler_nfes) + 1),
-    ]
-    for name, res in students.items():
-        euler = {r["nfe"]: r for r in res["rows"] if r["solver"] == "euler"}
-        lines.append(
-            f"| {LABELS.get(name, name)} | "
-            + " | ".join(_fmt(euler[k]["kid"] * 1e3) if k in euler else "–" for k in euler_nfes)
-            + " |"
-        )
+    return lines
+
+
+def _kid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
+    lines = ["", "KID (×10³) at the same points:", "", "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " |"]
+    lines.append("|" + "---|" * (len(nfes) + 1))
+    for name, res in results["students"].items():
+        euler = _euler(res)
+        cells = [_fmt(euler[k]["kid"] * 1e3) if k in euler else "–" for k in nfes]
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Straightness: E_t E |v(x_t, t) − (x_1 − x_0)|² per dimension along 32-step Euler trajectories "
@@ -115,28 +106,32 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
     ]
     if results.get("teacher"):
         tb = results["teacher"]
-        lines += [
-            f"Teacher: held-out bits/dim {_fmt(tb.get('test_bpd'), 4)} (noise-augmented, η = {tb.get('noise_std')}).",
-            "",
-        ]
-    liks = {name: res["likelihood"] for name, res in students.items() if res.get("likelihood")}
-    if liks:
-        lines += [
-            "Students as continuous normalizing flows: bits/dim of held-out x + η·ε through the ODE "
-            "(`eval.likelihood`):",
-            "",
-            "| model | bits/dim | images | divergence | solver |",
-            "|---|---|---|---|---|",
-        ]
-        for name, lk in liks.items():
-            lines.append(
-                f"| {LABELS.get(name, name)} | {_fmt(lk['bits_per_dim'], 4)} | {lk['images']} | {lk['divergence']} | "
-                f"{lk['solver']} |"
-            )
-        if results.get("teacher") and results["teacher"].get("test_bpd") is not None:
-            lines.append(f"| teacher (exact) | {_fmt(results['teacher']['test_bpd'], 4)} | all | – | – |")
-        lines.append("")
-    lines += [
+        eta = tb.get("noise_std")
+        lines += [f"Teacher: held-out bits/dim {_fmt(tb.get('test_bpd'), 4)} (noise-augmented, η = {eta}).", ""]
+    return lines
+
+
+def _likelihood_table(results: dict[str, Any]) -> list[str]:
+    liks = {name: res["likelihood"] for name, res in results["students"].items() if res.get("likelihood")}
+    if not liks:
+        return []
+    lines = [
+        "Students as continuous normalizing flows: bits/dim of held-out x + η·ε through the ODE (`eval.likelihood`):",
+        "",
+        "| model | bits/dim | images | divergence | solver |",
+        "|---|---|---|---|---|",
+    ]
+    for name, lk in liks.items():
+        lines.append(
+            f"| {_label(name)} | {_fmt(lk['bits_per_dim'], 4)} | {lk['images']} | {lk['divergence']} | {lk['solver']} |"
+        )
+    if results.get("teacher") and results["teacher"].get("test_bpd") is not None:
+        lines.append(f"| teacher (exact) | {_fmt(results['teacher']['test_bpd'], 4)} | all | – | – |")
+    return lines + [""]
+
+
+def _memorisation_table(results: dict[str, Any]) -> list[str]:
+    lines = [
         "## Memorisation check",
         "",
         "RMS per-pixel distance of each sample to its nearest training image (Euler, most steps; teacher: denoised):",
@@ -144,22 +139,51 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
         "| model | mean | min | fraction < 0.05 |",
         "|---|---|---|---|",
     ]
-    for name, res in list(students.items()) + ([("teacher", results["teacher"])] if results.get("teacher") else []):
+    models = list(results["students"].items()) + ([("teacher", results["teacher"])] if results.get("teacher") else [])
+    for name, res in models:
         m = res["memorisation"]
         lines.append(
-            f"| {LABELS.get(name, name)} | {m['nn_dist_mean']:.3f} | {m['nn_dist_min']:.3f} | "
-            f"{m['frac_below_0.05']:.3f} |"
+            f"| {_label(name)} | {m['nn_dist_mean']:.3f} | {m['nn_dist_min']:.3f} | {m['frac_below_0.05']:.3f} |"
         )
-    lines += ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
+    return lines
+
+
+def _pictures(plot: Path, grid_files: dict[tuple[str, str], Path]) -> list[str]:
+    lines = ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
     lines += ["Samples from the same noise and labels (column k = class k):", ""]
     for (model, key), f in grid_files.items():
-        lines += [f"**{LABELS.get(model, model)} — {key}**", "", f"![{model} {key}]({f})", ""]
-    if results.get("timings"):
-        lines += ["## Time per stage", "", "| stage | seconds | reused |", "|---|---|---|"]
-        lines += [
-            f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['reused'] else 'no'} |" for s in results["timings"]
-        ]
-        lines += ["", f"Peak memory (RSS): {results.get('peak_rss_mb', 0):.0f} MB", ""]
+        lines += [f"**{_label(model)} — {key}**", "", f"![{model} {key}]({f})", ""]
+    return lines
+
+
+def _timings(results: dict[str, Any]) -> list[str]:
+    if not results.get("timings"):
+        return []
+    lines = ["## Time per stage", "", "| stage | seconds | reused |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['reused'] else 'no'} |" for s in results["timings"]]
+    return lines + ["", f"Peak memory (RSS): {results.get('peak_rss_mb', 0):.0f} MB", ""]
+
+
+def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dict[tuple[str, str], Path]:
+    """samples/MODEL-KEY.png for every grid (first 100 samples, 10 columns); returns their relative paths."""
+    files = {}
+    for model, gs in grids.items():
+        for key, x in gs.items():
+            f = out_dir / "samples" / f"{model}-{key}.png"
+            save_grid(x[:100], f, nrow=10)
+            files[(model, key)] = f.relative_to(out_dir)
+    return files
+
+
+def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> Path:
+    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "report.json", results)
+    plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
+    grid_files = write_grids(grids, out_dir)
+    nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
+    lines = _intro(results) + _fid_table(results, nfes) + _kid_table(results, nfes) + _likelihood_table(results)
+    lines += _memorisation_table(results) + _pictures(plot, grid_files) + _timings(results)
     report = out_dir / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report

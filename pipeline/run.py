@@ -15,25 +15,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from pairs.build import PairBuildConfig, build_pairs, default_cache_root
-from pairs.format import INDEX_NAME, sha256_file
-from pipeline.config import format_table, from_dict, to_dict
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from pipeline.io import load_tensors, read_json, save_tensors, write_json
-from pipeline.training import process_state, setup_logger
-from student.couplings import COUPLINGS
-from student.train import StudentRunConfig, load_student, run_student_training
-from teacher.protocol import load_teacher_spec
-from teacher.train import TeacherRunConfig, evaluate_bpd, run_teacher_training
+from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
+from nfm.pairs.format import INDEX_NAME, sha256_file
+from nfm.pairs.lookup import default_cache_root
+from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.evaluate import StudentEval, TeacherEval
+from nfm.student.couplings import CouplingName
+from nfm.student.sampling import Solver
+from nfm.student.train import StudentRunConfig, load_student, run_student_training
+from nfm.teacher.protocol import Teacher, load_teacher_spec
+from nfm.teacher.train import TeacherRunConfig, evaluate_bpd, run_teacher_training
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class EvalConfig:
     seed: int = 2024
     extractor: str = ""  # "" = nfm-DATA for built-in data, else inception-v3-fid-helper
     euler_nfes: tuple[int, ...] = (1, 2, 4, 8)
-    higher_solver: str = "heun"  # a higher-order solver at a moderate NFE ...
+    higher_solver: Solver = "heun"  # a higher-order solver at a moderate NFE ...
     higher_steps: int = 4  # ... (heun, 4 steps = NFE 8)
     dopri5: bool = True  # adaptive, NFE measured
     straightness_steps: int = 32
@@ -50,7 +55,7 @@ class EvalConfig:
     # the students' bits/dim through the ODE on held-out x + eta * eps (eta: the teacher's); slow on a CPU
     likelihood: bool = False
     likelihood_n: int = 0  # held-out images (0: all)
-    likelihood_solver: str = "dopri5"
+    likelihood_solver: Solver = "dopri5"
     likelihood_hutchinson: int = -1  # probes; -1: exact divergence up to 1,024 dimensions, 8 probes above
 
 
@@ -59,7 +64,7 @@ class RunConfig:
     teacher: TeacherRunConfig = field(default_factory=TeacherRunConfig)
     pairs: PairBuildConfig = field(default_factory=PairBuildConfig)
     student: StudentRunConfig = field(default_factory=StudentRunConfig)
-    couplings: tuple[str, ...] = ("nfm", "independent", "minibatch-ot")
+    couplings: tuple[CouplingName, ...] = ("nfm", "independent", "minibatch-ot")
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -72,16 +77,167 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _cached_eval(path: Path, compute) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
-    """A sweep result cached as JSON (+ its grids as safetensors); computed once per input hash."""
+class _Stages:
+    """Times each stage and says whether it was reused."""
+
+    def __init__(self, log: logging.Logger):
+        self.log, self.timings = log, []
+
+    def done(self, name: str, reused: bool, t0: float) -> None:
+        self.timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 1), "reused": reused})
+        self.log.info(f"[{name}] {'reused' if reused else 'done'} in {self.timings[-1]['seconds']:.1f}s")
+
+
+def _stage_teacher(
+    cfg: RunConfig, run_dir: Path, from_teacher: str | None, teacher_arch: str | None, device, stages: _Stages
+) -> tuple[Teacher, dict[str, Any], DataConfig]:
+    """Stage 1: train (or reuse) the teacher, or load --from-teacher; returns (teacher, info, its data)."""
+    t0 = time.perf_counter()
+    if from_teacher:  # an export, ml-tarflow:PATH or python:module:factory; data: its own, else the preset's
+        teacher, info = load_teacher_spec(from_teacher, device, teacher_arch)
+        data_cfg = from_dict(DataConfig, info["data"]) if info.get("data") else cfg.teacher.data
+        stages.done("teacher (--from-teacher)", True, t0)
+        return teacher, info, data_cfg
+    tdir = run_dir / f"teacher-{config_hash(cfg.teacher)}"
+    reused = (tdir / "export" / "config.json").is_file()
+    export = run_teacher_training(cfg.teacher, tdir)
+    teacher, info = load_teacher_spec(str(export), device)
+    stages.done("teacher", reused, t0)
+    return teacher, info, cfg.teacher.data
+
+
+def _stage_students(
+    cfg: RunConfig, run_dir: Path, data_cfg: DataConfig, pairs: PairBuildResult, cache_root: Path, stages: _Stages
+) -> dict[str, Path]:
+    """Stage 3: one student per coupling, the same network, steps and batch for every coupling."""
+    students: dict[str, Path] = {}
+    for coupling in cfg.couplings:
+        t0 = time.perf_counter()
+        pairs_dir = str(pairs.path.resolve()) if coupling == "nfm" else ""
+        scfg = replace(cfg.student, data=data_cfg, flow=replace(cfg.student.flow, coupling=coupling, pairs=pairs_dir))
+        sdir = run_dir / "students" / f"{coupling}-{config_hash(scfg)}"
+        reused = (sdir / "export" / "config.json").is_file()
+        students[coupling] = run_student_training(scfg, sdir, cache_root)
+        stages.done(f"student {coupling}", reused, t0)
+    return students
+
+
+def _cached(path: Path, compute: Callable[[], Any], cls: type) -> tuple[Any, bool]:
+    """An evaluation (StudentEval / TeacherEval) cached as JSON + its grids as safetensors; computed once per
+    input hash. Returns (result, reused)."""
     grids_path = path.with_suffix(".safetensors")
     if path.is_file() and grids_path.is_file():
-        return read_json(path, "evaluation"), load_tensors(grids_path, "evaluation grids"), True
+        return cls.from_json(read_json(path, "evaluation"), load_tensors(grids_path, "evaluation grids")), True
     result = compute()
-    grids = {k: v[:100].contiguous() for k, v in result.pop("_grids").items()}
-    save_tensors(grids_path, grids)
-    write_json(path, result)
-    return result, grids, False
+    result.grids = {k: v[:100].contiguous() for k, v in result.grids.items()}
+    save_tensors(grids_path, result.grids)
+    write_json(path, result.to_json())
+    return result, False
+
+
+@dataclass
+class _EvalContext:
+    """What every evaluation of one run shares: the settings, the reference and training images."""
+
+    ev: EvalConfig
+    extractor: str
+    reference: torch.Tensor
+    ref_labels: torch.Tensor
+    train_images: torch.Tensor
+    eval_dir: Path
+    key: str  # hash of the evaluation settings: part of every cached result's name
+    log: logging.Logger
+
+    @classmethod
+    def make(cls, ev: EvalConfig, data_cfg: DataConfig, train_data: ImageDataset, run_dir: Path, log) -> _EvalContext:
+        from nfm.pipeline.evaluate import default_extractor
+
+        extractor = ev.extractor or default_extractor(data_cfg.name)
+        reference, ref_labels = load_data(data_cfg, "test").tensors()
+        if len(train_data) <= 100_000:
+            train_images = train_data.tensors()[0]
+        else:
+            train_images = train_data.__getitems__(list(range(100_000)))[0]
+        key = config_hash({"eval": asdict(ev), "extractor": extractor, "reference": len(reference)})
+        return cls(ev, extractor, reference, ref_labels, train_images, run_dir / "eval", key, log)
+
+
+def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig) -> tuple[TeacherEval, bool]:
+    from nfm.pipeline.evaluate import teacher_sweep
+
+    ev = ctx.ev
+    ctx.log.info(f"evaluating the teacher ({ev.n} samples, {ctx.extractor})")
+
+    def compute() -> TeacherEval:
+        out = teacher_sweep(
+            teacher, ctx.reference, ctx.ref_labels, ctx.train_images, n=ev.n, seed=ev.seed, extractor=ctx.extractor,
+            log=ctx.log.info,
+        )  # fmt: skip
+        if callable(getattr(teacher, "log_prob", None)):
+            out.test_bpd = evaluate_bpd(teacher, load_data(data_cfg, "test"))
+        out.noise_std = teacher.noise_std
+        return out
+
+    return _cached(ctx.eval_dir / f"teacher-{teacher.fingerprint()}-{ctx.key}.json", compute, TeacherEval)
+
+
+def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float, device) -> tuple[StudentEval, bool]:
+    from nfm.pipeline.evaluate import student_sweep
+
+    ev = ctx.ev
+    ctx.log.info(f"evaluating the {coupling} student")
+    model, meta = load_student(export, device)
+
+    def compute() -> StudentEval:
+        out = student_sweep(
+            model, meta, ctx.reference, ctx.ref_labels, ctx.train_images, n=ev.n, seed=ev.seed,
+            extractor=ctx.extractor, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
+            dopri5=ev.dopri5, straightness_steps=ev.straightness_steps, log=ctx.log.info,
+        )  # fmt: skip
+        if ev.likelihood:
+            from nfm.student.likelihood import student_bpd
+
+            m = ev.likelihood_n or len(ctx.reference)
+            ctx.log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
+            out.likelihood = student_bpd(
+                model, meta, ctx.reference[:m], ctx.ref_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
+                solver=ev.likelihood_solver,
+            )  # fmt: skip
+            ctx.log.info(f"  bits/dim {out.likelihood['bits_per_dim']:.4f} ({out.likelihood['divergence']})")
+        return out
+
+    fp = sha256_file(export / "model.safetensors")[:16]
+    return _cached(ctx.eval_dir / f"student-{coupling}-{fp}-{ctx.key}.json", compute, StudentEval)
+
+
+def _stage_evaluation(
+    ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig, students: dict[str, Path], device, stages: _Stages
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Stage 4 (main process): FID/KID of the teacher and every student; returns (results, grids)."""
+    from nfm.pipeline.evaluate import fid_kid
+
+    t0, ev = time.perf_counter(), ctx.ev
+    floor_n = min(len(ctx.train_images), max(ev.n, len(ctx.reference)))
+    results: dict[str, Any] = {
+        "n": ev.n,
+        "seed": ev.seed,
+        "extractor": ctx.extractor,
+        "reference": len(ctx.reference),
+        "students": {},
+        "teacher": None,
+        "data_floor": fid_kid(ctx.train_images[:floor_n], ctx.reference, ctx.extractor),
+    }
+    grids: dict[str, dict[str, torch.Tensor]] = {}
+    reused_all = True
+    if ev.teacher:
+        res, reused = _evaluate_teacher(ctx, teacher, data_cfg)
+        results["teacher"], grids["teacher"], reused_all = res.to_json(), res.grids, reused_all and reused
+    for coupling, export in students.items():
+        res, reused = _evaluate_student(ctx, coupling, export, teacher.noise_std, device)
+        results["students"][coupling], grids[coupling] = res.to_json(), res.euler_grids(8)
+        reused_all = reused_all and reused
+    stages.done("evaluation", reused_all, t0)
+    return results, grids
 
 
 def run_pipeline(
@@ -94,162 +250,34 @@ def run_pipeline(
 ) -> Path | None:
     """Run (or resume, or reuse) every stage; returns the report path (None on non-main processes)."""
     run_dir = Path(run_dir)
+    check_choices(cfg)
+    if not cfg.couplings:
+        raise NFMError("couplings must name at least one coupling")
     state = process_state()
     log = setup_logger(run_dir, name="nfm.run", main=state.is_main_process)
-    unknown = [c for c in cfg.couplings if c not in COUPLINGS]
-    if unknown or not cfg.couplings:
-        raise NFMError(f"couplings must be a non-empty subset of {', '.join(COUPLINGS)}; got {list(cfg.couplings)}")
     log.info(format_table(cfg, f"nfm run --preset {preset} -> {run_dir}"))
     if state.is_main_process:
         write_json(run_dir / "config.json", {"preset": preset, "from_teacher": from_teacher, **to_dict(cfg)})
     cache_root = Path(cache_root or default_cache_root())
-    timings: list[dict[str, Any]] = []
-    t_all = time.perf_counter()
+    stages, t_all = _Stages(log), time.perf_counter()
 
-    def stage(name: str, reused: bool, t0: float) -> None:
-        timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 1), "reused": reused})
-        log.info(f"[{name}] {'reused' if reused else 'done'} in {timings[-1]['seconds']:.1f}s")
-
-    # 1. teacher
-    t0 = time.perf_counter()
-    if from_teacher:  # an export, ml-tarflow:PATH or python:module:factory; data: its own, else the preset's
-        teacher, teacher_info = load_teacher_spec(from_teacher, state.device, teacher_arch)
-        data_cfg = from_dict(DataConfig, teacher_info["data"]) if teacher_info.get("data") else cfg.teacher.data
-        stage("teacher (--from-teacher)", True, t0)
-    else:
-        tdir = run_dir / f"teacher-{config_hash(cfg.teacher)}"
-        reused = (tdir / "export" / "config.json").is_file()
-        export = run_teacher_training(cfg.teacher, tdir)
-        data_cfg = cfg.teacher.data
-        teacher, teacher_info = load_teacher_spec(str(export), state.device)
-        stage("teacher", reused, t0)
-
-    # 2. pairs
+    teacher, teacher_info, data_cfg = _stage_teacher(cfg, run_dir, from_teacher, teacher_arch, state.device, stages)
     t0 = time.perf_counter()
     train_data = load_data(data_cfg, cfg.pairs.split)
-    said: list[str] = []
-    cache_dir = build_pairs(
-        teacher,
-        train_data,
-        cfg.pairs,
-        cache_root,
-        log=lambda m: (said.append(m), log.info(m)),
-        teacher_info=teacher_info,
-    )
-    stage("pairs", any("cache hit" in m for m in said), t0)
-
-    # 3. students: the same network, steps and batch for every coupling
-    students: dict[str, Path] = {}
-    for coupling in cfg.couplings:
-        t0 = time.perf_counter()
-        scfg = replace(
-            cfg.student,
-            data=data_cfg,
-            flow=replace(
-                cfg.student.flow, coupling=coupling, pairs=str(cache_dir.resolve()) if coupling == "nfm" else ""
-            ),
-        )
-        sdir = run_dir / "students" / f"{coupling}-{config_hash(scfg)}"
-        reused = (sdir / "export" / "config.json").is_file()
-        students[coupling] = run_student_training(scfg, sdir, cache_root)
-        stage(f"student {coupling}", reused, t0)
-
+    pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
+    stages.done("pairs", pairs.hit, t0)
+    students = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages)
     if not state.is_main_process:
         return None
 
-    # 4. evaluation (main process)
-    from pipeline.evaluate import default_extractor, fid_kid, student_sweep, teacher_sweep
-
-    ev = cfg.eval
-    extractor = ev.extractor or default_extractor(data_cfg.name)
-    reference, ref_labels = load_data(data_cfg, "test").tensors()
-    train_images, _ = (
-        train_data.tensors() if len(train_data) <= 100_000 else train_data.__getitems__(list(range(100_000)))
-    )
-    results: dict[str, Any] = {
-        "preset": preset,
-        "n": ev.n,
-        "seed": ev.seed,
-        "extractor": extractor,
-        "reference": len(reference),
-        "students": {},
-        "teacher": None,
-    }
-    grids: dict[str, dict[str, torch.Tensor]] = {}
-    t0 = time.perf_counter()
-    floor_n = min(len(train_images), max(ev.n, len(reference)))
-    results["data_floor"] = fid_kid(train_images[:floor_n], reference, extractor)
-    eval_dir = run_dir / "eval"
-    eval_key = config_hash({"eval": asdict(ev), "extractor": extractor, "reference": len(reference)})
-    reused_all = True
-    if ev.teacher:
-        log.info(f"evaluating the teacher ({ev.n} samples, {extractor})")
-        fp = teacher.fingerprint()
-
-        def teacher_eval():
-            out = teacher_sweep(
-                teacher, reference, ref_labels, train_images, n=ev.n, seed=ev.seed, extractor=extractor, log=log.info
-            )
-            if callable(getattr(teacher, "log_prob", None)):
-                out["test_bpd"] = evaluate_bpd(teacher, load_data(data_cfg, "test"))
-            out["noise_std"] = teacher.noise_std
-            return out
-
-        res, g, reused = _cached_eval(eval_dir / f"teacher-{fp}-{eval_key}.json", teacher_eval)
-        results["teacher"], grids["teacher"], reused_all = res, g, reused_all and reused
-
-    def evaluate_student(coupling: str, model, meta) -> dict[str, Any]:
-        out = student_sweep(
-            model,
-            meta,
-            reference,
-            ref_labels,
-            train_images,
-            n=ev.n,
-            seed=ev.seed,
-            extractor=extractor,
-            euler_nfes=ev.euler_nfes,
-            higher=((ev.higher_solver, ev.higher_steps),),
-            dopri5=ev.dopri5,
-            straightness_steps=ev.straightness_steps,
-            log=log.info,
-        )
-        if ev.likelihood:
-            from student.likelihood import student_bpd
-
-            m = ev.likelihood_n or len(reference)
-            log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
-            out["likelihood"] = lk = student_bpd(
-                model,
-                meta,
-                reference[:m],
-                ref_labels[:m],
-                eta=teacher.noise_std,
-                hutchinson=ev.likelihood_hutchinson,
-                solver=ev.likelihood_solver,
-            )
-            log.info(f"  bits/dim {lk['bits_per_dim']:.4f} ({lk['divergence']})")
-        return out
-
-    for coupling, sexport in students.items():
-        log.info(f"evaluating the {coupling} student")
-        model, meta = load_student(sexport, state.device)
-        fp = sha256_file(sexport / "model.safetensors")[:16]
-        res, g, reused = _cached_eval(
-            eval_dir / f"student-{coupling}-{fp}-{eval_key}.json",
-            lambda coupling=coupling, model=model, meta=meta: evaluate_student(coupling, model, meta),
-        )
-        results["students"][coupling] = res
-        grids[coupling] = {k: v for k, v in g.items() if k.startswith("euler-") and int(k.split("-")[1]) <= 8}
-        reused_all = reused_all and reused
-    stage("evaluation", reused_all, t0)
-
-    # 5. report
-    results["timings"] = timings
+    ctx = _EvalContext.make(cfg.eval, data_cfg, train_data, run_dir, log)
+    results, grids = _stage_evaluation(ctx, teacher, data_cfg, students, state.device, stages)
+    results = {"preset": preset, **results}
+    results["timings"] = stages.timings
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["peak_rss_mb"] = _peak_rss_mb()
-    results["pair_cache"] = {"key": cache_dir.name, "path": str(cache_dir), "index": str(cache_dir / INDEX_NAME)}
-    from pipeline.report import write_report
+    results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
+    from nfm.pipeline.report import write_report
 
     report = write_report(results, grids, run_dir)
     log.info(f"report: {report}")

@@ -15,18 +15,21 @@ batch into (z, x, y) on the device inside the loss. Labels stay with their data 
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
+from typing import Literal
 
 import numpy as np
 import torch
+from nfm.pairs.reader import PairCache, PairReader
+from nfm.pipeline.core.batches import BatchStream, dataset_batches
+from nfm.pipeline.core.data import ImageDataset
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.seeding import BatchRandom
 from scipy.optimize import linear_sum_assignment
 
-from pairs.reader import PairCache, PairReader
-from pipeline.data import ImageDataset
-from pipeline.errors import NFMError
-from pipeline.training import BatchRandom, BatchStream, dataset_batches
-
-COUPLINGS = ("nfm", "independent", "minibatch-ot")
+CouplingName = Literal["nfm", "independent", "minibatch-ot"]
+COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)
 
 
 class Coupling:

@@ -9,20 +9,23 @@ starts as the identity and the output layer starts at zero.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from einops import rearrange
+from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.errors import NFMError
 from torch import nn
 
-from pipeline.errors import NFMError
-
-ARCHS = ("dit", "mlp", "conv")
+Arch = Literal["dit", "mlp", "conv"]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
 
 
 @dataclass(frozen=True)
 class StudentModelConfig:
-    arch: str = "dit"  # dit | mlp | conv
+    arch: Arch = "dit"  # dit | mlp | conv
     in_channels: int = 0  # 0: from the data
     img_size: int = 0  # 0: from the data
     num_classes: int = -1  # -1: from the data; 0: unconditional
@@ -42,9 +45,8 @@ class StudentModelConfig:
         )
 
     def validate(self) -> None:
+        check_choices(self, "model.")
         problems = []
-        if self.arch not in ARCHS:
-            problems.append(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.in_channels <= 0 or self.img_size <= 0:
             problems.append("in_channels and img_size must be set (> 0)")
         if self.arch == "dit":

@@ -11,14 +11,17 @@ Every path is  x_t = alpha_t * x + sigma_t * z  with conditional velocity  u_t =
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from nfm.pipeline.core.errors import NFMError
 
-from pipeline.errors import NFMError
-
-PATHS = ("linear", "vp", "ve")
-TIME_SAMPLERS = ("uniform", "logit-normal")
+PathName = Literal["linear", "vp", "ve"]
+TimeSampler = Literal["uniform", "logit-normal"]
+PATHS: tuple[str, ...] = typing.get_args(PathName)
+TIME_SAMPLERS: tuple[str, ...] = typing.get_args(TimeSampler)
 
 
 def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -27,7 +30,7 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ProbPath:
-    kind: str = "linear"
+    kind: PathName = "linear"
     ve_sigma_min: float = 0.01
     ve_sigma_max: float = 20.0
 

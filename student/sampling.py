@@ -9,15 +9,25 @@ v = (1 + w) v(x, t, y) - w v(x, t, null), computed as one batch of 2b). Sampling
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
+from nfm.pipeline.core.errors import NFMError
 from torch import nn
 from torchdiffeq import odeint
 
-from pipeline.errors import NFMError
-
-SOLVERS = {"euler": "euler", "midpoint": "midpoint", "heun": "heun2", "rk4": "rk4", "dopri5": "dopri5"}
+Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
+Grid = Literal["uniform", "data-end"]
+SOLVERS = {
+    "euler": "euler",
+    "midpoint": "midpoint",
+    "heun": "heun2",
+    "rk4": "rk4",
+    "dopri5": "dopri5",
+}  # -> torchdiffeq
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-GRIDS = ("uniform", "data-end")
+GRIDS: tuple[str, ...] = typing.get_args(Grid)
 
 
 class CountedVelocity(nn.Module):

@@ -13,31 +13,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nfm.pairs.lookup import default_cache_root, find_cache
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.core.data import DataConfig, load_data
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.loop import TrainConfig, train
+from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.sampling import sample_and_save
+from nfm.pipeline.core.seeding import BatchRandom
+from nfm.student.couplings import Coupling, CouplingName, make_coupling
+from nfm.student.models import StudentModelConfig, build_student
+from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
+from nfm.student.sampling import Grid, Solver, sample_ode
 from torch import nn
-
-from pairs.build import default_cache_root
-from pairs.reader import PairCache
-from pairs.verify import find_cache
-from pipeline.config import format_table, from_dict, to_dict
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from pipeline.images import save_grid
-from pipeline.io import load_tensors, read_json, save_tensors, write_json
-from pipeline.training import BatchRandom, TrainConfig, process_state, setup_logger, train
-from student.couplings import COUPLINGS, Coupling, make_coupling
-from student.models import StudentModelConfig, build_student
-from student.paths import TIME_SAMPLERS, ProbPath, sample_time
-from student.sampling import sample_ode
 
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class FlowConfig:
-    coupling: str = "nfm"  # nfm | independent | minibatch-ot
+    coupling: CouplingName = "nfm"  # nfm | independent | minibatch-ot
     pairs: str = ""  # nfm: pair cache key (under the cache root) or directory
-    path: str = "linear"  # linear | vp | ve
-    time: str = "uniform"  # uniform | logit-normal
+    path: PathName = "linear"  # linear | vp | ve
+    time: TimeSampler = "uniform"  # uniform | logit-normal
     time_mean: float = 0.0  # logit-normal mean
     time_std: float = 1.0  # logit-normal std
     ve_sigma_min: float = 0.01
@@ -50,9 +51,9 @@ class FlowConfig:
 @dataclass(frozen=True)
 class StudentSampleConfig:
     n: int = 100  # preview grid size
-    solver: str = "euler"
+    solver: Solver = "euler"
     steps: int = 4  # preview NFE (euler)
-    grid: str = "uniform"
+    grid: Grid = "uniform"
     guidance: float = 0.0
     seed: int = 4321  # fixed preview noise
 
@@ -80,8 +81,6 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
 
 
 def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None) -> Coupling:
-    if cfg.flow.coupling not in COUPLINGS:
-        raise NFMError(f"unknown coupling {cfg.flow.coupling!r}; choose one of {', '.join(COUPLINGS)}")
     if cfg.flow.coupling == "nfm":
         if not cfg.flow.pairs:
             return make_coupling("nfm")  # raises with the fix
@@ -102,40 +101,26 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
         raise NFMError(f"model.num_classes={model.num_classes} but the data has {coupling.num_classes} classes")
     model.validate()
     flow = cfg.flow
-    if flow.time not in TIME_SAMPLERS:
-        raise NFMError(f"unknown time sampler {flow.time!r}; choose one of {', '.join(TIME_SAMPLERS)}")
-    flow.make_path()  # validates the path name
     if flow.coupling == "nfm" and flow.pairs:
         flow = replace(flow, pairs=str(coupling.cache.dir.resolve()))
     return replace(cfg, model=model, flow=flow)
 
 
-def preview_labels(num_classes: int, n: int) -> torch.Tensor | None:
-    return torch.arange(n) % num_classes if num_classes else None
-
-
 def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
-    device = next(model.parameters()).device
-    s = cfg.sample
-    z = torch.randn(
-        s.n,
-        *(cfg.model.in_channels, cfg.model.img_size, cfg.model.img_size),
-        generator=torch.Generator().manual_seed(s.seed),
+    """The preview grid: fixed noise through the path's prior, `sample.steps` steps of `sample.solver`."""
+    s, mc = cfg.sample, cfg.model
+    sample_and_save(
+        lambda z, y: sample_ode(
+            model, z, y, solver=s.solver, steps=s.steps, grid=s.grid, guidance=s.guidance, num_classes=mc.num_classes
+        )[0],
+        path,
+        n=s.n,
+        image_shape=(mc.in_channels, mc.img_size, mc.img_size),
+        num_classes=mc.num_classes,
+        seed=s.seed,
+        prior=cfg.flow.make_path().prior_scale,
+        device=next(model.parameters()).device,
     )
-    y = preview_labels(cfg.model.num_classes, s.n)
-    x, _ = sample_ode(
-        model,
-        z.to(device),
-        None if y is None else y.to(device),
-        solver=s.solver,
-        steps=s.steps,
-        grid=s.grid,
-        guidance=s.guidance,
-        prior_scale=cfg.flow.make_path().prior_scale,
-        num_classes=cfg.model.num_classes,
-    )
-    k = cfg.model.num_classes
-    save_grid(x, path, nrow=k if k and s.n % k == 0 else None)
 
 
 def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunConfig, extra: dict | None = None):
@@ -182,6 +167,7 @@ def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, A
 def run_student_training(cfg: StudentRunConfig, run_dir: Path, cache_root: Path | None = None) -> Path:
     """`nfm student train`: train (or resume) a student in run_dir; returns the export directory."""
     run_dir = Path(run_dir)
+    check_choices(cfg)
     coupling = open_coupling(cfg, cache_root)
     cfg = resolve(cfg, coupling)
     log = setup_logger(run_dir, main=process_state().is_main_process)

@@ -1,5 +1,5 @@
 """Stage one: the TarFlow teacher (model, training, export)."""
 
-from teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig
+from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig
 
 __all__ = ["TARFLOW_SIZES", "TarFlow", "TarFlowConfig"]

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pipeline.config import from_dict
-from pipeline.errors import NFMError
-from pipeline.io import load_tensors, read_json, save_tensors, write_json
-from teacher.model import TarFlow, TarFlowConfig
+from nfm.pipeline.core.config import from_dict
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.teacher.model import TarFlow, TarFlowConfig
 
 FORMAT_VERSION = 1
 

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from pipeline.errors import NFMError
-from teacher.model import TarFlow, TarFlowConfig
+from nfm.pipeline.core.errors import NFMError
+from nfm.teacher.model import TarFlow, TarFlowConfig
 
 FILENAME = re.compile(r"_model_(\d+)_(\d+)_(\d+)_(\d+)_([0-9.]+?)\.pth?$")
 HEAD_DIM = 64  # ml-tarflow's default attention head width

@@ -29,14 +29,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import typing
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.metrics import nll_to_bpd
 from torch import nn
 
-from pipeline.errors import NFMError
+Scale = Literal["exp", "softplus"]
+Decoder = Literal["sequential", "jacobi"]
+SCALES: tuple[str, ...] = typing.get_args(Scale)
+DECODERS: tuple[str, ...] = typing.get_args(Decoder)
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,7 @@ class TarFlowConfig:
     expansion: int = 4  # MLP hidden = expansion * width
     num_classes: int = -1  # -1: from the data; 0: unconditional
     noise_std: float = 0.1  # eta: the model is trained on x + eta * eps
-    scale: str = "exp"  # affine scale: exp(a) (TarFlow) | softplus (STARFlow)
+    scale: Scale = "exp"  # affine scale: exp(a) (TarFlow) | softplus (STARFlow)
 
     @property
     def num_patches(self) -> int:
@@ -78,6 +86,7 @@ class TarFlowConfig:
         )
 
     def validate(self) -> None:
+        check_choices(self, "model.")
         problems = []
         if self.in_channels <= 0 or self.img_size <= 0:
             problems.append(f"in_channels={self.in_channels} and img_size={self.img_size} must be set (> 0)")
@@ -92,8 +101,6 @@ class TarFlowConfig:
                 f"layers_per_block lists {len(self.block_layers)} blocks but num_blocks={self.num_blocks}; "
                 "give one entry per block (deep-shallow, e.g. 8,2,2,2) or a single number"
             )
-        if self.scale not in SCALES:
-            problems.append(f"scale={self.scale!r} is not one of {', '.join(SCALES)}")
         if self.num_classes < 0:
             problems.append("num_classes is unresolved (-1); resolve it from the data first")
         if not self.noise_std >= 0:
@@ -102,8 +109,6 @@ class TarFlowConfig:
             raise NFMError("invalid TarFlow config: " + "; ".join(problems))
 
 
-SCALES = ("exp", "softplus")
-DECODERS = ("sequential", "jacobi")
 SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(a + shift) = 1 at a = 0
 
 
@@ -127,6 +132,41 @@ TARFLOW_SIZES: dict[str, dict] = {
 
 def _affine_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance of a decode: a <- a_c + w (a_c - a_u), likewise b (as in apple/ml-tarflow).
+
+    weight      w; 0 switches guidance off
+    what        which affine parameters are guided: "a", "b" or "ab"
+    annealed    w_p = w * p / (T - 1) for patch p: no guidance on the first patch, full on the last
+    attn_temp   attention temperature of the unconditional branch
+    """
+
+    weight: float = 0.0
+    what: Literal["a", "b", "ab"] = "ab"
+    annealed: bool = False
+    attn_temp: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        return self.weight != 0.0
+
+
+NO_GUIDANCE = Guidance()
+
+
+@dataclass
+class _DecodeState:
+    """What one block's decode carries from patch to patch."""
+
+    dtype: torch.dtype  # the affine arithmetic's dtype
+    n: int  # samples (the batch holds 2n rows under guidance: conditional, then unconditional)
+    guidance: Guidance
+    y: torch.Tensor | None  # labels of all rows (-1 for the unconditional half)
+    q_scale: torch.Tensor | None  # per-row attention temperature, (rows, 1, 1, 1)
+    caches: list[KVCache] | None
 
 
 class KVCache:
@@ -251,62 +291,54 @@ class MetaBlock(nn.Module):
         return self.permute(z), -log_s.sum(dim=(1, 2))
 
     def _guided_params(
-        self, out: torch.Tensor, n: int, targets: torch.Tensor, guide: dict | None, dt: torch.dtype
+        self, out: torch.Tensor, st: _DecodeState, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log s, b) for the target patches from raw trunk outputs (n or 2n rows, t, 2 dim). With guidance the
         second half of the rows is the unconditional branch: a <- a_c + w (a_c - a_u), likewise b."""
-        a, b = out.to(dt).chunk(2, dim=-1)
-        if guide is not None:
-            w = guide["w"]
-            if guide["annealed"]:  # w_p = w * p / (T - 1) for target patch p
-                w = w * targets.to(dt).view(1, -1, 1) / (self.pos_embed.shape[0] - 1)
-            (a_c, a_u), (b_c, b_u) = a.split(n), b.split(n)
-            a = a_c + w * (a_c - a_u) if "a" in guide["what"] else a_c
-            b = b_c + w * (b_c - b_u) if "b" in guide["what"] else b_c
+        a, b = out.to(st.dtype).chunk(2, dim=-1)
+        g = st.guidance
+        if g.active:
+            w = g.weight
+            if g.annealed:  # w_p = w * p / (T - 1) for target patch p (targets live on the data's device)
+                w = w * targets.to(st.dtype).view(1, -1, 1) / (self.pos_embed.shape[0] - 1)
+            (a_c, a_u), (b_c, b_u) = a.split(st.n), b.split(st.n)
+            a = a_c + w * (a_c - a_u) if "a" in g.what else a_c
+            b = b_c + w * (b_c - b_u) if "b" in g.what else b_c
         return self.log_scale(a), b
 
-    def _decode_setup(self, z, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache):
+    def _decode_setup(self, z: torch.Tensor, y: torch.Tensor | None, guidance: Guidance, kv_cache: bool):
         dt = _affine_dtype(z)
         x = self.permute(z).to(dt).clone()  # decoded in place, in block order
         n, T, _ = x.shape
-        guide, yy, q_scale = None, y, None
-        if guidance != 0.0:
-            guide = {"w": guidance, "what": guide_what, "annealed": annealed_guidance}
+        yy, q_scale = y, None
+        if guidance.active:
             yy = torch.cat([y, torch.full_like(y, -1)])
-            q_scale = torch.cat([torch.ones(n), torch.full((n,), 1.0 / attn_temp)]).to(x.device).view(-1, 1, 1, 1)
+            temp = torch.full((n,), 1.0 / guidance.attn_temp)
+            q_scale = torch.cat([torch.ones(n), temp]).to(x.device).view(-1, 1, 1, 1)
         caches = None
         if kv_cache:
             m = self.attn_blocks[0].attention
-            rows = 2 * n if guide else n
+            rows = 2 * n if guidance.active else n
             dtype = self.proj_in.weight.dtype
             caches = [KVCache(rows, m.heads, T, m.head_dim, dtype, x.device) for _ in self.attn_blocks]
-        return x, dt, guide, yy, q_scale, caches
+        return x, _DecodeState(dtype=dt, n=n, guidance=guidance, y=yy, q_scale=q_scale, caches=caches)
 
-    def _run(self, x_in, yy, caches, pos, q_scale, guided: bool) -> torch.Tensor:
-        inp = torch.cat([x_in, x_in]) if guided else x_in
-        return self.trunk(inp.to(self.proj_in.weight.dtype), yy, caches, pos, q_scale)
+    def _run(self, x_in: torch.Tensor, st: _DecodeState, pos: int) -> torch.Tensor:
+        inp = torch.cat([x_in, x_in]) if st.guidance.active else x_in
+        return self.trunk(inp.to(self.proj_in.weight.dtype), st.y, st.caches, pos, st.q_scale)
 
     @torch.no_grad()
     def reverse(
-        self,
-        z: torch.Tensor,
-        y: torch.Tensor | None = None,
-        guidance: float = 0.0,
-        guide_what: str = "ab",
-        annealed_guidance: bool = False,
-        attn_temp: float = 1.0,
-        kv_cache: bool = True,
+        self, z: torch.Tensor, y: torch.Tensor | None = None, guidance: Guidance = NO_GUIDANCE, kv_cache: bool = True
     ) -> torch.Tensor:
         """Noise -> data, patch by patch. With guidance, a conditional and an unconditional pass run as
         one batch; the unconditional branch attends with temperature `attn_temp` (as in ml-tarflow)."""
-        x, dt, guide, yy, q_scale, caches = self._decode_setup(
-            z, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache
-        )
-        n, T, _ = x.shape
+        x, st = self._decode_setup(z, y, guidance, kv_cache)
+        T = x.shape[1]
         for i in range(T - 1):
             inp = x[:, i : i + 1] if kv_cache else x[:, : i + 1]
-            out = self._run(inp, yy, caches, i if kv_cache else 0, q_scale, guide is not None)[:, -1:]
-            log_s, b = self._guided_params(out, n, torch.tensor([i + 1]), guide, dt)  # patch i + 1
+            out = self._run(inp, st, i if kv_cache else 0)[:, -1:]
+            log_s, b = self._guided_params(out, st, torch.tensor([i + 1], device=x.device))  # patch i + 1
             x[:, i + 1] = x[:, i + 1] * torch.exp(log_s[:, 0]) + b[:, 0]
         return self.permute(x)
 
@@ -315,10 +347,7 @@ class MetaBlock(nn.Module):
         self,
         z: torch.Tensor,
         y: torch.Tensor | None = None,
-        guidance: float = 0.0,
-        guide_what: str = "ab",
-        annealed_guidance: bool = False,
-        attn_temp: float = 1.0,
+        guidance: Guidance = NO_GUIDANCE,
         tol: float = 1e-4,
         max_iters: int = 0,
         chunk: int = 0,
@@ -328,19 +357,16 @@ class MetaBlock(nn.Module):
         chunks in turn (Gauss-Seidel), their prefix in a KV cache. chunk=0: one chunk (plain Jacobi).
         After k iterations the first k patches of a chunk are exact, so a chunk of c patches is exact
         after c iterations (the default cap). Returns (x, iterations summed over chunks)."""
-        x, dt, guide, yy, q_scale, caches = self._decode_setup(
-            z, y, guidance, guide_what, annealed_guidance, attn_temp, True
-        )
-        n, T, _ = x.shape
+        x, st = self._decode_setup(z, y, guidance, True)
+        T = x.shape[1]
         zz = x.clone()
         c = chunk if chunk > 0 else T - 1
         total = 0
         for s in range(1, T, c):  # solve patches [s, e) from inputs [s - 1, e - 1)
             e = min(s + c, T)
-            targets = torch.arange(s, e)
+            targets = torch.arange(s, e, device=x.device)
             for _ in range(max_iters if max_iters > 0 else e - s):
-                out = self._run(x[:, s - 1 : e - 1], yy, caches, s - 1, q_scale, guide is not None)
-                log_s, b = self._guided_params(out, n, targets, guide, dt)
+                log_s, b = self._guided_params(self._run(x[:, s - 1 : e - 1], st, s - 1), st, targets)
                 new = zz[:, s:e] * torch.exp(log_s) + b
                 delta = float((new - x[:, s:e]).abs().max())
                 x[:, s:e] = new
@@ -443,12 +469,9 @@ class TarFlow(nn.Module):
         z: torch.Tensor,
         y: torch.Tensor | None = None,
         *,
-        guidance: float = 0.0,
-        guide_what: str = "ab",
-        annealed_guidance: bool = False,
-        attn_temp: float = 1.0,
+        guidance: Guidance = NO_GUIDANCE,
         kv_cache: bool = True,
-        method: str = "sequential",
+        method: Decoder = "sequential",
         tol: float = 1e-4,
         max_iters: int = 0,
         chunk: int = 0,
@@ -460,7 +483,7 @@ class TarFlow(nn.Module):
         method "jacobi": parallel fixed-point iteration per block to tolerance `tol` (at most `max_iters`
         iterations per chunk; default: the chunk length, which is exact), in chunks of `chunk` patches
         (0: the whole sequence; smaller chunks = Gauss-Seidel-Jacobi). `stats`, a dict, receives the
-        iterations per block. guidance w: a <- a_c + w (a_c - a_u) (likewise b); annealed: w_p = w p / (T - 1).
+        iterations per block. `guidance`: see `Guidance`.
         """
         if method not in DECODERS:
             raise NFMError(f"unknown decoder {method!r}; choose one of {', '.join(DECODERS)}")
@@ -468,23 +491,21 @@ class TarFlow(nn.Module):
             raise NFMError(f"jacobi tolerance must be >= 0, got {tol}")
         self.check_images(z, "decode")
         y = self.check_labels(y, z.shape[0])
-        if guidance != 0.0:
+        if guidance.active:
             if self.num_classes == 0:
                 raise NFMError("classifier-free guidance needs a class-conditional teacher; this one has no classes")
             if y is None:
                 raise NFMError("classifier-free guidance needs labels y to guide towards")
-            if attn_temp <= 0:
-                raise NFMError(f"attn_temp must be > 0, got {attn_temp}")
+            if guidance.attn_temp <= 0:
+                raise NFMError(f"attn_temp must be > 0, got {guidance.attn_temp}")
         h = self.patchify(z)
         iters = []
         for block in reversed(self.blocks):
             if method == "jacobi":
-                h, k = block.reverse_jacobi(
-                    h, y, guidance, guide_what, annealed_guidance, attn_temp, tol, max_iters, chunk
-                )
+                h, k = block.reverse_jacobi(h, y, guidance, tol, max_iters, chunk)
                 iters.append(k)
             else:
-                h = block.reverse(h, y, guidance, guide_what, annealed_guidance, attn_temp, kv_cache)
+                h = block.reverse(h, y, guidance, kv_cache)
         if stats is not None:
             stats["iterations"] = iters[::-1]  # block order
         return self.unpatchify(h)
@@ -538,8 +559,3 @@ class TarFlow(nn.Module):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
-
-
-def nll_to_bpd(nll_per_dim: torch.Tensor | float) -> torch.Tensor | float:
-    """nats per dimension of x in [-1, 1] -> bits per dimension on the [0, 255] pixel scale."""
-    return (nll_per_dim + math.log(127.5)) / math.log(2)

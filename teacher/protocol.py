@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-from pipeline.errors import NFMError
+from nfm.pipeline.core.errors import NFMError
 
 
 @runtime_checkable
@@ -49,11 +48,10 @@ class Teacher(Protocol):
         the teacher's identity in pair-cache keys."""
         ...
 
-
-OPTIONAL = {
-    "log_prob": "log_prob(x, y) -> (b,) log-density in nats: enables `nfm teacher eval` and the denoise step",
-    "prior_std": "prior_std -> tensor broadcastable to image_shape: the prior's standard deviation per pixel",
-}
+    # Optional members, used where present:
+    #   log_prob(x, y) -> (b,) log-density in nats: `nfm teacher eval`, bits/dim in reports, the denoise step
+    #   prior_std -> tensor broadcastable to image_shape: the prior's standard deviation per pixel (default 1)
+    #   denoise(x, y) -> x: the score step applied after decoding (reports score decode and decode+denoise)
 
 
 def check_teacher(obj: Any, where: str) -> Any:
@@ -162,7 +160,7 @@ def load_python_teacher(target: str, arch: dict[str, Any] | None = None):
 
 def load_teacher_spec(spec: str | TeacherSpec, device="cpu", arch: str | dict | None = None):
     """Any --teacher value -> (teacher in eval mode on `device`, info dict for the cache index)."""
-    from teacher.export import export_info, load_teacher, resolve_export_dir
+    from nfm.teacher.export import export_info, load_teacher, resolve_export_dir
 
     s = spec if isinstance(spec, TeacherSpec) else parse_spec(spec, arch)
     if s.kind == "export":
@@ -175,7 +173,7 @@ def load_teacher_spec(spec: str | TeacherSpec, device="cpu", arch: str | dict | 
             "data": info.get("data"),
         }
     if s.kind == "ml-tarflow":
-        from teacher.mltarflow import load_ml_tarflow
+        from nfm.teacher.mltarflow import load_ml_tarflow
 
         model, arch_used = load_ml_tarflow(s.target, s.arch)
         return model.to(device).eval().requires_grad_(False), {

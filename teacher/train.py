@@ -13,22 +13,26 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from nfm.pipeline.core.config import check_choices, format_table, to_dict
+from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.loop import TrainConfig, train
+from nfm.pipeline.core.metrics import nll_to_bpd
+from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.sampling import sample_and_save
+from nfm.pipeline.core.seeding import BatchRandom
+from nfm.teacher.export import save_export
+from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
+from nfm.teacher.protocol import prior_std, teacher_device
 from torch import nn
-
-from pipeline.config import format_table, to_dict
-from pipeline.data import DataConfig, ImageDataset, load_data
-from pipeline.errors import NFMError
-from pipeline.images import save_grid
-from pipeline.training import BatchRandom, TrainConfig, process_state, setup_logger, train
-from teacher.export import save_export
-from teacher.model import TarFlow, TarFlowConfig, nll_to_bpd
 
 
 @dataclass(frozen=True)
 class TeacherSampleConfig:
     n: int = 100  # preview grid size
     guidance: float = 0.0  # classifier-free guidance weight for previews
-    temperature: float = 1.0  # prior temperature: z ~ N(0, temperature^2 I)
+    temperature: float = 1.0  # prior temperature: z ~ N(0, temperature^2 diag(prior_std^2))
     denoise: bool = True  # apply the score step after decoding
     seed: int = 1234  # fixed preview noise
 
@@ -60,23 +64,24 @@ def teacher_loss(eta: float, label_drop: float):
     return loss_fn
 
 
-def preview_labels(model: TarFlow, n: int) -> torch.Tensor | None:
-    """Labels for a preview grid: column k shows class k (grid rows of num_classes)."""
-    if model.num_classes == 0:
-        return None
-    return torch.arange(n) % model.num_classes
-
-
 @torch.no_grad()
 def sample_grid(model: TarFlow, scfg: TeacherSampleConfig, path: Path) -> torch.Tensor:
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(scfg.seed)
-    y = preview_labels(model, scfg.n)
-    z = torch.randn(scfg.n, *model.image_shape, generator=g) * scfg.temperature
-    x = model.decode(z.to(device), None if y is None else y.to(device), guidance=scfg.guidance)
-    if scfg.denoise and model.noise_std > 0:
-        x = model.denoise(x, None if y is None else y.to(device))
-    save_grid(x, path, nrow=model.num_classes if model.num_classes and scfg.n % model.num_classes == 0 else None)
+    """The preview grid: fixed noise through the prior (x temperature), decoded (and denoised)."""
+
+    def sampler(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        x = model.decode(z, y, guidance=Guidance(scfg.guidance))
+        return model.denoise(x, y) if scfg.denoise and model.noise_std > 0 else x
+
+    x, _ = sample_and_save(
+        sampler,
+        path,
+        n=scfg.n,
+        image_shape=model.image_shape,
+        num_classes=model.num_classes,
+        seed=scfg.seed,
+        prior=scfg.temperature * prior_std(model),
+        device=teacher_device(model),
+    )
     return x
 
 
@@ -85,8 +90,6 @@ def evaluate_bpd(
     model: TarFlow, data: ImageDataset, batch_size: int = 500, eta: float | None = None, seed: int = 0
 ) -> float:
     """Mean bits/dim of x + eta * eps over a split (eta defaults to the model's own noise_std)."""
-    from teacher.protocol import teacher_device
-
     device = teacher_device(model)
     eta = model.noise_std if eta is None else eta
     g = torch.Generator().manual_seed(seed)
@@ -123,6 +126,7 @@ def resolve(cfg: TeacherRunConfig, data: ImageDataset) -> TeacherRunConfig:
 def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path) -> Path:
     """`nfm teacher train`: train (or resume) in run_dir; returns the export directory."""
     run_dir = Path(run_dir)
+    check_choices(cfg)
     data = load_data(cfg.data, "train")
     cfg = resolve(cfg, data)
     log = setup_logger(run_dir, main=process_state().is_main_process)  # one log, by the main process

@@ -9,8 +9,7 @@ import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
+from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 
 def make_flow(
@@ -36,8 +35,8 @@ def flow_factory():
 
 def make_teacher_export(path, seed=0, noise_std=0.1, width=32, blocks=2, data=None):
     """A small random (non-trivial) class-conditional digits teacher, saved as an export."""
-    from pipeline.data import DataConfig
-    from teacher.export import save_export
+    from nfm.pipeline.core.data import DataConfig
+    from nfm.teacher.export import save_export
 
     data = data or DataConfig(name="digits", held_out=0.9)
     torch.manual_seed(seed)

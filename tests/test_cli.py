@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
+from nfm.pipeline.core.io import load_tensors
 from PIL import Image
-
-from pipeline.io import load_tensors
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from pipeline.data import DataConfig, load_data, read_idx
-from pipeline.errors import NFMError
+from nfm.pipeline.core.data import DataConfig, load_data, read_idx
+from nfm.pipeline.core.errors import NFMError
 
 
 def write_idx(path, array: np.ndarray, gz: bool = True, truncate: int = 0) -> None:
@@ -161,9 +160,9 @@ def test_empty_data_name_says_how_to_set_it():
 
 @pytest.mark.parametrize("preset", ["gpu32", "gpu64"])
 def test_gpu_presets_resolve_for_a_users_dataset(preset):
-    from pipeline.config import build_config
-    from pipeline.presets import run_preset
-    from pipeline.run import RunConfig
+    from nfm.pipeline.core.config import build_config
+    from nfm.pipeline.presets import run_preset
+    from nfm.pipeline.run import RunConfig
 
     cfg = build_config(RunConfig, preset=run_preset(preset), overrides=["teacher.data.name=/data/mine"])
     size = int(preset[3:])

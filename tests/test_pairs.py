@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from nfm.pairs.build import PairBuildConfig, build_pairs, pair_noise
+from nfm.pairs.format import INDEX_NAME, ShardFile, read_index
+from nfm.pairs.reader import PairCache, PairReader
+from nfm.pairs.verify import check_shards, reconstruction_error
+from nfm.pipeline.core.data import DataConfig, load_data
+from nfm.pipeline.core.errors import NFMError
+from nfm.teacher.export import load_teacher
 
-from pairs.build import PairBuildConfig, build_pairs, pair_noise
-from pairs.format import INDEX_NAME, ShardFile, read_index
-from pairs.reader import PairCache, PairReader
-from pairs.verify import check_shards, reconstruction_error
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from teacher.export import load_teacher
 from tests.conftest import make_teacher_export
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images: fast

@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from pipeline.evaluate import fid_kid, straightness
+from nfm.pipeline.core.data import DataConfig, load_data
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.evaluate import fid_kid, straightness
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +104,7 @@ def test_interrupted_run_resumes(tmp_path):
 
 
 def test_inception_extractor_says_how_to_get_its_weights(tmp_path, monkeypatch):
-    from pipeline.evaluate import inception_weights
+    from nfm.pipeline.evaluate import inception_weights
 
     monkeypatch.setenv("NFM_INCEPTION_WEIGHTS", str(tmp_path / "missing.pt"))
     with pytest.raises(NFMError, match="NFM_INCEPTION_WEIGHTS=.*missing.pt is not a file"):
@@ -156,15 +155,10 @@ def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
 
 def test_fashion_mnist_feature_net_is_committed_and_registered():
     """The committed 28x28 weights load, match their recorded recipe, and give FID ~0 on a set vs itself."""
-    from pathlib import Path
+    from nfm.pipeline.featurenet import WEIGHTS_DIR, load_featurenet
 
-    import pipeline.featurenet
-    from pipeline.featurenet import load_featurenet
-
-    recipe = json.loads(
-        (Path(pipeline.featurenet.__file__).parent / "weights/featurenet-fashion-mnist.json").read_text()
-    )
-    assert recipe["test_accuracy"] > 0.85 and recipe["script"] == "python -m pipeline.featurenet fashion-mnist"
+    recipe = json.loads((WEIGHTS_DIR / "featurenet-fashion-mnist.json").read_text())
+    assert recipe["test_accuracy"] > 0.85 and recipe["script"] == "python -m nfm.pipeline.featurenet fashion-mnist"
     assert load_featurenet("fashion-mnist").meta["img_size"] == 28
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(64, 1, 28, 28, generator=g) * 2 - 1).round()  # binary-ish images

@@ -11,21 +11,23 @@ from dataclasses import replace
 
 import pytest
 import torch
+from nfm.pairs.build import PairBuildConfig, build_pairs
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.checkpoint import list_checkpoints
+from nfm.pipeline.core.config import build_config
+from nfm.pipeline.core.data import DataConfig, load_data
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors
+from nfm.pipeline.core.loop import Interrupted
+from nfm.pipeline.core.seeding import BatchRandom
+from nfm.pipeline.presets import STUDENT_PRESETS
+from nfm.student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation
+from nfm.student.models import StudentModelConfig, build_student
+from nfm.student.paths import PATHS, ProbPath
+from nfm.student.sampling import EVALS_PER_STEP, sample_ode, time_grid
+from nfm.student.train import FlowConfig, StudentRunConfig, flow_matching_loss, run_student_training
+from nfm.teacher.export import load_teacher
 
-from pairs.build import PairBuildConfig, build_pairs
-from pairs.reader import PairCache
-from pipeline.config import build_config
-from pipeline.data import DataConfig, load_data
-from pipeline.errors import NFMError
-from pipeline.io import load_tensors
-from pipeline.presets import STUDENT_PRESETS
-from pipeline.training import BatchRandom, Interrupted, list_checkpoints
-from student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation
-from student.models import StudentModelConfig, build_student
-from student.paths import PATHS, ProbPath
-from student.sampling import EVALS_PER_STEP, sample_ode, time_grid
-from student.train import FlowConfig, StudentRunConfig, flow_matching_loss, run_student_training
-from teacher.export import load_teacher
 from tests.conftest import make_teacher_export
 
 DATA = DataConfig(name="digits", held_out=0.9)
@@ -301,7 +303,7 @@ def test_nfm_coupling_without_a_cache_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("coupling", ["nfm", "minibatch-ot"])
 def test_resume_gives_the_same_weights(cache, tmp_path, monkeypatch, coupling):
-    import student.train as st
+    import nfm.student.train as st
 
     cfg = tiny(coupling, str(cache), steps=12, ckpt_every=5, sample_every=0, log_every=4)
     straight = run_student_training(cfg, tmp_path / "a")
@@ -436,7 +438,7 @@ class _AffineField(torch.nn.Module):
 
 
 def test_likelihood_matches_an_analytic_flow_float64():
-    from student.likelihood import log_likelihood
+    from nfm.student.likelihood import log_likelihood
 
     a, d = 0.7, 9
     s = torch.linspace(0, 1, 20001, dtype=torch.float64)
@@ -456,7 +458,7 @@ def test_likelihood_matches_an_analytic_flow_float64():
 
 
 def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
-    from student.likelihood import _Augmented
+    from nfm.student.likelihood import _Augmented
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))

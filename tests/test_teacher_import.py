@@ -8,10 +8,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pipeline.errors import NFMError
-from teacher.mltarflow import arch_from_filename, load_ml_tarflow
-from teacher.protocol import Teacher, check_teacher, load_teacher_spec, parse_arch, parse_spec
+from nfm.pipeline.core.errors import NFMError
+from nfm.teacher.mltarflow import arch_from_filename, load_ml_tarflow
+from nfm.teacher.protocol import Teacher, check_teacher, load_teacher_spec, parse_arch, parse_spec
 
 # ----------------------------------------------------------------------------- an ml-tarflow state dict
 

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-
-from pipeline.errors import NFMError
-from teacher.model import TarFlow, TarFlowConfig
+from nfm.pipeline.core.errors import NFMError
+from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
 
 torch.set_default_dtype(torch.float32)
 
@@ -69,7 +68,7 @@ def test_kv_cached_decode_equals_recomputed_prefix(flow_factory, num_classes, gu
     model = flow_factory(channels=2, patch_size=2, num_classes=num_classes, layers_per_block=2)
     z = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 4, 2]) if num_classes else None
-    kw = dict(guidance=guidance, annealed_guidance=annealed, attn_temp=0.7)
+    kw = dict(guidance=Guidance(guidance, annealed=annealed, attn_temp=0.7))
     cached = model.decode(z, y, kv_cache=True, **kw)
     full = model.decode(z, y, kv_cache=False, **kw)
     torch.testing.assert_close(cached, full, atol=1e-12, rtol=0)
@@ -80,8 +79,8 @@ def test_guidance_changes_samples_and_zero_guidance_is_conditional(flow_factory)
     z = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     y = torch.tensor([1, 3])
     plain = model.decode(z, y)
-    torch.testing.assert_close(model.decode(z, y, guidance=0.0), plain, atol=0, rtol=0)
-    assert (model.decode(z, y, guidance=2.0) - plain).abs().max() > 1e-6
+    torch.testing.assert_close(model.decode(z, y, guidance=Guidance(0.0)), plain, atol=0, rtol=0)
+    assert (model.decode(z, y, guidance=Guidance(2.0)) - plain).abs().max() > 1e-6
 
 
 def test_dropped_label_is_the_mean_class_embedding(flow_factory):
@@ -179,10 +178,10 @@ def test_bad_labels_and_guidance_without_classes(flow_factory):
     with pytest.raises(NFMError, match=r"labels must be in \[-1, 2\]"):
         model.encode(x, torch.tensor([0, 3]))
     with pytest.raises(NFMError, match="needs labels"):
-        model.decode(x, None, guidance=1.0)
+        model.decode(x, None, guidance=Guidance(1.0))
     uncond = flow_factory(num_classes=0)
     with pytest.raises(NFMError, match="class-conditional"):
-        uncond.decode(x, torch.tensor([0, 1]), guidance=1.0)
+        uncond.decode(x, torch.tensor([0, 1]), guidance=Guidance(1.0))
 
 
 def test_invalid_config_is_a_clear_error():
@@ -204,7 +203,7 @@ def test_jacobi_decode_with_full_iterations_is_the_sequential_decode(
     model = flow_factory(channels=2, patch_size=2, num_classes=num_classes, layers_per_block=2)
     z = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     y = torch.tensor([0, 4, 2]) if num_classes else None
-    kw = dict(guidance=guidance, annealed_guidance=annealed, attn_temp=0.7)
+    kw = dict(guidance=Guidance(guidance, annealed=annealed, attn_temp=0.7))
     seq = model.decode(z, y, **kw)
     stats = {}
     par = model.decode(z, y, method="jacobi", tol=0.0, chunk=chunk, stats=stats, **kw)

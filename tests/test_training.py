@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from pipeline.config import build_config
-from pipeline.errors import NFMError
-from pipeline.io import load_tensors
-from pipeline.presets import TEACHER_PRESETS
-from pipeline.training import Interrupted, StepBatchSampler, TrainConfig, list_checkpoints, lr_at, train
-from teacher.train import TeacherRunConfig, run_teacher_training, teacher_loss
+from nfm.pipeline.core.batches import StepBatchSampler
+from nfm.pipeline.core.checkpoint import list_checkpoints
+from nfm.pipeline.core.config import build_config
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors
+from nfm.pipeline.core.loop import Interrupted, TrainConfig, lr_at, train
+from nfm.pipeline.presets import TEACHER_PRESETS
+from nfm.teacher.train import TeacherRunConfig, run_teacher_training, teacher_loss
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -46,7 +47,7 @@ def tiny_cfg(**train_kw) -> TeacherRunConfig:
 
 def _interrupt_after(calls: int):
     """A loss wrapper that sends SIGINT to this process during call number `calls`."""
-    import teacher.train as tt
+    import nfm.teacher.train as tt
 
     original = tt.teacher_loss
     count = {"n": 0}
@@ -69,7 +70,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     cfg = tiny_cfg(steps=12, ckpt_every=5, sample_every=0, log_every=4)
     straight = run_teacher_training(cfg, tmp_path / "a")
 
-    import teacher.train as tt
+    import nfm.teacher.train as tt
 
     monkeypatch.setattr(tt, "teacher_loss", _interrupt_after(7))
     with pytest.raises(Interrupted, match="interrupted at step 7"):
@@ -108,7 +109,7 @@ def test_completed_run_is_not_retrained_and_can_be_extended(tmp_path):
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, monkeypatch):
-    import teacher.train as tt
+    import nfm.teacher.train as tt
 
     cfg = tiny_cfg(steps=10, ckpt_every=3, keep_ckpts=3, sample_every=0)
     monkeypatch.setattr(tt, "teacher_loss", _interrupt_after(7))
@@ -152,7 +153,7 @@ def test_nan_in_training_batch_names_the_rows(tmp_path, flow_factory):
 
 
 def test_batch_random_gives_each_row_the_same_noise_however_the_batch_is_split():
-    from pipeline.training import BatchRandom
+    from nfm.pipeline.core.seeding import BatchRandom
 
     whole = BatchRandom(7, 3, 0, 8, 8)
     a, b = whole.randn(2, 2), whole.rand()

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from pipeline.errors import NFMError
+from nfm.pipeline.core.errors import NFMError
 
 BUILTIN = ("digits", "fashion-mnist")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -4,21 +4,22 @@
                        overrides=["train.steps=500", "model.width=64"])
 
 Precedence: dataclass defaults < preset < config file (JSON or TOML) < overrides.
-Unknown keys and unparsable values raise an NFMError that lists the valid keys.
+Unknown keys and unparsable values raise an NFMError that lists the valid keys. Fields annotated
+``Literal["a", "b"]`` are choices: a value outside them is refused here, where the config is loaded
+(and by `check_choices` for configs built in Python), naming the key and the valid values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
-
-from pipeline.errors import NFMError
+from nfm.pipeline.core.errors import NFMError
 
 T = TypeVar("T")
 
@@ -53,9 +54,38 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+def choices(tp: Any) -> tuple[Any, ...]:
+    """The values of a ``Literal[...]`` annotation (``()`` for any other type)."""
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+
+
+def _check_choice(value: Any, tp: Any, key: str) -> Any:
+    valid = choices(tp)
+    if value not in valid:
+        raise NFMError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, valid))}")
+    return value
+
+
+def check_choices(cfg: Any, prefix: str = "") -> Any:
+    """Refuse a (nested) dataclass config whose Literal fields (or tuples of them) hold a value outside
+    their choices."""
+    for name, tp in _field_types(type(cfg)).items():
+        value = getattr(cfg, name)
+        if dataclasses.is_dataclass(tp):
+            check_choices(value, f"{prefix}{name}.")
+        elif choices(tp):
+            _check_choice(value, tp, prefix + name)
+        elif typing.get_origin(tp) in (tuple, list) and choices((typing.get_args(tp) or (Any,))[0]):
+            for v in value:
+                _check_choice(v, typing.get_args(tp)[0], prefix + name)
+    return cfg
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a value (possibly a string from the command line) to the annotated type."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return _check_choice(str(value) if isinstance(value, str) else value, tp, key)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):

@@ -1,0 +1,7 @@
+"""`python -m nfm ...` is the `nfm` command."""
+
+import sys
+
+from nfm.pipeline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""The `nfm` command: one module per command group, each registering its subcommands.
+
+    nfm teacher train  [--preset digits] [--config FILE] [--run-dir DIR] [--size NAME] [key=value ...]
+    nfm teacher sample RUN [--n 100] [--guidance W] [--temperature T] [--no-denoise] [--out PNG]
+    nfm teacher eval   RUN [--split test]
+    nfm teacher import ml-tarflow:PATH.pth --out DIR [--teacher-arch k=v,...] [--data NAME]
+    nfm pairs build    --teacher RUN|ml-tarflow:PATH|python:mod:factory [--data NAME] [--views K] [key=value ...]
+    nfm pairs ls | verify KEY | rm KEY
+    nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot] [--pairs KEY] [key=value ...]
+    nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
+    nfm student eval   RUN [--split test] [--eta 0.1] [--hutchinson K]
+    nfm run            [--preset digits] [--from-teacher SPEC] [key=value ...]
+
+Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,
+and prints the resolved config. Rerunning a training command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from nfm.pipeline.core.errors import NFMError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nfm.pipeline.cli import pairs, run, student, teacher
+
+    parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for group in (teacher, pairs, student, run):
+        group.register(stages)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from nfm.pipeline.core.loop import Interrupted
+
+    try:
+        return args.func(args)
+    except NFMError as e:
+        print(f"nfm: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"nfm: {e}; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("nfm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Options that several commands share, declared once."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+SPEC_HELP = "teacher run/export directory, ml-tarflow:PATH.pth, or python:package.module:factory"
+ARCH_HELP = (
+    "architecture of an ml-tarflow / python teacher as key=value,... e.g. "
+    "patch_size=8,in_channels=3,noise_std=0.07,num_classes=0 (ml-tarflow: inferred from shapes and file name "
+    "where possible; python: passed to the factory)"
+)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def add_cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="pair-cache root (default: $NFM_CACHE_DIR/pairs or ~/.cache/nfm/pairs)")
+
+
+def add_teacher_arch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-arch", metavar="K=V,...", help=ARCH_HELP)
+
+
+def add_config_layers(p: argparse.ArgumentParser, overrides_example: str, run_dir_help: str | None = None) -> None:
+    """--config FILE, optionally --run-dir DIR, and the positional key=value overrides."""
+    p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
+    if run_dir_help:
+        p.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
+
+
+def add_preset(p: argparse.ArgumentParser, names, default: str = "digits") -> None:
+    p.add_argument("--preset", default=default, help=f"named preset: {', '.join(names)} (default: {default})")
+
+
+def add_sample_outputs(p: argparse.ArgumentParser, default_n: int = 100) -> None:
+    """--n, --label, --seed, --out, --device of the `sample` commands."""
+    p.add_argument("--n", type=int, default=default_n, help=f"number of samples (default {default_n})")
+    p.add_argument("--label", type=int, help="class of every sample (default: cycle through the classes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
+    add_device(p)
+
+
+def device(args: argparse.Namespace):
+    from nfm.pipeline.core.distributed import default_device
+
+    return default_device(getattr(args, "device", None))
+
+
+def cache_root(args: argparse.Namespace) -> Path:
+    from nfm.pairs.lookup import default_cache_root
+
+    return Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_cache_root()
+
+
+def finished(kind: str, t0: float, run_dir: Path, export: Path) -> int:
+    """Where a training command left its export and newest sample grid (main process only)."""
+    from nfm.pipeline.core.distributed import process_state
+
+    if process_state().is_main_process:
+        print(f"done in {time.perf_counter() - t0:.0f}s. {kind} export: {export}")
+        samples = sorted((run_dir / "samples").glob("*.png"))
+        if samples:
+            print(f"samples: {samples[-1]}")
+    return 0
+
+
+def samples_path(args: argparse.Namespace, run_dir: Path, name: str) -> Path:
+    """--out, else RUN/samples/NAME (no suffix)."""
+    return (Path(args.out) if args.out else run_dir / "samples" / name).with_suffix("")

@@ -1,0 +1,155 @@
+"""`nfm pairs build | ls | verify | rm`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from nfm.pipeline.cli import options
+from nfm.pipeline.core.errors import NFMError
+
+
+def cmd_build(args) -> int:
+    from nfm.pairs.build import PairsRunConfig, build_pairs
+    from nfm.pipeline.core.config import build_config, format_table
+    from nfm.pipeline.core.data import load_data
+    from nfm.pipeline.core.distributed import process_state
+    from nfm.teacher.protocol import load_teacher_spec
+
+    state = process_state()
+    teacher, info = load_teacher_spec(args.teacher, state.device, args.teacher_arch)
+    preset: dict = {"data": dict(info.get("data") or {}), "pairs": {}}
+    if args.data:
+        preset["data"]["name"] = args.data
+    elif not info.get("data") and not any(o.startswith("data.") for o in args.overrides):
+        raise NFMError(
+            f"the teacher {args.teacher} does not say what data it models: pass --data NAME "
+            "(digits, fashion-mnist, a Hugging Face dataset or directory)"
+        )
+    for flag in ("views", "dtype", "seed", "batch_size"):
+        if getattr(args, flag) is not None:
+            preset["pairs"][flag] = getattr(args, flag)
+    cfg = build_config(PairsRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    log = print if state.is_main_process else (lambda *a: None)
+    log(format_table(cfg, "nfm pairs build"))
+    data = load_data(cfg.data, cfg.pairs.split)
+    log(data.describe())
+    result = build_pairs(teacher, data, cfg.pairs, options.cache_root(args), teacher_info=info, log=log)
+    log(f"key: {result.key}\npath: {result.path}")
+    return 0
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+
+
+def cmd_ls(args) -> int:
+    from nfm.pairs.build import cache_summary
+    from nfm.pairs.format import INDEX_NAME
+
+    root = options.cache_root(args)
+    cols = ["key", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete"]
+    rows = []
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        if (d / INDEX_NAME).is_file():
+            try:
+                rows.append(cache_summary(d))
+            except NFMError as e:
+                rows.append({**dict.fromkeys(cols, ""), "key": d.name, "teacher": "?", "data": f"unreadable: {e}"})
+                rows[-1]["complete"] = False
+    if not rows:
+        print(f"no pair caches under {root}")
+        return 0
+    _print_table(rows, cols)
+    print(f"({len(rows)} caches under {root})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from nfm.pairs.format import read_index
+    from nfm.pairs.lookup import find_cache
+    from nfm.pairs.verify import check_shards, reconstruction_error
+    from nfm.teacher.protocol import load_teacher_spec
+
+    cache_dir = find_cache(args.key, options.cache_root(args))
+    t0 = time.perf_counter()
+    problems = check_shards(cache_dir)
+    if problems:
+        raise NFMError(
+            f"pair cache {cache_dir.name} failed verification:\n  "
+            + "\n  ".join(problems)
+            + f"\nRebuild it: nfm pairs rm {cache_dir.name}, then nfm pairs build"
+        )
+    index = read_index(cache_dir)
+    print(f"{len(index['shards'])} shards, {index['total_rows']} pairs: sha256 ok ({time.perf_counter() - t0:.1f}s)")
+    if args.samples > 0:
+        source = args.teacher or index["teacher"].get("source")
+        if not source:
+            raise NFMError("the cache does not record its teacher; pass --teacher PATH to check reconstruction")
+        arch = None if args.teacher else index["teacher"].get("arch")
+        teacher, _ = load_teacher_spec(source, options.device(args), arch or None)
+        rec = reconstruction_error(cache_dir, teacher, args.samples)
+        print(
+            f"reconstruction on {rec['pairs_checked']} pairs: worst |decode(noise*sigma_f) - (x + eta*eps)| = "
+            f"{rec['worst_abs_error']:.3g} (mean of per-pair max {rec['mean_max_abs_error']:.3g}; "
+            f"noise stored as {index['dtypes']['noise']})"
+        )
+        if rec["worst_abs_error"] > args.tolerance:
+            raise NFMError(f"reconstruction error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
+    print(f"pair cache {cache_dir.name}: OK")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    import shutil
+
+    from nfm.pairs.lookup import find_cache
+
+    cache_dir = find_cache(args.key, options.cache_root(args))
+    shutil.rmtree(cache_dir)
+    print(f"removed {cache_dir}")
+    return 0
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    pairs = stages.add_parser("pairs", help="stage two: the teacher's noise/data pair cache")
+    sub = pairs.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "build",
+        help="invert a teacher over a data set into a pair cache (or reuse it)",
+        description="z = encode(x + eta*eps) / sigma_f for every training image, in sharded "
+        "safetensors. A second build with the same inputs is a cache hit; an interrupted build "
+        "resumes. Under `accelerate launch`/torchrun each process builds its own shards.",
+    )
+    p.add_argument("--teacher", required=True, metavar="SPEC", help=options.SPEC_HELP)
+    options.add_teacher_arch(p)
+    p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
+    p.add_argument("--views", type=int, help="noise draws per image (default 1)")
+    p.add_argument("--dtype", choices=["float16", "float32"], help="noise storage dtype (default float16)")
+    p.add_argument("--seed", type=int, help="seed of the per-row noise (default 0)")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="encode batch (default 256)")
+    options.add_cache_dir(p)
+    options.add_config_layers(p, "pairs.shard_mb=64 data.held_out=0.1")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("ls", help="list the pair caches")
+    options.add_cache_dir(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("verify", help="re-hash every shard and check reconstruction through the teacher")
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    p.add_argument("--samples", type=int, default=64, help="pairs decoded for the reconstruction check (0: skip)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="worst reconstruction error allowed (default 0.1)")
+    p.add_argument("--teacher", metavar="SPEC", help="teacher to decode with (default: the one recorded in the cache)")
+    options.add_cache_dir(p)
+    options.add_device(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("rm", help="delete a pair cache")
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    options.add_cache_dir(p)
+    p.set_defaults(func=cmd_rm)

@@ -1,0 +1,50 @@
+"""`nfm run`: every stage, evaluation and the report."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from nfm.pipeline.cli import options
+
+
+def cmd_run(args) -> int:
+    from nfm.pipeline.core.config import build_config
+    from nfm.pipeline.presets import run_preset
+    from nfm.pipeline.run import RunConfig, run_pipeline
+
+    cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=args.overrides)
+    run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
+    t0 = time.perf_counter()
+    report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, options.cache_root(args), args.teacher_arch)
+    if report is not None:
+        print(f"done in {time.perf_counter() - t0:.0f}s. report: {report}")
+    return 0
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    from nfm.pipeline.presets import RUN_PRESETS
+
+    p = stages.add_parser(
+        "run",
+        help="everything: teacher -> pairs -> students -> evaluation -> report",
+        description="Runs teacher, pair cache, the nfm / independent / minibatch-ot students, "
+        "FID/KID evaluation and the report in one run directory. Finished stages are reused, "
+        "interrupted ones resume: rerun the same command.",
+    )
+    options.add_preset(p, RUN_PRESETS)
+    p.add_argument(
+        "--from-teacher",
+        metavar="SPEC",
+        help="start from an existing teacher (skips stage one): an export, ml-tarflow:PATH.pth or "
+        "python:module:factory; teachers that do not record their data take the preset's (teacher.data.*)",
+    )
+    options.add_teacher_arch(p)
+    options.add_cache_dir(p)
+    options.add_config_layers(
+        p,
+        "teacher.train.steps=2000 pairs.views=8 student.train.steps=1000 eval.n=500",
+        "run directory (default runs/run-PRESET)",
+    )
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,154 @@
+"""`nfm student train | sample | eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from nfm.pipeline.cli import options
+
+
+def cmd_train(args) -> int:
+    from nfm.pipeline.core.config import _merge, build_config
+    from nfm.pipeline.presets import student_preset, student_size_overrides
+    from nfm.student.train import StudentRunConfig, run_student_training
+
+    preset = student_preset(args.preset)
+    if args.size:
+        preset = _merge(preset, student_size_overrides(args.size))
+    flow = {k: v for k, v in (("coupling", args.coupling), ("pairs", args.pairs)) if v}
+    preset = _merge(preset, {"flow": flow})
+    cfg = build_config(StudentRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    run_dir = Path(args.run_dir or f"runs/student-{args.preset}-{cfg.flow.coupling}")
+    t0 = time.perf_counter()
+    return options.finished("student", t0, run_dir, run_student_training(cfg, run_dir, options.cache_root(args)))
+
+
+def _run_dir(run: str) -> Path:
+    """A student run directory, or an export's run directory."""
+    p = Path(run)
+    return p if (p / "export").is_dir() else p.parent
+
+
+def cmd_sample(args) -> int:
+    from nfm.pipeline.core.sampling import sample_inputs, save_samples
+    from nfm.student.paths import ProbPath
+    from nfm.student.sampling import sample_ode
+    from nfm.student.train import load_student
+
+    device = options.device(args)
+    model, meta = load_student(args.run, device)
+    mc = meta["model"]
+    inputs = sample_inputs(
+        args.n,
+        (mc["in_channels"], mc["img_size"], mc["img_size"]),
+        mc["num_classes"],
+        seed=args.seed,
+        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
+        label=args.label,
+        device=device,
+    )
+    t0 = time.perf_counter()
+    x, stats = sample_ode(
+        model, inputs.z, inputs.y, solver=args.solver, steps=args.steps, grid=args.grid, guidance=args.guidance,
+        rtol=args.rtol, atol=args.atol, num_classes=mc["num_classes"],
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    base = options.samples_path(args, _run_dir(args.run), f"sample-{args.solver}-{stats['nfe']}")
+    meta_str = {k: str(v) for k, v in stats.items()}
+    png = save_samples(x, inputs, mc["num_classes"], base, tensors=True, metadata=meta_str)
+    print(
+        f"{args.n} samples, solver {args.solver}, NFE {stats['nfe']} ({stats['forward_passes']} forward passes), "
+        f"{dt:.2f}s ({args.n / dt:.0f} img/s) -> {png}"
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from nfm.pipeline.core.config import from_dict
+    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.pipeline.core.io import write_json
+    from nfm.student.likelihood import student_bpd
+    from nfm.student.train import load_student
+
+    model, meta = load_student(args.run, options.device(args))
+    data_cfg = from_dict(DataConfig, {**meta.get("data", {}), **({"name": args.data} if args.data else {})})
+    x, y = load_data(data_cfg, args.split).tensors()
+    if args.n:
+        x, y = x[: args.n], y[: args.n]
+    t0 = time.perf_counter()
+    res = student_bpd(
+        model, meta, x, y, eta=args.eta, hutchinson=args.hutchinson, solver=args.solver, batch=args.batch_size,
+        progress=lambda n: print(f"  {n}/{len(x)} images", flush=True),
+    )  # fmt: skip
+    res = {"split": args.split, **res, "seconds": round(time.perf_counter() - t0, 1)}
+    out = _run_dir(args.run) / f"eval-likelihood-{args.split}.json"
+    write_json(out, res)
+    print(json.dumps(res, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    from nfm.pipeline.presets import STUDENT_PRESETS
+    from nfm.student.couplings import COUPLINGS
+    from nfm.student.models import STUDENT_SIZES
+    from nfm.student.sampling import GRIDS, SOLVERS
+
+    student = stages.add_parser("student", help="stage three: the flow-matching student")
+    sub = student.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a flow-matching student on a coupling",
+        description="Flow matching on the teacher's pairs (nfm) or a baseline coupling "
+        "(independent, minibatch-ot), with the same network, steps and batch. Rerunning the same "
+        "command resumes, data position included.",
+    )
+    options.add_preset(p, STUDENT_PRESETS)
+    p.add_argument("--coupling", choices=COUPLINGS, help="coupling (default nfm)")
+    p.add_argument("--pairs", help="nfm coupling: pair cache key, key prefix or directory")
+    p.add_argument("--size", help=f"named network size ({', '.join(STUDENT_SIZES)})")
+    options.add_cache_dir(p)
+    options.add_config_layers(
+        p,
+        "train.steps=500 flow.path=vp flow.time=logit-normal model.width=64",
+        "run directory (default runs/student-PRESET-COUPLING)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a trained student with an ODE solver")
+    p.add_argument("run", help="student run directory or export directory")
+    p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
+    p.add_argument("--steps", type=int, default=4, help="steps of a fixed-step solver (default 4)")
+    p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid (default uniform)")
+    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default 0)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    options.add_sample_outputs(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "eval",
+        help="bits/dim of a student as a continuous normalizing flow (likelihood through the ODE)",
+        description="log p(x) = log p_0(x_0) - int div v dt, integrated from the data back to the noise "
+        "with torchdiffeq; exact divergence for small images, Hutchinson's estimator for large ones. "
+        "Pass the teacher's eta (--eta) to compare with `nfm teacher eval`.",
+    )
+    p.add_argument("run", help="student run directory or export directory")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data", help="evaluate on another data source (default: the student's own)")
+    p.add_argument("--n", type=int, default=0, help="first N images only (default: all)")
+    p.add_argument("--eta", type=float, default=0.0, help="Gaussian noise added to the images (default 0)")
+    p.add_argument(
+        "--hutchinson",
+        type=int,
+        default=-1,
+        help="Rademacher probes for the divergence; 0: exact; default: exact up to 1,024 dimensions, else 8",
+    )
+    p.add_argument("--solver", default="dopri5", choices=list(SOLVERS), help="dopri5 (default) or a fixed-step solver")
+    p.add_argument("--batch-size", type=int, default=256)
+    options.add_device(p)
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,331 @@
+"""The training loop every stage shares, built on accelerate.
+
+Step-based and reproducible (after NVlabs/edm2):
+  * the learning rate is a pure function of the step (linear warmup, then cosine);
+  * the batch of step s is a pure function of (seed, s) (batches.py);
+  * randomness inside the loss (noise, label dropout) is drawn per row of the global batch
+    from (seed, step): row i gets the same noise whatever the number of processes or
+    accumulation rounds (seeding.BatchRandom);
+  * checkpoints (model, EMA, optimizer, step) are written atomically on a fixed cadence and on
+    Ctrl-C / SIGTERM; a rerun of the same command resumes from the newest one, so a resumed run
+    on the CPU ends with the same weights as an uninterrupted one.
+
+A stage supplies the model, a loss function, an optional sampler for preview grids and an
+export function; the loop owns everything else.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from nfm.pipeline.core.batches import BatchStream, dataset_batches
+from nfm.pipeline.core.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
+from nfm.pipeline.core.distributed import force_cpu
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import atomic_dir
+from nfm.pipeline.core.rundir import append_metrics, prepare_run_dir, setup_logger, truncate_metrics
+from nfm.pipeline.core.seeding import BatchRandom
+from torch import nn
+from tqdm.auto import tqdm
+
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 256  # global batch: all processes and accumulation rounds together
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int = 200  # linear warmup from 0, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.999  # EMA of weights; warmed up as min(decay, (1 + s) / (10 + s))
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16: the flow's affine arithmetic stays float32
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 500  # preview grid cadence (0: only at the end)
+    ckpt_every: int = 500  # checkpoint cadence (0: only at the end and on interrupt)
+    keep_ckpts: int = 2  # newest checkpoints kept
+    num_workers: int = 0  # DataLoader workers (for lazily decoded data sets)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr_ratio * lr at cfg.steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Interrupted(Exception):
+    """Training stopped on request after saving a checkpoint."""
+
+
+@dataclass
+class _Session:
+    """What one call of `train` holds: the accelerator, the prepared model / optimizer and the EMA."""
+
+    acc: Any
+    cfg: TrainConfig
+    run_dir: Path
+    model: nn.Module  # as prepared by accelerate (maybe DDP-wrapped)
+    raw_model: nn.Module
+    opt: Any  # accelerate's optimizer wrapper
+    raw_opt: torch.optim.Optimizer
+    ema: EMA
+    log: logging.Logger
+    autocast_dtype: torch.dtype | None
+    step: int = 0
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    @property
+    def per_process(self) -> int:
+        return self.cfg.batch_size // self.world
+
+    @property
+    def micro(self) -> int:
+        return self.per_process // self.cfg.grad_accum
+
+    def checkpoint(self) -> None:
+        if self.acc.is_main_process:
+            save_checkpoint(self.run_dir, self.step, self.raw_model, self.ema, self.raw_opt, self.cfg.keep_ckpts)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> None:
+        """Load the newest readable checkpoint (step stays 0 if there is none)."""
+        for ckpt in reversed(list_checkpoints(self.run_dir)):
+            try:
+                self.step = load_checkpoint(ckpt, self.raw_model, self.ema, self.raw_opt)
+                self.log.info(f"resumed from {ckpt} (step {self.step})")
+                return
+            except NFMError as e:
+                self.log.warning(f"skipping unreadable checkpoint {ckpt}: {e}")
+
+    def optimizer_step(self, batch: tuple[torch.Tensor, ...], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step on this process's part of the global batch, in grad_accum micro-batches."""
+        acc, cfg, micro = self.acc, self.cfg, self.micro
+        lr = lr_at(self.step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        logs: dict[str, float] = {}
+        for m in range(cfg.grad_accum):
+            part = tuple(t[m * micro : (m + 1) * micro].to(acc.device, non_blocking=True) for t in batch)
+            sync = m == cfg.grad_accum - 1
+            with nullcontext() if sync else acc.no_sync(self.model):  # all-reduce on the last round only
+                with torch.autocast(
+                    acc.device.type,
+                    dtype=self.autocast_dtype or torch.bfloat16,
+                    enabled=self.autocast_dtype is not None,
+                ):
+                    offset = acc.process_index * self.per_process + m * micro
+                    rng = BatchRandom(cfg.seed, self.step, offset, micro, cfg.batch_size, acc.device)
+                    loss, extra = loss_fn(self.model, part, rng)
+                acc.backward(loss / cfg.grad_accum)
+            for k, v in {"loss": float(loss.detach()), **extra}.items():
+                logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = self._grad_norm()
+        if not math.isfinite(grad_norm) or not math.isfinite(logs["loss"]):
+            raise NFMError(
+                f"training diverged at step {self.step} (loss {logs['loss']}, grad norm {grad_norm}). "
+                f"The newest checkpoint under {self.run_dir / 'checkpoints'} is intact: lower train.lr or raise "
+                "train.warmup_steps, and rerun"
+            )
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.raw_model, self.step)
+        self.step += 1
+        return {**logs, "grad_norm": grad_norm, "lr": lr}
+
+    def _grad_norm(self) -> float:
+        """Clip to cfg.grad_clip (when > 0) and return the global gradient norm before clipping."""
+        params = self.model.parameters()
+        if self.cfg.grad_clip > 0:
+            return float(self.acc.clip_grad_norm_(params, self.cfg.grad_clip))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    def log_window(self, window: list[dict[str, float]], seconds: float, lr: float, metrics_path: Path) -> None:
+        """Mean of the logged values over the window (across processes), to metrics.jsonl and the log."""
+        means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        if self.world > 1:
+            keys = sorted(means)
+            t = self.acc.reduce(torch.tensor([means[k] for k in keys], device=self.acc.device), "mean")
+            means = dict(zip(keys, t.tolist()))
+        rec = {
+            "step": self.step,
+            **{k: round(v, 6) for k, v in means.items()},
+            "lr": lr,
+            "img_per_s": round(len(window) * self.cfg.batch_size / max(seconds, 1e-9), 1),
+        }
+        if self.acc.is_main_process:
+            append_metrics(metrics_path, rec)
+            parts = " ".join(f"{k} {v:.4f}" for k, v in means.items())
+            self.log.info(f"(step={self.step:07d}) {parts} lr {lr:.2e} img/s {rec['img_per_s']:.0f}")
+
+
+def _start(
+    run_dir: Path, cfg: TrainConfig, model: nn.Module, resolved: dict, log: logging.Logger | None, accelerator
+) -> _Session:
+    from accelerate import Accelerator
+
+    # bf16 autocast is applied by this loop, not by accelerate's process-wide (and, once set, fixed)
+    # mixed-precision state: one process can then train a float32 teacher and a bf16 student in turn.
+    acc = accelerator or Accelerator(cpu=force_cpu())
+    world = acc.num_processes
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise NFMError(
+            f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
+            f"= {world} x {cfg.grad_accum}"
+        )
+    log = log or setup_logger(run_dir, main=acc.is_main_process)
+    if acc.is_main_process:
+        prepare_run_dir(run_dir, resolved)
+    acc.wait_for_everyone()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)  # moves the model to the device; the optimizer follows it
+    raw_model = acc.unwrap_model(model)
+    return _Session(
+        acc=acc,
+        cfg=cfg,
+        run_dir=run_dir,
+        model=model,
+        raw_model=raw_model,
+        opt=opt,
+        raw_opt=opt.optimizer if hasattr(opt, "optimizer") else opt,
+        ema=EMA(raw_model, cfg.ema_decay),
+        log=log,
+        autocast_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
+    )
+
+
+def train(
+    *,
+    run_dir: Path,
+    cfg: TrainConfig,  # the optimisation settings
+    model: nn.Module,  # freshly initialised (weights are replaced on resume)
+    dataset: torch.utils.data.Dataset | None = None,  # __getitems__(rows) -> batch tuple; or:
+    batches: BatchStream | None = None,  # a batch stream (e.g. a pair cache's)
+    loss_fn: LossFn,  # (model, batch on device, BatchRandom) -> (scalar loss, logs)
+    resolved_config: dict[str, Any],  # written to RUN/config.json
+    export_fn: Callable[[nn.Module, Path, int], None],  # (EMA model, directory, step): write the export
+    sample_fn: Callable[[nn.Module, Path], None] | None = None,  # (EMA model, png path): preview grid
+    desc: str = "train",
+    log: logging.Logger | None = None,
+    accelerator=None,
+) -> Path:
+    """Train to cfg.steps (resuming from RUN/checkpoints if present); returns RUN/export."""
+    if batches is None:
+        if dataset is None or len(dataset) == 0:
+            raise NFMError("the training set is empty")
+        batches = dataset_batches(dataset, cfg.seed, cfg.steps, cfg.num_workers)
+    s = _start(run_dir, cfg, model, resolved_config, log, accelerator)
+    acc, export_dir, metrics_path = s.acc, run_dir / "export", run_dir / "metrics.jsonl"
+    s.resume()
+    if acc.is_main_process:
+        truncate_metrics(metrics_path, s.step)
+    if s.step >= cfg.steps and (export_dir / "config.json").exists():
+        s.log.info(f"run already complete ({s.step} steps); export: {export_dir}")
+        return export_dir
+
+    ema_model = copy.deepcopy(s.raw_model).eval().requires_grad_(False)
+    stream = itertools.islice(batches(acc.process_index, s.world, s.per_process, s.step), max(0, cfg.steps - s.step))
+    n_params = sum(p.numel() for p in s.raw_model.parameters())
+    s.log.info(
+        f"{desc}: {n_params / 1e6:.2f}M parameters, {s.world} process(es) on {acc.device}, "
+        f"global batch {cfg.batch_size} ({s.micro} x {cfg.grad_accum} accum x {s.world}), "
+        f"steps {s.step} -> {cfg.steps}"
+    )
+
+    def preview() -> None:
+        if sample_fn is not None and acc.is_main_process:
+            sample_fn(s.ema.copy_to(ema_model), run_dir / "samples" / f"step-{s.step:07d}.png")
+
+    window: list[dict[str, float]] = []
+    t_window = time.perf_counter()
+    bar = tqdm(
+        total=cfg.steps,
+        initial=s.step,
+        desc=desc,
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+        unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    last_ckpt = s.step
+    with _Stop() as stop:
+        for batch in stream:  # this process's part of the step's global batch
+            logs = s.optimizer_step(batch, loss_fn)
+            lr = logs.pop("lr")
+            window.append(logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "grad_norm"}, refresh=False)
+            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                s.log_window(window, time.perf_counter() - t_window, lr, metrics_path)
+                window, t_window = [], time.perf_counter()
+            if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
+                s.checkpoint()
+                last_ckpt = s.step
+            if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
+                preview()
+            if stop.requested:
+                if last_ckpt != s.step:
+                    s.checkpoint()
+                bar.close()
+                s.log.info(f"interrupted at step {s.step}; checkpoint saved. Rerun the same command to resume.")
+                raise Interrupted(f"interrupted at step {s.step}")
+    bar.close()
+    if last_ckpt != s.step:
+        s.checkpoint()
+    preview()
+    if acc.is_main_process:
+        s.ema.copy_to(ema_model)
+        with atomic_dir(export_dir) as tmp:
+            export_fn(ema_model, tmp, s.step)
+        s.log.info(f"export (EMA weights, step {s.step}): {export_dir}")
+    acc.wait_for_everyone()
+    return export_dir

@@ -1,0 +1,85 @@
+"""A run directory: RUN/config.json, RUN/log.txt, RUN/metrics.jsonl (checkpoints: see checkpoint.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from nfm.pipeline.core import config as config_mod
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import read_json, write_bytes, write_json
+from tqdm.auto import tqdm
+
+# Keys that may change between a run and its resumption.
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.ckpt_every",
+    "train.keep_ckpts",
+    "train.num_workers",
+}
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes through tqdm, so progress bars stay intact."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def setup_logger(run_dir: Path | None, name: str = "nfm", main: bool = True) -> logging.Logger:
+    """Log to stdout (through tqdm) and to RUN/log.txt. Calling it again for the same run replaces (and
+    closes) the handlers of the previous call."""
+    log = logging.getLogger(f"{name}.{run_dir}")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    log.propagate = False
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    h = _TqdmHandler()
+    h.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(h)
+    if run_dir is not None and main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(fh)
+    return log
+
+
+def prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Write RUN/config.json; refuse to resume a run dir whose config differs in a way that matters."""
+    path = run_dir / "config.json"
+    if path.exists():
+        old = read_json(path, "run config")
+        changed = [d for d in config_mod.diff(old, resolved) if d[0] not in RESUMABLE_CHANGES]
+        if changed:
+            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:6])
+            raise NFMError(
+                f"run directory {run_dir} holds a run with a different config ({lines}). "
+                "Resume it with its own config, or start a new run with another --run-dir"
+            )
+    write_json(path, resolved)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    write_bytes(path, "".join(k + "\n" for k in keep).encode())
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
