@@ -18,9 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nfm.teacher.model import TarFlow, TarFlowConfig  # noqa: E402
-
 from benchmarks.common import timeit, write_results  # noqa: E402
+from nfm.teacher.model import TarFlow, TarFlowConfig  # noqa: E402
 
 SYNTHETIC = {  # name -> (channels, image size, patch, width, blocks, layers)
     "49 patches (1x28x28, p4)": (1, 28, 4, 128, 4, 2),

@@ -18,14 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_results  # noqa: E402
 from nfm.pairs.build import PairBuildConfig, _assemble_index, build_pairs, pair_noise  # noqa: E402
 from nfm.pairs.format import FORMAT_VERSION, shard_name  # noqa: E402
 from nfm.pairs.reader import PairCache, PairReader  # noqa: E402
 from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
 from nfm.pipeline.core.io import save_tensors  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
-
-from benchmarks.common import write_results  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -66,7 +65,7 @@ def bench_build(size: str, data, views: int, device, workdir: Path, batch: int =
     shutil.rmtree(root, ignore_errors=True)
     cfg = PairBuildConfig(views=views, batch_size=batch, sigma_rows=batch)
     t0 = time.perf_counter()
-    cache_dir = build_pairs(teacher, data, cfg, root, log=lambda *a: None)
+    cache_dir = build_pairs(teacher, data, cfg, root, log=lambda *a: None).path
     built = n / (time.perf_counter() - t0)
     cache = PairCache(cache_dir)
     size_b = sum(s["bytes"] for s in cache.shards)
@@ -93,7 +92,7 @@ def size_per_pair(data, device, workdir: Path) -> list[dict]:
     for dtype in ("float16", "float32"):
         root = workdir / f"size-{dtype}"
         shutil.rmtree(root, ignore_errors=True)
-        cache = PairCache(build_pairs(teacher, data, PairBuildConfig(dtype=dtype), root, log=lambda *a: None))
+        cache = PairCache(build_pairs(teacher, data, PairBuildConfig(dtype=dtype), root, log=lambda *a: None).path)
         total = sum(s["bytes"] for s in cache.shards)
         rows.append(
             {

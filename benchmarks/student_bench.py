@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import timeit, write_results  # noqa: E402
 from nfm.pairs.build import PairBuildConfig, build_pairs  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
 from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
@@ -27,8 +28,6 @@ from nfm.student.paths import ProbPath  # noqa: E402
 from nfm.student.sampling import sample_ode  # noqa: E402
 from nfm.student.train import FlowConfig, flow_matching_loss  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
-
-from benchmarks.common import timeit, write_results  # noqa: E402
 
 
 def student(size: str, device) -> torch.nn.Module:
@@ -45,7 +44,7 @@ def bench_training(size: str, batch: int, device, steps: int, workdir: Path) -> 
     data = load_data(DataConfig(name="digits"))
     torch.manual_seed(0)
     teacher = TarFlow(TarFlowConfig(in_channels=1, img_size=8, num_classes=10, **TARFLOW_SIZES["tiny"]))
-    cache = PairCache(build_pairs(teacher, data, PairBuildConfig(views=4), workdir / "pairs", log=lambda *a: None))
+    cache = PairCache(build_pairs(teacher, data, PairBuildConfig(views=4), workdir / "pairs", log=lambda *a: None).path)
     rows = []
     base = None
     for coupling in (IndependentCoupling(data), PairCoupling(cache), MinibatchOTCoupling(data)):

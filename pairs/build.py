@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
+
 from nfm.pairs.format import FORMAT_VERSION, INDEX_NAME, ShardFile, cache_key, read_index, sha256_file, shard_name
 from nfm.pairs.lookup import default_cache_root
 from nfm.pipeline.core.config import check_choices
@@ -33,7 +35,6 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import save_tensors, write_json
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.teacher.protocol import Teacher, check_teacher, prior_std
-from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)

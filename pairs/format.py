@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 
 FORMAT_VERSION = 1

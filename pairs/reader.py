@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from nfm.pairs.format import ShardFile, read_index, safe_member
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import derive_seed

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from nfm.pairs.build import pair_noise
 from nfm.pairs.format import ShardFile, read_index, safe_member, sha256_file
 from nfm.pipeline.core.errors import NFMError

@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import to_uint8
 from nfm.pipeline.core.sampling import sample_inputs
 from nfm.pipeline.featurenet import RECIPES, load_featurenet
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 INCEPTION = "inception-v3-fid-helper"
 

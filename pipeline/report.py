@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import atomic_write, write_json
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pairs.format import INDEX_NAME, sha256_file
 from nfm.pairs.lookup import default_cache_root

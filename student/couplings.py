@@ -21,12 +21,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+
 from nfm.pairs.reader import PairCache, PairReader
 from nfm.pipeline.core.batches import BatchStream, dataset_batches
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import BatchRandom
-from scipy.optimize import linear_sum_assignment
 
 CouplingName = Literal["nfm", "independent", "minibatch-ot"]
 COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)

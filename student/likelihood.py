@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+from torchdiffeq import odeint
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
 from nfm.student.paths import ProbPath
 from nfm.student.sampling import SOLVERS
-from torch import nn
-from torchdiffeq import odeint
 
 
 class _Augmented(nn.Module):

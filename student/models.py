@@ -15,9 +15,10 @@ from typing import Literal
 
 import torch
 from einops import rearrange
+from torch import nn
+
 from nfm.pipeline.core.config import check_choices
 from nfm.pipeline.core.errors import NFMError
-from torch import nn
 
 Arch = Literal["dit", "mlp", "conv"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 
 PathName = Literal["linear", "vp", "ve"]

@@ -13,9 +13,10 @@ import typing
 from typing import Literal
 
 import torch
-from nfm.pipeline.core.errors import NFMError
 from torch import nn
 from torchdiffeq import odeint
+
+from nfm.pipeline.core.errors import NFMError
 
 Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
 Grid = Literal["uniform", "data-end"]

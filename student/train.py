@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from nfm.pairs.lookup import default_cache_root, find_cache
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
@@ -28,7 +30,6 @@ from nfm.student.couplings import Coupling, CouplingName, make_coupling
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
 from nfm.student.sampling import Grid, Solver, sample_ode
-from torch import nn
 
 FORMAT_VERSION = 1
 

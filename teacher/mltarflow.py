@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.model import TarFlow, TarFlowConfig
 

@@ -36,10 +36,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
+
 from nfm.pipeline.core.config import check_choices
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
-from torch import nn
 
 Scale = Literal["exp", "softplus"]
 Decoder = Literal["sequential", "jacobi"]

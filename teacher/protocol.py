@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 
 

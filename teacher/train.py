@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from nfm.pipeline.core.config import check_choices, format_table, to_dict
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
@@ -25,7 +27,6 @@ from nfm.pipeline.core.seeding import BatchRandom
 from nfm.teacher.export import save_export
 from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
 from nfm.teacher.protocol import prior_std, teacher_device
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,20 @@
 """End-to-end: the real `nfm` command on the tiny preset, in a temp dir."""
 
+import argparse
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from nfm.pipeline.core.io import load_tensors
 from PIL import Image
+
+from nfm.pipeline.core.io import load_tensors
+from tests.conftest import run_nfm
 
 pytestmark = pytest.mark.slow
 
 
 def nfm(*args, cwd, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    if check and p.returncode != 0:
-        raise AssertionError(f"nfm {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
+    return run_nfm(*args, cwd=cwd, check=check)
 
 
 def test_teacher_train_sample_eval_end_to_end(tmp_path):
@@ -101,41 +95,36 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "teacher not found" in p.stderr and "Traceback" not in p.stderr
 
 
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        [],
-        ["teacher"],
-        ["teacher", "train"],
-        ["teacher", "sample"],
-        ["teacher", "eval"],
-        ["pairs"],
-        ["pairs", "build"],
-        ["pairs", "ls"],
-        ["pairs", "verify"],
-        ["pairs", "rm"],
-    ],
-)
-def test_help(tmp_path, cmd):
-    p = nfm(*cmd, "--help", cwd=tmp_path)
-    assert "usage: nfm" in p.stdout
+def _commands(parser, prefix=()):
+    """Every command path of the parser: (), ("teacher",), ("teacher", "train"), ..."""
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*prefix, name))
+
+
+def test_every_command_has_help(capsys):
+    """`--help` of every command and group, in process: usage, a description of each option, exit 0."""
+    from nfm.pipeline.cli import build_parser, main
+
+    paths = list(_commands(build_parser()))
+    assert {("student", "sample"), ("student", "eval"), ("run",), ("teacher", "import"), ("pairs", "ls")} <= set(paths)
+    assert len(paths) == 17
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "--help"])
+        assert exit_.value.code == 0, path
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: nfm {' '.join(path)}".rstrip()), (path, out[:200])
+        assert "--help" in out
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 1 process, same global batch: same losses, same weights."""
     common = ["teacher", "train", "--preset", "tiny", "train.steps=6", "train.log_every=1", "train.sample_every=0"]
     nfm(*common, "--run-dir", str(tmp_path / "one"), cwd=tmp_path)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline.cli"]
-    p = subprocess.run(
-        cmd + common + ["--run-dir", str(tmp_path / "two")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_nfm(*common, "--run-dir", str(tmp_path / "two"), cwd=tmp_path, nproc=2)
     one = [json.loads(line) for line in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in two] == [1, 2, 3, 4, 5, 6]  # one writer, not two

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from nfm.pipeline.core.data import DataConfig, load_data, read_idx
 from nfm.pipeline.core.errors import NFMError
 

@@ -1,16 +1,14 @@
 """Stage two: the pair cache — contents, keys, resume, corruption, multi-process, the reader."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+
 from nfm.pairs.build import PairBuildConfig, build_pairs, pair_noise
 from nfm.pairs.format import INDEX_NAME, ShardFile, read_index
 from nfm.pairs.reader import PairCache, PairReader
@@ -18,8 +16,7 @@ from nfm.pairs.verify import check_shards, reconstruction_error
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.export import load_teacher
-
-from tests.conftest import make_teacher_export
+from tests.conftest import make_teacher_export, run_nfm
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images: fast
 
@@ -43,7 +40,7 @@ def build(export, root, cfg=None, data=DATA, logs=None):
         root,
         teacher_info={"source": str(export)},
         log=(logs.append if logs is not None else lambda *a: None),
-    )
+    ).path
 
 
 def test_build_contents(export, tmp_path):
@@ -124,16 +121,12 @@ def _shards(cache_dir):
 def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path):
     exp = make_export(tmp_path / "t", width=64, blocks=4)
     args = ["build", "--teacher", str(exp), "--views", "4", "pairs.shard_rows=32", "data.held_out=0.2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cli = [sys.executable, "-m", "pipeline.cli", "pairs"]
-    subprocess.run(cli + args + ["--cache-dir", str(tmp_path / "a")], env=env, check=True, capture_output=True)
+    run_nfm("pairs", *args, "--cache-dir", tmp_path / "a")
     (ref,) = [d for d in (tmp_path / "a").iterdir()]
     n_shards = len(_shards(ref))
     assert n_shards > 100
 
-    proc = subprocess.Popen(
-        cli + args + ["--cache-dir", str(tmp_path / "b")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = run_nfm("pairs", *args, "--cache-dir", tmp_path / "b", background=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         dirs = list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else []
@@ -149,7 +142,7 @@ def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path):
         ShardFile(p)
     with pytest.raises(NFMError, match="incomplete"):
         PairCache(part)
-    subprocess.run(cli + args + ["--cache-dir", str(tmp_path / "b")], env=env, check=True, capture_output=True)
+    run_nfm("pairs", *args, "--cache-dir", tmp_path / "b")
     assert _shards(part) == _shards(ref)
     ia, ib = read_index(ref), read_index(part)
     assert ia["shards"] == ib["shards"] and ia["sigma_f"] == ib["sigma_f"] and ib["complete"]
@@ -157,32 +150,9 @@ def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path):
 
 
 def test_two_process_build_equals_one_process(export, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = ["pairs", "build", "--teacher", str(export), "--views", "3", "pairs.shard_rows=50"]
-    subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args, "--cache-dir", str(tmp_path / "one")],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "pipeline.cli",
-            *args,
-            "--cache-dir",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_nfm(*args, "--cache-dir", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    run_nfm(*args, "--cache-dir", tmp_path / "two", nproc=2)
     (one,), (two,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())
     assert one.name == two.name
     assert _shards(one) == _shards(two) and len(_shards(one)) == 11
@@ -196,13 +166,7 @@ def test_flipped_byte_is_named_by_verify(export, tmp_path):
     data[-5] ^= 0x01
     victim.write_bytes(bytes(data))
     assert check_shards(cache_dir) == ["pairs-00002-of-00003.safetensors: sha256 mismatch (corrupt)"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "pairs", "verify", cache_dir.name, "--cache-dir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    p = run_nfm("pairs", "verify", cache_dir.name, "--cache-dir", tmp_path, check=False)
     assert p.returncode == 2 and "pairs-00002-of-00003.safetensors: sha256 mismatch" in p.stderr
     assert "Traceback" not in p.stderr
 
@@ -243,7 +207,7 @@ def test_nonfinite_pairs_are_refused_or_dropped_and_counted(export, tmp_path):
     n3 = int((data.labels == 3).sum())
     with pytest.raises(NFMError, match=rf"{n3} pairs so far encode to NaN/Inf \(allowed: 0"):
         build_pairs(teacher, data, PairBuildConfig(), tmp_path, log=lambda *a: None)
-    cache_dir = build_pairs(teacher, data, PairBuildConfig(max_nonfinite=0.2), tmp_path, log=lambda *a: None)
+    cache_dir = build_pairs(teacher, data, PairBuildConfig(max_nonfinite=0.2), tmp_path, log=lambda *a: None).path
     index = read_index(cache_dir)
     assert index["dropped"] == n3 and index["total_rows"] == len(data) - n3
     assert torch.isfinite(PairCache(cache_dir).shard(0).read("noise")).all()
@@ -302,17 +266,8 @@ def test_reader_batches_resume_mid_stream(export, tmp_path):
 
 
 def test_pairs_commands_end_to_end(export, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
     def nfm(*args, check=True):
-        p = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "pairs", *args, "--cache-dir", str(tmp_path)],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert (p.returncode == 0) == check, p.stderr
-        return p
+        return run_nfm("pairs", *args, "--cache-dir", tmp_path, check=check)
 
     out = nfm("build", "--teacher", str(export), "--views", "2").stdout
     key = out.split("key: ")[1].split()[0]

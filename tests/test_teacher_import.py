@@ -1,16 +1,15 @@
 """Pretrained teachers: ml-tarflow checkpoints mapped exactly, and a user's own flow through python:."""
 
-import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.mltarflow import arch_from_filename, load_ml_tarflow
 from nfm.teacher.protocol import Teacher, check_teacher, load_teacher_spec, parse_arch, parse_spec
+from tests.conftest import run_nfm
 
 # ----------------------------------------------------------------------------- an ml-tarflow state dict
 
@@ -239,23 +238,10 @@ def test_python_teacher_implements_the_protocol(user_flow_dir, monkeypatch):
 def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     """One command each: import an ml-tarflow checkpoint, build its pairs, train a student; and the same for
     a user's own flow through python:."""
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": f"{user_flow_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
+    env = {"PYTHONPATH": f"{user_flow_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
     def nfm(*args, check=True):
-        p = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert (p.returncode == 0) == check, p.stdout + p.stderr
-        return p
+        return run_nfm(*args, cwd=tmp_path, env=env, check=check)
 
     cache = ["--cache-dir", str(tmp_path / "cache")]
     sd = ml_tarflow_state_dict(C=1, img=8, p=2, width=64, blocks=2, layers=1, classes=10)
@@ -295,7 +281,6 @@ def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     verify = nfm("pairs", "verify", ukey, *cache).stdout
     assert "OK" in verify
     err = float(verify.split("| = ")[1].split()[0])
-    assert err < 1e-2  # float16 noise of an exact elementwise flow
+    assert 0 < err < 1e-2  # float16 noise of an exact elementwise flow: rounding error, nothing more
     nfm("student", "train", "--preset", "tiny", "--pairs", ukey, "--run-dir", str(tmp_path / "s2"), *cache)
     assert (tmp_path / "s2" / "export" / "model.safetensors").is_file()
-    assert math.isfinite(err)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
 
@@ -281,7 +282,7 @@ def test_softplus_scale_is_finite_for_very_negative_outputs(flow_factory):
 def test_layer_list_must_match_the_blocks():
     with pytest.raises(NFMError, match="layers_per_block lists 2 blocks but num_blocks=3"):
         TarFlow(TarFlowConfig(in_channels=1, img_size=8, num_blocks=3, layers_per_block=(4, 1), num_classes=0))
-    with pytest.raises(NFMError, match="scale='tanh' is not one of exp, softplus"):
+    with pytest.raises(NFMError, match="'model.scale': 'tanh' is not one of exp, softplus"):
         TarFlow(TarFlowConfig(in_channels=1, img_size=8, scale="tanh", num_classes=0))
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from nfm.pipeline.core.batches import StepBatchSampler
 from nfm.pipeline.core.checkpoint import list_checkpoints
 from nfm.pipeline.core.config import build_config

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import derive_seed
 

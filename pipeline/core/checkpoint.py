@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_dir, atomic_write, load_tensors, read_json, save_tensors, write_json
-from torch import nn
 
 
 class EMA:

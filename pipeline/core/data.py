@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 
 BUILTIN = ("digits", "fashion-mnist")

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from nfm.pipeline.core.io import atomic_write
 from torchvision.utils import make_grid, save_image
+
+from nfm.pipeline.core.io import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

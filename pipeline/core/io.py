@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nfm.pipeline.core.errors import NFMError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from nfm.pipeline.core.errors import NFMError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

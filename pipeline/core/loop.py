@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 from nfm.pipeline.core.batches import BatchStream, dataset_batches
 from nfm.pipeline.core.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
 from nfm.pipeline.core.distributed import force_cpu
@@ -37,8 +40,6 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_dir
 from nfm.pipeline.core.rundir import append_metrics, prepare_run_dir, setup_logger, truncate_metrics
 from nfm.pipeline.core.seeding import BatchRandom
-from torch import nn
-from tqdm.auto import tqdm
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
 

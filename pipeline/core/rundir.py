@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from nfm.pipeline.core import config as config_mod
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import read_json, write_bytes, write_json
-from tqdm.auto import tqdm
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import save_tensors
