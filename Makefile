@@ -18,7 +18,7 @@ test: $(STAMP)  ## the test suite (CPU only)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/python -m tests.layers
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/teacher_bench.py

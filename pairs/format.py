@@ -120,9 +120,6 @@ class ShardFile:
             raise NFMError(f"pair shard {self.path} is truncated: short read of {name!r}; rebuild the cache")
         return out
 
-    def read_all(self) -> dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in self.tensors}
-
 
 def read_index(cache_dir: Path) -> dict[str, Any]:
     path = Path(cache_dir) / INDEX_NAME

@@ -199,6 +199,22 @@ def nearest_train_distance(samples: torch.Tensor, train: torch.Tensor, batch: in
 
 
 @dataclass(frozen=True)
+class EvalSet:
+    """What a sweep scores against: held-out images (and their labels, whose class histogram the samples
+    follow), training images for the memorisation check, the feature network, n samples from `seed`."""
+
+    reference: torch.Tensor
+    reference_labels: torch.Tensor
+    train_images: torch.Tensor
+    extractor: str
+    n: int
+    seed: int
+
+    def fid_kid(self, x: torch.Tensor) -> dict[str, float]:
+        return fid_kid(x, self.reference, self.extractor)
+
+
+@dataclass(frozen=True)
 class SweepRow:
     """One sampler setting of a student sweep and its scores."""
 
@@ -273,13 +289,8 @@ class TeacherEval:
 def student_sweep(
     model,
     meta: dict[str, Any],
-    reference: torch.Tensor,
-    reference_labels: torch.Tensor,
-    train_images: torch.Tensor,
+    on: EvalSet,
     *,
-    n: int,
-    seed: int,
-    extractor: str,
     euler_nfes=(1, 2, 4, 8),
     higher=(("heun", 4),),
     dopri5: bool = True,
@@ -287,20 +298,11 @@ def student_sweep(
     log=print,
 ) -> StudentEval:
     """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation."""
-    from nfm.student.paths import ProbPath
-    from nfm.student.sampling import sample_ode
+    from nfm.student.sampling import sample_ode, student_inputs
 
-    device = next(model.parameters()).device
     mc = meta["model"]
-    inputs = sample_inputs(
-        n,
-        (mc["in_channels"], mc["img_size"], mc["img_size"]),
-        mc["num_classes"],
-        seed=seed,
-        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
-        labels_like=reference_labels,
-        device=device,
-    )
+    device = next(model.parameters()).device
+    inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels)
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
     for solver, steps in plan:
@@ -315,49 +317,38 @@ def student_sweep(
             num_classes=mc["num_classes"],
         )
         x = x.clamp(-1, 1).cpu()
-        row = SweepRow(solver=solver, steps=steps, nfe=stats["nfe"], **fid_kid(x, reference, extractor))
+        row = SweepRow(solver=solver, steps=steps, nfe=stats["nfe"], **on.fid_kid(x))
         log(f"  {solver:8s} steps {str(steps or '-'):>3s} NFE {row.nfe:4d}  FID {row.fid:8.3f}  KID {row.kid:.5f}")
         rows.append(row)
         grids[row.grid_key] = x
     result = StudentEval(
         rows=rows,
         straightness=straightness(model, inputs.z, inputs.y, straightness_steps),
-        memorisation=nearest_train_distance(grids[f"euler-{max(euler_nfes)}"], train_images),
+        memorisation=nearest_train_distance(grids[f"euler-{max(euler_nfes)}"], on.train_images),
         grids=grids,
     )
     log(f"  straightness {result.straightness:.5f}")
     return result
 
 
-def teacher_sweep(
-    teacher,
-    reference: torch.Tensor,
-    reference_labels: torch.Tensor,
-    train_images: torch.Tensor,
-    *,
-    n: int,
-    seed: int,
-    extractor: str,
-    batch: int = 500,
-    log=print,
-) -> TeacherEval:
+def teacher_sweep(teacher, on: EvalSet, *, batch: int = 500, log=print) -> TeacherEval:
     """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
     teachers without `denoise` (a user's own flow) are scored on their decoded samples only."""
     from nfm.teacher.protocol import prior_std, teacher_device
 
     inputs = sample_inputs(
-        n,
+        on.n,
         tuple(teacher.image_shape),
         teacher.num_classes,
-        seed=seed,
+        seed=on.seed,
         prior=prior_std(teacher),
-        labels_like=reference_labels,
+        labels_like=on.reference_labels,
         device=teacher_device(teacher),
     )
     z, y = inputs.z, inputs.y
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     raw, den = [], []
-    for i in range(0, n, batch):
+    for i in range(0, on.n, batch):
         yy = None if y is None else y[i : i + batch]
         x = teacher.decode(z[i : i + batch], yy)
         raw.append(x.cpu())
@@ -367,9 +358,9 @@ def teacher_sweep(
     sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
     for name, x in sets:
         x = x.clamp(-1, 1)
-        row = TeacherRow(sampler=name, **fid_kid(x, reference, extractor))
+        row = TeacherRow(sampler=name, **on.fid_kid(x))
         log(f"  teacher {name:15s} FID {row.fid:8.3f}  KID {row.kid:.5f}")
         out.rows.append(row)
         out.grids[name] = x
-    out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], train_images)
+    out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], on.train_images)
     return out

@@ -37,21 +37,28 @@ def _gpu_student(size: int) -> dict[str, Any]:
     return _gpu(dict(STUDENT_SIZES["SiT-B/2" if size == 32 else "SiT-B/4"]), size, 2e-4)
 
 
+def _train(
+    steps: int, batch: int, lr: float, warmup: int, log_every: int, sample_every: int, ckpt_every: int, ema: float
+) -> dict[str, Any]:
+    """A preset's train section (the CPU presets differ only in these)."""
+    return {
+        "steps": steps,
+        "batch_size": batch,
+        "lr": lr,
+        "warmup_steps": warmup,
+        "log_every": log_every,
+        "sample_every": sample_every,
+        "ckpt_every": ckpt_every,
+        "ema_decay": ema,
+    }
+
+
 TEACHER_PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a CPU: for tests and smoke runs
     "tiny": {
         "model": {**TARFLOW_SIZES["tiny"], "noise_std": 0.1},
         "data": {"name": "digits"},
-        "train": {
-            "steps": 20,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "warmup_steps": 5,
-            "log_every": 5,
-            "sample_every": 10,
-            "ckpt_every": 10,
-            "ema_decay": 0.9,
-        },
+        "train": _train(20, 32, 1e-3, 5, 5, 10, 10, 0.9),
         "sample": {"n": 20},
     },
     # 8x8 digits: the CPU demo. Per CPU minute a narrow model, small batches and a high learning rate
@@ -59,31 +66,13 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
     "digits": {
         "model": {**TARFLOW_SIZES["digits8-S"], "noise_std": 0.1},
         "data": {"name": "digits"},
-        "train": {
-            "steps": 9000,
-            "batch_size": 64,
-            "lr": 2e-3,
-            "warmup_steps": 200,
-            "log_every": 100,
-            "sample_every": 3000,
-            "ckpt_every": 1000,
-            "ema_decay": 0.999,
-        },
+        "train": _train(9000, 64, 2e-3, 200, 100, 3000, 1000, 0.999),
     },
     # 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist): about 1.5 hours on 2 CPU cores
     "fashion-mnist": {
         "model": {**TARFLOW_SIZES["mnist28"], "noise_std": 0.05},
         "data": {"name": "fashion-mnist"},
-        "train": {
-            "steps": 10000,
-            "batch_size": 128,
-            "lr": 5e-4,
-            "warmup_steps": 500,
-            "log_every": 100,
-            "sample_every": 1000,
-            "ckpt_every": 500,
-            "ema_decay": 0.9995,
-        },
+        "train": _train(10000, 128, 5e-4, 500, 100, 1000, 500, 0.9995),
     },
     # a user's own 32x32 / 64x64 RGB images on one GPU: nfm teacher train --preset gpu32 data.name=DIR
     "gpu32": _gpu_teacher(32),
@@ -95,45 +84,18 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": dict(STUDENT_SIZES["SiT-tiny"]),
         "data": {"name": "digits"},
-        "train": {
-            "steps": 20,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "warmup_steps": 5,
-            "log_every": 5,
-            "sample_every": 10,
-            "ckpt_every": 10,
-            "ema_decay": 0.9,
-        },
+        "train": _train(20, 32, 1e-3, 5, 5, 10, 10, 0.9),
         "sample": {"n": 20, "steps": 2},
     },
     "digits": {
         "model": dict(STUDENT_SIZES["conv-S"]),
         "data": {"name": "digits"},
-        "train": {
-            "steps": 1000,
-            "batch_size": 128,
-            "lr": 1e-3,
-            "warmup_steps": 100,
-            "log_every": 100,
-            "sample_every": 1000,
-            "ckpt_every": 500,
-            "ema_decay": 0.999,
-        },
+        "train": _train(1000, 128, 1e-3, 100, 100, 1000, 500, 0.999),
     },
     "fashion-mnist": {
         "model": dict(STUDENT_SIZES["SiT-S/4"]),
         "data": {"name": "fashion-mnist"},
-        "train": {
-            "steps": 20000,
-            "batch_size": 256,
-            "lr": 5e-4,
-            "warmup_steps": 1000,
-            "log_every": 100,
-            "sample_every": 2000,
-            "ckpt_every": 1000,
-            "ema_decay": 0.9995,
-        },
+        "train": _train(20000, 256, 5e-4, 1000, 100, 2000, 1000, 0.9995),
     },
     "gpu32": _gpu_student(32),
     "gpu64": _gpu_student(64),

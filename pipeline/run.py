@@ -34,7 +34,7 @@ from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.evaluate import StudentEval, TeacherEval
+from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval
 from nfm.student.couplings import CouplingName
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig, load_student, run_student_training
@@ -138,13 +138,10 @@ def _cached(path: Path, compute: Callable[[], Any], cls: type) -> tuple[Any, boo
 
 @dataclass
 class _EvalContext:
-    """What every evaluation of one run shares: the settings, the reference and training images."""
+    """What every evaluation of one run shares: the settings, the evaluation set, the cache of results."""
 
     ev: EvalConfig
-    extractor: str
-    reference: torch.Tensor
-    ref_labels: torch.Tensor
-    train_images: torch.Tensor
+    on: EvalSet
     eval_dir: Path
     key: str  # hash of the evaluation settings: part of every cached result's name
     log: logging.Logger
@@ -159,21 +156,18 @@ class _EvalContext:
             train_images = train_data.tensors()[0]
         else:
             train_images = train_data.__getitems__(list(range(100_000)))[0]
+        on = EvalSet(reference, ref_labels, train_images, extractor, ev.n, ev.seed)
         key = config_hash({"eval": asdict(ev), "extractor": extractor, "reference": len(reference)})
-        return cls(ev, extractor, reference, ref_labels, train_images, run_dir / "eval", key, log)
+        return cls(ev, on, run_dir / "eval", key, log)
 
 
 def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig) -> tuple[TeacherEval, bool]:
     from nfm.pipeline.evaluate import teacher_sweep
 
-    ev = ctx.ev
-    ctx.log.info(f"evaluating the teacher ({ev.n} samples, {ctx.extractor})")
+    ctx.log.info(f"evaluating the teacher ({ctx.ev.n} samples, {ctx.on.extractor})")
 
     def compute() -> TeacherEval:
-        out = teacher_sweep(
-            teacher, ctx.reference, ctx.ref_labels, ctx.train_images, n=ev.n, seed=ev.seed, extractor=ctx.extractor,
-            log=ctx.log.info,
-        )  # fmt: skip
+        out = teacher_sweep(teacher, ctx.on, log=ctx.log.info)
         if callable(getattr(teacher, "log_prob", None)):
             out.test_bpd = evaluate_bpd(teacher, load_data(data_cfg, "test"))
         out.noise_std = teacher.noise_std
@@ -185,23 +179,22 @@ def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig)
 def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float, device) -> tuple[StudentEval, bool]:
     from nfm.pipeline.evaluate import student_sweep
 
-    ev = ctx.ev
+    ev, on = ctx.ev, ctx.on
     ctx.log.info(f"evaluating the {coupling} student")
     model, meta = load_student(export, device)
 
     def compute() -> StudentEval:
         out = student_sweep(
-            model, meta, ctx.reference, ctx.ref_labels, ctx.train_images, n=ev.n, seed=ev.seed,
-            extractor=ctx.extractor, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
+            model, meta, on, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
             dopri5=ev.dopri5, straightness_steps=ev.straightness_steps, log=ctx.log.info,
         )  # fmt: skip
         if ev.likelihood:
             from nfm.student.likelihood import student_bpd
 
-            m = ev.likelihood_n or len(ctx.reference)
+            m = ev.likelihood_n or len(on.reference)
             ctx.log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
             out.likelihood = student_bpd(
-                model, meta, ctx.reference[:m], ctx.ref_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
+                model, meta, on.reference[:m], on.reference_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
                 solver=ev.likelihood_solver,
             )  # fmt: skip
             ctx.log.info(f"  bits/dim {out.likelihood['bits_per_dim']:.4f} ({out.likelihood['divergence']})")
@@ -215,18 +208,16 @@ def _stage_evaluation(
     ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig, students: dict[str, Path], device, stages: _Stages
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Stage 4 (main process): FID/KID of the teacher and every student; returns (results, grids)."""
-    from nfm.pipeline.evaluate import fid_kid
-
-    t0, ev = time.perf_counter(), ctx.ev
-    floor_n = min(len(ctx.train_images), max(ev.n, len(ctx.reference)))
+    t0, ev, on = time.perf_counter(), ctx.ev, ctx.on
+    floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
     results: dict[str, Any] = {
         "n": ev.n,
         "seed": ev.seed,
-        "extractor": ctx.extractor,
-        "reference": len(ctx.reference),
+        "extractor": on.extractor,
+        "reference": len(on.reference),
         "students": {},
         "teacher": None,
-        "data_floor": fid_kid(ctx.train_images[:floor_n], ctx.reference, ctx.extractor),
+        "data_floor": on.fid_kid(on.train_images[:floor_n]),
     }
     grids: dict[str, dict[str, torch.Tensor]] = {}
     reused_all = True

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.config import ShapedByData, check_choices
 from nfm.pipeline.core.errors import NFMError
 
 Arch = Literal["dit", "mlp", "conv"]
@@ -25,7 +25,7 @@ ARCHS: tuple[str, ...] = typing.get_args(Arch)
 
 
 @dataclass(frozen=True)
-class StudentModelConfig:
+class StudentModelConfig(ShapedByData):
     arch: Arch = "dit"  # dit | mlp | conv
     in_channels: int = 0  # 0: from the data
     img_size: int = 0  # 0: from the data
@@ -36,14 +36,6 @@ class StudentModelConfig:
     heads: int = 4  # dit
     mlp_ratio: float = 4.0  # dit
     class_dropout: float = 0.1  # P(label -> null) during training, for classifier-free guidance
-
-    def resolved(self, channels: int, img_size: int, num_classes: int) -> StudentModelConfig:
-        return replace(
-            self,
-            in_channels=self.in_channels or channels,
-            img_size=self.img_size or img_size,
-            num_classes=num_classes if self.num_classes < 0 else self.num_classes,
-        )
 
     def validate(self) -> None:
         check_choices(self, "model.")

@@ -17,6 +17,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
 
 Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
 Grid = Literal["uniform", "data-end"]
@@ -105,3 +106,29 @@ def sample_ode(
         "forward_passes": func.forward_passes,
     }
     return x, stats
+
+
+def student_inputs(
+    meta: dict,
+    n: int,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    label: int | None = None,
+    labels_like: torch.Tensor | None = None,
+) -> SampleInputs:
+    """Fixed sample inputs for a student export (`meta`: its config.json): its image shape and classes, noise
+    through the prior of its path (pipeline.core.sampling)."""
+    from nfm.student.paths import ProbPath
+
+    mc = meta["model"]
+    return sample_inputs(
+        n,
+        (mc["in_channels"], mc["img_size"], mc["img_size"]),
+        mc["num_classes"],
+        seed=seed,
+        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
+        label=label,
+        labels_like=labels_like,
+        device=device,
+    )

@@ -24,7 +24,7 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.core.sampling import sample_and_save
+from nfm.pipeline.core.sampling import sample_and_save, sample_inputs
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.couplings import Coupling, CouplingName, make_coupling
 from nfm.student.models import StudentModelConfig, build_student
@@ -110,18 +110,15 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
 def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
     """The preview grid: fixed noise through the path's prior, `sample.steps` steps of `sample.solver`."""
     s, mc = cfg.sample, cfg.model
-    sample_and_save(
-        lambda z, y: sample_ode(
-            model, z, y, solver=s.solver, steps=s.steps, grid=s.grid, guidance=s.guidance, num_classes=mc.num_classes
-        )[0],
-        path,
-        n=s.n,
-        image_shape=(mc.in_channels, mc.img_size, mc.img_size),
-        num_classes=mc.num_classes,
-        seed=s.seed,
-        prior=cfg.flow.make_path().prior_scale,
-        device=next(model.parameters()).device,
-    )
+    shape, prior = (mc.in_channels, mc.img_size, mc.img_size), cfg.flow.make_path().prior_scale
+    device = next(model.parameters()).device
+    inputs = sample_inputs(s.n, shape, mc.num_classes, seed=s.seed, prior=prior, device=device)
+
+    def sampler(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        opts = dict(solver=s.solver, steps=s.steps, grid=s.grid, guidance=s.guidance, num_classes=mc.num_classes)
+        return sample_ode(model, z, y, **opts)[0]
+
+    sample_and_save(sampler, inputs, mc.num_classes, path)
 
 
 def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunConfig, extra: dict | None = None):

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.config import ShapedByData, check_choices
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
 
@@ -49,7 +49,7 @@ DECODERS: tuple[str, ...] = typing.get_args(Decoder)
 
 
 @dataclass(frozen=True)
-class TarFlowConfig:
+class TarFlowConfig(ShapedByData):
     in_channels: int = 0  # image channels; 0: take them from the data
     img_size: int = 0  # square images; 0: take it from the data
     patch_size: int = 2  # patches of patch_size^2 pixels; T = (img_size / patch_size)^2 tokens
@@ -76,15 +76,6 @@ class TarFlowConfig:
         if isinstance(self.layers_per_block, int):
             return (self.layers_per_block,) * self.num_blocks
         return tuple(self.layers_per_block)
-
-    def resolved(self, channels: int, img_size: int, num_classes: int) -> TarFlowConfig:
-        """Fill the data-dependent fields (0 / -1) from the data set."""
-        return replace(
-            self,
-            in_channels=self.in_channels or channels,
-            img_size=self.img_size or img_size,
-            num_classes=num_classes if self.num_classes < 0 else self.num_classes,
-        )
 
     def validate(self) -> None:
         check_choices(self, "model.")

@@ -22,7 +22,7 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.metrics import nll_to_bpd
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.core.sampling import sample_and_save
+from nfm.pipeline.core.sampling import sample_and_save, sample_inputs
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.teacher.export import save_export
 from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
@@ -69,21 +69,15 @@ def teacher_loss(eta: float, label_drop: float):
 def sample_grid(model: TarFlow, scfg: TeacherSampleConfig, path: Path) -> torch.Tensor:
     """The preview grid: fixed noise through the prior (x temperature), decoded (and denoised)."""
 
+    device = teacher_device(model)
+
     def sampler(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         x = model.decode(z, y, guidance=Guidance(scfg.guidance))
         return model.denoise(x, y) if scfg.denoise and model.noise_std > 0 else x
 
-    x, _ = sample_and_save(
-        sampler,
-        path,
-        n=scfg.n,
-        image_shape=model.image_shape,
-        num_classes=model.num_classes,
-        seed=scfg.seed,
-        prior=scfg.temperature * prior_std(model),
-        device=teacher_device(model),
-    )
-    return x
+    prior = scfg.temperature * prior_std(model)
+    inputs = sample_inputs(scfg.n, model.image_shape, model.num_classes, seed=scfg.seed, prior=prior, device=device)
+    return sample_and_save(sampler, inputs, model.num_classes, path)
 
 
 @torch.no_grad()

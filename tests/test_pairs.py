@@ -205,7 +205,7 @@ def test_nonfinite_pairs_are_refused_or_dropped_and_counted(export, tmp_path):
     teacher.encode = broken
     data = load_data(DATA)
     n3 = int((data.labels == 3).sum())
-    with pytest.raises(NFMError, match=rf"{n3} pairs so far encode to NaN/Inf \(allowed: 0"):
+    with pytest.raises(NFMError, match=rf"{n3} pairs encode to NaN/Inf \(allowed: 0"):
         build_pairs(teacher, data, PairBuildConfig(), tmp_path, log=lambda *a: None)
     cache_dir = build_pairs(teacher, data, PairBuildConfig(max_nonfinite=0.2), tmp_path, log=lambda *a: None).path
     index = read_index(cache_dir)

@@ -59,8 +59,8 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
         assert [r["nfe"] for r in res["rows"] if r["solver"] == "euler"] == [1, 2]
         # 20 training steps: every student is far from the data, more so than real images are from each other
         assert all(math.isfinite(r["fid"]) and r["fid"] > data_floor for r in res["rows"]), name
-        # a 20-step student is not a straight flow: its velocity changes along the 4-step Euler path
-        assert 1e-4 < res["straightness"] < 10, name
+        # a 20-step student's velocity changes along its 4-step Euler path (exactly 0 only for a constant field)
+        assert 0 < res["straightness"] < 10, name
     assert {r["sampler"] for r in report["teacher"]["rows"]} == {"decode", "decode+denoise"}
     for name in ("nfm", "independent", "minibatch-ot"):
         for k in (1, 2):
@@ -94,7 +94,7 @@ def test_interrupted_run_resumes(tmp_path):
     assert not (tmp_path / "run" / "report.md").exists()
     p = _run(tmp_path, *args)
     assert "[teacher] reused" in p.stdout and "[pairs] reused" in p.stdout
-    resumed = [line for line in p.stdout.splitlines() if "resumed from" in line]
+    resumed = [line for line in p.stdout.splitlines() if "resumed from" in line and "/students/" in line]
     assert len(resumed) == 1 and "/checkpoints/step-" in resumed[0] and "(step 0)" not in resumed[0]
     assert (tmp_path / "run" / "report.md").is_file()
 

@@ -163,3 +163,49 @@ def test_batch_random_gives_each_row_the_same_noise_however_the_batch_is_split()
     pb = torch.cat([p.rand() for p in parts])
     assert torch.equal(a, pa) and torch.equal(b, pb)
     assert not torch.equal(BatchRandom(7, 4, 0, 8, 8).randn(2, 2), a)  # another step, other noise
+
+
+def _adamw_after_two_steps(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _same_optimizer_state(a: dict, b: dict) -> bool:
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    for pid, st in a["state"].items():
+        for k, v in st.items():
+            w = b["state"][pid][k]
+            if not (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w):
+                return False
+    return True
+
+
+def test_checkpoint_restores_the_optimizer_bit_for_bit_and_reads_the_previous_format(tmp_path):
+    """optimizer.pt (torch's format, read with weights_only=True) restores AdamW exactly; a checkpoint of the
+    previous format (optimizer tensors in optimizer.safetensors, the rest in state.json) still loads."""
+    from nfm.pipeline.core.checkpoint import EMA, load_checkpoint, save_checkpoint
+    from nfm.pipeline.core.io import save_tensors, write_json
+
+    model, opt = _adamw_after_two_steps()
+    path = save_checkpoint(tmp_path, 2, model, EMA(model, 0.9), opt, keep=2)
+    fresh, fresh_opt = _adamw_after_two_steps(seed=1)
+    assert not _same_optimizer_state(opt.state_dict(), fresh_opt.state_dict())
+    assert load_checkpoint(path, fresh, EMA(fresh, 0.9), fresh_opt) == 2
+    assert _same_optimizer_state(opt.state_dict(), fresh_opt.state_dict())
+
+    sd = opt.state_dict()  # the previous format, written as the previous version did
+    tensors = {f"state.{p}.{k}": v for p, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    extra = {f"{p}.{k}": v for p, st in sd["state"].items() for k, v in st.items() if not torch.is_tensor(v)}
+    (path / "optimizer.pt").unlink()
+    save_tensors(path / "optimizer.safetensors", tensors)
+    write_json(path / "state.json", {"step": 2, "optimizer": {"param_groups": sd["param_groups"], "extra": extra}})
+    old, old_opt = _adamw_after_two_steps(seed=2)
+    assert load_checkpoint(path, old, EMA(old, 0.9), old_opt) == 2
+    assert _same_optimizer_state(opt.state_dict(), old_opt.state_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def add_sample_outputs(p: argparse.ArgumentParser, default_n: int = 100) -> None
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--out", help="output path without suffix (writes .png and .safetensors)")
     add_device(p)
+
+
+def add_group(stages: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
+    """`nfm NAME COMMAND`: the group's parser; returns its subcommand registry."""
+    group = stages.add_parser(name, help=help)
+    return group.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, func) -> argparse.ArgumentParser:
+    """A command whose help is the first paragraph of `func`'s docstring and whose description is the rest."""
+    first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
+    p = sub.add_parser(name, help=" ".join(first.split()), description=" ".join(rest.split()) or None)
+    p.set_defaults(func=func)
+    return p
+
+
+def write_result(path: Path, result: dict) -> int:
+    """An evaluation command's result: written as JSON, echoed, and where it went."""
+    import json
+
+    from nfm.pipeline.core.io import write_json
+
+    write_json(path, result)
+    print(json.dumps(result, indent=2))
+    print(f"written: {path}")
+    return 0
 
 
 def device(args: argparse.Namespace):

@@ -10,6 +10,12 @@ from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_build(args) -> int:
+    """invert a teacher over a data set into a pair cache (or reuse it)
+
+    z = encode(x + eta*eps) / sigma_f for every training image, in sharded safetensors. A second build with the
+    same inputs is a cache hit; an interrupted build resumes. Under `accelerate launch`/torchrun each process
+    builds its own shards.
+    """
     from nfm.pairs.build import PairsRunConfig, build_pairs
     from nfm.pipeline.core.config import build_config, format_table
     from nfm.pipeline.core.data import load_data
@@ -47,6 +53,7 @@ def _print_table(rows: list[dict], cols: list[str]) -> None:
 
 
 def cmd_ls(args) -> int:
+    """list the pair caches"""
     from nfm.pairs.build import cache_summary
     from nfm.pairs.format import INDEX_NAME
 
@@ -69,6 +76,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    """re-hash every shard and check reconstruction through the teacher"""
     from nfm.pairs.format import read_index
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.verify import check_shards, reconstruction_error
@@ -104,6 +112,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_rm(args) -> int:
+    """delete a pair cache"""
     import shutil
 
     from nfm.pairs.lookup import find_cache
@@ -115,16 +124,9 @@ def cmd_rm(args) -> int:
 
 
 def register(stages: argparse._SubParsersAction) -> None:
-    pairs = stages.add_parser("pairs", help="stage two: the teacher's noise/data pair cache")
-    sub = pairs.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = options.add_group(stages, "pairs", "stage two: the teacher's noise/data pair cache")
 
-    p = sub.add_parser(
-        "build",
-        help="invert a teacher over a data set into a pair cache (or reuse it)",
-        description="z = encode(x + eta*eps) / sigma_f for every training image, in sharded "
-        "safetensors. A second build with the same inputs is a cache hit; an interrupted build "
-        "resumes. Under `accelerate launch`/torchrun each process builds its own shards.",
-    )
+    p = options.add_command(sub, "build", cmd_build)
     p.add_argument("--teacher", required=True, metavar="SPEC", help=options.SPEC_HELP)
     options.add_teacher_arch(p)
     p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
@@ -134,22 +136,18 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, dest="batch_size", help="encode batch (default 256)")
     options.add_cache_dir(p)
     options.add_config_layers(p, "pairs.shard_mb=64 data.held_out=0.1")
-    p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("ls", help="list the pair caches")
+    p = options.add_command(sub, "ls", cmd_ls)
     options.add_cache_dir(p)
-    p.set_defaults(func=cmd_ls)
 
-    p = sub.add_parser("verify", help="re-hash every shard and check reconstruction through the teacher")
+    p = options.add_command(sub, "verify", cmd_verify)
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
     p.add_argument("--samples", type=int, default=64, help="pairs decoded for the reconstruction check (0: skip)")
     p.add_argument("--tolerance", type=float, default=0.1, help="worst reconstruction error allowed (default 0.1)")
     p.add_argument("--teacher", metavar="SPEC", help="teacher to decode with (default: the one recorded in the cache)")
     options.add_cache_dir(p)
     options.add_device(p)
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("rm", help="delete a pair cache")
+    p = options.add_command(sub, "rm", cmd_rm)
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
     options.add_cache_dir(p)
-    p.set_defaults(func=cmd_rm)

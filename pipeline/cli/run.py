@@ -10,6 +10,11 @@ from nfm.pipeline.cli import options
 
 
 def cmd_run(args) -> int:
+    """everything: teacher -> pairs -> students -> evaluation -> report
+
+    Runs teacher, pair cache, the nfm / independent / minibatch-ot students, FID/KID evaluation and the report in
+    one run directory. Finished stages are reused, interrupted ones resume: rerun the same command.
+    """
     from nfm.pipeline.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
@@ -26,13 +31,7 @@ def cmd_run(args) -> int:
 def register(stages: argparse._SubParsersAction) -> None:
     from nfm.pipeline.presets import RUN_PRESETS
 
-    p = stages.add_parser(
-        "run",
-        help="everything: teacher -> pairs -> students -> evaluation -> report",
-        description="Runs teacher, pair cache, the nfm / independent / minibatch-ot students, "
-        "FID/KID evaluation and the report in one run directory. Finished stages are reused, "
-        "interrupted ones resume: rerun the same command.",
-    )
+    p = options.add_command(stages, "run", cmd_run)
     options.add_preset(p, RUN_PRESETS)
     p.add_argument(
         "--from-teacher",
@@ -47,4 +46,3 @@ def register(stages: argparse._SubParsersAction) -> None:
         "teacher.train.steps=2000 pairs.views=8 student.train.steps=1000 eval.n=500",
         "run directory (default runs/run-PRESET)",
     )
-    p.set_defaults(func=cmd_run)

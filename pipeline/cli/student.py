@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -11,6 +10,11 @@ from nfm.pipeline.cli import options
 
 
 def cmd_train(args) -> int:
+    """train (or resume) a flow-matching student on a coupling
+
+    Flow matching on the teacher's pairs (nfm) or a baseline coupling (independent, minibatch-ot), with the same
+    network, steps and batch. Rerunning the same command resumes, data position included.
+    """
     from nfm.pipeline.core.config import _merge, build_config
     from nfm.pipeline.presets import student_preset, student_size_overrides
     from nfm.student.train import StudentRunConfig, run_student_training
@@ -33,23 +37,15 @@ def _run_dir(run: str) -> Path:
 
 
 def cmd_sample(args) -> int:
-    from nfm.pipeline.core.sampling import sample_inputs, save_samples
-    from nfm.student.paths import ProbPath
-    from nfm.student.sampling import sample_ode
+    """sample a trained student with an ODE solver"""
+    from nfm.pipeline.core.sampling import save_samples
+    from nfm.student.sampling import sample_ode, student_inputs
     from nfm.student.train import load_student
 
     device = options.device(args)
     model, meta = load_student(args.run, device)
     mc = meta["model"]
-    inputs = sample_inputs(
-        args.n,
-        (mc["in_channels"], mc["img_size"], mc["img_size"]),
-        mc["num_classes"],
-        seed=args.seed,
-        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
-        label=args.label,
-        device=device,
-    )
+    inputs = student_inputs(meta, args.n, seed=args.seed, device=device, label=args.label)
     t0 = time.perf_counter()
     x, stats = sample_ode(
         model, inputs.z, inputs.y, solver=args.solver, steps=args.steps, grid=args.grid, guidance=args.guidance,
@@ -67,9 +63,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """bits/dim of a student as a continuous normalizing flow (likelihood through the ODE)
+
+    log p(x) = log p_0(x_0) - int div v dt, integrated from the data back to the noise with torchdiffeq; exact
+    divergence for small images, Hutchinson's estimator for large ones. Pass the teacher's eta (--eta) to compare
+    with `nfm teacher eval`.
+    """
     from nfm.pipeline.core.config import from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.pipeline.core.io import write_json
     from nfm.student.likelihood import student_bpd
     from nfm.student.train import load_student
 
@@ -85,10 +86,7 @@ def cmd_eval(args) -> int:
     )  # fmt: skip
     res = {"split": args.split, **res, "seconds": round(time.perf_counter() - t0, 1)}
     out = _run_dir(args.run) / f"eval-likelihood-{args.split}.json"
-    write_json(out, res)
-    print(json.dumps(res, indent=2))
-    print(f"written: {out}")
-    return 0
+    return options.write_result(out, res)
 
 
 def register(stages: argparse._SubParsersAction) -> None:
@@ -97,16 +95,9 @@ def register(stages: argparse._SubParsersAction) -> None:
     from nfm.student.models import STUDENT_SIZES
     from nfm.student.sampling import GRIDS, SOLVERS
 
-    student = stages.add_parser("student", help="stage three: the flow-matching student")
-    sub = student.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = options.add_group(stages, "student", "stage three: the flow-matching student")
 
-    p = sub.add_parser(
-        "train",
-        help="train (or resume) a flow-matching student on a coupling",
-        description="Flow matching on the teacher's pairs (nfm) or a baseline coupling "
-        "(independent, minibatch-ot), with the same network, steps and batch. Rerunning the same "
-        "command resumes, data position included.",
-    )
+    p = options.add_command(sub, "train", cmd_train)
     options.add_preset(p, STUDENT_PRESETS)
     p.add_argument("--coupling", choices=COUPLINGS, help="coupling (default nfm)")
     p.add_argument("--pairs", help="nfm coupling: pair cache key, key prefix or directory")
@@ -117,9 +108,8 @@ def register(stages: argparse._SubParsersAction) -> None:
         "train.steps=500 flow.path=vp flow.time=logit-normal model.width=64",
         "run directory (default runs/student-PRESET-COUPLING)",
     )
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample a trained student with an ODE solver")
+    p = options.add_command(sub, "sample", cmd_sample)
     p.add_argument("run", help="student run directory or export directory")
     p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
     p.add_argument("--steps", type=int, default=4, help="steps of a fixed-step solver (default 4)")
@@ -128,15 +118,8 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
     options.add_sample_outputs(p)
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser(
-        "eval",
-        help="bits/dim of a student as a continuous normalizing flow (likelihood through the ODE)",
-        description="log p(x) = log p_0(x_0) - int div v dt, integrated from the data back to the noise "
-        "with torchdiffeq; exact divergence for small images, Hutchinson's estimator for large ones. "
-        "Pass the teacher's eta (--eta) to compare with `nfm teacher eval`.",
-    )
+    p = options.add_command(sub, "eval", cmd_eval)
     p.add_argument("run", help="student run directory or export directory")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--data", help="evaluate on another data source (default: the student's own)")
@@ -151,4 +134,3 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--solver", default="dopri5", choices=list(SOLVERS), help="dopri5 (default) or a fixed-step solver")
     p.add_argument("--batch-size", type=int, default=256)
     options.add_device(p)
-    p.set_defaults(func=cmd_eval)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -12,6 +11,11 @@ from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_train(args) -> int:
+    """train (or resume) a TarFlow teacher
+
+    Train a TarFlow teacher by maximum likelihood on x + eta * eps. Rerunning the same command resumes from the
+    newest checkpoint.
+    """
     from nfm.pipeline.core.config import _merge, build_config
     from nfm.pipeline.presets import size_overrides, teacher_preset
     from nfm.teacher.train import TeacherRunConfig, run_teacher_training
@@ -26,6 +30,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    """sample images from a trained teacher"""
     from nfm.pipeline.core.sampling import sample_inputs, save_samples
     from nfm.teacher.export import load_teacher, resolve_export_dir
     from nfm.teacher.model import Guidance
@@ -59,6 +64,13 @@ def cmd_sample(args) -> int:
 
 
 def cmd_import(args) -> int:
+    """convert a pretrained teacher (an apple/ml-tarflow .pth) into this project's export
+
+    Loads an ml-tarflow state dict with torch.load(weights_only=True), maps it exactly onto this project's TarFlow
+    and writes model.safetensors + config.json: a teacher export that `nfm pairs build --teacher DIR` and `nfm run
+    --from-teacher DIR` take. The architecture comes from the tensor shapes, the file name
+    ({data}_model_{patch}_{width}_{blocks}_{layers}_{eta}.pth) and --teacher-arch.
+    """
     from dataclasses import asdict
 
     from nfm.pipeline.core.config import build_config
@@ -91,9 +103,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """bits/dim of a trained teacher on held-out data"""
     from nfm.pipeline.core.config import from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.pipeline.core.io import write_json
     from nfm.teacher.export import export_info, load_teacher, resolve_export_dir
     from nfm.teacher.train import evaluate_bpd
 
@@ -112,25 +124,16 @@ def cmd_eval(args) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     out = resolve_export_dir(args.run).parent / f"eval-{args.split}.json"
-    write_json(out, result)
-    print(json.dumps(result, indent=2))
-    print(f"written: {out}")
-    return 0
+    return options.write_result(out, result)
 
 
 def register(stages: argparse._SubParsersAction) -> None:
     from nfm.pipeline.presets import TEACHER_PRESETS
     from nfm.teacher.model import DECODERS, TARFLOW_SIZES
 
-    teacher = stages.add_parser("teacher", help="stage one: the TarFlow teacher")
-    sub = teacher.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = options.add_group(stages, "teacher", "stage one: the TarFlow teacher")
 
-    p = sub.add_parser(
-        "train",
-        help="train (or resume) a TarFlow teacher",
-        description="Train a TarFlow teacher by maximum likelihood on x + eta * eps. "
-        "Rerunning the same command resumes from the newest checkpoint.",
-    )
+    p = options.add_command(sub, "train", cmd_train)
     options.add_preset(p, TEACHER_PRESETS)
     options.add_config_layers(
         p,
@@ -138,9 +141,8 @@ def register(stages: argparse._SubParsersAction) -> None:
         "run directory (default: runs/teacher-PRESET); an existing one is resumed",
     )
     p.add_argument("--size", help=f"named TarFlow size ({', '.join(TARFLOW_SIZES)}), applied before overrides")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample images from a trained teacher")
+    p = options.add_command(sub, "sample", cmd_sample)
     p.add_argument("run", help="teacher run directory or export directory")
     options.add_sample_outputs(p)
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight (default 0)")
@@ -157,29 +159,18 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="jacobi: stop when the largest change is below this")
     p.add_argument("--chunk", type=int, default=0, help="jacobi: patches per Gauss-Seidel chunk (0: all)")
     p.add_argument("--max-iters", type=int, default=0, help="jacobi: iteration cap per chunk (0: chunk length, exact)")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="bits/dim of a trained teacher on held-out data")
+    p = options.add_command(sub, "eval", cmd_eval)
     p.add_argument("run", help="teacher run directory or export directory")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--data", help="evaluate on another data source (default: the teacher's own)")
     p.add_argument("--batch-size", type=int, default=500)
     options.add_device(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "import",
-        help="convert a pretrained teacher (an apple/ml-tarflow .pth) into this project's export",
-        description="Loads an ml-tarflow state dict with torch.load(weights_only=True), maps it exactly onto "
-        "this project's TarFlow and writes model.safetensors + config.json: a teacher export that "
-        "`nfm pairs build --teacher DIR` and `nfm run --from-teacher DIR` take. The architecture comes from "
-        "the tensor shapes, the file name ({data}_model_{patch}_{width}_{blocks}_{layers}_{eta}.pth) and "
-        "--teacher-arch.",
-    )
+    p = options.add_command(sub, "import", cmd_import)
     p.add_argument(
         "spec", metavar="ml-tarflow:PATH", help="the checkpoint, e.g. ml-tarflow:afhq_model_8_768_8_8_0.07.pth"
     )
     p.add_argument("--out", required=True, metavar="DIR", help="export directory to write")
     options.add_teacher_arch(p)
     p.add_argument("--data", help="the data set it models (recorded so pairs build needs no --data)")
-    p.set_defaults(func=cmd_import)

@@ -24,6 +24,19 @@ from nfm.pipeline.core.errors import NFMError
 T = TypeVar("T")
 
 
+class ShapedByData:
+    """For model configs whose in_channels / img_size (0) and num_classes (-1) are taken from the data."""
+
+    def resolved(self, channels: int, img_size: int, num_classes: int):
+        """Fill the data-dependent fields (0 / -1) from the data set."""
+        return dataclasses.replace(
+            self,
+            in_channels=self.in_channels or channels,
+            img_size=self.img_size or img_size,
+            num_classes=num_classes if self.num_classes < 0 else self.num_classes,
+        )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A nested plain dict (JSON-serialisable) of a dataclass config."""
     return dataclasses.asdict(cfg)

@@ -83,10 +83,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return f"{self.name}[{self.split}]: {len(self)} images, {c}x{h}x{w}, {classes}"
 
 
-def identity_collate(batch):
-    return batch
-
-
 class TensorImages(ImageDataset):
     """A source held in memory as uint8 (N, C, H, W) with ``levels`` grey levels."""
 

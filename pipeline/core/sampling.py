@@ -100,20 +100,9 @@ def save_samples(
 
 
 def sample_and_save(
-    sampler: Sampler,
-    path: str | Path,
-    *,
-    n: int,
-    image_shape: tuple[int, ...],
-    num_classes: int,
-    seed: int,
-    prior: torch.Tensor | float = 1.0,
-    label: int | None = None,
-    device: torch.device | str = "cpu",
-    tensors: bool = False,
-) -> tuple[torch.Tensor, SampleInputs]:
-    """The whole recipe: inputs, sampler, grid (and tensors). Returns (samples, inputs)."""
-    inputs = sample_inputs(n, image_shape, num_classes, seed=seed, prior=prior, label=label, device=device)
+    sampler: Sampler, inputs: SampleInputs, num_classes: int, path: str | Path, tensors: bool = False
+) -> torch.Tensor:
+    """The whole recipe for inputs made by `sample_inputs`: sampler, grid (and tensors). Returns the samples."""
     x = sampler(inputs.z, inputs.y)
     save_samples(x, inputs, num_classes, path, tensors=tensors)
-    return x, inputs
+    return x
