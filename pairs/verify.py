@@ -10,7 +10,7 @@ import torch
 from nfm.pairs.build import pair_noise
 from nfm.pairs.format import ShardFile, read_index, safe_member, sha256_file
 from nfm.pipeline.core.errors import NFMError
-from nfm.teacher.protocol import prior_std, teacher_device
+from nfm.teacher.protocol import Teacher, prior_std, teacher_device
 
 
 def check_shards(cache_dir: Path) -> list[str]:
@@ -33,7 +33,7 @@ def check_shards(cache_dir: Path) -> list[str]:
 
 
 @torch.no_grad()
-def reconstruction_error(cache_dir: Path, teacher, samples: int = 64, seed: int = 0) -> dict[str, Any]:
+def reconstruction_error(cache_dir: Path, teacher: Teacher, samples: int = 64, seed: int = 0) -> dict[str, Any]:
     """Worst |decode(noise * sigma_f * prior_std, y) - (x + eta * eps)| over `samples` pairs spread over the shards."""
     index = read_index(cache_dir)
     if teacher.fingerprint() != index["teacher"]["fingerprint"]:

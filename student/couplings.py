@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 
 from nfm.pairs.reader import PairCache, PairReader
 from nfm.pipeline.core.batches import BatchStream, dataset_batches
+from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import BatchRandom
@@ -129,14 +130,13 @@ class MinibatchOTCoupling(IndependentCoupling):
 
 
 def make_coupling(name: str, *, data: ImageDataset | None = None, cache: PairCache | None = None) -> Coupling:
-    if name == "nfm":
+    if one_of(name, CouplingName, "coupling") == "nfm":
         if cache is None:
             raise NFMError(
                 "the nfm coupling needs a pair cache: set flow.pairs=KEY_OR_DIR "
                 "(build one with `nfm pairs build --teacher RUN`)"
             )
         return PairCoupling(cache)
-    if name in ("independent", "minibatch-ot"):
-        assert data is not None
-        return IndependentCoupling(data) if name == "independent" else MinibatchOTCoupling(data)
-    raise NFMError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")
+    if data is None:
+        raise NFMError(f"the {name} coupling needs a data set (data=...)")
+    return IndependentCoupling(data) if name == "independent" else MinibatchOTCoupling(data)

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
 from nfm.student.paths import ProbPath
-from nfm.student.sampling import SOLVERS
+from nfm.student.sampling import SOLVERS, Solver
 
 
 class _Augmented(nn.Module):
@@ -80,8 +81,7 @@ def log_likelihood(
     """log p(x) in nats per image (b,) under the student's flow, and {"nfe": ...}.
 
     hutchinson=0: exact divergence; K > 0: Hutchinson with K Rademacher probes per trajectory."""
-    if solver not in SOLVERS:
-        raise NFMError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    one_of(solver, Solver, "solver")
     if hutchinson < 0:
         raise NFMError(f"hutchinson must be >= 0 probes, got {hutchinson}")
     probes = None

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.config import one_of
 
 PathName = Literal["linear", "vp", "ve"]
 TimeSampler = Literal["uniform", "logit-normal"]
@@ -36,8 +36,7 @@ class ProbPath:
     ve_sigma_max: float = 20.0
 
     def __post_init__(self):
-        if self.kind not in PATHS:
-            raise NFMError(f"unknown path {self.kind!r}; choose one of {', '.join(PATHS)}")
+        one_of(self.kind, PathName, "path")
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(alpha_t, sigma_t, d alpha/dt, d sigma/dt), each shaped like t."""
@@ -68,8 +67,6 @@ class ProbPath:
 
 def sample_time(n: int, rng, kind: str = "uniform", mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """t in (0, 1): uniform, or logit-normal sigmoid(N(mean, std^2)). `rng` is a BatchRandom."""
-    if kind == "uniform":
+    if one_of(kind, TimeSampler, "time sampler") == "uniform":
         return rng.rand()
-    if kind == "logit-normal":
-        return torch.sigmoid(mean + std * rng.randn())
-    raise NFMError(f"unknown time sampler {kind!r}; choose one of {', '.join(TIME_SAMPLERS)}")
+    return torch.sigmoid(mean + std * rng.randn())  # logit-normal

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
 
@@ -55,14 +56,13 @@ class CountedVelocity(nn.Module):
 
 
 def time_grid(steps: int, kind: str = "uniform", rho: float = 2.0) -> torch.Tensor:
+    """t_0 = 0 < t_1 < ... < t_steps = 1: uniform, or data-end t_i = 1 - (1 - i/N)^rho."""
     if steps < 1:
         raise NFMError(f"the number of steps must be >= 1, got {steps}")
     s = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    if kind == "uniform":
+    if one_of(kind, Grid, "time grid") == "uniform":
         return s.float()
-    if kind == "data-end":
-        return (1 - (1 - s) ** rho).float()
-    raise NFMError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
+    return (1 - (1 - s) ** rho).float()
 
 
 @torch.no_grad()
@@ -82,8 +82,7 @@ def sample_ode(
     num_classes: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """x(1) from x(0) = prior_scale * z. Returns (samples, {"nfe", "forward_passes", ...})."""
-    if solver not in SOLVERS:
-        raise NFMError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    one_of(solver, Solver, "solver")
     if guidance != 0.0:
         if not num_classes:
             raise NFMError("classifier-free guidance needs a class-conditional student; this one has no classes")

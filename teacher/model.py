@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from nfm.pipeline.core.config import ShapedByData, check_choices
+from nfm.pipeline.core.config import ShapedByData, check_choices, one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
 
@@ -477,8 +477,7 @@ class TarFlow(nn.Module):
         (0: the whole sequence; smaller chunks = Gauss-Seidel-Jacobi). `stats`, a dict, receives the
         iterations per block. `guidance`: see `Guidance`.
         """
-        if method not in DECODERS:
-            raise NFMError(f"unknown decoder {method!r}; choose one of {', '.join(DECODERS)}")
+        one_of(method, Decoder, "decoder")
         if method == "jacobi" and not tol >= 0:
             raise NFMError(f"jacobi tolerance must be >= 0, got {tol}")
         self.check_images(z, "decode")

@@ -72,6 +72,14 @@ def choices(tp: Any) -> tuple[Any, ...]:
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
 
 
+def one_of(value: Any, tp: Any, what: str) -> Any:
+    """`value` if it is one of the Literal type `tp`'s choices; else the error naming them (for function
+    arguments; config fields are checked when the config is loaded)."""
+    if value not in choices(tp):
+        raise NFMError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, choices(tp)))}")
+    return value
+
+
 def _check_choice(value: Any, tp: Any, key: str) -> Any:
     valid = choices(tp)
     if value not in valid:

@@ -17,7 +17,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def grid_image(x: torch.Tensor, nrow: int | None = None, pad: int = 1, min_tile: int = 48) -> torch.Tensor:
+def grid_image(x: torch.Tensor, nrow: int | None = None, pad: int = 2, min_tile: int = 48) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> one (3, H', W') float image in [0, 1]: `nrow` tiles per row (default about
     sqrt(N)), each nearest-upscaled to >= min_tile px, white gutters of `pad` px."""
     n, _, h, w = x.shape
