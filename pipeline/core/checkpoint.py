@@ -74,7 +74,12 @@ def _legacy_optimizer_state(path: Path, meta: dict) -> dict:
     for key, v in meta.get("extra", {}).items():
         pid, k = key.split(".", 1)
         state.setdefault(int(pid), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON made the groups' tuples (AdamW's betas) lists; give them back as torch wrote them
+    groups = [
+        {k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 def _optimizer_state(path: Path, state: dict) -> dict:
