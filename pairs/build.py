@@ -19,16 +19,27 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from nfm.pairs.format import FORMAT_VERSION, INDEX_NAME, ShardFile, cache_key, read_index, sha256_file, shard_name
+from nfm.pairs.format import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    ShardFile,
+    cache_key,
+    check_index,
+    hash_file,
+    read_index,
+    shard_name,
+)
 from nfm.pairs.lookup import default_cache_root
-from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.config import AtLeast1, NonNegative, Range, check_choices
 from nfm.pipeline.core.data import DataConfig, ImageDataset
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
@@ -39,14 +50,15 @@ from nfm.teacher.protocol import Teacher, check_teacher, prior_std
 
 @dataclass(frozen=True)
 class PairBuildConfig:
-    views: int = 1  # noise draws per image
+    views: AtLeast1 = 1  # noise draws per image
     dtype: Literal["float16", "float32"] = "float16"  # noise storage
     seed: int = 0  # seeds every row's noise: eps = f(seed, row, view)
-    batch_size: int = 256  # encode batch
-    shard_mb: int = 256  # target shard size
-    shard_rows: int = 0  # pairs per shard; 0: derived from shard_mb
-    sigma_rows: int = 4096  # rows (view 0) used to estimate sigma_f
-    max_nonfinite: float = 0.0  # fraction of pairs that may be NaN/Inf (dropped and counted); more refuses
+    batch_size: AtLeast1 = 256  # encode batch
+    shard_mb: AtLeast1 = 256  # target shard size
+    shard_rows: NonNegative = 0  # pairs per shard; 0: derived from shard_mb
+    sigma_rows: AtLeast1 = 4096  # rows (view 0) used to estimate sigma_f
+    # fraction of pairs that may be NaN/Inf (dropped and counted); more refuses
+    max_nonfinite: Annotated[float, Range(min=0, max=1)] = 0.0
     split: Literal["train", "test"] = "train"
 
 
@@ -157,13 +169,15 @@ def _assemble_index(cache_dir: Path, base: dict[str, Any], num_shards: int, comp
             continue
         size = path.stat().st_size
         entry = known.get(name)
-        if entry is None or entry.get("bytes") != size:
+        if entry is None or entry.get("bytes") != size or "xxh3_128" not in entry:
             sf = ShardFile(path)
+            sha, fast = hash_file(path)
             entry = {
                 "file": name,
                 "rows": sf.rows,
                 "bytes": size,
-                "sha256": sha256_file(path),
+                "sha256": sha,
+                "xxh3_128": fast,
                 "dropped": int(json.loads(sf.metadata.get("nfm-pairs", "{}")).get("dropped", 0)),
             }
         shards.append(entry)
@@ -232,16 +246,23 @@ def _plan(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, cache_root
     )
 
 
-def _complete_index(cache_dir: Path) -> dict[str, Any] | None:
-    """The index of a complete cache whose shards are all present at their recorded sizes, else None."""
+def _complete_index(cache_dir: Path, content: bool = False) -> dict[str, Any] | None:
+    """The index of a complete cache, checked against its shard files (everything the index claims; the
+    content too with content=True); None if there is no complete cache. A complete cache that disagrees
+    with its files is refused: it was damaged or tampered with after its build."""
     if not (cache_dir / INDEX_NAME).is_file():
         return None
     index = read_index(cache_dir)
-    ok = index.get("complete") and all(
-        (cache_dir / s["file"]).is_file() and (cache_dir / s["file"]).stat().st_size == s["bytes"]
-        for s in index["shards"]
-    )
-    return index if ok else None
+    if not index.get("complete"):
+        return None
+    problems = check_index(cache_dir, index, content=content)
+    if problems:
+        raise NFMError(
+            f"pair cache {cache_dir.name} does not match its index: {'; '.join(problems[:4])}"
+            + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else "")
+            + f". Rebuild it: nfm pairs rm {cache_dir.name}, then nfm pairs build"
+        )
+    return index
 
 
 def _index_header(
@@ -333,25 +354,64 @@ def build_pairs(
     cache_root: Path | None = None,
     teacher_info: dict[str, Any] | None = None,
     log=print,
+    verify: bool = False,
 ) -> PairBuildResult:
-    """Build (or resume, or reuse) the pair cache of (teacher, data, cfg)."""
+    """Build (or resume, or reuse) the pair cache of (teacher, data, cfg). A reused cache is checked against
+    its files; verify=True re-hashes their content too."""
     _check_inputs(teacher, data, cfg)
     state = process_state()
-    rank, world, device = state.process_index, state.num_processes, state.device
+    device = state.device
     if isinstance(teacher, torch.nn.Module):
         teacher = teacher.to(device).eval()
     plan = _plan(teacher, data, cfg, cache_root)
-    index = _complete_index(plan.cache_dir)
+    plan.cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(plan, state.is_main_process, log):
+        state.wait_for_everyone()  # every process starts once the main one holds the key's lock
+        return _build_locked(teacher, data, cfg, plan, state, teacher_info or {}, verify, log)
+
+
+@contextmanager
+def _build_lock(plan: _Plan, main: bool, log):
+    """One build of a key at a time: CACHE_ROOT/.KEY.lock, held by the main process for the whole build. A
+    second build of the same key waits, then finds the cache complete (a hit)."""
+    if not main:
+        yield
+        return
+    lock = FileLock(str(plan.cache_dir.parent / f".{plan.key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"another process is building pair cache {plan.key}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_leftovers(cache_dir: Path) -> None:
+    """Temp files of a build that was killed (ours: .NAME.XXXX.tmp; Python's tempfile: .tmpXXXX). Called only
+    under the key's lock, so no running build owns them."""
+    for stale in [*cache_dir.glob(".*.tmp"), *cache_dir.glob(".tmp*")]:
+        if stale.is_file() or stale.is_symlink():
+            stale.unlink(missing_ok=True)
+
+
+def _build_locked(
+    teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, plan: _Plan, state, teacher_info, verify: bool, log
+) -> PairBuildResult:
+    rank, world, device = state.process_index, state.num_processes, state.device
+    index = _complete_index(plan.cache_dir, content=verify)
     if index is not None:
-        log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs) at {plan.cache_dir}")
+        checked = ", content verified" if verify else ""
+        log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs{checked}) at {plan.cache_dir}")
         return PairBuildResult(plan.key, plan.cache_dir, True, index["total_rows"], index.get("dropped", 0), 0)
     prior = prior_std(teacher)  # per-pixel prior std, or 1
     sigma = _sigma(teacher, data, cfg, plan, device, prior, log)
-    base = _index_header(plan, teacher, data, cfg, sigma, teacher_info or {})
+    base = _index_header(plan, teacher, data, cfg, sigma, teacher_info)
     if state.is_main_process:
         plan.cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in plan.cache_dir.glob(".*.tmp"):  # temp files of a build that was killed
-            stale.unlink(missing_ok=True)
+        _remove_leftovers(plan.cache_dir)
         _assemble_index(plan.cache_dir, base, plan.num_shards, complete=False)
     state.wait_for_everyone()
 

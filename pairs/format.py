@@ -24,12 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import sha256_file  # noqa: F401  (part of the format's API)
 
 FORMAT_VERSION = 1
 INDEX_NAME = "pairs.index.json"
 SHARD_RE = re.compile(r"^pairs-(\d{5})-of-(\d{5})\.safetensors$")
+COLUMNS = ("noise", "data", "label", "index", "view")
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64, "BF16": None}
 
 
@@ -42,23 +45,37 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def hash_file(path: Path, chunk: int = 1 << 22) -> tuple[str, str]:
+    """(sha256, xxh3-128) of a file in one pass. sha256 is the portable checksum (`sha256sum` checks it);
+    xxh3-128 (~20 GB/s here against sha256's ~1.7) is what the reader checks on every read."""
+    sha, fast = hashlib.sha256(), xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            sha.update(block)
+            fast.update(block)
+    return sha.hexdigest(), fast.hexdigest()
 
 
-def safe_member(cache_dir: Path, name: str) -> Path:
-    """An index may only name plain files inside its cache directory (no paths, no '..')."""
+def _check_name(cache_dir: Path, name: str) -> None:
+    """An index may only name plain shard files inside its cache directory (no paths, no '..')."""
     if not isinstance(name, str) or not SHARD_RE.match(name) or Path(name).name != name:
         raise NFMError(
             f"pair index in {cache_dir} names shard {name!r}, which is not a plain shard file name "
             "(pairs-NNNNN-of-NNNNN.safetensors) inside the cache directory; the index is corrupt or "
             "tampered with: delete the cache (nfm pairs rm) and rebuild it"
         )
-    return cache_dir / name
+
+
+def safe_member(cache_dir: Path, name: str) -> Path:
+    """The path of a shard the index names: a plain file of the cache directory itself (not a symlink)."""
+    _check_name(cache_dir, name)
+    path = Path(cache_dir) / name
+    if path.is_symlink() or (path.exists() and path.resolve().parent != Path(cache_dir).resolve()):
+        raise NFMError(
+            f"pair shard {path} is a symbolic link (to {os.path.realpath(path)}); a cache holds its own files "
+            "only. Delete the cache (nfm pairs rm) and rebuild it"
+        )
+    return path
 
 
 class ShardFile:
@@ -120,6 +137,90 @@ class ShardFile:
             raise NFMError(f"pair shard {self.path} is truncated: short read of {name!r}; rebuild the cache")
         return out
 
+    def read_verified(self, entry: dict[str, Any]) -> np.ndarray:
+        """The whole file in one read, checked against its index entry (xxh3-128, or sha256 for caches built
+        before xxh3 was recorded) before any byte of it is used. Returns the bytes (uint8)."""
+        buf = np.empty(self.path.stat().st_size, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf))
+        if got != len(buf) or len(buf) != entry.get("bytes"):
+            raise NFMError(f"pair shard {self.path} is truncated ({got} bytes read); rebuild the cache")
+        if "xxh3_128" in entry:
+            ok = xxhash.xxh3_128(buf).hexdigest() == entry["xxh3_128"]
+        else:
+            ok = hashlib.sha256(buf).hexdigest() == entry.get("sha256")
+        if not ok:
+            raise NFMError(
+                f"pair shard {self.path} does not match its checksum in the index: it changed after the build "
+                "(corrupt or tampered with); nothing of it was used. Check the cache with `nfm pairs verify "
+                "KEY`, then rebuild it (nfm pairs rm KEY, nfm pairs build)"
+            )
+        return buf
+
+    def copy_rows(self, buf: np.ndarray, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Tensor `name` from the file's bytes `buf` (read_verified) into `out` (contiguous, its dtype/shape)."""
+        _, _, start, stop = self.tensors[name]
+        dst = np.frombuffer(memoryview(out.numpy()).cast("B"), dtype=np.uint8)
+        if len(dst) != stop - start:
+            raise ValueError(f"out has {len(dst)} bytes, {name!r} needs {stop - start}")
+        dst[:] = buf[self.base + start : self.base + stop]
+        return out
+
+
+def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -> list[str]:
+    """Everything the index claims about its shards, checked against the files: names and count
+    (num_shards), no symlinks, sizes, per-shard rows against the tensors inside, dtypes and shapes,
+    total_rows and dropped pairs against expected_rows; with content=True, sha256 and xxh3-128 too.
+    Returns the problems (empty: all good)."""
+    cache_dir, problems = Path(cache_dir), []
+    shards = index.get("shards", [])
+    n = index.get("num_shards")
+    names = [s.get("file") for s in shards]
+    if index.get("complete") and (len(shards) != n or names != [shard_name(i, n) for i in range(n or 0)]):
+        problems.append(f"the index lists {len(shards)} shards for num_shards={n} (or out of order)")
+    want = {k: (index["dtypes"][k], tuple(index["shapes"][k])) for k in ("noise", "data")}
+    for s in shards:
+        try:
+            path = safe_member(cache_dir, s.get("file"))
+        except NFMError as e:
+            problems.append(str(e))
+            continue
+        if not path.is_file():
+            problems.append(f"{s['file']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != s.get("bytes"):
+            problems.append(f"{s['file']}: {size} bytes, index says {s.get('bytes')} (truncated or replaced?)")
+            continue
+        try:
+            sf = ShardFile(path)
+        except NFMError as e:
+            problems.append(str(e))
+            continue
+        rows = {k: v[1][0] if v[1] else None for k, v in sf.tensors.items()}
+        if set(rows) != set(COLUMNS) or len(set(rows.values())) != 1:
+            problems.append(f"{s['file']}: columns {rows} are not {COLUMNS} of equal length")
+            continue
+        if sf.rows != s.get("rows"):
+            problems.append(f"{s['file']}: holds {sf.rows} pairs, the index says {s.get('rows')}")
+        for k, (dtype, shape) in want.items():
+            dt, sh = sf.tensors[k][0], sf.tensors[k][1][1:]
+            if dt != np.dtype(dtype) or sh != shape:
+                problems.append(f"{s['file']}: {k} is {dt} {sh}, the index says {dtype} {shape}")
+        if content:
+            sha, fast = hash_file(path)
+            if sha != s.get("sha256"):
+                problems.append(f"{s['file']}: sha256 mismatch (corrupt)")
+            elif "xxh3_128" in s and fast != s["xxh3_128"]:
+                problems.append(f"{s['file']}: xxh3-128 mismatch (corrupt)")
+    total = sum(s.get("rows", 0) for s in shards)
+    if index.get("total_rows") != total:
+        problems.append(f"total_rows is {index.get('total_rows')}, the shards' rows add up to {total}")
+    dropped = sum(s.get("dropped", 0) for s in shards)
+    if index.get("complete") and total + dropped != index.get("expected_rows"):
+        problems.append(f"{total} pairs + {dropped} dropped != the {index.get('expected_rows')} expected")
+    return problems
+
 
 def read_index(cache_dir: Path) -> dict[str, Any]:
     path = Path(cache_dir) / INDEX_NAME
@@ -134,5 +235,5 @@ def read_index(cache_dir: Path) -> dict[str, Any]:
             f"pair cache {cache_dir} has format {index.get('format_version')}, newer than this nfm; upgrade nfm"
         )
     for s in index.get("shards", []):
-        safe_member(Path(cache_dir), s.get("file"))
+        _check_name(Path(cache_dir), s.get("file"))
     return index

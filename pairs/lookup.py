@@ -22,6 +22,11 @@ def find_cache(key_or_path: str, root: Path | None = None) -> Path:
         return p
     if (root / key_or_path / INDEX_NAME).is_file():
         return root / key_or_path
+    if len(key_or_path) < 4 or not all(c in "0123456789abcdef" for c in key_or_path):
+        raise NFMError(
+            f"{key_or_path!r} is neither a cache directory nor a key: give a cache key or a prefix of at least "
+            "4 of its hex characters (`nfm pairs ls` lists them)"
+        )
     matches = sorted(d for d in root.glob(f"{key_or_path}*") if (d / INDEX_NAME).is_file()) if root.is_dir() else []
     if len(matches) == 1:
         return matches[0]

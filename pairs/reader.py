@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfm.pairs.format import ShardFile, read_index, safe_member
+from nfm.pairs.format import ShardFile, check_index, read_index, safe_member
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import derive_seed
 
@@ -33,17 +33,12 @@ class PairCache:
                 "with the same arguments to finish it"
             )
         self.shards = self.index["shards"]
-        for s in self.shards:
-            path = safe_member(self.dir, s["file"])
-            if not path.is_file():
-                raise NFMError(
-                    f"pair shard missing: {path}. Rebuild the cache (`nfm pairs rm {self.key}`, then `nfm pairs build`)"
-                )
-            if path.stat().st_size != s["bytes"]:
-                raise NFMError(
-                    f"pair shard {path} is {path.stat().st_size} bytes, the index says {s['bytes']}: "
-                    f"it is truncated or was replaced. Run `nfm pairs verify {self.key}` or rebuild"
-                )
+        problems = check_index(self.dir, self.index)  # names, symlinks, sizes, rows, dtypes, shapes, totals
+        if problems:
+            raise NFMError(
+                f"pair cache {self.dir} does not match its index: {'; '.join(problems[:3])}. Run `nfm pairs "
+                f"verify {self.key}`, or rebuild it (`nfm pairs rm {self.key}`, then `nfm pairs build`)"
+            )
         self.sigma_f = float(self.index["sigma_f"])
         self.levels = int(self.index["data"]["levels"])
         self.data_uint8 = self.index["dtypes"]["data"] == "uint8"
@@ -99,17 +94,21 @@ class PairReader:
         return [order[i : i + self.window] for i in range(0, len(order), self.window)]
 
     def _read_window(self, window: list[int]) -> dict[str, torch.Tensor]:
-        """The window's shards, column by column, read straight into one buffer per column."""
+        """The window's shards, one at a time read whole and checked against its checksum in the index before
+        any of its rows is used, then copied into one buffer per column (memory: the window + one shard)."""
         parts = [self.cache.shard(i) for i in window]
-        cols = {}
-        for k in ("noise", "data", "label", "index"):
-            dt, shape = parts[0].tensors[k][0], parts[0].tensors[k][1][1:]
-            out = torch.from_numpy(np.empty((sum(p.rows for p in parts), *shape), dtype=dt))
-            a = 0
-            for p in parts:
-                p.read(k, out=out[a : a + p.rows])
-                a += p.rows
-            cols[k] = out
+        n = sum(p.rows for p in parts)
+        cols = {
+            k: torch.from_numpy(np.empty((n, *parts[0].tensors[k][1][1:]), dtype=parts[0].tensors[k][0]))
+            for k in ("noise", "data", "label", "index")
+        }
+        a = 0
+        for i, p in zip(window, parts):
+            buf = p.read_verified(self.cache.shards[i])
+            for k, out in cols.items():
+                p.copy_rows(buf, k, out[a : a + p.rows])
+            a += p.rows
+            del buf
         return cols
 
     def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:

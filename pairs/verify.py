@@ -8,25 +8,16 @@ from typing import Any
 import torch
 
 from nfm.pairs.build import pair_noise
-from nfm.pairs.format import ShardFile, read_index, safe_member, sha256_file
+from nfm.pairs.format import ShardFile, check_index, read_index, safe_member
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.protocol import Teacher, prior_std, teacher_device
 
 
 def check_shards(cache_dir: Path) -> list[str]:
-    """Problems found by re-hashing every shard against the index (empty: all good)."""
+    """Problems found by checking every claim of the index against the shards, content included (empty: all
+    good)."""
     index = read_index(cache_dir)
-    problems = []
-    for s in index["shards"]:
-        path = safe_member(cache_dir, s["file"])
-        if not path.is_file():
-            problems.append(f"{s['file']}: missing")
-            continue
-        if path.stat().st_size != s["bytes"]:
-            problems.append(f"{s['file']}: {path.stat().st_size} bytes, index says {s['bytes']} (truncated?)")
-            continue
-        if sha256_file(path) != s["sha256"]:
-            problems.append(f"{s['file']}: sha256 mismatch (corrupt)")
+    problems = check_index(cache_dir, index, content=True)
     if not index.get("complete"):
         problems.append(f"the cache is incomplete ({len(index['shards'])} of {index.get('num_shards')} shards)")
     return problems

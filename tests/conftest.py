@@ -15,11 +15,11 @@ import torch  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 
-def run_nfm(*args, cwd=None, env=None, nproc=1, check=True, timeout=1800, background=False):
+def run_nfm(*args, cwd=None, env=None, nproc=1, check=True, timeout=1800, background=False, capture=False):
     """The real `nfm` command (`python -m nfm ARGS`) in a subprocess, offline. nproc > 1: under torchrun
     (gloo on the CPU). check=True: fail the test with the command's output unless it exits 0.
-    background=True: return the running Popen (output discarded). The timeout is a hang guard with a wide
-    margin, not a performance bound: tests size their work in steps."""
+    background=True: return the running Popen (output discarded; capture=True: piped as text). The timeout
+    is a hang guard with a wide margin, not a performance bound: tests size their work in steps."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
     launcher = [sys.executable, "-m"]
     if nproc > 1:
@@ -27,13 +27,19 @@ def run_nfm(*args, cwd=None, env=None, nproc=1, check=True, timeout=1800, backgr
         launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     cmd = [*launcher, "nfm", *map(str, args)]
     if background:
-        return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        return subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=out, stderr=out, text=True)
     p = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(
             f"nfm {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         )
     return p
+
+
+def caches(root):
+    """The pair-cache directories under a cache root (not its lock files)."""
+    return sorted(d for d in root.iterdir() if d.is_dir())
 
 
 def make_flow(

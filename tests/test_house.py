@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nfm.pipeline.core.errors import NFMError
-from tests.conftest import run_nfm
+from tests.conftest import caches, run_nfm
 from tests.layers import REPO, STAGES, lint_imports
 
 # ----------------------------------------------------------------------------- namespace and layers
@@ -175,7 +175,7 @@ def test_two_process_build_counts_non_finite_pairs_over_all_processes(tmp_path, 
     env = {"PYTHONPATH": str(user_flow_dir)}
     two = run_nfm(*args, env=env, nproc=2, check=False)
     assert two.returncode != 0 and f"{threes} pairs encode to NaN/Inf (allowed: {threes - 1}" in two.stderr
-    (cache,) = (tmp_path / "c").iterdir()
+    (cache,) = caches(tmp_path / "c")
     assert not read_index(cache)["complete"]
     again = run_nfm(*args, env=env, check=False)  # a rerun in one process refuses the same cache
     assert again.returncode == 2 and f"{threes} pairs encode to NaN/Inf" in again.stderr

@@ -16,7 +16,7 @@ from nfm.pairs.verify import check_shards, reconstruction_error
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.export import load_teacher
-from tests.conftest import make_teacher_export, run_nfm
+from tests.conftest import caches, make_teacher_export, run_nfm
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images: fast
 
@@ -122,20 +122,20 @@ def test_killed_build_resumes_to_a_byte_identical_cache(tmp_path):
     exp = make_export(tmp_path / "t", width=64, blocks=4)
     args = ["build", "--teacher", str(exp), "--views", "4", "pairs.shard_rows=32", "data.held_out=0.2"]
     run_nfm("pairs", *args, "--cache-dir", tmp_path / "a")
-    (ref,) = [d for d in (tmp_path / "a").iterdir()]
+    (ref,) = caches(tmp_path / "a")
     n_shards = len(_shards(ref))
     assert n_shards > 100
 
     proc = run_nfm("pairs", *args, "--cache-dir", tmp_path / "b", background=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        dirs = list((tmp_path / "b").glob("*")) if (tmp_path / "b").exists() else []
+        dirs = caches(tmp_path / "b") if (tmp_path / "b").exists() else []
         if dirs and len(list(dirs[0].glob("pairs-*.safetensors"))) >= 3:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    (part,) = [d for d in (tmp_path / "b").iterdir()]
+    (part,) = caches(tmp_path / "b")
     visible = list(part.glob("pairs-*.safetensors"))
     assert 3 <= len(visible) < n_shards, "the kill must land mid-build"
     for p in visible:  # no half shard is ever visible under a final name
@@ -153,7 +153,7 @@ def test_two_process_build_equals_one_process(export, tmp_path):
     args = ["pairs", "build", "--teacher", str(export), "--views", "3", "pairs.shard_rows=50"]
     run_nfm(*args, "--cache-dir", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
     run_nfm(*args, "--cache-dir", tmp_path / "two", nproc=2)
-    (one,), (two,) = list((tmp_path / "one").iterdir()), list((tmp_path / "two").iterdir())
+    (one,), (two,) = caches(tmp_path / "one"), caches(tmp_path / "two")
     assert one.name == two.name
     assert _shards(one) == _shards(two) and len(_shards(one)) == 11
     assert read_index(one)["shards"] == read_index(two)["shards"]
@@ -175,12 +175,12 @@ def test_truncated_or_missing_shard_is_named_on_read(export, tmp_path):
     cache_dir = build(export, tmp_path, PairBuildConfig(shard_rows=60))
     victim = cache_dir / "pairs-00003-of-00003.safetensors"
     victim.write_bytes(victim.read_bytes()[:-100])
-    with pytest.raises(NFMError, match="pairs-00003-of-00003.safetensors is .* bytes, the index says"):
+    with pytest.raises(NFMError, match="pairs-00003-of-00003.safetensors: .* bytes, index says .*truncated"):
         PairCache(cache_dir)
     with pytest.raises(NFMError, match="pairs-00003-of-00003.safetensors is truncated or corrupt"):
         ShardFile(victim)
     victim.unlink()
-    with pytest.raises(NFMError, match="pair shard missing: .*pairs-00003-of-00003.safetensors"):
+    with pytest.raises(NFMError, match="does not match its index: pairs-00003-of-00003.safetensors: missing"):
         PairCache(cache_dir)
 
 

@@ -12,7 +12,7 @@ import torch
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.evaluate import fid_kid, straightness
-from tests.conftest import run_nfm
+from tests.conftest import caches, run_nfm
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     assert (run / "samples" / "teacher-decode+denoise.png").is_file()
     md = (run / "report.md").read_text()
     assert "| NFM (teacher pairs) |" in md and "fid_vs_nfe.png" in md
-    assert len(list((tmp_path / "cache" / "pairs").iterdir())) == 1
+    assert len(caches(tmp_path / "cache" / "pairs")) == 1
 
     again = _run(tmp_path)
     log = again.stdout

@@ -18,6 +18,7 @@ and prints the resolved config. Rerunning a training command resumes it.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -28,28 +29,50 @@ def build_parser() -> argparse.ArgumentParser:
     from nfm.pipeline.cli import pairs, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for group in (teacher, pairs, student, run):
         group.register(stages)
     return parser
 
 
+def _hint(e: BaseException) -> str:
+    """What to do about an error that is not an NFMError."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return "the disk is full: free space and rerun the same command (finished work is kept and resumes)"
+    if isinstance(e, MemoryError):
+        return "out of memory: lower the batch size (train.batch_size, pairs.batch_size) and rerun"
+    if isinstance(e, OSError):
+        return "a file could not be read or written: check the path and its permissions, then rerun"
+    return "this is probably a bug in nfm: rerun with --debug (or NFM_DEBUG=1) and report the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr: `nfm: error: <what>`, and for an unexpected exception its type
+    and a hint; --debug (or NFM_DEBUG=1) shows the traceback instead."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     from nfm.pipeline.core.loop import Interrupted
 
     try:
         return args.func(args)
-    except NFMError as e:
-        print(f"nfm: error: {e}", file=sys.stderr)
-        return 2
     except Interrupted as e:
         print(f"nfm: {e}; rerun the same command to resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("nfm: interrupted", file=sys.stderr)
         return 130
+    except NFMError as e:
+        if debug:
+            raise
+        print(f"nfm: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"nfm: error: {e} ({type(e).__name__}); {_hint(e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def cmd_build(args) -> int:
     log(format_table(cfg, "nfm pairs build"))
     data = load_data(cfg.data, cfg.pairs.split)
     log(data.describe())
-    result = build_pairs(teacher, data, cfg.pairs, options.cache_root(args), teacher_info=info, log=log)
+    root = options.cache_root(args)
+    result = build_pairs(teacher, data, cfg.pairs, root, teacher_info=info, log=log, verify=args.verify)
     log(f"key: {result.key}\npath: {result.path}")
     return 0
 
@@ -134,6 +135,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "float32"], help="noise storage dtype (default float16)")
     p.add_argument("--seed", type=int, help="seed of the per-row noise (default 0)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="encode batch (default 256)")
+    p.add_argument("--verify", action="store_true", help="on a cache hit, re-hash every shard's content too")
     options.add_cache_dir(p)
     options.add_config_layers(p, "pairs.shard_mb=64 data.held_out=0.1")
 

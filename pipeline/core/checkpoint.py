@@ -3,10 +3,12 @@
     model.safetensors   the model's state dict
     ema.safetensors     the EMA shadow (float32)
     optimizer.pt        the optimizer's state dict in torch's format, read with torch.load(weights_only=True)
-    state.json          {"step": N}
+    state.json          {"step": N, "sha256": {file: digest}}
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a crash leaves
-either the previous checkpoint or the new one. Checkpoints written before optimizer.pt existed (the
+either the previous checkpoint or the new one. Loading is all or nothing: every file is checked against
+its sha256, every tensor against the model's names and shapes, and only then is anything copied into the
+model, the EMA and the optimizer. Checkpoints written before the checksums (and before optimizer.pt: the
 optimizer as optimizer.safetensors + its param groups in state.json) still load.
 """
 
@@ -20,7 +22,15 @@ import torch
 from torch import nn
 
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import atomic_dir, atomic_write, load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.io import (
+    atomic_dir,
+    atomic_write,
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
 
 
 class EMA:
@@ -43,6 +53,16 @@ class EMA:
         return model
 
 
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt")
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Checkpoint directories a killed write left under their temporary names (.step-N.XXXX.tmp)."""
+    d = Path(run_dir) / "checkpoints"
+    for tmp in d.glob(".step-*.tmp") if d.is_dir() else []:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():
@@ -59,7 +79,8 @@ def save_checkpoint(
         save_tensors(tmp / "model.safetensors", model.state_dict())
         save_tensors(tmp / "ema.safetensors", ema.shadow)
         atomic_write(tmp / "optimizer.pt", lambda p: torch.save(opt_state, p))
-        write_json(tmp / "state.json", {"step": step})
+        digests = {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}
+        write_json(tmp / "state.json", {"step": step, "sha256": digests})
     for old in list_checkpoints(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -93,12 +114,45 @@ def _optimizer_state(path: Path, state: dict) -> dict:
         raise NFMError(f"checkpoint optimizer {path / 'optimizer.pt'} cannot be read ({e}); it is corrupt") from e
 
 
+def _same_layout(what: str, path: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """The tensors of a checkpoint file have the names and shapes of the live objects."""
+    if set(got) != set(want):
+        extra, missing = sorted(set(got) - set(want))[:2], sorted(set(want) - set(got))[:2]
+        raise NFMError(f"checkpoint {path} {what} belongs to another model (unexpected {extra}, missing {missing})")
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            shapes = f"{k} is {tuple(v.shape)}, the model's is {tuple(want[k].shape)}"
+            raise NFMError(f"checkpoint {path} {what} belongs to another model ({shapes})")
+
+
+def _check_optimizer(path: Path, sd: dict, opt: torch.optim.Optimizer) -> None:
+    live = opt.state_dict()
+    sizes = [len(g["params"]) for g in sd.get("param_groups", [])]
+    if sizes != [len(g["params"]) for g in live["param_groups"]]:
+        raise NFMError(f"checkpoint {path} optimizer has parameter groups of sizes {sizes}: another model's")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, st in sd.get("state", {}).items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.ndim and tuple(v.shape) != tuple(params[int(pid)].shape):
+                raise NFMError(f"checkpoint {path} optimizer state {k} of parameter {pid} has another shape")
+
+
 def load_checkpoint(path: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer) -> int:
+    """Restore (model, EMA, optimizer) from a checkpoint, all or nothing: on any problem an NFMError is raised
+    before anything was changed."""
     state = read_json(path / "state.json", "checkpoint state")
-    model.load_state_dict(load_tensors(path / "model.safetensors", "checkpoint weights"))
+    for name, digest in state.get("sha256", {}).items():
+        if name not in CHECKPOINT_FILES or not (path / name).is_file() or sha256_file(path / name) != digest:
+            raise NFMError(f"checkpoint {path}: {name} is missing or does not match its checksum (corrupt)")
+    weights = load_tensors(path / "model.safetensors", "checkpoint weights")
+    _same_layout("weights", path, weights, model.state_dict())
     shadow = load_tensors(path / "ema.safetensors", "checkpoint EMA")
-    if set(shadow) != set(ema.shadow):
-        raise NFMError(f"checkpoint {path} EMA does not match the model; it belongs to another model")
+    _same_layout("EMA", path, shadow, ema.shadow)
+    opt_state = _optimizer_state(path, state)
+    _check_optimizer(path, opt_state, opt)
+    if not isinstance(state.get("step"), int) or state["step"] < 0:
+        raise NFMError(f"checkpoint {path} state.json has no valid step")
+    model.load_state_dict(weights)  # everything checked: now swap it in
     ema.shadow = {k: v.to(ema.shadow[k].device) for k, v in shadow.items()}
-    opt.load_state_dict(_optimizer_state(path, state))
-    return int(state["step"])
+    opt.load_state_dict(opt_state)
+    return state["step"]

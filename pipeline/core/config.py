@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from nfm.pipeline.core.errors import NFMError
 
@@ -67,6 +69,45 @@ def _keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, attached with Annotated: `steps: Annotated[int, Range(min=1)] = 2000`.
+    Values must be finite; min / max are inclusive, gt / lt exclusive."""
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        parts = [f">= {self.min}" if self.min is not None else "", f"> {self.gt}" if self.gt is not None else ""]
+        parts += [f"<= {self.max}" if self.max is not None else "", f"< {self.lt}" if self.lt is not None else ""]
+        return " and ".join(p for p in parts if p) or "finite"
+
+    def check(self, value: Any, key: str) -> None:
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = ok and (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+        ok = ok and (self.gt is None or value > self.gt) and (self.lt is None or value < self.lt)
+        if not ok:
+            raise NFMError(f"config key {key!r} must be {self.describe()}, got {value!r}")
+
+
+AtLeast1 = Annotated[int, Range(min=1)]  # counts: steps, batch sizes, views
+NonNegative = Annotated[int, Range(min=0)]  # cadences where 0 means off, optional counts
+Positive = Annotated[float, Range(gt=0)]  # learning rates, scales
+Fraction = Annotated[float, Range(min=0, lt=1)]  # probabilities, decays, betas
+
+
+def _field_ranges(cls: type) -> dict[str, Range]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = {}
+    for f in dataclasses.fields(cls):
+        for meta in getattr(hints[f.name], "__metadata__", ()):
+            if isinstance(meta, Range):
+                out[f.name] = meta
+    return out
+
+
 def choices(tp: Any) -> tuple[Any, ...]:
     """The values of a ``Literal[...]`` annotation (``()`` for any other type)."""
     return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
@@ -89,7 +130,9 @@ def _check_choice(value: Any, tp: Any, key: str) -> Any:
 
 def check_choices(cfg: Any, prefix: str = "") -> Any:
     """Refuse a (nested) dataclass config whose Literal fields (or tuples of them) hold a value outside
-    their choices."""
+    their choices, or whose Range-annotated numbers are out of bounds."""
+    for name, bounds in _field_ranges(type(cfg)).items():
+        bounds.check(getattr(cfg, name), prefix + name)
     for name, tp in _field_types(type(cfg)).items():
         value = getattr(cfg, name)
         if dataclasses.is_dataclass(tp):
@@ -163,6 +206,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
+    ranges = _field_ranges(cls)
+    for name, value in kwargs.items():
+        if name in ranges:
+            ranges[name].check(value, prefix + name)
     return cls(**kwargs)
 
 

@@ -27,18 +27,25 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from nfm.pipeline.core.batches import BatchStream, dataset_batches
-from nfm.pipeline.core.checkpoint import EMA, list_checkpoints, load_checkpoint, save_checkpoint
-from nfm.pipeline.core.distributed import force_cpu
+from nfm.pipeline.core.checkpoint import (
+    EMA,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from nfm.pipeline.core.config import AtLeast1, Fraction, NonNegative, Positive, Range, check_choices
+from nfm.pipeline.core.distributed import force_cpu, process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_dir
-from nfm.pipeline.core.rundir import append_metrics, prepare_run_dir, setup_logger, truncate_metrics
+from nfm.pipeline.core.rundir import append_metrics, prepare_run_dir, run_dir_lock, setup_logger, truncate_metrics
 from nfm.pipeline.core.seeding import BatchRandom
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
@@ -46,24 +53,24 @@ LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torc
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000  # optimizer steps
-    batch_size: int = 256  # global batch: all processes and accumulation rounds together
-    lr: float = 5e-4  # peak learning rate
-    warmup_steps: int = 200  # linear warmup from 0, then cosine to min_lr_ratio * lr
-    min_lr_ratio: float = 0.01
-    weight_decay: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    grad_accum: int = 1  # micro-batches per optimizer step
-    ema_decay: float = 0.999  # EMA of weights; warmed up as min(decay, (1 + s) / (10 + s))
+    steps: AtLeast1 = 2000  # optimizer steps
+    batch_size: AtLeast1 = 256  # global batch: all processes and accumulation rounds together
+    lr: Positive = 5e-4  # peak learning rate
+    warmup_steps: NonNegative = 200  # linear warmup from 0, then cosine to min_lr_ratio * lr
+    min_lr_ratio: Annotated[float, Range(min=0, max=1)] = 0.01
+    weight_decay: Annotated[float, Range(min=0)] = 1e-4
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    grad_clip: Annotated[float, Range(min=0)] = 1.0  # max global gradient norm; 0 disables
+    grad_accum: AtLeast1 = 1  # micro-batches per optimizer step
+    ema_decay: Fraction = 0.999  # EMA of weights; warmed up as min(decay, (1 + s) / (10 + s))
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16: the flow's affine arithmetic stays float32
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 500  # preview grid cadence (0: only at the end)
-    ckpt_every: int = 500  # checkpoint cadence (0: only at the end and on interrupt)
-    keep_ckpts: int = 2  # newest checkpoints kept
-    num_workers: int = 0  # DataLoader workers (for lazily decoded data sets)
+    seed: NonNegative = 0
+    log_every: AtLeast1 = 50
+    sample_every: NonNegative = 500  # preview grid cadence (0: only at the end)
+    ckpt_every: NonNegative = 500  # checkpoint cadence (0: only at the end and on interrupt)
+    keep_ckpts: AtLeast1 = 2  # newest checkpoints kept
+    num_workers: NonNegative = 0  # DataLoader workers (for lazily decoded data sets)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -139,14 +146,15 @@ class _Session:
         self.acc.wait_for_everyone()
 
     def resume(self) -> None:
-        """Load the newest readable checkpoint (step stays 0 if there is none)."""
+        """Load the newest checkpoint that loads whole; a damaged or foreign one is skipped with a warning.
+        Loading is all or nothing, so if none loads the run starts exactly as a clean run (step 0)."""
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 self.step = load_checkpoint(ckpt, self.raw_model, self.ema, self.raw_opt)
                 self.log.info(f"resumed from {ckpt} (step {self.step})")
                 return
-            except NFMError as e:
-                self.log.warning(f"skipping unreadable checkpoint {ckpt}: {e}")
+            except Exception as e:  # any failure: this checkpoint is not used, nothing of it was loaded
+                self.log.warning(f"skipping checkpoint {ckpt}: {e} ({type(e).__name__})")
 
     def optimizer_step(self, batch: tuple[torch.Tensor, ...], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step on this process's part of the global batch, in grad_accum micro-batches."""
@@ -216,6 +224,7 @@ def _start(
 
     # bf16 autocast is applied by this loop, not by accelerate's process-wide (and, once set, fixed)
     # mixed-precision state: one process can then train a float32 teacher and a bf16 student in turn.
+    check_choices(cfg, "train.")  # a config built in Python is held to the bounds a loaded one is
     acc = accelerator or Accelerator(cpu=force_cpu())
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -226,6 +235,7 @@ def _start(
     log = log or setup_logger(run_dir, main=acc.is_main_process)
     if acc.is_main_process:
         prepare_run_dir(run_dir, resolved)
+        remove_partial_checkpoints(run_dir)  # under the run directory's lock: no other writer
     acc.wait_for_everyone()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)  # moves the model to the device; the optimizer follows it
@@ -264,6 +274,14 @@ def train(
         if dataset is None or len(dataset) == 0:
             raise NFMError("the training set is empty")
         batches = dataset_batches(dataset, cfg.seed, cfg.steps, cfg.num_workers)
+    main = accelerator.is_main_process if accelerator is not None else process_state().is_main_process
+    with run_dir_lock(run_dir, main=main):
+        return _train(
+            run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sample_fn, desc, log, accelerator
+        )
+
+
+def _train(run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sample_fn, desc, log, accelerator):
     s = _start(run_dir, cfg, model, resolved_config, log, accelerator)
     acc, export_dir, metrics_path = s.acc, run_dir / "export", run_dir / "metrics.jsonl"
     s.resume()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from nfm.pipeline.core import config as config_mod
@@ -50,6 +52,29 @@ def setup_logger(run_dir: Path | None, name: str = "nfm", main: bool = True) -> 
         fh.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(fh)
     return log
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, main: bool = True):
+    """One training per run directory: RUN/.lock, held for the whole run by the main process. A second
+    command pointed at the same directory stops at once with one line instead of writing beside it."""
+    if not main:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise NFMError(
+            f"run directory {run_dir} is in use by another nfm process; wait for it to finish (rerunning the "
+            "same command afterwards resumes), or choose another --run-dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
