@@ -163,9 +163,9 @@ def bench_reader(cache_dir: Path, batch: int = 256) -> dict:
     n = 0
     t0 = time.perf_counter()
     it = reader.batches(batch)
-    per_epoch = reader.rows_per_epoch() // batch
+    per_epoch = len(cache) // batch
     for i in range(per_epoch):
-        noise, data, label = next(it)
+        noise, data, label, _ = next(it)
         n += len(label)
         if i % max(1, per_epoch // 8) == 0:
             samples.append(round(rss_mb()))
