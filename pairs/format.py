@@ -137,34 +137,44 @@ class ShardFile:
             raise NFMError(f"pair shard {self.path} is truncated: short read of {name!r}; rebuild the cache")
         return out
 
-    def read_verified(self, entry: dict[str, Any]) -> np.ndarray:
-        """The whole file in one read, checked against its index entry (xxh3-128, or sha256 for caches built
-        before xxh3 was recorded) before any byte of it is used. Returns the bytes (uint8)."""
-        buf = np.empty(self.path.stat().st_size, dtype=np.uint8)
+    def read_verified(self, entry: dict[str, Any], out: dict[str, torch.Tensor]) -> None:
+        """Read the whole file once, in file order, each tensor named in `out` straight into its buffer
+        (contiguous, its dtype and shape; the others into scratch), hashing every byte on the way; then check
+        the digest against the index entry (xxh3-128; sha256 for caches built before xxh3 was recorded).
+        Raises before the caller can use any of it if the file is not what the index says."""
+        fast = "xxh3_128" in entry
+        h = xxhash.xxh3_128() if fast else hashlib.sha256()
+        size = self.path.stat().st_size
+        if size != entry.get("bytes"):
+            raise NFMError(f"pair shard {self.path} is {size} bytes, the index says {entry.get('bytes')}; rebuild")
         with open(self.path, "rb", buffering=0) as f:
-            got = f.readinto(memoryview(buf))
-        if got != len(buf) or len(buf) != entry.get("bytes"):
-            raise NFMError(f"pair shard {self.path} is truncated ({got} bytes read); rebuild the cache")
-        if "xxh3_128" in entry:
-            ok = xxhash.xxh3_128(buf).hexdigest() == entry["xxh3_128"]
-        else:
-            ok = hashlib.sha256(buf).hexdigest() == entry.get("sha256")
-        if not ok:
+            fd, pos = f.fileno(), 0
+
+            def read_into(buf: memoryview) -> None:
+                nonlocal pos
+                if os.preadv(fd, [buf], pos) != len(buf):
+                    raise NFMError(f"pair shard {self.path} is truncated: short read; rebuild the cache")
+                h.update(buf)
+                pos += len(buf)
+
+            read_into(memoryview(bytearray(self.base)))
+            for name, (_, _, start, stop) in sorted(self.tensors.items(), key=lambda kv: kv[1][2]):
+                if self.base + start != pos:  # bytes between tensors (none in files we write): hashed too
+                    read_into(memoryview(bytearray(self.base + start - pos)))
+                dst = out.get(name)
+                if dst is None:
+                    read_into(memoryview(bytearray(stop - start)))
+                    continue
+                buf = memoryview(dst.numpy()).cast("B")
+                if len(buf) != stop - start:
+                    raise ValueError(f"out[{name!r}] has {len(buf)} bytes, the shard's tensor {stop - start}")
+                read_into(buf)
+        if h.hexdigest() != entry.get("xxh3_128" if fast else "sha256"):
             raise NFMError(
                 f"pair shard {self.path} does not match its checksum in the index: it changed after the build "
                 "(corrupt or tampered with); nothing of it was used. Check the cache with `nfm pairs verify "
                 "KEY`, then rebuild it (nfm pairs rm KEY, nfm pairs build)"
             )
-        return buf
-
-    def copy_rows(self, buf: np.ndarray, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Tensor `name` from the file's bytes `buf` (read_verified) into `out` (contiguous, its dtype/shape)."""
-        _, _, start, stop = self.tensors[name]
-        dst = np.frombuffer(memoryview(out.numpy()).cast("B"), dtype=np.uint8)
-        if len(dst) != stop - start:
-            raise ValueError(f"out has {len(dst)} bytes, {name!r} needs {stop - start}")
-        dst[:] = buf[self.base + start : self.base + stop]
-        return out
 
 
 def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -> list[str]:

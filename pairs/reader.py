@@ -94,8 +94,8 @@ class PairReader:
         return [order[i : i + self.window] for i in range(0, len(order), self.window)]
 
     def _read_window(self, window: list[int]) -> dict[str, torch.Tensor]:
-        """The window's shards, one at a time read whole and checked against its checksum in the index before
-        any of its rows is used, then copied into one buffer per column (memory: the window + one shard)."""
+        """The window's shards, each read once straight into one buffer per column, hashed as it is read and
+        checked against its checksum in the index before the window is used (memory: the window)."""
         parts = [self.cache.shard(i) for i in window]
         n = sum(p.rows for p in parts)
         cols = {
@@ -103,12 +103,9 @@ class PairReader:
             for k in ("noise", "data", "label", "index")
         }
         a = 0
-        for i, p in zip(window, parts):
-            buf = p.read_verified(self.cache.shards[i])
-            for k, out in cols.items():
-                p.copy_rows(buf, k, out[a : a + p.rows])
+        for i, p in zip(window, parts):  # a shard's rows reach no batch before its checksum matched
+            p.read_verified(self.cache.shards[i], {k: out[a : a + p.rows] for k, out in cols.items()})
             a += p.rows
-            del buf
         return cols
 
     def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -311,3 +312,54 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(export, t
     monkeypatch.setenv("NFM_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(args)
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    """A text file named .png (or a truncated PNG) in an image folder: one line naming the file."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    good = (folder / "img3.png").read_bytes()
+    (folder / "img3.png").write_bytes(good[: len(good) // 2])  # truncated
+    data = load_data(DataConfig(name=str(folder), held_out=0.2), "train")
+    with pytest.raises(NFMError, match=r"image .*img3\.png of .* cannot be read \(.*\); remove or replace the file"):
+        data.tensors()
+    cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"], overrides=[f"data.name={folder}"])
+    p = run_nfm("teacher", "train", "--preset", "tiny", "--run-dir", tmp_path / "r", f"data.name={folder}",
+                "data.held_out=0.2", "model.num_classes=0", check=False)  # fmt: skip
+    assert p.returncode == 2 and "img3.png" in p.stderr and "Traceback" not in p.stderr
+    assert cfg.data.name == str(folder)
+
+
+def test_the_first_signal_stops_a_step_that_never_ends(tmp_path, monkeypatch):
+    """SIGTERM during a first step that would take very long (a huge batch): nothing to save, so it stops at
+    once instead of waiting for the step; no checkpoint is written."""
+    import signal
+
+    import nfm.teacher.train as tt
+    from nfm.pipeline.core.loop import Interrupted
+
+    reached = {"end of step": False}
+    original = tt.teacher_loss
+
+    def slow_loss(eta, label_drop):
+        fn = original(eta, label_drop)
+
+        def loss_fn(model, batch, rng):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(200_000_000):  # a step that would take minutes
+                pass
+            reached["end of step"] = True
+            return fn(model, batch, rng)
+
+        return loss_fn
+
+    monkeypatch.setattr(tt, "teacher_loss", slow_loss)
+    with pytest.raises(Interrupted, match="interrupted at step 0"):
+        run_teacher_training(_tiny(steps=5), tmp_path)
+    assert not reached["end of step"] and list_checkpoints(tmp_path) == []

@@ -242,13 +242,32 @@ class HFImages(ImageDataset):
 
     def raw(self, idx):
         rows = [self.rows[int(i)] for i in idx]
-        batch = self.ds[rows]
-        u = torch.stack([self._convert(im) for im in batch[self.image_col]])
+        try:
+            batch = self.ds[rows]
+            u = torch.stack([self._convert(im) for im in batch[self.image_col]])
+        except Exception as e:
+            raise self._unreadable(rows, e) from e
         if self.label_col is None:
             y = torch.full((len(rows),), -1, dtype=torch.long)
         else:
             y = torch.as_tensor(batch[self.label_col], dtype=torch.long)
         return u, y
+
+    def _unreadable(self, rows: list[int], error: Exception) -> NFMError:
+        """The error for a batch that failed to decode, naming the first file (or row) that does not load."""
+        from datasets import Image as HFImage
+
+        raw = self.ds.cast_column(self.image_col, HFImage(decode=False))
+        for r in rows:
+            try:
+                self._convert(self.ds[r][self.image_col])
+            except Exception as e:
+                where = raw[r][self.image_col].get("path") or f"row {r}"
+                return NFMError(
+                    f"image {where} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
+                    "remove or replace the file and rerun"
+                )
+        return NFMError(f"a batch of {self.name!r} cannot be read ({type(error).__name__}: {error})")
 
     @property
     def fingerprint(self) -> str:

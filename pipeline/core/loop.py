@@ -84,16 +84,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class _Stop:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (a second Ctrl-C aborts at once)."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the step in flight finishes and is
+    checkpointed. When there is nothing to save (no step since the last checkpoint, e.g. a first step that
+    takes very long) the first signal stops at once; a second one always does."""
 
     def __init__(self):
         self.requested = False
+        self.nothing_to_save = True
+        self.step = 0
         self._old: dict[int, Any] = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.nothing_to_save:
+            raise Interrupted(f"interrupted at step {self.step} (nothing to save since the last checkpoint)")
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -109,7 +115,7 @@ class _Stop:
 
 
 class Interrupted(Exception):
-    """Training stopped on request after saving a checkpoint."""
+    """Training stopped on request (after saving a checkpoint, if a step had finished since the last one)."""
 
 
 @dataclass
@@ -317,8 +323,10 @@ def _train(run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sa
     )
     last_ckpt = s.step
     with _Stop() as stop:
+        stop.step = s.step
         for batch in stream:  # this process's part of the step's global batch
             logs = s.optimizer_step(batch, loss_fn)
+            stop.step, stop.nothing_to_save = s.step, False
             lr = logs.pop("lr")
             window.append(logs)
             bar.update(1)
@@ -328,7 +336,7 @@ def _train(run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sa
                 window, t_window = [], time.perf_counter()
             if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
                 s.checkpoint()
-                last_ckpt = s.step
+                last_ckpt, stop.nothing_to_save = s.step, True
             if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
                 preview()
             if stop.requested:
