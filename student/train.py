@@ -184,5 +184,6 @@ def run_student_training(cfg: StudentRunConfig, run_dir: Path, cache_root: Path 
         export_fn=lambda m, d, step: save_student(m, d, step, cfg),
         sample_fn=lambda m, png: sample_grid(m, cfg, png),
         desc=f"student[{coupling.name}]",
+        sample_shape=tuple(coupling.image_shape),
         log=log,
     )

@@ -363,3 +363,50 @@ def test_the_first_signal_stops_a_step_that_never_ends(tmp_path, monkeypatch):
     with pytest.raises(Interrupted, match="interrupted at step 0"):
         run_teacher_training(_tiny(steps=5), tmp_path)
     assert not reached["end of step"] and list_checkpoints(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (needs the right to mount; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_with_one_line_and_resumes_identically(export, tmp_path, small_disk):
+    import subprocess
+
+    args = ["pairs", "build", "--teacher", export, "--views", "64", "pairs.shard_rows=1000"]
+    run_nfm(*args, "--cache-dir", tmp_path / "ref")  # the same build with room: 2.5 MB of shards
+    full = run_nfm(*args, "--cache-dir", small_disk, check=False)
+    (line,) = [x for x in full.stderr.splitlines() if "nfm: error" in x]
+    assert full.returncode == 1 and "No space left on device" in line and "the disk is full" in line
+    assert "Traceback" not in full.stderr
+    (part,) = caches(small_disk)
+    index = read_index(part)  # the index stayed valid
+    assert not index["complete"] and 0 < len(index["shards"]) < 12 and check_index(part, index) == []
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    run_nfm(*args, "--cache-dir", small_disk)
+    (ref,) = caches(tmp_path / "ref")
+    assert read_index(part)["shards"] == read_index(ref)["shards"] and check_shards(part) == []
+    assert not [p.name for p in part.iterdir() if p.name.startswith(".")]
+
+
+def test_a_batch_larger_than_the_memory_is_refused_at_once(tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    vm = collections.namedtuple("vm", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(available=2**30))  # 1 GB free
+    with pytest.raises(NFMError, match=r"train.batch_size=10000000 needs at least 4.8 GB .* than the 1.0 GB"):
+        run_teacher_training(_tiny(steps=2, batch_size=10_000_000), tmp_path / "big")
+    assert not (tmp_path / "big" / "export").exists()
+    run_teacher_training(_tiny(steps=2, batch_size=32), tmp_path / "fits")

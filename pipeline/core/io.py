@@ -7,6 +7,7 @@ are assembled under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -90,7 +91,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Atomically write a safetensors file (tensors made contiguous and detached)."""
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda p: save_file(flat, str(p), metadata=metadata))
+
+    def write(p: Path) -> None:
+        try:
+            save_file(flat, str(p), metadata=metadata)
+        except SafetensorError as e:  # an I/O failure inside safetensors: raise it as the OSError it is
+            code = errno.ENOSPC if "os error 28" in str(e) or "No space left" in str(e) else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} while writing {path}") from e
+
+    return atomic_write(path, write)
 
 
 def load_tensors(path: str | Path, what: str = "weights file", device: str = "cpu") -> dict[str, torch.Tensor]:

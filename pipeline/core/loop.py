@@ -223,8 +223,30 @@ class _Session:
             self.log.info(f"(step={self.step:07d}) {parts} lr {lr:.2e} img/s {rec['img_per_s']:.0f}")
 
 
+def check_batch_fits(cfg: TrainConfig, sample_shape: tuple[int, ...], world: int) -> None:
+    """Refuse a batch whose inputs alone (float32 data and noise of one process's micro-batch) exceed the
+    memory this machine has available: such a step would swap or sit at step 0 for hours."""
+    import psutil
+
+    micro = cfg.batch_size // world // cfg.grad_accum
+    need = micro * 2 * 4 * math.prod(sample_shape)  # bytes: data + noise, float32 (activations come on top)
+    have = psutil.virtual_memory().available
+    if need > have:
+        raise NFMError(
+            f"train.batch_size={cfg.batch_size} needs at least {need / 2**30:.1f} GB per process for its inputs "
+            f"alone ({micro} samples of {'x'.join(map(str, sample_shape))}), more than the {have / 2**30:.1f} GB "
+            "available: lower train.batch_size or raise train.grad_accum"
+        )
+
+
 def _start(
-    run_dir: Path, cfg: TrainConfig, model: nn.Module, resolved: dict, log: logging.Logger | None, accelerator
+    run_dir: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    resolved: dict,
+    log: logging.Logger | None,
+    accelerator,
+    sample_shape: tuple[int, ...] | None = None,
 ) -> _Session:
     from accelerate import Accelerator
 
@@ -238,6 +260,8 @@ def _start(
             f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
             f"= {world} x {cfg.grad_accum}"
         )
+    if sample_shape:
+        check_batch_fits(cfg, sample_shape, world)
     log = log or setup_logger(run_dir, main=acc.is_main_process)
     if acc.is_main_process:
         prepare_run_dir(run_dir, resolved)
@@ -274,85 +298,83 @@ def train(
     desc: str = "train",
     log: logging.Logger | None = None,
     accelerator=None,
+    sample_shape: tuple[int, ...] | None = None,  # one sample's shape, for the memory check (else the data's)
 ) -> Path:
     """Train to cfg.steps (resuming from RUN/checkpoints if present); returns RUN/export."""
     if batches is None:
         if dataset is None or len(dataset) == 0:
             raise NFMError("the training set is empty")
         batches = dataset_batches(dataset, cfg.seed, cfg.steps, cfg.num_workers)
+        sample_shape = sample_shape or getattr(dataset, "image_shape", None)
     main = accelerator.is_main_process if accelerator is not None else process_state().is_main_process
     with run_dir_lock(run_dir, main=main):
-        return _train(
-            run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sample_fn, desc, log, accelerator
+        s = _start(run_dir, cfg, model, resolved_config, log, accelerator, sample_shape)
+        acc, export_dir, metrics_path = s.acc, run_dir / "export", run_dir / "metrics.jsonl"
+        s.resume()
+        if acc.is_main_process:
+            truncate_metrics(metrics_path, s.step)
+        if s.step >= cfg.steps and (export_dir / "config.json").exists():
+            s.log.info(f"run already complete ({s.step} steps); export: {export_dir}")
+            return export_dir
+
+        ema_model = copy.deepcopy(s.raw_model).eval().requires_grad_(False)
+        stream = itertools.islice(
+            batches(acc.process_index, s.world, s.per_process, s.step), max(0, cfg.steps - s.step)
+        )
+        n_params = sum(p.numel() for p in s.raw_model.parameters())
+        s.log.info(
+            f"{desc}: {n_params / 1e6:.2f}M parameters, {s.world} process(es) on {acc.device}, "
+            f"global batch {cfg.batch_size} ({s.micro} x {cfg.grad_accum} accum x {s.world}), "
+            f"steps {s.step} -> {cfg.steps}"
         )
 
+        def preview() -> None:
+            if sample_fn is not None and acc.is_main_process:
+                sample_fn(s.ema.copy_to(ema_model), run_dir / "samples" / f"step-{s.step:07d}.png")
 
-def _train(run_dir, cfg, model, batches, loss_fn, resolved_config, export_fn, sample_fn, desc, log, accelerator):
-    s = _start(run_dir, cfg, model, resolved_config, log, accelerator)
-    acc, export_dir, metrics_path = s.acc, run_dir / "export", run_dir / "metrics.jsonl"
-    s.resume()
-    if acc.is_main_process:
-        truncate_metrics(metrics_path, s.step)
-    if s.step >= cfg.steps and (export_dir / "config.json").exists():
-        s.log.info(f"run already complete ({s.step} steps); export: {export_dir}")
-        return export_dir
-
-    ema_model = copy.deepcopy(s.raw_model).eval().requires_grad_(False)
-    stream = itertools.islice(batches(acc.process_index, s.world, s.per_process, s.step), max(0, cfg.steps - s.step))
-    n_params = sum(p.numel() for p in s.raw_model.parameters())
-    s.log.info(
-        f"{desc}: {n_params / 1e6:.2f}M parameters, {s.world} process(es) on {acc.device}, "
-        f"global batch {cfg.batch_size} ({s.micro} x {cfg.grad_accum} accum x {s.world}), "
-        f"steps {s.step} -> {cfg.steps}"
-    )
-
-    def preview() -> None:
-        if sample_fn is not None and acc.is_main_process:
-            sample_fn(s.ema.copy_to(ema_model), run_dir / "samples" / f"step-{s.step:07d}.png")
-
-    window: list[dict[str, float]] = []
-    t_window = time.perf_counter()
-    bar = tqdm(
-        total=cfg.steps,
-        initial=s.step,
-        desc=desc,
-        disable=not acc.is_main_process,
-        dynamic_ncols=True,
-        unit="step",
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
-    last_ckpt = s.step
-    with _Stop() as stop:
-        stop.step = s.step
-        for batch in stream:  # this process's part of the step's global batch
-            logs = s.optimizer_step(batch, loss_fn)
-            stop.step, stop.nothing_to_save = s.step, False
-            lr = logs.pop("lr")
-            window.append(logs)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "grad_norm"}, refresh=False)
-            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
-                s.log_window(window, time.perf_counter() - t_window, lr, metrics_path)
-                window, t_window = [], time.perf_counter()
-            if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
-                s.checkpoint()
-                last_ckpt, stop.nothing_to_save = s.step, True
-            if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
-                preview()
-            if stop.requested:
-                if last_ckpt != s.step:
+        window: list[dict[str, float]] = []
+        t_window = time.perf_counter()
+        bar = tqdm(
+            total=cfg.steps,
+            initial=s.step,
+            desc=desc,
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            unit="step",
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        last_ckpt = s.step
+        with _Stop() as stop:
+            stop.step = s.step
+            for batch in stream:  # this process's part of the step's global batch
+                logs = s.optimizer_step(batch, loss_fn)
+                stop.step, stop.nothing_to_save = s.step, False
+                lr = logs.pop("lr")
+                window.append(logs)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "grad_norm"}, refresh=False)
+                if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                    s.log_window(window, time.perf_counter() - t_window, lr, metrics_path)
+                    window, t_window = [], time.perf_counter()
+                if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
                     s.checkpoint()
-                bar.close()
-                s.log.info(f"interrupted at step {s.step}; checkpoint saved. Rerun the same command to resume.")
-                raise Interrupted(f"interrupted at step {s.step}")
-    bar.close()
-    if last_ckpt != s.step:
-        s.checkpoint()
-    preview()
-    if acc.is_main_process:
-        s.ema.copy_to(ema_model)
-        with atomic_dir(export_dir) as tmp:
-            export_fn(ema_model, tmp, s.step)
-        s.log.info(f"export (EMA weights, step {s.step}): {export_dir}")
-    acc.wait_for_everyone()
-    return export_dir
+                    last_ckpt, stop.nothing_to_save = s.step, True
+                if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
+                    preview()
+                if stop.requested:
+                    if last_ckpt != s.step:
+                        s.checkpoint()
+                    bar.close()
+                    s.log.info(f"interrupted at step {s.step}; checkpoint saved. Rerun the same command to resume.")
+                    raise Interrupted(f"interrupted at step {s.step}")
+        bar.close()
+        if last_ckpt != s.step:
+            s.checkpoint()
+        preview()
+        if acc.is_main_process:
+            s.ema.copy_to(ema_model)
+            with atomic_dir(export_dir) as tmp:
+                export_fn(ema_model, tmp, s.step)
+            s.log.info(f"export (EMA weights, step {s.step}): {export_dir}")
+        acc.wait_for_everyone()
+        return export_dir
