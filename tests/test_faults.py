@@ -333,7 +333,24 @@ def test_an_unreadable_image_is_named(tmp_path):
     p = run_nfm("teacher", "train", "--preset", "tiny", "--run-dir", tmp_path / "r", f"data.name={folder}",
                 "data.held_out=0.2", "model.num_classes=0", check=False)  # fmt: skip
     assert p.returncode == 2 and "img3.png" in p.stderr and "Traceback" not in p.stderr
-    assert cfg.data.name == str(folder)
+    assert "data.skip_bad=true" in p.stderr and cfg.data.name == str(folder)
+    # data.skip_bad=true: every image decoded once, the unreadable ones named and left out
+    skip = DataConfig(name=str(folder), held_out=0.2, skip_bad=True)
+    splits = [load_data(skip, split) for split in ("train", "test")]
+    assert sum(len(d) for d in splits) == 5 and sum(len(d.skipped) for d in splits) == 1
+    assert any("1 unreadable images skipped: img3.png" in d.describe() for d in splits)
+    assert all(torch.isfinite(d.tensors()[0]).all() for d in splits)
+
+
+def test_a_new_config_field_at_its_default_changes_no_hash_or_run_config():
+    """data.skip_bad came after runs were hashed: at its default it is not in to_dict (run-directory hashes
+    and config.json of older runs stay valid); set, it is."""
+    from nfm.pipeline.core.config import to_dict
+
+    assert "skip_bad" not in to_dict(DataConfig()) and to_dict(DataConfig(skip_bad=True))["skip_bad"] is True
+    cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["digits"])
+    assert "skip_bad" not in to_dict(cfg)["data"]
+    assert "skip_bad" in build_config(TeacherRunConfig, overrides=["data.skip_bad=true"]).data.__dict__
 
 
 def test_the_first_signal_stops_a_step_that_never_ends(tmp_path, monkeypatch):

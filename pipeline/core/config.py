@@ -11,6 +11,7 @@ Unknown keys and unparsable values raise an NFMError that lists the valid keys. 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -39,9 +40,23 @@ class ShapedByData:
         )
 
 
+def added(default: Any) -> Any:
+    """A field added after configs were first written and hashed: `skip_bad: bool = added(False)`. At its
+    default it is left out of `to_dict`, so run-directory hashes and the config.json of runs written before
+    it existed stay as they were (a run resumes across the upgrade)."""
+    return dataclasses.field(default=default, metadata={"added": True})
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A nested plain dict (JSON-serialisable) of a dataclass config."""
-    return dataclasses.asdict(cfg)
+    """A nested plain dict (JSON-serialisable) of a dataclass config; `added` fields only when not at their
+    default."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("added") and value == f.default:
+            continue
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -281,7 +296,7 @@ def format_table(cfg: Any, title: str = "config") -> str:
             else:
                 rows.append((prefix + k, repr(v) if isinstance(v, str) else str(v)))
 
-    walk(to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, "")
+    walk(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg, "")
     width = max(len(k) for k, _ in rows) if rows else 0
     line = "-" * (width + 2 + max((len(v) for _, v in rows), default=0))
     body = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nfm.pipeline.core.config import added
 from nfm.pipeline.core.errors import NFMError
 
 BUILTIN = ("digits", "fashion-mnist")
@@ -43,6 +44,7 @@ class DataConfig:
     held_out: float = 0.2  # fraction held out as "test" where the source has no test split
     split_seed: int = 0  # seeds that held-out permutation
     root: str = ""  # fashion-mnist: directory with the IDX files (default: Debian's location)
+    skip_bad: bool = added(False)  # HF / image folders: skip (and count) images that cannot be read
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -213,7 +215,7 @@ class HFImages(ImageDataset):
             feat = cols[self.label_col]
             n = getattr(feat, "num_classes", None)
             self.num_classes = int(n) if n else int(max(ds[self.label_col])) + 1
-        first = ds[self.rows[0]][image_col] if len(self.rows) else None
+        first = self._first_image(ds, image_col, cfg.skip_bad)
         if first is None:
             raise NFMError(f"dataset {name!r} split {split!r} is empty")
         self.channels = cfg.channels or (1 if first.mode in ("L", "1", "I", "I;16", "F") else 3)
@@ -222,6 +224,32 @@ class HFImages(ImageDataset):
         self.size = cfg.image_size or min(first.size)
         self.image_shape = (self.channels, self.size, self.size)
         self._cfg = cfg
+        self.skipped: list[str] = []
+        if cfg.skip_bad:
+            self._drop_unreadable()
+
+    def _drop_unreadable(self) -> None:
+        """data.skip_bad: decode every image once; keep the rows that load, name the others."""
+        from datasets import Image as HFImage
+
+        raw = self.ds.cast_column(self.image_col, HFImage(decode=False))
+        good = []
+        for r in self.rows:
+            try:
+                self._convert(self.ds[r][self.image_col])
+                good.append(r)
+            except Exception:
+                self.skipped.append(raw[r][self.image_col].get("path") or f"row {r}")
+        if not good:
+            raise NFMError(f"no image of {self.name!r} ({self.split}) can be read")
+        self.rows = good
+
+    def describe(self) -> str:
+        text = super().describe()
+        if self.skipped:
+            shown = ", ".join(Path(s).name for s in self.skipped[:3]) + (", ..." if len(self.skipped) > 3 else "")
+            text += f" ({len(self.skipped)} unreadable images skipped: {shown})"
+        return text
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -253,6 +281,25 @@ class HFImages(ImageDataset):
             y = torch.as_tensor(batch[self.label_col], dtype=torch.long)
         return u, y
 
+    def _path_of(self, r: int) -> str:
+        from datasets import Image as HFImage
+
+        item = self.ds.cast_column(self.image_col, HFImage(decode=False))[r][self.image_col]
+        return item.get("path") or f"row {r}"
+
+    def _first_image(self, ds, col: str, skip: bool):
+        """The first image that decodes (it sets the default channels and size)."""
+        for r in self.rows:
+            try:
+                return ds[r][col]
+            except Exception as e:
+                if not skip:
+                    raise NFMError(
+                        f"image {self._path_of(r)} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
+                        "remove or replace the file, or set data.skip_bad=true to skip unreadable images"
+                    ) from e
+        return None
+
     def _unreadable(self, rows: list[int], error: Exception) -> NFMError:
         """The error for a batch that failed to decode, naming the first file (or row) that does not load."""
         from datasets import Image as HFImage
@@ -265,7 +312,7 @@ class HFImages(ImageDataset):
                 where = raw[r][self.image_col].get("path") or f"row {r}"
                 return NFMError(
                     f"image {where} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
-                    "remove or replace the file and rerun"
+                    "remove or replace the file, or set data.skip_bad=true to skip unreadable images"
                 )
         return NFMError(f"a batch of {self.name!r} cannot be read ({type(error).__name__}: {error})")
 

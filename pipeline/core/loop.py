@@ -85,8 +85,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class _Stop:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so the step in flight finishes and is
-    checkpointed. When there is nothing to save (no step since the last checkpoint, e.g. a first step that
-    takes very long) the first signal stops at once; a second one always does."""
+    checkpointed. Before the first step of this process has finished (nothing to save, and a first step
+    can take very long) the first signal stops at once; a second one always does."""
 
     def __init__(self):
         self.requested = False
@@ -99,7 +99,7 @@ class _Stop:
             raise KeyboardInterrupt
         self.requested = True
         if self.nothing_to_save:
-            raise Interrupted(f"interrupted at step {self.step} (nothing to save since the last checkpoint)")
+            raise Interrupted(f"interrupted at step {self.step} (before its first step finished: nothing to save)")
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -358,7 +358,7 @@ def train(
                     window, t_window = [], time.perf_counter()
                 if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
                     s.checkpoint()
-                    last_ckpt, stop.nothing_to_save = s.step, True
+                    last_ckpt = s.step
                 if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
                     preview()
                 if stop.requested:
