@@ -170,10 +170,11 @@ class ShardFile:
                     raise ValueError(f"out[{name!r}] has {len(buf)} bytes, the shard's tensor {stop - start}")
                 read_into(buf)
         if h.hexdigest() != entry.get("xxh3_128" if fast else "sha256"):
+            key = self.path.parent.name
             raise NFMError(
                 f"pair shard {self.path} does not match its checksum in the index: it changed after the build "
-                "(corrupt or tampered with); nothing of it was used. Check the cache with `nfm pairs verify "
-                "KEY`, then rebuild it (nfm pairs rm KEY, nfm pairs build)"
+                f"(corrupt or tampered with); nothing of it was used. Check the cache with `nfm pairs verify {key}`, "
+                f"then rebuild it (nfm pairs rm {key}, nfm pairs build)"
             )
 
 
