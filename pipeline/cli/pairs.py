@@ -77,7 +77,7 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """re-hash every shard and check reconstruction through the teacher"""
+    """check every claim of the index against the shards, re-hash them, and check reconstruction through the teacher"""
     from nfm.pairs.format import read_index
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.verify import check_shards, reconstruction_error
