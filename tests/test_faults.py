@@ -266,8 +266,12 @@ def test_bad_pair_settings_are_one_line(export, tmp_path, args, message):
 def test_pairs_rm_needs_an_unambiguous_key(cache, key):
     p = run_nfm("pairs", "rm", key, "--cache-dir", cache.parent, check=False)
     assert p.returncode == 2 and "at least 4" in p.stderr and cache.is_dir()
+    with FileLock(str(cache.parent / f".{cache.name}.lock")):  # a build of this key is running
+        p = run_nfm("pairs", "rm", cache.name, "--cache-dir", cache.parent, check=False)
+    assert p.returncode == 2 and "being built by another process" in p.stderr and cache.is_dir()
     p = run_nfm("pairs", "rm", cache.name[:6], "--cache-dir", cache.parent)
     assert f"removed {cache}" in p.stdout and not cache.exists()
+    assert not list(cache.parent.iterdir())  # its lock file went with it
 
 
 def test_a_full_disk_is_one_line_and_the_cache_resumes(export, tmp_path, monkeypatch, capsys):

@@ -116,10 +116,22 @@ def cmd_rm(args) -> int:
     """delete a pair cache"""
     import shutil
 
+    from filelock import FileLock, Timeout
+
     from nfm.pairs.lookup import find_cache
 
     cache_dir = find_cache(args.key, options.cache_root(args))
-    shutil.rmtree(cache_dir)
+    lock_path = cache_dir.parent / f".{cache_dir.name}.lock"
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise NFMError(f"pair cache {cache_dir.name} is being built by another process; remove it afterwards") from None
+    try:
+        shutil.rmtree(cache_dir)
+        lock_path.unlink(missing_ok=True)
+    finally:
+        lock.release()
     print(f"removed {cache_dir}")
     return 0
 
