@@ -27,7 +27,6 @@ import torch
 import xxhash
 
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import sha256_file  # noqa: F401  (part of the format's API)
 
 FORMAT_VERSION = 1
 INDEX_NAME = "pairs.index.json"

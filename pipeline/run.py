@@ -26,15 +26,15 @@ from typing import Any
 import torch
 
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
-from nfm.pairs.format import INDEX_NAME, sha256_file
+from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
 from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval
+from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval, default_extractor, student_sweep, teacher_sweep
 from nfm.student.couplings import CouplingName
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig, load_student, run_student_training
@@ -148,8 +148,6 @@ class _EvalContext:
 
     @classmethod
     def make(cls, ev: EvalConfig, data_cfg: DataConfig, train_data: ImageDataset, run_dir: Path, log) -> _EvalContext:
-        from nfm.pipeline.evaluate import default_extractor
-
         extractor = ev.extractor or default_extractor(data_cfg.name)
         reference, ref_labels = load_data(data_cfg, "test").tensors()
         if len(train_data) <= 100_000:
@@ -162,8 +160,6 @@ class _EvalContext:
 
 
 def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig) -> tuple[TeacherEval, bool]:
-    from nfm.pipeline.evaluate import teacher_sweep
-
     ctx.log.info(f"evaluating the teacher ({ctx.ev.n} samples, {ctx.on.extractor})")
 
     def compute() -> TeacherEval:
@@ -177,8 +173,6 @@ def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig)
 
 
 def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float, device) -> tuple[StudentEval, bool]:
-    from nfm.pipeline.evaluate import student_sweep
-
     ev, on = ctx.ev, ctx.on
     ctx.log.info(f"evaluating the {coupling} student")
     model, meta = load_student(export, device)

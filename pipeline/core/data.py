@@ -230,16 +230,13 @@ class HFImages(ImageDataset):
 
     def _drop_unreadable(self) -> None:
         """data.skip_bad: decode every image once; keep the rows that load, name the others."""
-        from datasets import Image as HFImage
-
-        raw = self.ds.cast_column(self.image_col, HFImage(decode=False))
         good = []
         for r in self.rows:
             try:
                 self._convert(self.ds[r][self.image_col])
                 good.append(r)
             except Exception:
-                self.skipped.append(raw[r][self.image_col].get("path") or f"row {r}")
+                self.skipped.append(self._path_of(r))
         if not good:
             raise NFMError(f"no image of {self.name!r} ({self.split}) can be read")
         self.rows = good
@@ -282,10 +279,18 @@ class HFImages(ImageDataset):
         return u, y
 
     def _path_of(self, r: int) -> str:
-        from datasets import Image as HFImage
+        """The file of row r (its path as the dataset stores it), or "row r" for images held as bytes."""
+        if getattr(self, "_undecoded", None) is None:
+            from datasets import Image as HFImage
 
-        item = self.ds.cast_column(self.image_col, HFImage(decode=False))[r][self.image_col]
-        return item.get("path") or f"row {r}"
+            self._undecoded = self.ds.cast_column(self.image_col, HFImage(decode=False))
+        return self._undecoded[r][self.image_col].get("path") or f"row {r}"
+
+    def _bad_image(self, r: int, e: Exception) -> NFMError:
+        return NFMError(
+            f"image {self._path_of(r)} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
+            "remove or replace the file, or set data.skip_bad=true to skip unreadable images"
+        )
 
     def _first_image(self, ds, col: str, skip: bool):
         """The first image that decodes (it sets the default channels and size)."""
@@ -294,26 +299,16 @@ class HFImages(ImageDataset):
                 return ds[r][col]
             except Exception as e:
                 if not skip:
-                    raise NFMError(
-                        f"image {self._path_of(r)} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
-                        "remove or replace the file, or set data.skip_bad=true to skip unreadable images"
-                    ) from e
+                    raise self._bad_image(r, e) from e
         return None
 
     def _unreadable(self, rows: list[int], error: Exception) -> NFMError:
         """The error for a batch that failed to decode, naming the first file (or row) that does not load."""
-        from datasets import Image as HFImage
-
-        raw = self.ds.cast_column(self.image_col, HFImage(decode=False))
         for r in rows:
             try:
                 self._convert(self.ds[r][self.image_col])
             except Exception as e:
-                where = raw[r][self.image_col].get("path") or f"row {r}"
-                return NFMError(
-                    f"image {where} of {self.name!r} cannot be read ({type(e).__name__}: {e}); "
-                    "remove or replace the file, or set data.skip_bad=true to skip unreadable images"
-                )
+                return self._bad_image(r, e)
         return NFMError(f"a batch of {self.name!r} cannot be read ({type(error).__name__}: {error})")
 
     @property
