@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +147,15 @@ def key_fields(teacher_fp: str, data: ImageDataset, eta: float, cfg: PairBuildCo
 
 
 def _shard_rows(data: ImageDataset, cfg: PairBuildConfig) -> int:
+    return _shard_rows_for(data.image_shape, cfg, _uint8_ok(data))
+
+
+def _shard_rows_for(shape: tuple[int, ...], cfg: PairBuildConfig, uint8: bool) -> int:
+    """Pairs per shard: cfg.shard_rows, or as many as fit in cfg.shard_mb."""
     if cfg.shard_rows > 0:
         return cfg.shard_rows
-    c, h, w = data.image_shape
-    row_bytes = c * h * w * ((2 if cfg.dtype == "float16" else 4) + (1 if _uint8_ok(data) else 4)) + 24
+    c, h, w = shape
+    row_bytes = c * h * w * ((2 if cfg.dtype == "float16" else 4) + (1 if uint8 else 4)) + 24
     return max(1, (cfg.shard_mb << 20) // row_bytes)
 
 
@@ -326,7 +332,7 @@ def _write_shard(shard: dict[str, torch.Tensor], plan: _Plan, s: int, sigma: flo
         "key": plan.key,
         "shard": s + 1,
         "of": plan.num_shards,
-        "teacher": plan.fields["teacher"],
+        **({"teacher": plan.fields["teacher"]} if "teacher" in plan.fields else {"student": plan.fields["student"]}),
         "data": plan.fields["data"],
         "dropped": dropped,
         "sigma_f": sigma,
@@ -364,10 +370,23 @@ def build_pairs(
     if isinstance(teacher, torch.nn.Module):
         teacher = teacher.to(device).eval()
     plan = _plan(teacher, data, cfg, cache_root)
+
+    def prepare() -> tuple[dict[str, Any], Callable]:
+        prior = prior_std(teacher)  # per-pixel prior std, or 1
+        sigma = _sigma(teacher, data, cfg, plan, device, prior, log)
+        header = _index_header(plan, teacher, data, cfg, sigma, teacher_info or {})
+        return header, lambda s, bar: _encode_shard(teacher, data, cfg, plan, s, prior * sigma, device, bar)
+
+    return _build(plan, cfg, state, prepare, verify, log)
+
+
+def _build(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log) -> PairBuildResult:
+    """Every cache's build: under the key's lock, a hit if complete, else prepare() -> (index header,
+    encode_shard(s, bar)) and the missing shards of this process, then the index."""
     plan.cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(plan, state.is_main_process, log):
         state.wait_for_everyone()  # every process starts once the main one holds the key's lock
-        return _build_locked(teacher, data, cfg, plan, state, teacher_info or {}, verify, log)
+        return _build_locked(plan, cfg, state, prepare, verify, log)
 
 
 @contextmanager
@@ -397,18 +416,15 @@ def _remove_leftovers(cache_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _build_locked(
-    teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, plan: _Plan, state, teacher_info, verify: bool, log
-) -> PairBuildResult:
-    rank, world, device = state.process_index, state.num_processes, state.device
+def _build_locked(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log) -> PairBuildResult:
+    rank, world = state.process_index, state.num_processes
     index = _complete_index(plan.cache_dir, content=verify)
     if index is not None:
         checked = ", content verified" if verify else ""
         log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs{checked}) at {plan.cache_dir}")
         return PairBuildResult(plan.key, plan.cache_dir, True, index["total_rows"], index.get("dropped", 0), 0)
-    prior = prior_std(teacher)  # per-pixel prior std, or 1
-    sigma = _sigma(teacher, data, cfg, plan, device, prior, log)
-    base = _index_header(plan, teacher, data, cfg, sigma, teacher_info)
+    base, encode_shard = prepare()
+    sigma = base["sigma_f"]
     if state.is_main_process:
         plan.cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(plan.cache_dir)
@@ -428,8 +444,9 @@ def _build_locked(
     )
     t0 = time.perf_counter()
     for s in mine:
-        shard = _encode_shard(teacher, data, cfg, plan, s, prior * sigma, device, bar)
+        shard = encode_shard(s, bar)
         finite = torch.isfinite(shard["noise"]).flatten(1).all(1)
+        finite &= torch.isfinite(shard["data"].float()).flatten(1).all(1)
         dropped = int((~finite).sum())
         dropped_total += dropped  # this process's view: the shards present at start + its own
         if dropped_total > allowed:

@@ -1,4 +1,4 @@
-"""`nfm run`: teacher -> pairs -> students (nfm, independent, minibatch-ot) -> evaluation -> report.
+"""`nfm run`: teacher -> pairs -> students (one per coupling in `couplings`) -> evaluation -> report.
 
 Every stage writes into a directory named by a hash of its inputs, so rerunning the same command
 reuses each finished stage (and says so), resumes an interrupted one, and a changed setting
@@ -7,6 +7,9 @@ reruns only what depends on it:
     RUN/teacher-HASH/             the teacher run (or --from-teacher EXPORT)
     CACHE_ROOT/pairs/KEY/         the pair cache (shared across runs)
     RUN/students/COUPLING-HASH/   one student per coupling, same network, steps and batch
+    CACHE_ROOT/sdot/KEY/          sd-ot: the semidiscrete OT weights of the training set (shared across runs)
+    CACHE_ROOT/pairs/KEY/         reflow / nfm-reflow: pairs (z, ODE(z)) of the independent / nfm student
+    RUN/costs.json                what each coupling cost to prepare (teacher, pair encode, OT fit, reflow solves)
     RUN/eval/NAME-HASH.json       FID/KID sweeps (+ .safetensors of the sample grids)
     RUN/report.md, report.json, fid_vs_nfe.png, samples/*.png
 """
@@ -21,21 +24,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
-from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.core.config import AtLeast1, Scale, added, check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import setup_logger
 from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval, default_extractor, student_sweep, teacher_sweep
-from nfm.student.couplings import CouplingName
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig, load_student, run_student_training
 from nfm.teacher.protocol import Teacher, load_teacher_spec
@@ -60,13 +62,30 @@ class EvalConfig:
     likelihood_hutchinson: int = -1  # probes; -1: exact divergence up to 1,024 dimensions, 8 probes above
 
 
+# the couplings of a run: every student coupling, plus nfm-reflow (reflow from the nfm student; `reflow` is
+# from the independent student, i.e. 2-rectified flow)
+RunCoupling = Literal["nfm", "independent", "minibatch-ot", "sd-ot", "sb", "reflow", "nfm-reflow"]
+REFLOW_FROM = {"reflow": "independent", "nfm-reflow": "nfm"}
+
+
+@dataclass(frozen=True)
+class ReflowConfig:
+    n: AtLeast1 = 10_000  # pairs (z, ODE(z))
+    solver: Solver = "heun"
+    steps: AtLeast1 = 8  # fixed-step solvers (heun 8 = NFE 16)
+    seed: int = 1  # noise seed of the reflow pairs (the teacher's pairs use pairs.seed)
+    batch_size: AtLeast1 = 500
+
+
 @dataclass(frozen=True)
 class RunConfig:
     teacher: TeacherRunConfig = field(default_factory=TeacherRunConfig)
     pairs: PairBuildConfig = field(default_factory=PairBuildConfig)
     student: StudentRunConfig = field(default_factory=StudentRunConfig)
-    couplings: tuple[CouplingName, ...] = ("nfm", "independent", "minibatch-ot")
+    couplings: tuple[RunCoupling, ...] = ("nfm", "independent", "minibatch-ot")
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sb_sigma: Scale = added(0.5)  # the sb student: flow.path=bridge, flow.sigma=sb_sigma (plan reg 2 sigma^2)
+    reflow: ReflowConfig = added(ReflowConfig())  # the reflow / nfm-reflow pair caches
 
 
 def config_hash(obj: Any) -> str:
@@ -107,20 +126,81 @@ def _stage_teacher(
     return teacher, info, cfg.teacher.data
 
 
+class _Costs:
+    """RUN/costs.json: seconds each coupling's preparation took when it ran (kept across reuse)."""
+
+    def __init__(self, run_dir: Path, main: bool):
+        self.path, self.main = run_dir / "costs.json", main
+        self.data: dict[str, Any] = read_json(self.path, "costs") if self.path.is_file() else {}
+
+    def record(self, name: str, seconds: float, **extra: Any) -> None:
+        self.data[name] = {"seconds": round(seconds, 1), **extra}
+        if self.main:
+            write_json(self.path, self.data)
+
+
+def _student_cfg(cfg: RunConfig, coupling: str, data_cfg: DataConfig, pairs_dir: str) -> StudentRunConfig:
+    flow = replace(cfg.student.flow, coupling="reflow" if coupling in REFLOW_FROM else coupling, pairs=pairs_dir)
+    if coupling == "sb":
+        flow = replace(flow, path="bridge", sigma=cfg.sb_sigma or flow.sigma)
+    return replace(cfg.student, data=data_cfg, flow=flow)
+
+
+def _reflow_pairs(
+    cfg: RunConfig, source: Path, cache_root: Path, costs: _Costs, name: str, log: logging.Logger
+) -> PairBuildResult:
+    """The reflow cache of a trained student: `n` ODE solves of it (built once, shared across runs)."""
+    from nfm.pairs.reflow import build_reflow_pairs
+    from nfm.student.reflow import StudentGenerator
+
+    rc = cfg.reflow
+    t0 = time.perf_counter()
+    gen = StudentGenerator(source, process_state().device, rc.solver, rc.steps)
+    pcfg = PairBuildConfig(seed=rc.seed, batch_size=rc.batch_size)
+    built = build_reflow_pairs(gen, rc.n, pcfg, cache_root, log=log.info)
+    if not built.hit:
+        costs.record(f"{name} pairs", time.perf_counter() - t0, pairs=built.total_rows, solver=rc.solver,
+                     nfe=gen.provenance()["nfe"])  # fmt: skip
+    return built
+
+
 def _stage_students(
-    cfg: RunConfig, run_dir: Path, data_cfg: DataConfig, pairs: PairBuildResult, cache_root: Path, stages: _Stages
+    cfg: RunConfig,
+    run_dir: Path,
+    data_cfg: DataConfig,
+    pairs: PairBuildResult,
+    cache_root: Path,
+    stages: _Stages,
+    costs: _Costs,
 ) -> dict[str, Path]:
-    """Stage 3: one student per coupling, the same network, steps and batch for every coupling."""
+    """Stage 3: one student per coupling, the same network, steps and batch for every coupling. A reflow
+    coupling first trains (or reuses) its source student, then builds its pair cache from it."""
     students: dict[str, Path] = {}
-    for coupling in cfg.couplings:
+    order = [c for c in ("independent", "nfm") if any(REFLOW_FROM.get(r) == c for r in cfg.couplings)]
+    order += [c for c in cfg.couplings if c not in order]
+    for coupling in order:
         t0 = time.perf_counter()
-        pairs_dir = str(pairs.path.resolve()) if coupling == "nfm" else ""
-        scfg = replace(cfg.student, data=data_cfg, flow=replace(cfg.student.flow, coupling=coupling, pairs=pairs_dir))
+        pairs_dir = ""
+        if coupling == "nfm":
+            pairs_dir = str(pairs.path.resolve())
+        elif coupling in REFLOW_FROM:
+            src = REFLOW_FROM[coupling]
+            pairs_dir = str(_reflow_pairs(cfg, students[src], cache_root, costs, coupling, stages.log).path.resolve())
+        scfg = _student_cfg(cfg, coupling, data_cfg, pairs_dir)
         sdir = run_dir / "students" / f"{coupling}-{config_hash(scfg)}"
         reused = (sdir / "export" / "config.json").is_file()
         students[coupling] = run_student_training(scfg, sdir, cache_root)
+        if coupling == "sd-ot":
+            _record_sdot(scfg, cache_root, costs)
         stages.done(f"student {coupling}", reused, t0)
-    return students
+    return students  # the run's couplings and the source students of its reflow couplings
+
+
+def _record_sdot(scfg: StudentRunConfig, cache_root: Path, costs: _Costs) -> None:
+    from nfm.student.train import fit_sdot_for
+
+    _, meta = fit_sdot_for(load_data(scfg.data, "train"), scfg.flow.sdot, cache_root, log=lambda *a: None)
+    costs.record("sd-ot fit", meta["fit_seconds"], shares=meta["shares"], key=meta["key"], groups=meta["groups"])
 
 
 def _cached(path: Path, compute: Callable[[], Any], cls: type) -> tuple[Any, bool]:
@@ -212,6 +292,7 @@ def _stage_evaluation(
         "students": {},
         "teacher": None,
         "data_floor": on.fid_kid(on.train_images[:floor_n]),
+        "straightness_steps": ev.straightness_steps,
     }
     grids: dict[str, dict[str, torch.Tensor]] = {}
     reused_all = True
@@ -224,6 +305,38 @@ def _stage_evaluation(
         reused_all = reused_all and reused
     stages.done("evaluation", reused_all, t0)
     return results, grids
+
+
+def _seconds_per_step(run: Path) -> float | None:
+    """Median seconds per training step of a student run, from its metrics.jsonl (img/s and the batch)."""
+    metrics, config = run / "metrics.jsonl", run / "config.json"
+    if not metrics.is_file() or not config.is_file():
+        return None
+    rates = sorted(r["img_per_s"] for r in map(json.loads, metrics.read_text().splitlines()) if r.get("img_per_s"))
+    batch = read_json(config, "student config").get("train", {}).get("batch_size")
+    return round(batch / rates[len(rates) // 2], 4) if rates and batch else None
+
+
+def _coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: _Costs) -> dict[str, Any]:
+    """Per coupling: seconds per training step, and the seconds spent preparing the coupling where they were
+    measured (teacher training, pair encoding, the OT fit, the reflow source student's training and solves)."""
+    prep = {"nfm": ["teacher", "nfm pairs"], "sd-ot": ["sd-ot fit"], "reflow": ["reflow pairs"],
+            "nfm-reflow": ["teacher", "nfm pairs", "nfm-reflow pairs"]}  # fmt: skip
+    steps = cfg.student.train.steps
+    out = {}
+    for coupling in cfg.couplings:
+        parts: dict[str, float | None] = {p: costs.data.get(p, {}).get("seconds") for p in prep.get(coupling, [])}
+        if coupling in REFLOW_FROM:  # the source student's training is part of a reflow coupling's cost
+            sps = _seconds_per_step(students[REFLOW_FROM[coupling]].parent)
+            parts[f"{REFLOW_FROM[coupling]} student"] = None if sps is None else round(sps * steps, 1)
+        out[coupling] = {
+            "seconds_per_step": _seconds_per_step(students[coupling].parent),
+            "prep": parts,
+            "prep_seconds": None if None in parts.values() else round(sum(parts.values()), 1),
+        }
+        if coupling == "sd-ot" and "sd-ot fit" in costs.data:
+            out[coupling]["sdot_shares"] = costs.data["sd-ot fit"]["shares"]
+    return out
 
 
 def run_pipeline(
@@ -247,21 +360,28 @@ def run_pipeline(
     cache_root = Path(cache_root or default_cache_root())
     stages, t_all = _Stages(log), time.perf_counter()
 
+    costs = _Costs(run_dir, state.is_main_process)
     teacher, teacher_info, data_cfg = _stage_teacher(cfg, run_dir, from_teacher, teacher_arch, state.device, stages)
+    if stages.timings and not stages.timings[-1]["reused"]:
+        costs.record("teacher", stages.timings[-1]["seconds"])
     t0 = time.perf_counter()
     train_data = load_data(data_cfg, cfg.pairs.split)
     pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
     stages.done("pairs", pairs.hit, t0)
-    students = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages)
+    if not pairs.hit:
+        costs.record("nfm pairs", time.perf_counter() - t0, pairs=pairs.total_rows)
+    students = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages, costs)
     if not state.is_main_process:
         return None
 
     ctx = _EvalContext.make(cfg.eval, data_cfg, train_data, run_dir, log)
-    results, grids = _stage_evaluation(ctx, teacher, data_cfg, students, state.device, stages)
+    evaluated = {c: students[c] for c in cfg.couplings}
+    results, grids = _stage_evaluation(ctx, teacher, data_cfg, evaluated, state.device, stages)
     results = {"preset": preset, **results}
     results["timings"] = stages.timings
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["peak_rss_mb"] = _peak_rss_mb()
+    results["costs"] = _coupling_costs(cfg, students, costs)
     results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
     from nfm.pipeline.report import write_report
 

@@ -9,6 +9,7 @@ v = (1 + w) v(x, t, y) - w v(x, t, null), computed as one batch of 2b). Sampling
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from typing import Literal
 
@@ -117,11 +118,12 @@ def student_inputs(
     labels_like: torch.Tensor | None = None,
 ) -> SampleInputs:
     """Fixed sample inputs for a student export (`meta`: its config.json): its image shape and classes, noise
-    through the prior of its path (pipeline.core.sampling)."""
+    through the prior of its path (pipeline.core.sampling); for a student trained from a data source
+    (flow.source=data:NAME), held-out images of the source instead of the noise, chosen by `seed`."""
     from nfm.student.paths import ProbPath
 
     mc = meta["model"]
-    return sample_inputs(
+    inputs = sample_inputs(
         n,
         (mc["in_channels"], mc["img_size"], mc["img_size"]),
         mc["num_classes"],
@@ -131,3 +133,19 @@ def student_inputs(
         labels_like=labels_like,
         device=device,
     )
+    source = meta["flow"].get("source", "gaussian")
+    if source == "gaussian":
+        return inputs
+    z = source_images(source, meta.get("data") or {}, n, seed)
+    return dataclasses.replace(inputs, eps=z, z=z.to(device))
+
+
+def source_images(source: str, data: dict, n: int, seed: int) -> torch.Tensor:
+    """n held-out images of a `data:NAME` source (cycled if it has fewer), in an order seeded by `seed`."""
+    from nfm.pipeline.core.config import from_dict
+    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.student.couplings import source_data_config
+
+    held_out = load_data(source_data_config(source, from_dict(DataConfig, data)), "test")
+    order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
+    return held_out.__getitems__(order[torch.arange(n) % len(order)].tolist())[0]

@@ -17,36 +17,41 @@ from torch import nn
 
 from nfm.pairs.lookup import default_cache_root, find_cache
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.config import check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.core.config import Scale, added, check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.core.sampling import sample_and_save, sample_inputs
+from nfm.pipeline.core.sampling import sample_and_save
 from nfm.pipeline.core.seeding import BatchRandom
-from nfm.student.couplings import Coupling, CouplingName, make_coupling
+from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
-from nfm.student.sampling import Grid, Solver, sample_ode
+from nfm.student.sampling import Grid, Solver, sample_ode, student_inputs
+from nfm.student.sdot import SDOTConfig, fit_sdot, load_sdot, sdot_key
 
 FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class FlowConfig:
-    coupling: CouplingName = "nfm"  # nfm | independent | minibatch-ot
-    pairs: str = ""  # nfm: pair cache key (under the cache root) or directory
-    path: PathName = "linear"  # linear | vp | ve
+    coupling: CouplingName = "nfm"  # nfm | independent | minibatch-ot | sd-ot | sb | reflow
+    pairs: str = ""  # nfm, reflow: pair cache key (under the cache root) or directory
+    path: PathName = "linear"  # linear | vp | ve | bridge
     time: TimeSampler = "uniform"  # uniform | logit-normal
     time_mean: float = 0.0  # logit-normal mean
     time_std: float = 1.0  # logit-normal std
     ve_sigma_min: float = 0.01
     ve_sigma_max: float = 20.0
+    sigma: Scale = added(0.0)  # bridge path noise; sb: entropic regularisation 2 sigma^2
+    source: str = added("gaussian")  # the t = 0 end: gaussian | data:NAME (independent, minibatch-ot, sb)
+    sdot: SDOTConfig = added(SDOTConfig())  # sd-ot: the semidiscrete OT fit
 
     def make_path(self) -> ProbPath:
-        return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max)
+        return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max, self.sigma)
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,9 @@ class StudentRunConfig:
 def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, class_dropout: float):
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], rng: BatchRandom):
         z, x, y = coupling.couple(batch, rng)
-        t = sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device)
-        xt, u = path.sample(z, x, t)
+        t = path.clamp_time(sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device))
+        eps = rng.randn(*x.shape[1:]).to(x.device, x.dtype) if path.stochastic else None
+        xt, u = path.sample(z, x, t, eps)
         if class_dropout > 0:
             y = torch.where(rng.rand().to(y.device) < class_dropout, torch.full_like(y, -1), y)
         v = model(xt, t, y)
@@ -81,12 +87,34 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
     return loss_fn
 
 
-def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None) -> Coupling:
-    if cfg.flow.coupling == "nfm":
-        if not cfg.flow.pairs:
-            return make_coupling("nfm")  # raises with the fix
-        return make_coupling("nfm", cache=PairCache(find_cache(cfg.flow.pairs, cache_root or default_cache_root())))
-    return make_coupling(cfg.flow.coupling, data=load_data(cfg.data, "train"))
+def sdot_root(cache_root: Path | None = None) -> Path:
+    """Where semidiscrete OT weights live: beside the pair caches (CACHE_ROOT/../sdot)."""
+    return Path(cache_root or default_cache_root()).parent / "sdot"
+
+
+def fit_sdot_for(data, cfg: SDOTConfig, cache_root: Path | None = None, device=None, log=print):
+    """(g, metadata) of the semidiscrete OT weights of `data` under `cfg`: fitted once, then reused."""
+    key, fields = sdot_key(data.fingerprint, len(data), cfg, data.num_classes > 0)
+    images, labels = data.tensors()
+    d = sdot_root(cache_root) / key
+    meta = fit_sdot(
+        images, labels if data.num_classes else None, cfg, d, key_fields=fields,
+        device=device or process_state().device, log=log,
+    )  # fmt: skip
+    return load_sdot(d)[0], meta
+
+
+def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None, log=print) -> Coupling:
+    flow = cfg.flow
+    if flow.coupling in PAIRED:
+        if not flow.pairs:
+            return make_coupling(flow.coupling)  # raises with the fix
+        cache = PairCache(find_cache(flow.pairs, cache_root or default_cache_root()))
+        return make_coupling(flow.coupling, cache=cache)
+    data = load_data(cfg.data, "train")
+    source = make_source(flow.source, cfg.data, "train", tuple(data.image_shape))
+    sdot = fit_sdot_for(data, flow.sdot, cache_root, log=log) if flow.coupling == "sd-ot" else None
+    return make_coupling(flow.coupling, data=data, source=source, sigma=flow.sigma, sdot=sdot)
 
 
 def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
@@ -102,23 +130,30 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
         raise NFMError(f"model.num_classes={model.num_classes} but the data has {coupling.num_classes} classes")
     model.validate()
     flow = cfg.flow
-    if flow.coupling == "nfm" and flow.pairs:
+    if flow.coupling in PAIRED and flow.source != "gaussian":
+        raise NFMError(f"the {flow.coupling} coupling reads its source end from its pair cache: leave flow.source")
+    if flow.coupling in PAIRED and flow.pairs:
         flow = replace(flow, pairs=str(coupling.cache.dir.resolve()))
     return replace(cfg, model=model, flow=flow)
 
 
 def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
-    """The preview grid: fixed noise through the path's prior, `sample.steps` steps of `sample.solver`."""
+    """The preview grid: fixed noise through the path's prior (or held-out source images), `sample.steps`
+    steps of `sample.solver`. From a data source the grid shows (source, sample) side by side."""
     s, mc = cfg.sample, cfg.model
-    shape, prior = (mc.in_channels, mc.img_size, mc.img_size), cfg.flow.make_path().prior_scale
     device = next(model.parameters()).device
-    inputs = sample_inputs(s.n, shape, mc.num_classes, seed=s.seed, prior=prior, device=device)
+    meta = {"model": asdict(mc), "flow": asdict(cfg.flow), "data": asdict(cfg.data)}
+    inputs = student_inputs(meta, s.n, seed=s.seed, device=device)
 
     def sampler(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         opts = dict(solver=s.solver, steps=s.steps, grid=s.grid, guidance=s.guidance, num_classes=mc.num_classes)
         return sample_ode(model, z, y, **opts)[0]
 
-    sample_and_save(sampler, inputs, mc.num_classes, path)
+    if cfg.flow.source == "gaussian":
+        sample_and_save(sampler, inputs, mc.num_classes, path)
+    else:
+        x = sampler(inputs.z, inputs.y)
+        save_grid(torch.stack([inputs.z.to(x.device), x], 1).flatten(0, 1), path, nrow=10)
 
 
 def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunConfig, extra: dict | None = None):
@@ -166,9 +201,9 @@ def run_student_training(cfg: StudentRunConfig, run_dir: Path, cache_root: Path 
     """`nfm student train`: train (or resume) a student in run_dir; returns the export directory."""
     run_dir = Path(run_dir)
     check_choices(cfg)
-    coupling = open_coupling(cfg, cache_root)
-    cfg = resolve(cfg, coupling)
     log = setup_logger(run_dir, main=process_state().is_main_process)
+    coupling = open_coupling(cfg, cache_root, log=log.info)
+    cfg = resolve(cfg, coupling)
     log.info(format_table(cfg, f"nfm student train -> {run_dir}"))
     log.info(coupling.describe())
     torch.manual_seed(cfg.train.seed)

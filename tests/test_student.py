@@ -293,9 +293,11 @@ def test_pair_cache_that_does_not_match_the_network_is_refused(cache, tmp_path):
 
 
 def test_nfm_coupling_without_a_cache_is_a_clear_error(tmp_path):
-    with pytest.raises(NFMError, match="needs a pair cache: set flow.pairs"):
+    with pytest.raises(NFMError, match=r"needs a pair cache: pass --pairs KEY_OR_DIR \(flow.pairs=KEY_OR_DIR\)"):
         run_student_training(tiny("nfm", ""), tmp_path)
-    with pytest.raises(NFMError, match="'flow.coupling': 'sinkhorn' is not one of nfm, independent, minibatch-ot"):
+    with pytest.raises(
+        NFMError, match="'flow.coupling': 'sinkhorn' is not one of nfm, independent, minibatch-ot, sd-ot, sb, refl"
+    ):
         run_student_training(tiny("sinkhorn"), tmp_path)
 
 

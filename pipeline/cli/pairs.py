@@ -10,11 +10,12 @@ from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_build(args) -> int:
-    """invert a teacher over a data set into a pair cache (or reuse it)
+    """invert a teacher over a data set into a pair cache (or reuse it), or integrate a student (reflow)
 
-    z = encode(x + eta*eps) / sigma_f for every training image, in sharded safetensors. A second build with the
-    same inputs is a cache hit; an interrupted build resumes. Under `accelerate launch`/torchrun each process
-    builds its own shards.
+    --teacher: z = encode(x + eta*eps) / sigma_f for every training image. --from-student RUN: x = ODE(z) for
+    --n fresh noise draws z (reflow pairs), with --solver/--steps. Either way sharded safetensors in one
+    format; a second build with the same inputs is a cache hit; an interrupted build resumes. Under
+    `accelerate launch`/torchrun each process builds its own shards.
     """
     from nfm.pairs.build import PairsRunConfig, build_pairs
     from nfm.pipeline.core.config import build_config, format_table
@@ -22,6 +23,13 @@ def cmd_build(args) -> int:
     from nfm.pipeline.core.distributed import process_state
     from nfm.teacher.protocol import load_teacher_spec
 
+    if bool(args.teacher) == bool(args.from_student):
+        raise NFMError("give one of --teacher SPEC (teacher pairs) or --from-student RUN (reflow pairs)")
+    if args.from_student:
+        return _build_reflow(args)
+    for flag in ("n", "solver", "steps"):
+        if getattr(args, flag) is not None:
+            raise NFMError(f"--{flag} is for reflow pairs (--from-student RUN); a teacher encodes every image")
     state = process_state()
     teacher, info = load_teacher_spec(args.teacher, state.device, args.teacher_arch)
     preset: dict = {"data": dict(info.get("data") or {}), "pairs": {}}
@@ -42,6 +50,30 @@ def cmd_build(args) -> int:
     log(data.describe())
     root = options.cache_root(args)
     result = build_pairs(teacher, data, cfg.pairs, root, teacher_info=info, log=log, verify=args.verify)
+    log(f"key: {result.key}\npath: {result.path}")
+    return 0
+
+
+def _build_reflow(args) -> int:
+    from nfm.pairs.build import PairBuildConfig
+    from nfm.pairs.reflow import build_reflow_pairs
+    from nfm.pipeline.core.config import build_config, format_table
+    from nfm.pipeline.core.distributed import process_state
+    from nfm.student.reflow import StudentGenerator
+
+    if args.data or args.views:
+        raise NFMError("--data and --views are for teacher pairs; reflow pairs come from the student's noise")
+    state = process_state()
+    preset = {k: getattr(args, k) for k in ("dtype", "seed", "batch_size") if getattr(args, k) is not None}
+    overrides = [o.removeprefix("pairs.") for o in args.overrides]
+    cfg = build_config(PairBuildConfig, preset=preset, file=args.config, overrides=overrides)
+    gen = StudentGenerator(args.from_student, state.device, args.solver or "dopri5", args.steps or 32)
+    n = args.n or 10_000
+    log = print if state.is_main_process else (lambda *a: None)
+    log(format_table(cfg, f"nfm pairs build --from-student {args.from_student} ({n} pairs, {gen.solver})"))
+    result = build_reflow_pairs(gen, n, cfg, options.cache_root(args), log=log, verify=args.verify)
+    if gen.nfe:
+        log(f"NFE per solve: mean {sum(gen.nfe) / len(gen.nfe):.1f} over {len(gen.nfe)} batches")
     log(f"key: {result.key}\npath: {result.path}")
     return 0
 
@@ -94,7 +126,21 @@ def cmd_verify(args) -> int:
         )
     index = read_index(cache_dir)
     print(f"{len(index['shards'])} shards, {index['total_rows']} pairs: sha256 ok ({time.perf_counter() - t0:.1f}s)")
-    if args.samples > 0:
+    prov = index.get("provenance") or {}
+    if args.samples > 0 and prov.get("kind") == "student":
+        from nfm.pairs.reflow import regeneration_error
+        from nfm.student.reflow import StudentGenerator
+
+        dev = options.device(args)
+        gen = StudentGenerator(prov["path"], dev, prov["solver"], prov.get("steps") or 32, prov.get("guidance", 0.0))
+        rec = regeneration_error(cache_dir, gen, dev)
+        print(
+            f"regenerated {rec['pairs_checked']} pairs through the student ({prov['solver']}): worst |x - stored| "
+            f"= {rec['worst_abs_error']:.3g}, noise {'identical' if rec['noise_equal'] else 'DIFFERENT'}"
+        )
+        if rec["worst_abs_error"] > args.tolerance or not rec["noise_equal"]:
+            raise NFMError(f"regeneration error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
+    elif args.samples > 0:
         source = args.teacher or index["teacher"].get("source")
         if not source:
             raise NFMError("the cache does not record its teacher; pass --teacher PATH to check reconstruction")
@@ -140,7 +186,17 @@ def register(stages: argparse._SubParsersAction) -> None:
     sub = options.add_group(stages, "pairs", "stage two: the teacher's noise/data pair cache")
 
     p = options.add_command(sub, "build", cmd_build)
-    p.add_argument("--teacher", required=True, metavar="SPEC", help=options.SPEC_HELP)
+    p.add_argument("--teacher", metavar="SPEC", help=options.SPEC_HELP)
+    p.add_argument("--from-student", dest="from_student", metavar="RUN", help="reflow: integrate this student run")
+    p.add_argument(
+        "--n",
+        "--num-pairs",
+        type=int,
+        dest="n",
+        help="reflow: number of pairs (default 10000; --num-pairs under torchrun)",
+    )
+    p.add_argument("--solver", choices=["euler", "midpoint", "heun", "rk4", "dopri5"], help="reflow solver (dopri5)")
+    p.add_argument("--steps", type=int, help="reflow: steps of a fixed-step solver (default 32)")
     options.add_teacher_arch(p)
     p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
     p.add_argument("--views", type=int, help="noise draws per image (default 1)")

@@ -12,14 +12,16 @@ from nfm.pipeline.cli import options
 def cmd_run(args) -> int:
     """everything: teacher -> pairs -> students -> evaluation -> report
 
-    Runs teacher, pair cache, the nfm / independent / minibatch-ot students, FID/KID evaluation and the report in
-    one run directory. Finished stages are reused, interrupted ones resume: rerun the same command.
+    Runs teacher, pair cache, one student per coupling (`couplings=nfm,independent,minibatch-ot,sd-ot,sb,reflow,
+    nfm-reflow`; `run.couplings=...` is the same), FID/KID evaluation and the report in one run directory.
+    Finished stages are reused, interrupted ones resume: rerun the same command.
     """
     from nfm.pipeline.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
 
-    cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=args.overrides)
+    overrides = [o.removeprefix("run.") for o in args.overrides]  # run.couplings=... reads as couplings=...
+    cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=overrides)
     run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
     t0 = time.perf_counter()
     report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, options.cache_root(args), args.teacher_arch)

@@ -110,6 +110,7 @@ class Range:
 AtLeast1 = Annotated[int, Range(min=1)]  # counts: steps, batch sizes, views
 NonNegative = Annotated[int, Range(min=0)]  # cadences where 0 means off, optional counts
 Positive = Annotated[float, Range(gt=0)]  # learning rates, scales
+Scale = Annotated[float, Range(min=0)]  # noise scales where 0 means none
 Fraction = Annotated[float, Range(min=0, lt=1)]  # probabilities, decays, betas
 
 

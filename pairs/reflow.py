@@ -1,0 +1,188 @@
+"""Stage two from a trained flow instead of a teacher: reflow pairs (Rectified Flow, Liu et al. 2022).
+
+For pair id p (p = 0 .. n-1):
+
+    z_p  = pair_noise(seed, p)  rounded to the stored noise dtype     the same noise blocks as teacher caches
+    y_p  = p mod num_classes    (-1 for an unconditional model)       balanced classes
+    x_p  = generator.generate(z_p, y_p)                                an ODE solve of a trained student
+
+into the same pair-cache format as a teacher's pairs (shards, index, checksums, the key's lock, resume,
+shards split over processes), so a student trains on it exactly as on teacher pairs. The stored noise is
+exactly the solver's input (rounded before the solve), and a pair's x depends only on its batch of the
+build (ids [i * batch_size, (i + 1) * batch_size) of its shard): a resumed or multi-process build is
+byte-identical to an uninterrupted one on the same device. sigma_f = 1: the noise is the generator's own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from nfm.pairs.build import (
+    FORMAT_VERSION,
+    PairBuildConfig,
+    PairBuildResult,
+    _build,
+    _Plan,
+    _shard_rows_for,
+    pair_noise,
+)
+from nfm.pairs.format import cache_key
+from nfm.pairs.lookup import default_cache_root
+from nfm.pipeline.core.config import check_choices
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A trained noise -> data map (a student and its solver)."""
+
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def generate(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """(b, *image_shape) noise and (b,) labels on the device -> (b, *image_shape) images."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Changes whenever the map changes: the weights, the config and the solver settings."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """What the index records: the model's path and fingerprint, solver, steps, NFE per sample, its data."""
+        ...
+
+
+def reflow_key_fields(gen: Generator, n: int, cfg: PairBuildConfig, shard_rows: int) -> dict[str, Any]:
+    prov = gen.provenance()
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "reflow",
+        "student": gen.fingerprint(),
+        "data": prov.get("data_name", ""),
+        "n": n,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "batch_size": cfg.batch_size,  # a pair's x depends on its batch
+        "shard_rows": shard_rows,
+        "max_nonfinite": cfg.max_nonfinite,
+    }
+
+
+def _plan(gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
+    shard_rows = _shard_rows_for(gen.image_shape, cfg, uint8=False)
+    fields = reflow_key_fields(gen, n, cfg, shard_rows)
+    key = cache_key(fields)
+    return _Plan(
+        key=key,
+        fields=fields,
+        cache_dir=Path(cache_root or default_cache_root()) / key,
+        total=n,
+        shard_rows=shard_rows,
+        num_shards=max(1, math.ceil(n / shard_rows)),
+    )
+
+
+def _header(plan: _Plan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]:
+    c, h, w = gen.image_shape
+    prov = gen.provenance()
+    return {
+        "format_version": FORMAT_VERSION,
+        "key": plan.key,
+        "key_fields": plan.fields,
+        "provenance": {"kind": "student", "fingerprint": plan.fields["student"], **prov},
+        "teacher": {"fingerprint": f"student:{plan.fields['student']}", "source": prov.get("path", "")},
+        "data": {
+            "name": f"reflow of {prov.get('data_name', '?')}",
+            "split": "generated",
+            "fingerprint": plan.fields["data"],
+            "rows": plan.total,
+            "levels": 0,
+            "num_classes": gen.num_classes,
+        },
+        "noise_std": 0.0,
+        "sigma_f": 1.0,
+        "prior_std": "unit",
+        "views": 1,
+        "seed": cfg.seed,
+        "dtypes": {"noise": cfg.dtype, "data": "float32", "label": "int64", "index": "int64"},
+        "shapes": {"noise": [c, h, w], "data": [c, h, w]},
+        "shard_rows": plan.shard_rows,
+        "num_shards": plan.num_shards,
+        "expected_rows": plan.total,
+    }
+
+
+def reflow_inputs(ids: torch.Tensor, cfg: PairBuildConfig, gen: Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise in its stored dtype, labels) of pair ids: what `generate` is given (as float32)."""
+    dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
+    z = pair_noise(cfg.seed, ids, tuple(gen.image_shape)).to(dtype)
+    y = ids % gen.num_classes if gen.num_classes else torch.full_like(ids, -1)
+    return z, y
+
+
+@torch.no_grad()
+def _generate_shard(gen: Generator, cfg: PairBuildConfig, plan: _Plan, s: int, device, bar) -> dict[str, torch.Tensor]:
+    ids_all = plan.shard_ids(s)
+    parts = []
+    for i in range(0, len(ids_all), cfg.batch_size):
+        ids = ids_all[i : i + cfg.batch_size]
+        z, y = reflow_inputs(ids, cfg, gen)
+        x = gen.generate(z.float().to(device), y.to(device) if gen.num_classes else None)
+        if tuple(x.shape) != tuple(z.shape):
+            raise NFMError(f"the generator returned shape {tuple(x.shape)} for noise {tuple(z.shape)}")
+        parts.append({"noise": z, "data": x.float().cpu(), "label": y, "index": ids, "view": torch.zeros_like(ids)})
+        bar.update(len(ids))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def build_reflow_pairs(
+    gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None = None, log=print, verify: bool = False
+) -> PairBuildResult:
+    """Build (or resume, or reuse) the reflow cache of n pairs (z, generate(z)) of a trained generator."""
+    check_choices(cfg, "pairs.")
+    if n < 1:
+        raise NFMError(f"the number of reflow pairs must be >= 1, got {n}")
+    state = process_state()
+    plan = _plan(gen, n, cfg, cache_root)
+
+    def prepare():
+        log(f"reflow pairs from {gen.provenance().get('path', 'a student')}: {n} ODE solves ({plan.key})")
+        return _header(plan, gen, cfg), lambda s, bar: _generate_shard(gen, cfg, plan, s, state.device, bar)
+
+    return _build(plan, cfg, state, prepare, verify, log)
+
+
+@torch.no_grad()
+def regeneration_error(cache_dir: Path, gen: Generator, device="cpu") -> dict[str, Any]:
+    """Worst |generate(z, y) - x| over the first batch of the first shard, regenerated as the build made it (the
+    same ids in one batch): 0 on the device that built the cache."""
+    from nfm.pairs.format import ShardFile, read_index, safe_member
+
+    index = read_index(cache_dir)
+    fields = index["key_fields"]
+    if fields.get("kind") != "reflow":
+        raise NFMError(f"pair cache {cache_dir.name} holds teacher pairs, not reflow pairs")
+    if gen.fingerprint() != fields["student"]:
+        raise NFMError(
+            f"the student's fingerprint {gen.fingerprint()} (with this solver) is not the cache's "
+            f"({fields['student']}): verify with the student and solver that built it"
+        )
+    sf = ShardFile(safe_member(cache_dir, index["shards"][0]["file"]))
+    n = min(fields["batch_size"], sf.rows)
+    ids = sf.read("index", 0, n)
+    if not torch.equal(ids, torch.arange(n)):
+        raise NFMError("the first batch of the cache lost pairs (dropped as non-finite): it cannot be regenerated")
+    cfg = PairBuildConfig(seed=fields["seed"], dtype=fields["dtype"])
+    z, y = reflow_inputs(ids, cfg, gen)
+    x = gen.generate(z.float().to(device), y.to(device) if gen.num_classes else None).float().cpu()
+    stored = sf.read("data", 0, n).float()
+    return {
+        "pairs_checked": n,
+        "noise_equal": bool(torch.equal(sf.read("noise", 0, n), z)),
+        "worst_abs_error": float((x - stored).abs().max()),
+    }
