@@ -202,11 +202,11 @@ class MinibatchOTCoupling(IndependentCoupling):
         return z[ot_permutation(x, z, y if self.per_class else None).to(z.device)], x, y
 
 
-def sinkhorn_plan(x: torch.Tensor, z: torch.Tensor, reg: float, iters: int = 2000, tol: float = 1e-9) -> torch.Tensor:
+def sinkhorn_plan(x: torch.Tensor, z: torch.Tensor, reg: float, iters: int = 1000, tol: float = 1e-6) -> torch.Tensor:
     """The entropic OT plan (n_x, n_z) between uniform masses on x and z for the cost |x - z|^2 and
-    regularisation `reg` (POT's Sinkhorn in the log domain: stable for costs far larger than reg, but slow to
-    converge there: after `iters` iterations the x marginal is exact and the z marginal within about 0.1 %
-    at reg = cost / 300), float64."""
+    regularisation `reg`, float64: POT's Sinkhorn in the log domain, stable for costs far larger than reg but
+    slow to converge there. It stops when the marginals are within `tol` (absolute) or after `iters`
+    iterations; the x marginal is then exact and the z marginal within about 0.1 % at reg = cost / 300."""
     import warnings
 
     import ot
