@@ -159,7 +159,8 @@ def _memorisation_table(results: dict[str, Any]) -> list[str]:
 
 def _pictures(plot: Path, grid_files: dict[tuple[str, str], Path]) -> list[str]:
     lines = ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
-    lines += ["Samples from the same noise and labels (column k = class k):", ""]
+    lines += ["Samples from the same noise and labels (column k = class k; students trained from a data source: "
+              "(source image, sample) pairs side by side):", ""]  # fmt: skip
     for (model, key), f in grid_files.items():
         lines += [f"**{_label(model)} — {key}**", "", f"![{model} {key}]({f})", ""]
     return lines
@@ -207,7 +208,13 @@ def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dic
     """samples/MODEL-KEY.png for every grid (first 100 samples, 10 columns); returns their relative paths."""
     files = {}
     for model, gs in grids.items():
+        source = gs.get("source")  # a student from a data source: its grids show (source, sample) pairs
         for key, x in gs.items():
+            if key == "source":
+                continue
+            if source is not None:
+                m = min(50, len(x), len(source))
+                x = torch.stack([source[:m].to(x), x[:m]], 1).flatten(0, 1)
             f = out_dir / "samples" / f"{model}-{key}.png"
             save_grid(x[:100], f, nrow=10)
             files[(model, key)] = f.relative_to(out_dir)

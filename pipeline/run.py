@@ -168,7 +168,7 @@ def _stage_students(
     cfg: RunConfig,
     run_dir: Path,
     data_cfg: DataConfig,
-    pairs: PairBuildResult,
+    pairs: PairBuildResult | None,
     cache_root: Path,
     stages: _Stages,
     costs: _Costs,
@@ -279,7 +279,12 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
 
 
 def _stage_evaluation(
-    ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig, students: dict[str, Path], device, stages: _Stages
+    ctx: _EvalContext,
+    teacher: Teacher | None,
+    data_cfg: DataConfig,
+    students: dict[str, Path],
+    device,
+    stages: _Stages,
 ) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """Stage 4 (main process): FID/KID of the teacher and every student; returns (results, grids)."""
     t0, ev, on = time.perf_counter(), ctx.ev, ctx.on
@@ -296,12 +301,17 @@ def _stage_evaluation(
     }
     grids: dict[str, dict[str, torch.Tensor]] = {}
     reused_all = True
-    if ev.teacher:
+    if ev.teacher and teacher is not None:
         res, reused = _evaluate_teacher(ctx, teacher, data_cfg)
         results["teacher"], grids["teacher"], reused_all = res.to_json(), res.grids, reused_all and reused
     for coupling, export in students.items():
-        res, reused = _evaluate_student(ctx, coupling, export, teacher.noise_std, device)
+        res, reused = _evaluate_student(ctx, coupling, export, teacher.noise_std if teacher else 0.0, device)
         results["students"][coupling], grids[coupling] = res.to_json(), res.euler_grids(8)
+        meta = read_json(Path(export) / "config.json", "student config")
+        if meta["flow"].get("source", "gaussian") != "gaussian":  # the grids show (source, sample) pairs
+            from nfm.student.sampling import student_inputs
+
+            grids[coupling]["source"] = student_inputs(meta, min(ev.n, 100), seed=on.seed).eps
         reused_all = reused_all and reused
     stages.done("evaluation", reused_all, t0)
     return results, grids
@@ -339,6 +349,11 @@ def _coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: _Costs) ->
     return out
 
 
+def needs_teacher(cfg: RunConfig) -> bool:
+    """A teacher is trained (or loaded) when a coupling reads its pairs or the report evaluates it."""
+    return cfg.eval.teacher or any(c in ("nfm", "nfm-reflow") for c in cfg.couplings)
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: Path,
@@ -361,15 +376,20 @@ def run_pipeline(
     stages, t_all = _Stages(log), time.perf_counter()
 
     costs = _Costs(run_dir, state.is_main_process)
-    teacher, teacher_info, data_cfg = _stage_teacher(cfg, run_dir, from_teacher, teacher_arch, state.device, stages)
-    if stages.timings and not stages.timings[-1]["reused"]:
-        costs.record("teacher", stages.timings[-1]["seconds"])
-    t0 = time.perf_counter()
-    train_data = load_data(data_cfg, cfg.pairs.split)
-    pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
-    stages.done("pairs", pairs.hit, t0)
-    if not pairs.hit:
-        costs.record("nfm pairs", time.perf_counter() - t0, pairs=pairs.total_rows)
+    teacher, pairs, data_cfg = None, None, cfg.teacher.data
+    if needs_teacher(cfg):
+        teacher, teacher_info, data_cfg = _stage_teacher(cfg, run_dir, from_teacher, teacher_arch, state.device, stages)
+        if stages.timings and not stages.timings[-1]["reused"]:
+            costs.record("teacher", stages.timings[-1]["seconds"])
+        t0 = time.perf_counter()
+        train_data = load_data(data_cfg, cfg.pairs.split)
+        pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
+        stages.done("pairs", pairs.hit, t0)
+        if not pairs.hit:
+            costs.record("nfm pairs", time.perf_counter() - t0, pairs=pairs.total_rows)
+    else:
+        log.info(f"no teacher: the couplings {', '.join(cfg.couplings)} do not use one (eval.teacher=false)")
+        train_data = load_data(data_cfg, cfg.pairs.split)
     students = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages, costs)
     if not state.is_main_process:
         return None
@@ -382,7 +402,8 @@ def run_pipeline(
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["peak_rss_mb"] = _peak_rss_mb()
     results["costs"] = _coupling_costs(cfg, students, costs)
-    results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
+    if pairs is not None:
+        results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
     from nfm.pipeline.report import write_report
 
     report = write_report(results, grids, run_dir)

@@ -244,7 +244,7 @@ def test_unknown_choices_are_refused_where_the_config_is_loaded():
         "pairs.dtype=int8": "'pairs.dtype': 'int8' is not one of float16, float32",
         "teacher.model.scale=tanh": "'teacher.model.scale': 'tanh' is not one of exp, softplus",
         "teacher.train.mixed_precision=fp16": "'teacher.train.mixed_precision': 'fp16' is not one of no, bf16",
-        "couplings=nfm,reflow": "'couplings': 'reflow' is not one of nfm, independent, minibatch-ot",
+        "couplings=nfm,rectified": "'couplings': 'rectified' is not one of nfm, independent, minibatch-ot",
         "eval.higher_solver=rk45": "'eval.higher_solver': 'rk45' is not one of euler, midpoint, heun, rk4, dopri5",
     }
     for override, message in cases.items():
