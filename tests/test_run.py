@@ -76,6 +76,37 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
         assert f"[{stage}] reused" in log, stage
 
 
+def test_every_coupling_in_one_run_with_its_cost(tmp_path):
+    couplings = "sd-ot,sb,reflow,nfm-reflow"
+    _run(tmp_path, f"run.couplings={couplings}", "student.flow.sdot.steps=30", "reflow.n=200", "reflow.steps=2")
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["students"]) == couplings.split(",")  # the sources of the reflows are trained, not evaluated
+    assert {d.name.split("-")[0] for d in (run / "students").iterdir()} >= {"independent", "nfm", "sd", "sb"}
+    costs = report["costs"]
+    assert set(costs["nfm-reflow"]["prep"]) == {"teacher", "nfm pairs", "nfm-reflow pairs", "nfm student"}
+    assert all(v is not None and v >= 0 for c in costs.values() for v in c["prep"].values())
+    assert all(c["seconds_per_step"] > 0 for c in costs.values())
+    shares = costs["sd-ot"]["sdot_shares"]
+    assert shares["empty"] == 0 and shares["min_over_mass"] > 0.2
+    sb = json.loads(next((run / "students").glob("sb-*/config.json")).read_text())
+    assert sb["flow"]["path"] == "bridge" and sb["flow"]["sigma"] == 0.5
+    indexes = [(c / "pairs.index.json").read_text() for c in caches(tmp_path / "cache" / "pairs")]
+    assert sum('"kind": "reflow"' in i for i in indexes) == 2
+    md = (run / "report.md").read_text()
+    assert "## What each coupling costs" in md and "| semidiscrete OT (SD-FM) |" in md and "reflow of NFM" in md
+
+
+def test_a_run_without_a_teacher_from_a_data_source(tmp_path):
+    _run(tmp_path, "couplings=independent,minibatch-ot", "student.flow.source=data:digits", "eval.teacher=false")
+    run = tmp_path / "run"
+    assert not list(run.glob("teacher-*")) and not (tmp_path / "cache" / "pairs").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert report["teacher"] is None and set(report["students"]) == {"independent", "minibatch-ot"}
+    assert (run / "samples" / "minibatch-ot-euler-1.png").is_file()
+    assert "(source image, sample) pairs" in (run / "report.md").read_text()
+
+
 def test_interrupted_run_resumes(tmp_path):
     """kill -9 once the student has written its first checkpoint (step 10 of 2,000); the rerun reuses the
     teacher and pairs and resumes the student. The kill is placed by the run's progress, not by a clock:
