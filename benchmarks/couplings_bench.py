@@ -75,6 +75,15 @@ def bench_sdot(device, batch: int = 256) -> list[dict]:
             sec = timeit(lambda xs=xs, offset=offset, z=z: sdot.assign(z, xs, offset), repeat=5)
             rows.append({"data": name, "images": len(xs), "dim": dim, "scope": scope, "noise batch": batch,
                          "ms / assignment": round(1e3 * sec, 2), "assignments / s": round(batch / sec)})  # fmt: skip
+        # the fit: ascent steps of 1,024 draws on one class (a labelled fit runs `steps` of them per class)
+        cfg = sdot.SDOTConfig(steps=20, batch_size=1024)
+        prob = sdot._Problem(cls, torch.full((len(cls),), 1.0 / len(cls), device=device),
+                             torch.zeros(len(cls), device=device), torch.zeros(len(cls), device=device))  # fmt: skip
+        t0 = time.perf_counter()
+        sdot.ascend(prob, cfg, 0, cfg.steps)
+        sec = (time.perf_counter() - t0) / cfg.steps
+        rows.append({"data": name, "images": len(cls), "dim": dim, "scope": "fit, one class", "noise batch": 1024,
+                     "ms / assignment": round(1e3 * sec, 2), "assignments / s": round(1024 / sec)})  # fmt: skip
     return rows
 
 

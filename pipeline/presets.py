@@ -97,6 +97,13 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "fashion-mnist"},
         "train": _train(20000, 256, 5e-4, 1000, 100, 2000, 1000, 0.9995),
     },
+    # unpaired translation MNIST (mnist-5k) -> Fashion-MNIST on a CPU budget: a small transformer, from a data source
+    "mnist-to-fashion": {
+        "model": {"arch": "dit", "patch_size": 4, "width": 96, "depth": 4, "heads": 4},
+        "data": {"name": "fashion-mnist"},
+        "flow": {"source": "data:mnist-5k"},
+        "train": _train(1500, 64, 1e-3, 100, 100, 500, 500, 0.999),
+    },
     "gpu32": _gpu_student(32),
     "gpu64": _gpu_student(64),
 }
@@ -114,9 +121,17 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         eval={"n": 100, "euler_nfes": (1, 2), "higher_steps": 1, "straightness_steps": 4, "dopri5": False},
     ),
     # the CPU demo: 8x8 digits
-    "digits": _run("digits", "digits", pairs={"views": 32}),
+    # (reflow, nfm-reflow and sb add 3-7 minutes each on 2 cores: run.couplings=nfm,...,sb,reflow,nfm-reflow)
+    "digits": _run("digits", "digits", pairs={"views": 32}, couplings=("nfm", "independent", "minibatch-ot", "sd-ot")),
     # 28x28 Fashion-MNIST: hours on a CPU, minutes on a GPU
     "fashion-mnist": _run("fashion-mnist", "fashion-mnist", pairs={"views": 2}),
+    # OT-CFM from a data source: MNIST digits -> Fashion-MNIST, no teacher (independent / minibatch-ot / sb)
+    "mnist-to-fashion": {
+        "teacher": {"data": {"name": "fashion-mnist", "use_labels": False}},  # an unconditional map
+        "student": STUDENT_PRESETS["mnist-to-fashion"],
+        "couplings": ("independent", "minibatch-ot", "sb"),
+        "eval": {"teacher": False, "euler_nfes": (1, 2, 4, 8), "dopri5": False, "higher_steps": 4},
+    },
     # a user's own images on one GPU (Inception-v3 FID: pip install -e '.[inception]'):
     # nfm run --preset gpu32 teacher.data.name=DIR
     "gpu32": _run("gpu32", "gpu32", pairs={"views": 1}, eval={"n": 10000, "extractor": "inception-v3-fid-helper"}),
