@@ -93,7 +93,7 @@ class _Problem:
         return self.x.pow(2).sum(1)
 
 
-def _noise(seed: int, group: int, step: int, n: int, dim: int, dtype, device) -> torch.Tensor:
+def _noise(seed: int, group: int | str, step: int, n: int, dim: int, dtype, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(derive_seed(seed, "sdot", group, step))
     return torch.randn(n, dim, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 

@@ -67,7 +67,7 @@ def _build_reflow(args) -> int:
     preset = {k: getattr(args, k) for k in ("dtype", "seed", "batch_size") if getattr(args, k) is not None}
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
     cfg = build_config(PairBuildConfig, preset=preset, file=args.config, overrides=overrides)
-    gen = StudentGenerator(args.from_student, state.device, args.solver or "dopri5", args.steps or 32)
+    gen = StudentGenerator(args.from_student, state.device, args.solver or "heun", args.steps or 8)
     n = args.n or 10_000
     log = print if state.is_main_process else (lambda *a: None)
     log(format_table(cfg, f"nfm pairs build --from-student {args.from_student} ({n} pairs, {gen.solver})"))
@@ -195,8 +195,10 @@ def register(stages: argparse._SubParsersAction) -> None:
         dest="n",
         help="reflow: number of pairs (default 10000; --num-pairs under torchrun)",
     )
-    p.add_argument("--solver", choices=["euler", "midpoint", "heun", "rk4", "dopri5"], help="reflow solver (dopri5)")
-    p.add_argument("--steps", type=int, help="reflow: steps of a fixed-step solver (default 32)")
+    p.add_argument(
+        "--solver", choices=["euler", "midpoint", "heun", "rk4", "dopri5"], help="reflow solver (default heun)"
+    )
+    p.add_argument("--steps", type=int, help="reflow: steps of a fixed-step solver (default 8)")
     options.add_teacher_arch(p)
     p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
     p.add_argument("--views", type=int, help="noise draws per image (default 1)")
