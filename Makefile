@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: teacher -> pairs -> 3 students -> FID/KID -> report (~9 min on 2 CPU cores)
+demo: $(STAMP)  ## the main job: teacher -> pairs -> students (nfm, independent, minibatch-ot, sd-ot) -> FID/KID -> report
 	$(VENV)/bin/nfm run --preset digits
 
 test: $(STAMP)  ## the test suite (CPU only)
