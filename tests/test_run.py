@@ -209,3 +209,13 @@ def test_nfm_run_reports_student_likelihood_when_asked(tmp_path):
         "eval.likelihood_solver=rk4",
     )
     assert "[evaluation] reused" in again.stdout and "through the ODE" not in again.stdout
+
+
+def test_the_report_gives_kid_with_its_spread_in_the_feature_units():
+    from nfm.pipeline.report import _kid_table
+
+    row = {"solver": "euler", "nfe": 1, "fid": 13.4, "kid": 2.332962, "kid_std": 0.375065}
+    lines = _kid_table({"students": {"nfm": {"rows": [row]}}, "straightness_steps": 4}, [1])
+    assert "| NFM (teacher pairs) | 2.333 ± 0.375 |" in lines
+    assert not any("×10³" in line for line in lines)
+    assert any("4-step Euler trajectories" in line for line in lines)
