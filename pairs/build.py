@@ -221,6 +221,19 @@ class _Plan:
     shard_rows: int
     num_shards: int
 
+    @classmethod
+    def make(cls, fields: dict[str, Any], total: int, shard_rows: int, cache_root: Path | None) -> _Plan:
+        """The plan of the cache whose key is the hash of `fields`, holding `total` pairs."""
+        key = cache_key(fields)
+        return cls(
+            key=key,
+            fields=fields,
+            cache_dir=Path(cache_root or default_cache_root()) / key,
+            total=total,
+            shard_rows=shard_rows,
+            num_shards=max(1, math.ceil(total / shard_rows)),
+        )
+
     def shard_ids(self, s: int) -> torch.Tensor:
         return torch.arange(s * self.shard_rows, min((s + 1) * self.shard_rows, self.total))
 
@@ -240,16 +253,7 @@ def _check_inputs(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig) ->
 def _plan(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
     shard_rows = _shard_rows(data, cfg)
     fields = key_fields(teacher.fingerprint(), data, float(teacher.noise_std), cfg, shard_rows)
-    key = cache_key(fields)
-    total = len(data) * cfg.views
-    return _Plan(
-        key=key,
-        fields=fields,
-        cache_dir=Path(cache_root or default_cache_root()) / key,
-        total=total,
-        shard_rows=shard_rows,
-        num_shards=max(1, math.ceil(total / shard_rows)),
-    )
+    return _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root)
 
 
 def _complete_index(cache_dir: Path, content: bool = False) -> dict[str, Any] | None:

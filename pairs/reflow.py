@@ -15,7 +15,6 @@ byte-identical to an uninterrupted one on the same device. sigma_f = 1: the nois
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,8 +29,6 @@ from nfm.pairs.build import (
     _shard_rows_for,
     pair_noise,
 )
-from nfm.pairs.format import cache_key
-from nfm.pairs.lookup import default_cache_root
 from nfm.pipeline.core.config import check_choices
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
@@ -75,16 +72,7 @@ def reflow_key_fields(gen: Generator, n: int, cfg: PairBuildConfig, shard_rows: 
 
 def _plan(gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
     shard_rows = _shard_rows_for(gen.image_shape, cfg, uint8=False)
-    fields = reflow_key_fields(gen, n, cfg, shard_rows)
-    key = cache_key(fields)
-    return _Plan(
-        key=key,
-        fields=fields,
-        cache_dir=Path(cache_root or default_cache_root()) / key,
-        total=n,
-        shard_rows=shard_rows,
-        num_shards=max(1, math.ceil(n / shard_rows)),
-    )
+    return _Plan.make(reflow_key_fields(gen, n, cfg, shard_rows), n, shard_rows, cache_root)
 
 
 def _header(plan: _Plan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]:

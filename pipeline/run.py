@@ -197,9 +197,12 @@ def _stage_students(
 
 
 def _record_sdot(scfg: StudentRunConfig, cache_root: Path, costs: _Costs) -> None:
-    from nfm.student.train import fit_sdot_for
+    """The fit's metadata (written by the sd-ot student's training) into the run's costs."""
+    from nfm.student.sdot import META_NAME
+    from nfm.student.train import sdot_dir
 
-    _, meta = fit_sdot_for(load_data(scfg.data, "train"), scfg.flow.sdot, cache_root, log=lambda *a: None)
+    directory, _ = sdot_dir(load_data(scfg.data, "train"), scfg.flow.sdot, cache_root)
+    meta = read_json(directory / META_NAME, "semidiscrete OT metadata")
     costs.record("sd-ot fit", meta["fit_seconds"], shares=meta["shares"], key=meta["key"], groups=meta["groups"])
 
 

@@ -188,8 +188,8 @@ def fit_sdot(
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory.parent / f".{directory.name}.lock")):
-        if (directory / META_NAME).is_file():
-            return load_sdot(directory)[1]
+        if (directory / META_NAME).is_file():  # fitted: load_sdot checks the weights where they are used
+            return read_json(directory / META_NAME, "semidiscrete OT metadata")
         return _fit_locked(images, labels, cfg, directory, key_fields or {}, masses, device, dtype, log)
 
 

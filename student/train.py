@@ -92,11 +92,16 @@ def sdot_root(cache_root: Path | None = None) -> Path:
     return Path(cache_root or default_cache_root()).parent / "sdot"
 
 
+def sdot_dir(data, cfg: SDOTConfig, cache_root: Path | None = None) -> tuple[Path, dict]:
+    """(directory, key fields) of the semidiscrete OT weights of `data` under `cfg`."""
+    key, fields = sdot_key(data.fingerprint, len(data), cfg, data.num_classes > 0)
+    return sdot_root(cache_root) / key, fields
+
+
 def fit_sdot_for(data, cfg: SDOTConfig, cache_root: Path | None = None, device=None, log=print):
     """(g, metadata) of the semidiscrete OT weights of `data` under `cfg`: fitted once, then reused."""
-    key, fields = sdot_key(data.fingerprint, len(data), cfg, data.num_classes > 0)
+    d, fields = sdot_dir(data, cfg, cache_root)
     images, labels = data.tensors()
-    d = sdot_root(cache_root) / key
     meta = fit_sdot(
         images, labels if data.num_classes else None, cfg, d, key_fields=fields,
         device=device or process_state().device, log=log,
