@@ -4,6 +4,7 @@ For dataset row r and view v (pair id p = r * views + v):
 
     eps_{r,v} ~ N(0, I)    drawn from a generator seeded by (seed, r, v), not by a process's stream
     z_{r,v}   = encode(x_r + eta * eps_{r,v}, y_r)                 any teacher.protocol.Teacher
+                eta = eta_scale * the teacher's eta (the noise it was trained with; eta_scale 1 by default)
     noise     = z_{r,v} / (prior_std * sigma_f)    prior_std: the teacher's prior (1 unless it has one),
                 sigma_f = RMS of z / prior_std over a fixed sample of rows, so the noise end is unit-variance
     data      = x_r (clean; uint8 where the source is 8-bit or fewer levels)
@@ -40,7 +41,7 @@ from nfm.pairs.format import (
     shard_name,
 )
 from nfm.pairs.lookup import default_cache_root
-from nfm.pipeline.core.config import AtLeast1, NonNegative, Range, check_choices
+from nfm.pipeline.core.config import AtLeast1, NonNegative, Range, Scale, added, check_choices
 from nfm.pipeline.core.data import DataConfig, ImageDataset
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
@@ -61,6 +62,14 @@ class PairBuildConfig:
     # fraction of pairs that may be NaN/Inf (dropped and counted); more refuses
     max_nonfinite: Annotated[float, Range(min=0, max=1)] = 0.0
     split: Literal["train", "test"] = "train"
+    # the noise added before encoding, as a multiple of the teacher's eta (0: clean images; 1: what it was
+    # trained on; 2: twice that)
+    eta_scale: Scale = added(1.0)
+
+
+def pair_eta(teacher: Teacher, cfg: PairBuildConfig) -> float:
+    """The eta of the pairs: cfg.eta_scale x the teacher's."""
+    return float(cfg.eta_scale * teacher.noise_std)
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ def encode_pairs(
     x = u.float() * (2.0 / data.levels) - 1.0
     eps = pair_noise(cfg.seed, ids, tuple(x.shape[1:]))
     yy = y.to(device) if teacher.num_classes else None
-    z = teacher.encode((x + teacher.noise_std * eps).to(device), yy)
+    z = teacher.encode((x + pair_eta(teacher, cfg) * eps).to(device), yy)
     if tuple(z.shape) != tuple(x.shape):
         raise NFMError(f"the teacher's encode returned shape {tuple(z.shape)} for images {tuple(x.shape)}")
     noise = z.float().cpu() / scale
@@ -252,7 +261,7 @@ def _check_inputs(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig) ->
 
 def _plan(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
     shard_rows = _shard_rows(data, cfg)
-    fields = key_fields(teacher.fingerprint(), data, float(teacher.noise_std), cfg, shard_rows)
+    fields = key_fields(teacher.fingerprint(), data, pair_eta(teacher, cfg), cfg, shard_rows)
     return _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root)
 
 
@@ -292,7 +301,8 @@ def _index_header(
             "levels": data.levels,
             "num_classes": data.num_classes,
         },
-        "noise_std": float(teacher.noise_std),
+        "noise_std": pair_eta(teacher, cfg),  # the eta of these pairs (verify adds it back)
+        "teacher_noise_std": float(teacher.noise_std),
         "sigma_f": sigma,
         "prior_std": "per-pixel" if getattr(teacher, "prior_std", None) is not None else "unit",
         "views": cfg.views,

@@ -7,10 +7,15 @@ from typing import Any
 
 import torch
 
+from nfm.pipeline.aggregate import winner
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import atomic_write, write_json
 
 LABELS = {
+    "independent@matched": "independent (I-CFM), NFM's total compute",
+    "minibatch-ot@matched": "minibatch OT (OT-CFM), NFM's total compute",
+    "sd-ot@matched": "semidiscrete OT (SD-FM), NFM's total compute",
+    "sb@matched": "Schrödinger bridge (SB-CFM), NFM's total compute",
     "nfm": "NFM (teacher pairs)",
     "independent": "independent (I-CFM)",
     "minibatch-ot": "minibatch OT (OT-CFM)",
@@ -25,35 +30,119 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") -> Path:
+def _cell(row: dict[str, Any], metric: str = "fid", digits: int = 2) -> str:
+    """mean ± half-width of the 95 % interval over seeds (the mean alone for one seed)."""
+    ci = row.get(f"{metric}_ci")
+    return _fmt(row[metric], digits) if ci is None else f"{row[metric]:.{digits}f} ± {ci:.{digits}f}"
+
+
+def _main(results: dict[str, Any]) -> dict[str, Any]:
+    """The students of the comparison (couplings and compute-matched baselines, not the knob variants)."""
+    knobs = set(results.get("knobs", []))
+    return {k: v for k, v in results["students"].items() if k not in knobs}
+
+
+def _many_step(res: dict[str, Any]) -> dict[str, Any]:
+    """The row with the most NFE a student was scored at: dopri5 where it ran, else its largest Euler."""
+    dp = [r for r in res["rows"] if r["solver"] == "dopri5"]
+    return dp[0] if dp else max((r for r in res["rows"] if r["solver"] == "euler"), key=lambda r: r["nfe"])
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for name, res in results["students"].items():
+    return plt
+
+
+def _errorbar(ax, xs, rows, metric, **kw):
+    """Points with their 95 % intervals (none for one seed); returns the line."""
+    ys = [r[metric] for r in rows]
+    err = [r.get(f"{metric}_ci") or 0.0 for r in rows]
+    return ax.errorbar(xs, ys, yerr=err if any(err) else None, capsize=3, **kw)
+
+
+def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") -> Path:
+    """FID against NFE for every student of the comparison (Euler lines, higher-order solvers as points),
+    the teacher's samplers and the finite-sample floor as horizontal lines; log-log axes, 95 % intervals."""
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    markers = {"heun": "s", "dopri5": "x", "midpoint": "^"}
+    for name, res in _main(results).items():
         rows = [r for r in res["rows"] if r["solver"] == "euler"]
-        ax.plot(
-            [r["nfe"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{LABELS.get(name, name)}, Euler"
-        )
-        other = [r for r in res["rows"] if r["solver"] != "euler"]
-        if other:
-            ax.scatter(
-                [r["nfe"] for r in other], [r[metric] for r in other], marker="x", color=ax.lines[-1].get_color()
-            )
+        line = _errorbar(ax, [r["nfe"] for r in rows], rows, metric, marker="o", label=_label(name))
+        color = line.lines[0].get_color()
+        for r in (r for r in res["rows"] if r["solver"] != "euler"):
+            _errorbar(ax, [r["nfe"]], [r], metric, marker=markers.get(r["solver"], "d"), color=color, ms=7)
     teacher = results.get("teacher")
     if teacher:
         for r, style in zip(teacher["rows"], (":", "--")):
             ax.axhline(r[metric], color="grey", linestyle=style, label=f"teacher ({r['sampler']})")
-    if results.get("data_floor") is not None:
-        ax.axhline(results["data_floor"][metric], color="black", linewidth=0.8, label="real train vs held-out")
+    floor = results.get("floor")
+    if floor is not None:
+        f = floor[metric]
+        ax.axhspan(max(f["mean"] - f["std"], 1e-6), f["mean"] + f["std"], color="black", alpha=0.12)
+        ax.axhline(f["mean"], color="black", linewidth=0.8, label=f"floor: held-out resampled (n={floor['n']})")
+    solvers = sorted({r["solver"] for res in _main(results).values() for r in res["rows"]} - {"euler"})
+    handles, labels = ax.get_legend_handles_labels()
+    for solver in solvers:
+        handles.append(Line2D([], [], color="dimgrey", marker=markers.get(solver, "d"), linestyle="none"))
+        labels.append(f"{solver} (marker; colour = model)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("NFE (function evaluations; x = heun / dopri5)")
-    ax.set_ylabel(f"{metric.upper()} vs held-out ({results['extractor']})")
-    ax.set_title(f"{results['preset']}: {metric.upper()} vs NFE (lower is better)")
+    nfes = sorted({r["nfe"] for res in _main(results).values() for r in res["rows"]})
+    ax.set_xticks(nfes, [str(n) for n in nfes], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (function evaluations)")
+    ax.set_ylabel(f"{metric.upper()} vs held-out ({results['extractor']}), log scale")
+    seeds = results.get("seeds", 1)
+    note = f"mean ± 95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
+    ax.set_title(f"{results['preset']}: {metric.upper()} vs NFE (lower is better; {note})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles, labels, fontsize=7, loc="upper right")
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(results: dict[str, Any], path: Path, few: tuple[int, ...] = (1, 2)) -> Path:
+    """Few-step FID (Euler 1, Euler 2) against many-step FID for NFM, its knob variants and the baselines:
+    the trade-off a knob makes, one panel per few-step NFE."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(few), figsize=(5.2 * len(few), 4.6), dpi=120, squeeze=False)
+    knobs = set(results.get("knobs", []))
+    for ax, k in zip(axes[0], few):
+        for name, res in results["students"].items():
+            euler = _euler(res)
+            if k not in euler:
+                continue
+            many = _many_step(res)
+            is_knob, is_nfm = name in knobs, name == "nfm"
+            style = {"marker": "o" if is_knob else ("*" if is_nfm else "s"), "ms": 11 if is_nfm else 6}
+            style["color"] = "tab:blue" if (is_knob or is_nfm) else "tab:grey"
+            ax.errorbar(
+                many["fid"], euler[k]["fid"], xerr=many.get("fid_ci"), yerr=euler[k].get("fid_ci"),
+                linestyle="none", capsize=2, **style,
+            )  # fmt: skip
+            short = results.get("knob_settings", {}).get(name, name)
+            ax.annotate(short, (many["fid"], euler[k]["fid"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        teacher = results.get("teacher")
+        if teacher:
+            ax.axvline(min(r["fid"] for r in teacher["rows"]), color="grey", linestyle="--", linewidth=0.8)
+            ax.text(min(r["fid"] for r in teacher["rows"]), ax.get_ylim()[1], " teacher", fontsize=7, va="top")
+        ax.set_yscale("log")
+        ax.set_xlabel("many-step FID (dopri5; else the most Euler steps)")
+        ax.set_ylabel(f"FID at Euler {k} (log scale)")
+        ax.set_title(f"few-step (Euler {k}) vs many-step quality", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(
+        f"{results['preset']}: the NFM knobs (blue; star = the default) and the baselines (grey); lower-left is better",
+        fontsize=9,
+    )
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
@@ -67,6 +156,8 @@ def _kid(row: dict[str, Any]) -> str:
 
 
 def _label(name: str) -> str:
+    if name.startswith("nfm[") and name.endswith("]"):
+        return f"NFM, {name[4:-1]}"
     return LABELS.get(name, name)
 
 
@@ -75,35 +166,153 @@ def _euler(res: dict[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def _intro(results: dict[str, Any]) -> list[str]:
-    return [
+    seeds = results.get("seeds", 1)
+    lines = [
         f"# NFM report — preset `{results['preset']}`",
         "",
-        f"Samples per evaluation: {results['n']} (fixed noise seed {results['seed']}), against the held-out split "
-        f"({results['reference']} images); features: `{results['extractor']}` through torch-fidelity. "
-        f"Real training images vs held-out score FID {_fmt(results['data_floor']['fid'])}.",
+        f"Samples per evaluation: {results['n']} (fixed noise seed {results['seed']}, the same for every model), "
+        f"against the held-out split ({results['reference']} images); features: `{results['extractor']}` through "
+        "torch-fidelity.",
         "",
     ]
+    if seeds > 1:
+        lines += [
+            f"Every model was trained {seeds} times (training seeds: teacher, pairs and students; seed k adds 1000 k "
+            "to each). A cell is the mean ± the half-width of its 95 % interval over the seeds (Student's t with "
+            f"n − 1 = {seeds - 1} degrees of freedom); **bold** marks a column's winner only where its interval lies "
+            "wholly below every other model's.",
+            "",
+        ]
+    else:
+        lines += ["One training seed: no intervals, and no winner is marked (`nfm run --seeds 3` gives both).", ""]
+    floor = results.get("floor")
+    if floor:
+        f = floor["fid"]
+        lines += [
+            f"**Floor.** {floor['n']} held-out images drawn with replacement and scored against the held-out set "
+            f"give FID {f['mean']:.2f} ± {f['std']:.2f} (mean ± std over {floor['draws']} draws): what a model that "
+            "reproduced the held-out set exactly would score at this sample count. No model can be expected "
+            "below it; differences between models smaller than FID's own sampling spread (below) mean nothing.",
+            "",
+        ]
+    if results.get("data_floor"):
+        lines += [
+            f"(Real *training* images score FID {_fmt(results['data_floor']['fid'])} against held-out. That is not "
+            "a reference line: the feature network was trained on the training split and maps those images "
+            "differently from unseen ones, so they can score worse than a model's samples.)",
+            "",
+        ]
+    return lines
+
+
+def _winners(rows: dict[str, dict[str, Any]], cols: list[Any], pick) -> dict[Any, str | None]:
+    """Per column: the model whose 95 % interval lies wholly below every other's (None: no such model)."""
+    out = {}
+    for col in cols:
+        cells = {name: (r["fid"], r.get("fid_ci")) for name, row in rows.items() if (r := pick(row, col)) is not None}
+        out[col] = winner(cells)
+    return out
 
 
 def _fid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
     head = "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " | higher order | dopri5 | straightness |"
     lines = ["## FID vs NFE (lower is better)", "", head, "|" + "---|" * (len(nfes) + 4)]
-    for name, res in results["students"].items():
+    main = _main(results)
+    win = _winners(main, nfes, lambda res, k: _euler(res).get(k))
+    dp_win = _winners(main, ["dopri5"], lambda res, _: next((r for r in res["rows"] if r["solver"] == "dopri5"), None))
+
+    def bold(text: str, name: str, col: Any, table: dict[Any, str | None]) -> str:
+        return f"**{text}**" if table.get(col) == name else text
+
+    for name, res in main.items():
         euler = _euler(res)
         hi = [r for r in res["rows"] if r["solver"] not in ("euler", "dopri5")]
         dp = [r for r in res["rows"] if r["solver"] == "dopri5"]
-        cells = [_fmt(euler[k]["fid"]) if k in euler else "–" for k in nfes]
-        hi_s = ", ".join(f"{r['solver']} NFE {r['nfe']}: {_fmt(r['fid'])}" for r in hi) or "–"
-        dp_s = f"{_fmt(dp[0]['fid'])} (NFE {dp[0]['nfe']})" if dp else "–"
-        lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {res['straightness']:.4f} |")
+        cells = [bold(_cell(euler[k]), name, k, win) if k in euler else "–" for k in nfes]
+        hi_s = ", ".join(f"{r['solver']} NFE {r['nfe']}: {_cell(r)}" for r in hi) or "–"
+        dp_s = f"{bold(_cell(dp[0]), name, 'dopri5', dp_win)} (NFE {dp[0]['nfe']})" if dp else "–"
+        st = _cell(res, "straightness", 4)
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {st} |")
     if results.get("teacher"):
         rows = results["teacher"]["rows"]
         lines.append(
             f"| teacher ({' / '.join(r['sampler'] for r in rows)}) | "
             + " | ".join("" for _ in nfes)
-            + f" | {' / '.join(_fmt(r['fid']) for r in rows)} | | |"
+            + f" | {' / '.join(_cell(r) for r in rows)} | | |"
         )
+    matched = results.get("matched")
+    if matched:
+        m = next(iter(matched.values()))
+        unit = "FLOPs (counted)" if m["by"] == "flops" else "seconds (measured on this machine)"
+        lines += [
+            "",
+            f"Rows marked *NFM's total compute* train the baseline for {m['steps']} steps instead of "
+            f"{m['base_steps']}: the NFM student's steps plus the teacher's training and the pair encoding, in "
+            f"{unit} per step of that baseline. The other rows all train {m['base_steps']} steps — the comparison "
+            "for a user who already has a teacher.",
+        ]
     return lines
+
+
+def _knob_table(results: dict[str, Any], nfes: list[int], frontier: Path | None) -> list[str]:
+    knobs = results.get("knobs") or []
+    if not knobs:
+        return []
+    settings = results.get("knob_settings", {})
+    lines = [
+        "## The coupling knobs",
+        "",
+        "NFM students that differ from the default `nfm` row in one setting (same teacher): `eta` scales the noise "
+        "added before encoding (× the teacher's η), `views` the pairs per training image, `mix` the fraction of "
+        "each batch given fresh independent noise, `steps` the student's training steps. "
+        f"Variants trained on {_knob_seeds(results)} seed(s) (`knob_seeds`); the default row on "
+        f"{results['students']['nfm']['seeds'] if 'nfm' in results['students'] else 0}.",
+        "",
+        "| variant | " + " | ".join(f"Euler {k}" for k in nfes) + " | dopri5 | straightness |",
+        "|" + "---|" * (len(nfes) + 3),
+    ]
+    for name in ["nfm", *knobs]:
+        res = results["students"].get(name)
+        if res is None:
+            continue
+        euler = _euler(res)
+        dp = [r for r in res["rows"] if r["solver"] == "dopri5"]
+        cells = [_cell(euler[k]) if k in euler else "–" for k in nfes]
+        dp_s = f"{_cell(dp[0])} (NFE {dp[0]['nfe']})" if dp else "–"
+        label = "default (`nfm`)" if name == "nfm" else f"`{settings.get(name, name)}`"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {dp_s} | {_cell(res, 'straightness', 4)} |")
+    if frontier is not None:
+        lines += ["", f"![knob frontier]({frontier.name})"]
+    return lines + [""]
+
+
+def _knob_seeds(results: dict[str, Any]) -> int:
+    knobs = results.get("knobs") or []
+    return min((results["students"][k]["seeds"] for k in knobs if k in results["students"]), default=0)
+
+
+def _spread_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
+    spread = results.get("sampling_spread")
+    if not spread:
+        return []
+    some = next(iter(spread.values()))
+    lines = [
+        "## FID's own sampling noise",
+        "",
+        f"One trained model (seed 0) scored on {len(some['noise_seeds'])} noise seeds ({results['n']} samples each): "
+        "mean ± standard deviation. This spread is in every cell above; the intervals over training seeds add "
+        "the training noise to it.",
+        "",
+        "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " |",
+        "|" + "---|" * (len(nfes) + 1),
+    ]
+    for name, sp in spread.items():
+        cells = [
+            f"{sp['euler'][str(k)]['mean']:.2f} ± {sp['euler'][str(k)]['std']:.2f}" if str(k) in sp["euler"] else "–"
+            for k in nfes
+        ]
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _kid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
@@ -116,7 +325,7 @@ def _kid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
         "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " |",
     ]
     lines.append("|" + "---|" * (len(nfes) + 1))
-    for name, res in results["students"].items():
+    for name, res in _main(results).items():
         euler = _euler(res)
         cells = [_kid(euler[k]) if k in euler else "–" for k in nfes]
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
@@ -129,7 +338,8 @@ def _kid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
     if results.get("teacher"):
         tb = results["teacher"]
         eta = tb.get("noise_std")
-        lines += [f"Teacher: held-out bits/dim {_fmt(tb.get('test_bpd'), 4)} (noise-augmented, η = {eta}).", ""]
+        bpd = _cell(tb, "test_bpd", 4) if tb.get("test_bpd") is not None else "–"
+        lines += [f"Teacher: held-out bits/dim {bpd} (noise-augmented, η = {eta}).", ""]
     return lines
 
 
@@ -161,7 +371,7 @@ def _memorisation_table(results: dict[str, Any]) -> list[str]:
         "| model | mean | min | fraction < 0.05 |",
         "|---|---|---|---|",
     ]
-    models = list(results["students"].items()) + ([("teacher", results["teacher"])] if results.get("teacher") else [])
+    models = list(_main(results).items()) + ([("teacher", results["teacher"])] if results.get("teacher") else [])
     for name, res in models:
         m = res["memorisation"]
         lines.append(
@@ -190,13 +400,14 @@ def _cost_table(results: dict[str, Any]) -> list[str]:
         "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
         "stage was reused from an earlier run and not timed).",
         "",
-        "| coupling | s / training step | preparation (s) | of which |",
-        "|---|---|---|---|",
+        "| coupling | s / training step | training steps | preparation (s) | of which |",
+        "|---|---|---|---|---|",
     ]
     for name, c in costs.items():
         parts = ", ".join(f"{k} {_fmt(v, 1)}" for k, v in c["prep"].items()) or "none"
         sps = _fmt(c["seconds_per_step"], 4)
-        lines.append(f"| {_label(name)} | {sps} | {_fmt(c.get('prep_seconds'), 1)} | {parts} |")
+        steps = c.get("steps", results.get("student_steps", "–"))
+        lines.append(f"| {_label(name)} | {sps} | {steps} | {_fmt(c.get('prep_seconds'), 1)} | {parts} |")
     sd = costs.get("sd-ot", {}).get("sdot_shares")
     if sd:
         lines += [
@@ -239,10 +450,12 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", results)
     plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
+    frontier = plot_frontier(results, out_dir / "knob_frontier.png") if results.get("knobs") else None
     grid_files = write_grids(grids, out_dir)
     nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
-    lines = _intro(results) + _fid_table(results, nfes) + _kid_table(results, nfes) + _likelihood_table(results)
-    lines += _cost_table(results) + _memorisation_table(results) + _pictures(plot, grid_files) + _timings(results)
+    lines = _intro(results) + _fid_table(results, nfes) + _kid_table(results, nfes) + _spread_table(results, nfes)
+    lines += _knob_table(results, nfes, frontier) + _likelihood_table(results) + _cost_table(results)
+    lines += _memorisation_table(results) + _pictures(plot, grid_files) + _timings(results)
     report = out_dir / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report

@@ -12,6 +12,17 @@ reruns only what depends on it:
     RUN/costs.json                what each coupling cost to prepare (teacher, pair encode, OT fit, reflow solves)
     RUN/eval/NAME-HASH.json       FID/KID sweeps (+ .safetensors of the sample grids)
     RUN/report.md, report.json, fid_vs_nfe.png, samples/*.png
+
+With `seeds=N` (`nfm run --seeds N`) the teacher, pairs and students are trained N times: seed k adds
+1000 k to every training seed (teacher, pairs, students, OT fit, reflow noise), so seed 0 is the
+single-seed run and its stages are reused. Stage directories are named by their hashes, so every
+seed's stages live side by side in RUN (seed k's costs in RUN/costs-seed{k}.json). Every model is
+evaluated on the same noise (eval.seed); the report gives each FID as a mean with a 95 % interval
+over the seeds. Beside them:
+
+    knobs=eta=0,views=1,mix=0.25   NFM variants (KNOBS): other pairs or student settings, same teacher
+    compute_matched=independent    baselines trained again for NFM's total compute (teacher + pairs + student)
+    eval.noise_seeds=M             FID's own sampling noise: seed 0's students scored on M more noise seeds
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import re
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,12 +44,24 @@ import torch
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
-from nfm.pipeline.core.config import AtLeast1, Scale, added, check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, spread
+from nfm.pipeline.core.config import (
+    AtLeast1,
+    NonNegative,
+    Scale,
+    added,
+    check_choices,
+    format_table,
+    from_dict,
+    to_dict,
+    with_overrides,
+)
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.seeding import derive_seed
 from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval, default_extractor, student_sweep, teacher_sweep
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig, load_student, run_student_training
@@ -60,6 +85,10 @@ class EvalConfig:
     likelihood_n: int = 0  # held-out images (0: all)
     likelihood_solver: Solver = "dopri5"
     likelihood_hutchinson: int = -1  # probes; -1: exact divergence up to 1,024 dimensions, 8 probes above
+    # FID's sampling noise: seed 0's students (Euler rows) scored again on this many other noise seeds
+    noise_seeds: NonNegative = added(0)
+    # the floor: this many draws of n held-out images (with replacement) scored against the held-out set
+    floor_draws: AtLeast1 = added(10)
 
 
 # the couplings of a run: every student coupling, plus nfm-reflow (reflow from the nfm student; `reflow` is
@@ -77,6 +106,25 @@ class ReflowConfig:
     batch_size: AtLeast1 = 500
 
 
+# the baselines that can be trained again for NFM's total compute
+MATCHABLE = ("independent", "minibatch-ot", "sd-ot", "sb")
+MatchedBy = Literal["flops", "seconds"]
+
+# short names of the NFM knobs (`knobs=eta=0,views=1,mix=0.25`); any pairs.* / student.* key works too, and
+# "+" joins several settings into one variant (views=128+steps=3000)
+KNOBS = {
+    "eta": "pairs.eta_scale",  # noise added before encoding, x the teacher's eta
+    "views": "pairs.views",  # noise draws (pairs) per training image
+    "mix": "student.flow.mix_independent",  # fraction of each batch with independent noise
+    "steps": "student.train.steps",
+    "lr": "student.train.lr",
+    "batch": "student.train.batch_size",
+    "width": "student.model.width",
+    "time": "student.flow.time",
+}
+SEED_STRIDE = 1000  # seed k adds SEED_STRIDE * k to every training seed
+
+
 @dataclass(frozen=True)
 class RunConfig:
     teacher: TeacherRunConfig = field(default_factory=TeacherRunConfig)
@@ -86,6 +134,45 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sb_sigma: Scale = added(0.5)  # the sb student: flow.path=bridge, flow.sigma=sb_sigma (plan reg 2 sigma^2)
     reflow: ReflowConfig = added(ReflowConfig())  # the reflow / nfm-reflow pair caches
+    seeds: AtLeast1 = added(1)  # training seeds (teacher, pairs, students); the report gives 95 % intervals
+    knobs: tuple[str, ...] = added(())  # NFM variants: eta=0, views=1, mix=0.25, ... (KNOBS)
+    knob_seeds: AtLeast1 = added(1)  # the knob variants train on the first knob_seeds seeds
+    compute_matched: tuple[RunCoupling, ...] = added(())  # baselines trained again for NFM's total compute
+    matched_by: MatchedBy = added("flops")  # flops (counted) or seconds (measured here) of teacher + pairs
+
+
+def seeded(cfg: RunConfig, k: int) -> RunConfig:
+    """The config of training seed k: every training seed + SEED_STRIDE * k (k = 0: cfg itself)."""
+    if k == 0:
+        return cfg
+    d = SEED_STRIDE * k
+    t, st, fl = cfg.teacher, cfg.student, cfg.student.flow
+    teacher = replace(t, train=replace(t.train, seed=t.train.seed + d))
+    flow = replace(fl, sdot=replace(fl.sdot, seed=fl.sdot.seed + d))
+    student = replace(st, train=replace(st.train, seed=st.train.seed + d), flow=flow)
+    return replace(
+        cfg, teacher=teacher, pairs=replace(cfg.pairs, seed=cfg.pairs.seed + d), student=student,
+        reflow=replace(cfg.reflow, seed=cfg.reflow.seed + d),
+    )  # fmt: skip
+
+
+def knob_config(cfg: RunConfig, knob: str) -> RunConfig:
+    """The run config of one NFM variant: `eta=0`, `views=4+mix=0.25`, `pairs.KEY=V`, `student.KEY=V`."""
+    overrides = []
+    for part in knob.split("+"):
+        key, sep, value = part.partition("=")
+        full = KNOBS.get(key.strip(), key.strip())
+        if not sep or not full.startswith(("pairs.", "student.")):
+            raise NFMError(
+                f"knob {part!r} is not NAME=VALUE with NAME one of {', '.join(KNOBS)} or a pairs.* / student.* "
+                "key (e.g. knobs=eta=0,views=1,mix=0.25)"
+            )
+        overrides.append(f"{full}={value}")
+    return with_overrides(cfg, overrides)
+
+
+def knob_name(knob: str) -> str:
+    return f"nfm[{knob}]"
 
 
 def config_hash(obj: Any) -> str:
@@ -109,32 +196,41 @@ class _Stages:
 
 
 def _stage_teacher(
-    cfg: RunConfig, run_dir: Path, from_teacher: str | None, teacher_arch: str | None, device, stages: _Stages
+    cfg: RunConfig,
+    run_dir: Path,
+    from_teacher: str | None,
+    teacher_arch: str | None,
+    device,
+    stages: _Stages,
+    prefix: str = "",
 ) -> tuple[Teacher, dict[str, Any], DataConfig]:
     """Stage 1: train (or reuse) the teacher, or load --from-teacher; returns (teacher, info, its data)."""
     t0 = time.perf_counter()
     if from_teacher:  # an export, ml-tarflow:PATH or python:module:factory; data: its own, else the preset's
         teacher, info = load_teacher_spec(from_teacher, device, teacher_arch)
         data_cfg = from_dict(DataConfig, info["data"]) if info.get("data") else cfg.teacher.data
-        stages.done("teacher (--from-teacher)", True, t0)
+        stages.done(f"{prefix}teacher (--from-teacher)", True, t0)
         return teacher, info, data_cfg
     tdir = run_dir / f"teacher-{config_hash(cfg.teacher)}"
     reused = (tdir / "export" / "config.json").is_file()
     export = run_teacher_training(cfg.teacher, tdir)
     teacher, info = load_teacher_spec(str(export), device)
-    stages.done("teacher", reused, t0)
+    stages.done(f"{prefix}teacher", reused, t0)
     return teacher, info, cfg.teacher.data
 
 
 class _Costs:
-    """RUN/costs.json: seconds each coupling's preparation took when it ran (kept across reuse)."""
+    """RUN/costs.json (seed k > 0: costs-seed{k}.json): seconds each coupling's preparation took when it ran
+    (kept across reuse)."""
 
-    def __init__(self, run_dir: Path, main: bool):
-        self.path, self.main = run_dir / "costs.json", main
+    def __init__(self, run_dir: Path, main: bool, seed: int = 0):
+        self.path, self.main = run_dir / ("costs.json" if seed == 0 else f"costs-seed{seed}.json"), main
         self.data: dict[str, Any] = read_json(self.path, "costs") if self.path.is_file() else {}
 
-    def record(self, name: str, seconds: float, **extra: Any) -> None:
-        self.data[name] = {"seconds": round(seconds, 1), **extra}
+    def record(self, name: str, seconds: float | None, **extra: Any) -> None:
+        """Record a stage's seconds (None: only write what is in `data` already)."""
+        if seconds is not None:
+            self.data[name] = {"seconds": round(seconds, 1), **extra}
         if self.main:
             write_json(self.path, self.data)
 
@@ -164,6 +260,18 @@ def _reflow_pairs(
     return built
 
 
+def _train_student(
+    scfg: StudentRunConfig, name: str, kind: str, run_dir: Path, cache_root: Path, stages: _Stages, prefix: str
+) -> Path:
+    """Train (or reuse) one student in RUN/students/KIND-HASH; returns its export."""
+    t0 = time.perf_counter()
+    sdir = run_dir / "students" / f"{kind}-{config_hash(scfg)}"
+    reused = (sdir / "export" / "config.json").is_file()
+    export = run_student_training(scfg, sdir, cache_root)
+    stages.done(f"{prefix}student {name}", reused, t0)
+    return export
+
+
 def _stage_students(
     cfg: RunConfig,
     run_dir: Path,
@@ -172,6 +280,7 @@ def _stage_students(
     cache_root: Path,
     stages: _Stages,
     costs: _Costs,
+    prefix: str = "",
 ) -> dict[str, Path]:
     """Stage 3: one student per coupling, the same network, steps and batch for every coupling. A reflow
     coupling first trains (or reuses) its source student, then builds its pair cache from it."""
@@ -179,7 +288,6 @@ def _stage_students(
     order = [c for c in ("independent", "nfm") if any(REFLOW_FROM.get(r) == c for r in cfg.couplings)]
     order += [c for c in cfg.couplings if c not in order]
     for coupling in order:
-        t0 = time.perf_counter()
         pairs_dir = ""
         if coupling == "nfm":
             pairs_dir = str(pairs.path.resolve())
@@ -187,13 +295,118 @@ def _stage_students(
             src = REFLOW_FROM[coupling]
             pairs_dir = str(_reflow_pairs(cfg, students[src], cache_root, costs, coupling, stages.log).path.resolve())
         scfg = _student_cfg(cfg, coupling, data_cfg, pairs_dir)
-        sdir = run_dir / "students" / f"{coupling}-{config_hash(scfg)}"
-        reused = (sdir / "export" / "config.json").is_file()
-        students[coupling] = run_student_training(scfg, sdir, cache_root)
+        students[coupling] = _train_student(scfg, coupling, coupling, run_dir, cache_root, stages, prefix)
         if coupling == "sd-ot":
             _record_sdot(scfg, cache_root, costs)
-        stages.done(f"student {coupling}", reused, t0)
     return students  # the run's couplings and the source students of its reflow couplings
+
+
+def _stage_knobs(
+    cfg: RunConfig,
+    run_dir: Path,
+    teacher: Teacher,
+    teacher_info: dict[str, Any],
+    train_data: ImageDataset,
+    data_cfg: DataConfig,
+    cache_root: Path,
+    stages: _Stages,
+    prefix: str = "",
+) -> dict[str, Path]:
+    """The NFM variants of `knobs`: each its own pair cache (when its pairs settings differ) and student."""
+    out = {}
+    for knob in cfg.knobs:
+        kc = knob_config(cfg, knob)
+        t0 = time.perf_counter()
+        pairs = build_pairs(teacher, train_data, kc.pairs, cache_root, log=stages.log.info, teacher_info=teacher_info)
+        stages.done(f"{prefix}pairs {knob_name(knob)}", pairs.hit, t0)
+        scfg = _student_cfg(kc, "nfm", data_cfg, str(pairs.path.resolve()))
+        out[knob_name(knob)] = _train_student(scfg, knob_name(knob), "nfm", run_dir, cache_root, stages, prefix)
+    return out
+
+
+def budget_flops(cfg: RunConfig, teacher: Teacher, data: ImageDataset, teacher_trained: bool) -> dict[str, float]:
+    """FLOPs of NFM's preparation and of one student step, as torch's FlopCounterMode counts them (matmuls,
+    convolutions, attention) on a forward pass; a training step counts 3 forward passes (forward + backward).
+    Teacher training: 3 F_t x batch x steps (0 for a teacher that was not trained here); pairs: F_t x rows x
+    views (one encode each); a student step: 3 F_s x batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nfm.student.models import build_student
+    from nfm.teacher.protocol import teacher_device
+
+    c, h, _ = data.image_shape
+    y = torch.zeros(2, dtype=torch.long) if data.num_classes else None
+
+    def forward_flops(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 2
+
+    device = teacher_device(teacher)
+    ty = y.to(device) if (y is not None and teacher.num_classes) else None
+    f_t = forward_flops(lambda: teacher.encode(torch.zeros(2, c, h, h, device=device), ty))
+    model = build_student(cfg.student.model.resolved(c, h, data.num_classes))
+    f_s = forward_flops(lambda: model(torch.zeros(2, c, h, h), torch.full((2,), 0.5), y))
+    tt = cfg.teacher.train
+    return {
+        "teacher_forward": f_t,
+        "student_forward": f_s,
+        "teacher_training": 3 * f_t * tt.batch_size * tt.steps if teacher_trained else 0.0,
+        "pairs": f_t * len(data) * cfg.pairs.views,
+        "student_step": 3 * f_s * cfg.student.train.batch_size,
+    }
+
+
+def _matched_steps(
+    cfg: RunConfig, coupling: str, flops: dict[str, float] | None, students: dict[str, Path], costs: _Costs
+) -> dict[str, Any]:
+    """Training steps that give a baseline NFM's total compute: the student's steps + NFM's preparation
+    (teacher + pairs) in units of one step of this baseline, rounded up to a multiple of 100. Decided once
+    per seed and kept in the costs file, so a rerun reuses the same student."""
+    known = costs.data.get("matched", {}).get(coupling)
+    if known and known.get("by") == cfg.matched_by:
+        return known
+    steps = cfg.student.train.steps
+    if cfg.matched_by == "flops":
+        prep = flops["teacher_training"] + flops["pairs"]
+        extra, detail = prep / flops["student_step"], {"prep_flops": prep, "step_flops": flops["student_step"]}
+    else:
+        teacher_s = costs.data.get("teacher", {}).get("seconds")
+        pairs_s = costs.data.get("nfm pairs", {}).get("seconds")
+        sps = _seconds_per_step(students[coupling].parent) if coupling in students else None
+        if teacher_s is None or pairs_s is None or sps is None:
+            raise NFMError(
+                "matched_by=seconds needs the teacher's and the pairs' training times measured in this run "
+                f"directory (costs.json has teacher {teacher_s}, pairs {pairs_s}); use matched_by=flops"
+            )
+        extra, detail = (teacher_s + pairs_s) / sps, {"prep_seconds": teacher_s + pairs_s, "step_seconds": sps}
+    out = {"by": cfg.matched_by, "steps": steps + 100 * math.ceil(extra / 100), "base_steps": steps, **detail}
+    costs.data.setdefault("matched", {})[coupling] = out
+    costs.record("matched", None)
+    return out
+
+
+def _stage_matched(
+    cfg: RunConfig,
+    run_dir: Path,
+    data_cfg: DataConfig,
+    flops: dict[str, float] | None,
+    students: dict[str, Path],
+    cache_root: Path,
+    stages: _Stages,
+    costs: _Costs,
+    prefix: str = "",
+) -> dict[str, Path]:
+    """The baselines of `compute_matched`, trained again for NFM's total compute."""
+    out = {}
+    for coupling in cfg.compute_matched:
+        m = _matched_steps(cfg, coupling, flops, students, costs)
+        stages.log.info(f"{coupling} at NFM's total compute ({m['by']}): {m['steps']} steps, not {m['base_steps']}")
+        longer = replace(cfg, student=replace(cfg.student, train=replace(cfg.student.train, steps=m["steps"])))
+        scfg = _student_cfg(longer, coupling, data_cfg, "")
+        name = f"{coupling}@matched"
+        out[name] = _train_student(scfg, name, coupling, run_dir, cache_root, stages, prefix)
+    return out
 
 
 def _record_sdot(scfg: StudentRunConfig, cache_root: Path, costs: _Costs) -> None:
@@ -238,7 +451,9 @@ class _EvalContext:
         else:
             train_images = train_data.__getitems__(list(range(100_000)))[0]
         on = EvalSet(reference, ref_labels, train_images, extractor, ev.n, ev.seed)
-        key = config_hash({"eval": asdict(ev), "extractor": extractor, "reference": len(reference)})
+        # the sampling-spread and floor settings are not part of a sweep's inputs
+        sweep = to_dict(replace(ev, noise_seeds=0, floor_draws=EvalConfig().floor_draws))
+        key = config_hash({"eval": sweep, "extractor": extractor, "reference": len(reference)})
         return cls(ev, on, run_dir / "eval", key, log)
 
 
@@ -278,44 +493,119 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
         return out
 
     fp = sha256_file(export / "model.safetensors")[:16]
-    return _cached(ctx.eval_dir / f"student-{coupling}-{fp}-{ctx.key}.json", compute, StudentEval)
+    return _cached(ctx.eval_dir / f"student-{_slug(coupling)}-{fp}-{ctx.key}.json", compute, StudentEval)
 
 
-def _stage_evaluation(
-    ctx: _EvalContext,
-    teacher: Teacher | None,
-    data_cfg: DataConfig,
-    students: dict[str, Path],
-    device,
-    stages: _Stages,
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Stage 4 (main process): FID/KID of the teacher and every student; returns (results, grids)."""
-    t0, ev, on = time.perf_counter(), ctx.ev, ctx.on
-    floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
-    results: dict[str, Any] = {
-        "n": ev.n,
-        "seed": ev.seed,
-        "extractor": on.extractor,
-        "reference": len(on.reference),
-        "students": {},
-        "teacher": None,
-        "data_floor": on.fid_kid(on.train_images[:floor_n]),
-        "straightness_steps": ev.straightness_steps,
-    }
-    grids: dict[str, dict[str, torch.Tensor]] = {}
+def _slug(name: str) -> str:
+    """A model's name as part of a file name: nfm[eta=0] -> nfm_eta0."""
+    return re.sub(r"[^A-Za-z0-9.@-]+", "_", name.replace("=", "")).strip("_")
+
+
+def _sampling_spread(ctx: _EvalContext, name: str, export: Path, base: dict[str, Any], device) -> dict[str, Any]:
+    """FID of one trained student at each Euler NFE on eval.noise_seeds more noise seeds (eval.seed + j), with
+    the main sweep's value: the spread that sampling noise alone gives at this sample count. Cached."""
+    ev = ctx.ev
+    fp = sha256_file(export / "model.safetensors")[:16]
+    path = ctx.eval_dir / f"spread-{_slug(name)}-{fp}-{ctx.key}-{ev.noise_seeds}.json"
+    if path.is_file():
+        return read_json(path, "sampling spread")
+    ctx.log.info(f"FID sampling spread of the {name} student ({ev.noise_seeds} more noise seeds)")
+    model, meta = load_student(export, device)
+    fids = {r["nfe"]: [r["fid"]] for r in base["rows"] if r["solver"] == "euler"}
+    for j in range(1, ev.noise_seeds + 1):
+        on = replace(ctx.on, seed=ev.seed + j)
+        sweep = student_sweep(
+            model, meta, on, euler_nfes=ev.euler_nfes, higher=(), dopri5=False, straightness_steps=1, log=ctx.log.info
+        )
+        for r in sweep.rows:
+            fids[r.nfe].append(r.fid)
+    out = {"noise_seeds": [ev.seed + j for j in range(ev.noise_seeds + 1)], "euler": {}}
+    for nfe, values in fids.items():
+        out["euler"][str(nfe)] = spread(values)
+    write_json(path, out)
+    return out
+
+
+def _floor(ctx: _EvalContext) -> dict[str, Any]:
+    """What a model that reproduces the held-out set exactly scores at this sample count: n held-out images
+    drawn with replacement, scored against the held-out set, floor_draws times (FID's finite-sample floor)."""
+    ev, on = ctx.ev, ctx.on
+    fids, kids = [], []
+    for b in range(ev.floor_draws):
+        g = torch.Generator().manual_seed(derive_seed(ev.seed, "floor", b))
+        scores = on.fid_kid(on.reference[torch.randint(len(on.reference), (ev.n,), generator=g)])
+        fids.append(scores["fid"])
+        kids.append(scores["kid"])
+    return {"draws": ev.floor_draws, "n": ev.n, "fid": spread(fids), "kid": spread(kids)}
+
+
+def _evaluate_seed(
+    ctx: _EvalContext, run: _SeedRun, device, grids: bool
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], bool]:
+    """FID/KID of one seed's teacher and students: (results, grids (when asked), all reused)."""
+    results: dict[str, Any] = {"teacher": None, "students": {}}
+    out_grids: dict[str, dict[str, torch.Tensor]] = {}
     reused_all = True
-    if ev.teacher and teacher is not None:
-        res, reused = _evaluate_teacher(ctx, teacher, data_cfg)
-        results["teacher"], grids["teacher"], reused_all = res.to_json(), res.grids, reused_all and reused
-    for coupling, export in students.items():
-        res, reused = _evaluate_student(ctx, coupling, export, teacher.noise_std if teacher else 0.0, device)
-        results["students"][coupling], grids[coupling] = res.to_json(), res.euler_grids(8)
+    if ctx.ev.teacher and run.teacher is not None:
+        res, reused = _evaluate_teacher(ctx, run.teacher, run.data_cfg)
+        results["teacher"], reused_all = res.to_json(), reused_all and reused
+        if grids:
+            out_grids["teacher"] = res.grids
+    eta = run.teacher.noise_std if run.teacher else 0.0
+    for name, export in run.evaluated.items():
+        res, reused = _evaluate_student(ctx, name, export, eta, device)
+        results["students"][name], reused_all = res.to_json(), reused_all and reused
+        if not grids:
+            continue
+        out_grids[name] = res.euler_grids(8)
         meta = read_json(Path(export) / "config.json", "student config")
         if meta["flow"].get("source", "gaussian") != "gaussian":  # the grids show (source, sample) pairs
             from nfm.student.sampling import student_inputs
 
-            grids[coupling]["source"] = student_inputs(meta, min(ev.n, 100), seed=on.seed).eps
-        reused_all = reused_all and reused
+            out_grids[name]["source"] = student_inputs(meta, min(ctx.ev.n, 100), seed=ctx.on.seed).eps
+    return results, out_grids, reused_all
+
+
+def _stage_evaluation(
+    cfg: RunConfig, ctx: _EvalContext, runs: list[_SeedRun], device, stages: _Stages
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Stage 4 (main process): every seed's teacher and students; results averaged over the seeds with 95 %
+    intervals (`per_seed` keeps each seed's), FID's sampling spread, the floor; seed 0's grids."""
+    t0, ev, on = time.perf_counter(), ctx.ev, ctx.on
+    per_seed, grids, reused_all = [], {}, True
+    for k, run in enumerate(runs):
+        res, g, reused = _evaluate_seed(ctx, run, device, grids=k == 0)
+        per_seed.append(res)
+        grids, reused_all = grids or g, reused_all and reused
+    floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
+    names = list(runs[0].evaluated)
+    results: dict[str, Any] = {
+        "n": ev.n,
+        "seed": ev.seed,
+        "seeds": len(runs),
+        "extractor": on.extractor,
+        "reference": len(on.reference),
+        "students": {
+            name: aggregate_student([ps["students"][name] for ps in per_seed if name in ps["students"]])
+            for name in names
+        },
+        "teacher": None,
+        "floor": _floor(ctx),
+        "data_floor": on.fid_kid(on.train_images[:floor_n]),
+        "straightness_steps": ev.straightness_steps,
+        "knobs": [knob_name(k) for k in cfg.knobs],
+        "knob_settings": {knob_name(k): k for k in cfg.knobs},
+    }
+    teachers = [ps["teacher"] for ps in per_seed if ps["teacher"] is not None]
+    if teachers:
+        results["teacher"] = aggregate_teacher(teachers)
+    if ev.noise_seeds:
+        results["sampling_spread"] = {
+            name: _sampling_spread(ctx, name, runs[0].evaluated[name], per_seed[0]["students"][name], device)
+            for name in names
+            if name not in results["knobs"]
+        }
+    results["per_seed"] = per_seed
     stages.done("evaluation", reused_all, t0)
     return results, grids
 
@@ -337,7 +627,7 @@ def _coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: _Costs) ->
             "nfm-reflow": ["teacher", "nfm pairs", "nfm-reflow pairs"]}  # fmt: skip
     steps = cfg.student.train.steps
     out = {}
-    for coupling in cfg.couplings:
+    for coupling in cfg.couplings + tuple(f"{c}@matched" for c in cfg.compute_matched):
         parts: dict[str, float | None] = {p: costs.data.get(p, {}).get("seconds") for p in prep.get(coupling, [])}
         if coupling in REFLOW_FROM:  # the source student's training is part of a reflow coupling's cost
             sps = _seconds_per_step(students[REFLOW_FROM[coupling]].parent)
@@ -347,14 +637,96 @@ def _coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: _Costs) ->
             "prep": parts,
             "prep_seconds": None if None in parts.values() else round(sum(parts.values()), 1),
         }
-        if coupling == "sd-ot" and "sd-ot fit" in costs.data:
+        if coupling.startswith("sd-ot") and "sd-ot fit" in costs.data:
+            out[coupling]["prep"] = {"sd-ot fit": costs.data["sd-ot fit"]["seconds"]}
+            out[coupling]["prep_seconds"] = costs.data["sd-ot fit"]["seconds"]
             out[coupling]["sdot_shares"] = costs.data["sd-ot fit"]["shares"]
+        if coupling.endswith("@matched"):
+            out[coupling]["steps"] = costs.data["matched"][coupling.removesuffix("@matched")]["steps"]
     return out
 
 
 def needs_teacher(cfg: RunConfig) -> bool:
     """A teacher is trained (or loaded) when a coupling reads its pairs or the report evaluates it."""
     return cfg.eval.teacher or any(c in ("nfm", "nfm-reflow") for c in cfg.couplings)
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Refuse a run config that cannot work, before the first stage starts."""
+    check_choices(cfg)
+    if not cfg.couplings:
+        raise NFMError("couplings must name at least one coupling")
+    for knob in cfg.knobs:
+        knob_config(cfg, knob)
+    if cfg.knobs and "nfm" not in cfg.couplings:
+        raise NFMError("knobs are variants of the nfm student: add nfm to couplings")
+    for c in cfg.compute_matched:
+        if c not in MATCHABLE or c not in cfg.couplings:
+            raise NFMError(
+                f"compute_matched={c}: name baselines of this run's couplings ({', '.join(MATCHABLE)}) to train "
+                "again for NFM's total compute"
+            )
+    if cfg.compute_matched and "nfm" not in cfg.couplings:
+        raise NFMError("compute_matched gives baselines NFM's total compute: add nfm to couplings")
+
+
+@dataclass
+class _SeedRun:
+    """What one training seed produced."""
+
+    cfg: RunConfig
+    teacher: Teacher | None
+    data_cfg: DataConfig
+    train_data: ImageDataset
+    pairs: PairBuildResult | None
+    trained: dict[str, Path]  # every student trained (with the sources of reflow couplings)
+    evaluated: dict[str, Path]  # couplings, compute-matched baselines, knob variants
+    costs: _Costs
+
+
+def _train_seed(
+    cfg: RunConfig,
+    k: int,
+    run_dir: Path,
+    from_teacher: str | None,
+    teacher_arch: str | None,
+    cache_root: Path,
+    stages: _Stages,
+) -> _SeedRun:
+    """Teacher, pairs and every student of training seed k (cfg: seeded(run config, k))."""
+    state, log = process_state(), stages.log
+    prefix = f"seed {k}: " if cfg.seeds > 1 else ""
+    if prefix:
+        log.info(f"training seed {k} of {cfg.seeds}")
+    costs = _Costs(run_dir, state.is_main_process, k)
+    teacher, teacher_info, pairs, data_cfg = None, {}, None, cfg.teacher.data
+    if needs_teacher(cfg):
+        teacher, teacher_info, data_cfg = _stage_teacher(
+            cfg, run_dir, from_teacher, teacher_arch, state.device, stages, prefix
+        )  # fmt: skip
+        if stages.timings and not stages.timings[-1]["reused"]:
+            costs.record("teacher", stages.timings[-1]["seconds"])
+        t0 = time.perf_counter()
+        train_data = load_data(data_cfg, cfg.pairs.split)
+        pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
+        stages.done(f"{prefix}pairs", pairs.hit, t0)
+        if not pairs.hit:
+            costs.record("nfm pairs", time.perf_counter() - t0, pairs=pairs.total_rows)
+    else:
+        log.info(f"no teacher: the couplings {', '.join(cfg.couplings)} do not use one (eval.teacher=false)")
+        train_data = load_data(data_cfg, cfg.pairs.split)
+    trained = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages, costs, prefix)
+    evaluated = {c: trained[c] for c in cfg.couplings}
+    if cfg.compute_matched:
+        flops = budget_flops(cfg, teacher, train_data, not from_teacher) if cfg.matched_by == "flops" else None
+        matched = _stage_matched(cfg, run_dir, data_cfg, flops, trained, cache_root, stages, costs, prefix)
+        trained.update(matched)
+        evaluated.update(matched)
+    if cfg.knobs and k < cfg.knob_seeds:
+        knobs = _stage_knobs(cfg, run_dir, teacher, teacher_info, train_data, data_cfg, cache_root, stages, prefix)
+        trained.update(knobs)
+        evaluated.update(knobs)
+    return _SeedRun(cfg, teacher, data_cfg, train_data, pairs, trained, evaluated, costs)
 
 
 def run_pipeline(
@@ -365,11 +737,10 @@ def run_pipeline(
     cache_root: Path | None = None,
     teacher_arch: str | None = None,
 ) -> Path | None:
-    """Run (or resume, or reuse) every stage; returns the report path (None on non-main processes)."""
+    """Run (or resume, or reuse) every stage for every training seed; returns the report path (None on
+    non-main processes)."""
     run_dir = Path(run_dir)
-    check_choices(cfg)
-    if not cfg.couplings:
-        raise NFMError("couplings must name at least one coupling")
+    check_run(cfg)
     state = process_state()
     log = setup_logger(run_dir, name="nfm.run", main=state.is_main_process)
     log.info(format_table(cfg, f"nfm run --preset {preset} -> {run_dir}"))
@@ -377,35 +748,25 @@ def run_pipeline(
         write_json(run_dir / "config.json", {"preset": preset, "from_teacher": from_teacher, **to_dict(cfg)})
     cache_root = Path(cache_root or default_cache_root())
     stages, t_all = _Stages(log), time.perf_counter()
-
-    costs = _Costs(run_dir, state.is_main_process)
-    teacher, pairs, data_cfg = None, None, cfg.teacher.data
-    if needs_teacher(cfg):
-        teacher, teacher_info, data_cfg = _stage_teacher(cfg, run_dir, from_teacher, teacher_arch, state.device, stages)
-        if stages.timings and not stages.timings[-1]["reused"]:
-            costs.record("teacher", stages.timings[-1]["seconds"])
-        t0 = time.perf_counter()
-        train_data = load_data(data_cfg, cfg.pairs.split)
-        pairs = build_pairs(teacher, train_data, cfg.pairs, cache_root, log=log.info, teacher_info=teacher_info)
-        stages.done("pairs", pairs.hit, t0)
-        if not pairs.hit:
-            costs.record("nfm pairs", time.perf_counter() - t0, pairs=pairs.total_rows)
-    else:
-        log.info(f"no teacher: the couplings {', '.join(cfg.couplings)} do not use one (eval.teacher=false)")
-        train_data = load_data(data_cfg, cfg.pairs.split)
-    students = _stage_students(cfg, run_dir, data_cfg, pairs, cache_root, stages, costs)
+    runs = [
+        _train_seed(seeded(cfg, k), k, run_dir, from_teacher, teacher_arch, cache_root, stages)
+        for k in range(cfg.seeds)
+    ]
     if not state.is_main_process:
         return None
 
-    ctx = _EvalContext.make(cfg.eval, data_cfg, train_data, run_dir, log)
-    evaluated = {c: students[c] for c in cfg.couplings}
-    results, grids = _stage_evaluation(ctx, teacher, data_cfg, evaluated, state.device, stages)
+    ctx = _EvalContext.make(cfg.eval, runs[0].data_cfg, runs[0].train_data, run_dir, log)
+    results, grids = _stage_evaluation(cfg, ctx, runs, state.device, stages)
     results = {"preset": preset, **results}
     results["timings"] = stages.timings
     results["total_seconds"] = round(time.perf_counter() - t_all, 1)
     results["peak_rss_mb"] = _peak_rss_mb()
-    results["costs"] = _coupling_costs(cfg, students, costs)
-    if pairs is not None:
+    results["costs"] = _coupling_costs(cfg, runs[0].trained, runs[0].costs)
+    results["student_steps"] = cfg.student.train.steps
+    if "matched" in runs[0].costs.data:
+        results["matched"] = runs[0].costs.data["matched"]
+    if runs[0].pairs is not None:
+        pairs = runs[0].pairs
         results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
     from nfm.pipeline.report import write_report
 

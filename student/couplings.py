@@ -2,6 +2,8 @@
 
     nfm            (z, x) read from a teacher's pair cache: z = teacher.encode(x + eta*eps) / sigma_f
     reflow         (z, x) read from a reflow pair cache: x = ODE_student(z) (`nfm pairs build --from-student`)
+                   (both: flow.mix_independent = p replaces the noise of a fraction p of each batch's rows
+                   with fresh N(0, I): a mixture of the paired and the independent coupling)
     independent    z drawn fresh from the source for each data batch (I-CFM)
     minibatch-ot   z re-paired to the batch by an exact assignment minimising sum_i |x_i - z_pi(i)|^2
                    (OT-CFM; scipy's linear_sum_assignment; a permutation of the whole batch)
@@ -59,12 +61,16 @@ class Coupling:
 
 
 class PairCoupling(Coupling):
-    """`nfm`: the teacher's pairs, read from a pair cache."""
+    """`nfm`: the teacher's pairs, read from a pair cache; `mix` > 0: the rows of global batch index
+    < round(mix * batch) take fresh N(0, I) noise instead of their pair's (the reader's batches are in random
+    order, so these are a random subset of the pairs)."""
 
     name = "nfm"
 
-    def __init__(self, cache: PairCache, window: int = 2, name: str = "nfm"):
-        self.cache, self.window, self.name = cache, window, name
+    def __init__(self, cache: PairCache, window: int = 2, name: str = "nfm", mix: float = 0.0):
+        if not 0.0 <= mix <= 1.0:
+            raise NFMError(f"flow.mix_independent must be in [0, 1], got {mix}")
+        self.cache, self.window, self.name, self.mix = cache, window, name, mix
         self.image_shape, self.num_classes = tuple(cache.image_shape), cache.num_classes
 
     def stream(self, seed: int, end: int, num_workers: int = 0) -> BatchStream:
@@ -82,13 +88,20 @@ class PairCoupling(Coupling):
         return batches
 
     def couple(self, batch, rng):
-        return batch
+        if self.mix <= 0:
+            return batch
+        z, x, y = batch
+        fresh = rng.randn(*z.shape[1:]).to(z.device, z.dtype)
+        rows = torch.arange(rng.offset, rng.offset + rng.n, device=z.device)
+        independent = (rows < round(self.mix * rng.total)).view(-1, *([1] * (z.dim() - 1)))
+        return torch.where(independent, fresh, z), x, y
 
     def describe(self) -> str:
         origin = self.cache.index.get("provenance", {}).get("kind", "teacher")
+        mix = f"; {self.mix:g} of each batch with fresh N(0, I) noise" if self.mix > 0 else ""
         return (
             f"{self.name}: pair cache {self.cache.key} ({len(self.cache)} pairs from a {origin}, "
-            f"sigma_f {self.cache.sigma_f:.4f})"
+            f"sigma_f {self.cache.sigma_f:.4f}{mix})"
         )
 
 
@@ -319,15 +332,21 @@ def make_coupling(
     source: Source | None = None,
     sigma: float = 0.0,
     sdot: tuple[torch.Tensor, dict] | None = None,
+    mix: float = 0.0,
 ) -> Coupling:
-    if one_of(name, CouplingName, "coupling") in PAIRED:
+    if one_of(name, CouplingName, "coupling") not in PAIRED and mix > 0:
+        raise NFMError(
+            f"flow.mix_independent mixes independent noise into paired couplings (nfm, reflow); {name} has no "
+            "pairs to mix: leave it at 0"
+        )
+    if name in PAIRED:
         if cache is None:
             build = "--teacher RUN" if name == "nfm" else "--from-student RUN"
             raise NFMError(
                 f"the {name} coupling needs a pair cache: pass --pairs KEY_OR_DIR (flow.pairs=KEY_OR_DIR) "
                 f"(build one with `nfm pairs build {build}`)"
             )
-        return PairCoupling(cache, name=name)
+        return PairCoupling(cache, name=name, mix=mix)
     if data is None:
         raise NFMError(f"the {name} coupling needs a data set (data=...)")
     if name == "independent":

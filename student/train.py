@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from nfm.pairs.lookup import default_cache_root, find_cache
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.config import Scale, added, check_choices, format_table, from_dict, to_dict
+from nfm.pipeline.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
@@ -49,6 +49,8 @@ class FlowConfig:
     sigma: Scale = added(0.0)  # bridge path noise; sb: entropic regularisation 2 sigma^2
     source: str = added("gaussian")  # the t = 0 end: gaussian | data:NAME (independent, minibatch-ot, sb)
     sdot: SDOTConfig = added(SDOTConfig())  # sd-ot: the semidiscrete OT fit
+    # nfm, reflow: the fraction of each batch whose pairs take fresh N(0, I) noise (a mixture with independent)
+    mix_independent: Annotated[float, Range(min=0, max=1)] = added(0.0)
 
     def make_path(self) -> ProbPath:
         return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max, self.sigma)
@@ -115,11 +117,11 @@ def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None, log=pri
         if not flow.pairs:
             return make_coupling(flow.coupling)  # raises with the fix
         cache = PairCache(find_cache(flow.pairs, cache_root or default_cache_root()))
-        return make_coupling(flow.coupling, cache=cache)
+        return make_coupling(flow.coupling, cache=cache, mix=flow.mix_independent)
     data = load_data(cfg.data, "train")
     source = make_source(flow.source, cfg.data, "train", tuple(data.image_shape))
     sdot = fit_sdot_for(data, flow.sdot, cache_root, log=log) if flow.coupling == "sd-ot" else None
-    return make_coupling(flow.coupling, data=data, source=source, sigma=flow.sigma, sdot=sdot)
+    return make_coupling(flow.coupling, data=data, source=source, sigma=flow.sigma, sdot=sdot, mix=flow.mix_independent)
 
 
 def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:

@@ -93,6 +93,23 @@ def test_second_build_is_a_cache_hit(export, tmp_path):
     assert shard.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.parametrize("scale", [0.0, 2.0])
+def test_eta_scale_encodes_with_that_multiple_of_the_teachers_eta(export, tmp_path, scale):
+    cfg = PairBuildConfig(dtype="float32", eta_scale=scale)
+    cache_dir = build(export, tmp_path, cfg)
+    assert cache_dir.name != build(export, tmp_path).name  # its own cache
+    index = read_index(cache_dir)
+    assert index["noise_std"] == pytest.approx(0.1 * scale) and index["teacher_noise_std"] == 0.1
+    cache = PairCache(cache_dir)
+    noise, idx, view = (cache.shard(0).read(k)[:5] for k in ("noise", "index", "view"))
+    x, y = load_data(DATA).tensors()
+    teacher = load_teacher(export)
+    z = teacher.encode(x[idx] + 0.1 * scale * pair_noise(0, idx + view, (1, 8, 8)), y[idx])
+    torch.testing.assert_close(noise, z / index["sigma_f"], atol=1e-6, rtol=1e-5)
+    # verify adds back the pairs' own eta: decode(noise) is x + 0.1 * scale * eps
+    assert reconstruction_error(cache_dir, teacher, samples=16)["worst_abs_error"] < 1e-4
+
+
 @pytest.mark.parametrize("change", ["views", "seed", "dtype", "eta", "weights", "data", "split"])
 def test_every_input_of_the_key_changes_it(export, tmp_path, change):
     base = build(export, tmp_path).name

@@ -97,6 +97,46 @@ def test_every_coupling_in_one_run_with_its_cost(tmp_path):
     assert "## What each coupling costs" in md and "| semidiscrete OT (SD-FM) |" in md and "reflow of NFM" in md
 
 
+def test_seeds_knobs_and_compute_matched_baselines_in_one_report(tmp_path):
+    _run(tmp_path, "couplings=nfm,independent")  # one seed first: the seeded run reuses it as its seed 0
+    p = _run(tmp_path, "--seeds", "2", "couplings=nfm,independent", "knobs=eta=0,mix=0.5", "eval.noise_seeds=1",
+             "compute_matched=independent")  # fmt: skip
+    for stage in ("seed 0: teacher", "seed 0: pairs", "seed 0: student nfm", "seed 0: student independent"):
+        assert f"[{stage}] reused" in p.stdout, stage
+    assert "[seed 1: teacher] done" in p.stdout
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["seeds"] == 2 and len(report["per_seed"]) == 2 and len(list(run.glob("teacher-*"))) == 2
+    students = report["students"]
+    assert list(students) == ["nfm", "independent", "independent@matched", "nfm[eta=0]", "nfm[mix=0.5]"]
+    for name in ("nfm", "independent", "independent@matched"):
+        row = students[name]["rows"][0]
+        assert students[name]["seeds"] == 2 and len(row["fid_seeds"]) == 2, name
+        assert row["fid"] == pytest.approx(sum(row["fid_seeds"]) / 2) and row["fid_ci"] > 0, name
+    assert students["nfm[eta=0]"]["seeds"] == 1 and students["nfm[eta=0]"]["rows"][0]["fid_ci"] is None
+    assert report["teacher"]["rows"][0]["fid_ci"] > 0
+    # the matched baseline trains 20 steps + the teacher's and the pairs' FLOPs in its steps
+    matched = report["matched"]["independent"]
+    assert matched["steps"] > matched["base_steps"] == 20 and matched["steps"] % 100 == 20
+    cfgs = [json.loads(c.read_text()) for c in (run / "students").glob("independent-*/config.json")]
+    assert sorted(c["train"]["steps"] for c in cfgs) == [20, 20, matched["steps"], matched["steps"]]
+    assert (run / "costs-seed1.json").is_file()
+    knob_cfgs = [json.loads(c.read_text()) for c in (run / "students").glob("nfm-*/config.json")]
+    assert sum(c["flow"].get("mix_independent", 0) == 0.5 for c in knob_cfgs) == 1
+    spread = report["sampling_spread"]["nfm"]["euler"]["1"]
+    assert len(spread["values"]) == 2  # eval.seed's own sweep and one more noise seed
+    assert spread["values"][0] == report["per_seed"][0]["students"]["nfm"]["rows"][0]["fid"]
+    floor = report["floor"]
+    assert floor["draws"] == 10 and 0 < floor["fid"]["mean"] < report["data_floor"]["fid"] * 2
+    md = (run / "report.md").read_text()
+    for part in ("## The coupling knobs", "## FID's own sampling noise", "NFM's total compute", "**Floor.**", " ± "):
+        assert part in md, part
+    assert (run / "knob_frontier.png").is_file()
+    again = _run(tmp_path, "--seeds", "2", "couplings=nfm,independent", "knobs=eta=0,mix=0.5", "eval.noise_seeds=1",
+                 "compute_matched=independent")  # fmt: skip
+    assert "] done in" not in again.stdout and "[evaluation] reused" in again.stdout  # every stage reused
+
+
 def test_a_run_without_a_teacher_from_a_data_source(tmp_path):
     _run(tmp_path, "couplings=independent,minibatch-ot", "student.flow.source=data:digits", "eval.teacher=false")
     run = tmp_path / "run"

@@ -14,13 +14,17 @@ def cmd_run(args) -> int:
 
     Runs teacher, pair cache, one student per coupling (`couplings=nfm,independent,minibatch-ot,sd-ot,sb,reflow,
     nfm-reflow`; `run.couplings=...` is the same), FID/KID evaluation and the report in one run directory.
-    Finished stages are reused, interrupted ones resume: rerun the same command.
+    Finished stages are reused, interrupted ones resume: rerun the same command. Evidence settings:
+    `--seeds 3` (intervals), `knobs=eta=0,views=1,mix=0.25` (NFM variants), `compute_matched=independent`
+    (baselines at NFM's total compute), `eval.noise_seeds=5` (FID's own sampling spread).
     """
     from nfm.pipeline.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
 
     overrides = [o.removeprefix("run.") for o in args.overrides]  # run.couplings=... reads as couplings=...
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")
     cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=overrides)
     run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
     t0 = time.perf_counter()
@@ -40,6 +44,13 @@ def register(stages: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="start from an existing teacher (skips stage one): an export, ml-tarflow:PATH.pth or "
         "python:module:factory; teachers that do not record their data take the preset's (teacher.data.*)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="train teacher, pairs and students N times (seed k adds 1000 k to every training seed; seed 0 is "
+        "the single-seed run, reused); the report gives every FID as a mean with its 95%% interval",
     )
     options.add_teacher_arch(p)
     options.add_cache_dir(p)

@@ -274,6 +274,11 @@ def build_config(
     return from_dict(cls, data)
 
 
+def with_overrides(cfg: T, overrides: list[str], prefix: str = "") -> T:
+    """A copy of a config with `key=value` overrides applied (checked as build_config checks them)."""
+    return from_dict(type(cfg), _merge(to_dict(cfg), parse_overrides(overrides)), prefix)
+
+
 def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Keys whose values differ between two nested dicts: [(key, a_value, b_value)]."""
     out = []

@@ -1,0 +1,99 @@
+"""Results over several training seeds: means with 95 % intervals, and which model wins a column.
+
+An interval is Student's t over the seeds, mean ± t_{0.975, n-1} · s / √n (s: the sample standard
+deviation); with one seed there is none. A model wins a column only where its whole interval lies
+below every other model's interval: a better mean inside overlapping intervals is not a win.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
+    """(mean, half-width of the `level` t-interval); half-width None for fewer than two values."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    from scipy.stats import t
+
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n))
+
+
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """mean, sample standard deviation, min and max of repeated measurements of one quantity."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": sd, "min": min(values), "max": max(values), "values": list(values)}
+
+
+def _mean_dict(dicts: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {k: math.fsum(d[k] for d in dicts) / len(dicts) for k in dicts[0]}
+
+
+def _rows(per_seed: Sequence[list[dict[str, Any]]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Row i over the seeds: fid / kid as means, with the interval and the per-seed values."""
+    out = []
+    for rows in zip(*per_seed, strict=True):
+        names = {tuple(r.get(k) for k in keys) for r in rows}
+        if len(names) != 1:
+            raise ValueError(f"the seeds' sweeps disagree on their rows: {sorted(map(str, names))}")
+        row = dict(rows[0])
+        for metric in ("fid", "kid"):
+            values = [r[metric] for r in rows]
+            row[metric], row[f"{metric}_ci"] = interval(values)
+            row[f"{metric}_seeds"] = values
+        row["kid_std"] = math.fsum(r["kid_std"] for r in rows) / len(rows)
+        if "nfe" in row:  # adaptive solvers take a different number of steps per model
+            nfes = [r["nfe"] for r in rows]
+            row["nfe"] = round(math.fsum(nfes) / len(nfes))
+            if len(set(nfes)) > 1:
+                row["nfe_seeds"] = nfes
+        out.append(row)
+    return out
+
+
+def aggregate_student(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One student's sweep (StudentEval.to_json) over its training seeds."""
+    out: dict[str, Any] = {
+        "seeds": len(per_seed),
+        "rows": _rows([r["rows"] for r in per_seed], ("solver", "steps")),
+        "memorisation": _mean_dict([r["memorisation"] for r in per_seed]),
+    }
+    values = [r["straightness"] for r in per_seed]
+    out["straightness"], out["straightness_ci"] = interval(values)
+    out["straightness_seeds"] = values
+    if per_seed[0].get("likelihood"):
+        out["likelihood"] = per_seed[0]["likelihood"]  # seed 0's (bits/dim through the ODE is slow)
+    return out
+
+
+def aggregate_teacher(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The teacher's sweep (TeacherEval.to_json) over its training seeds."""
+    out: dict[str, Any] = {
+        "seeds": len(per_seed),
+        "rows": _rows([r["rows"] for r in per_seed], ("sampler",)),
+        "memorisation": _mean_dict([r["memorisation"] for r in per_seed]),
+        "noise_std": per_seed[0].get("noise_std"),
+    }
+    bpd = [r["test_bpd"] for r in per_seed if r.get("test_bpd") is not None]
+    if len(bpd) == len(per_seed):
+        out["test_bpd"], out["test_bpd_ci"] = interval(bpd)
+    return out
+
+
+def winner(cells: dict[str, tuple[float, float | None]]) -> str | None:
+    """The model whose interval lies wholly below every other's (lower is better), or None: no intervals
+    (one seed), fewer than two models, or overlapping intervals."""
+    if len(cells) < 2 or any(ci is None for _, ci in cells.values()):
+        return None
+    best = min(cells, key=lambda k: cells[k][0])
+    top = cells[best][0] + cells[best][1]
+    if all(m - ci > top for k, (m, ci) in cells.items() if k != best):
+        return best
+    return None

@@ -1,0 +1,138 @@
+"""Evidence over seeds: intervals, winners, per-seed configs, the NFM knobs, compute matching, the mixture."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread, winner
+from nfm.pipeline.core.config import build_config, to_dict
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.seeding import BatchRandom
+from nfm.pipeline.presets import run_preset
+from nfm.pipeline.run import RunConfig, _Costs, _matched_steps, check_run, config_hash, knob_config, seeded
+from nfm.student.couplings import PairCoupling, make_coupling
+
+
+def test_interval_is_students_t_over_the_seeds():
+    mean, hw = interval([1.0, 2.0, 3.0])
+    # s = 1, t_{0.975, 2} = 4.302652729749464
+    assert mean == 2.0 and hw == pytest.approx(4.302652729749464 / math.sqrt(3), rel=1e-12)
+    mean, hw = interval([3.0, 5.0])
+    assert mean == 4.0 and hw == pytest.approx(12.706204736174698 * math.sqrt(2) / math.sqrt(2), rel=1e-12)
+    assert interval([7.5]) == (7.5, None)
+    s = spread([1.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == pytest.approx(math.sqrt(2)) and s["values"] == [1.0, 3.0]
+
+
+def test_a_winner_only_where_the_intervals_separate():
+    assert winner({"a": (1.0, 0.2), "b": (2.0, 0.3), "c": (3.0, 1.0)}) == "a"
+    assert winner({"a": (1.0, 0.6), "b": (2.0, 0.5)}) is None  # 1.6 > 1.5: they overlap
+    assert winner({"a": (1.0, None), "b": (9.0, None)}) is None  # one seed: no intervals, no winner
+    assert winner({"a": (1.0, 0.1)}) is None
+
+
+def _sweep(fid1, fid2, dopri_nfe, straight):
+    rows = [
+        {"solver": "euler", "steps": 1, "nfe": 1, "fid": fid1, "kid": fid1 / 10, "kid_std": 0.1},
+        {"solver": "dopri5", "steps": None, "nfe": dopri_nfe, "fid": fid2, "kid": fid2 / 10, "kid_std": 0.3},
+    ]
+    return {"rows": rows, "straightness": straight, "memorisation": {"nn_dist_mean": straight}}
+
+
+def test_aggregate_student_averages_rows_and_keeps_every_seed():
+    agg = aggregate_student([_sweep(10.0, 5.0, 200, 0.1), _sweep(12.0, 6.0, 230, 0.3)])
+    euler, dopri = agg["rows"]
+    assert agg["seeds"] == 2 and euler["fid"] == 11.0 and euler["fid_seeds"] == [10.0, 12.0]
+    assert euler["fid_ci"] == pytest.approx(12.706204736174698 * math.sqrt(2) / math.sqrt(2))
+    assert dopri["nfe"] == 215 and dopri["nfe_seeds"] == [200, 230] and dopri["kid_std"] == pytest.approx(0.3)
+    assert agg["straightness"] == pytest.approx(0.2) and agg["memorisation"]["nn_dist_mean"] == pytest.approx(0.2)
+    bad = _sweep(1.0, 1.0, 1, 0.0)
+    bad["rows"][1]["solver"] = "heun"
+    with pytest.raises(ValueError, match="disagree"):
+        aggregate_student([_sweep(1.0, 1.0, 1, 0.0), bad])
+    teacher = aggregate_teacher(
+        [{"rows": [{"sampler": "decode", "fid": f, "kid": 0.0, "kid_std": 0.0}], "memorisation": {"m": f}}
+         for f in (4.0, 6.0)]
+    )  # fmt: skip
+    assert teacher["rows"][0]["fid"] == 5.0 and teacher["rows"][0]["fid_ci"] > 0
+
+
+def _digits() -> RunConfig:
+    return build_config(RunConfig, preset=run_preset("digits"))
+
+
+def test_seed_k_shifts_every_training_seed_and_seed_0_is_the_run_itself():
+    cfg = _digits()
+    assert seeded(cfg, 0) is cfg
+    assert config_hash(replace(cfg, seeds=3)) != config_hash(cfg)  # seeds is part of the run's config ...
+    assert "seeds" not in to_dict(cfg)  # ... but at 1 it leaves earlier hashes as they were
+    s2 = seeded(cfg, 2)
+    assert s2.teacher.train.seed == cfg.teacher.train.seed + 2000
+    assert s2.pairs.seed == cfg.pairs.seed + 2000 and s2.reflow.seed == cfg.reflow.seed + 2000
+    assert s2.student.train.seed == cfg.student.train.seed + 2000
+    assert s2.student.flow.sdot.seed == cfg.student.flow.sdot.seed + 2000
+    assert s2.eval == cfg.eval  # every model is scored on the same noise
+    assert s2.student.model == cfg.student.model and s2.teacher.model == cfg.teacher.model
+
+
+def test_knobs_set_pairs_and_student_settings():
+    cfg = _digits()
+    k = knob_config(cfg, "eta=0")
+    assert k.pairs.eta_scale == 0.0 and k.student == cfg.student
+    k = knob_config(cfg, "views=4+mix=0.25+steps=3000")
+    assert (k.pairs.views, k.student.flow.mix_independent, k.student.train.steps) == (4, 0.25, 3000)
+    assert knob_config(cfg, "pairs.seed=5").pairs.seed == 5
+    for bad in ("nope=1", "eta", "teacher.train.steps=5"):
+        with pytest.raises(NFMError, match="knob"):
+            knob_config(cfg, bad)
+    with pytest.raises(NFMError, match="mix_independent"):
+        knob_config(cfg, "mix=1.5")
+
+
+def test_run_settings_that_cannot_work_are_refused_before_any_stage():
+    cfg = _digits()
+    check_run(replace(cfg, knobs=("eta=0",), compute_matched=("independent",)))
+    with pytest.raises(NFMError, match="unknown config key"):
+        check_run(replace(cfg, knobs=("views=1", "eta=0+pairs.bogus=1")))
+    with pytest.raises(NFMError, match="add nfm to couplings"):
+        check_run(replace(cfg, couplings=("independent",), knobs=("eta=0",)))
+    with pytest.raises(NFMError, match="compute_matched=sb"):
+        check_run(replace(cfg, compute_matched=("sb",)))  # not one of this run's couplings
+    with pytest.raises(NFMError, match="compute_matched=nfm"):
+        check_run(replace(cfg, compute_matched=("nfm",)))
+
+
+def test_matched_steps_add_nfms_preparation_in_student_steps_and_are_kept(tmp_path):
+    cfg = _digits()  # 1000 student steps
+    flops = {"teacher_training": 3.0e12, "pairs": 0.05e12, "student_step": 2.0e9}
+    costs = _Costs(tmp_path, main=True)
+    m = _matched_steps(cfg, "independent", flops, {}, costs)
+    # 3.05e12 / 2e9 = 1525 steps of preparation: 1000 + 1600 (rounded up to a multiple of 100)
+    assert m["steps"] == 2600 and m["base_steps"] == 1000 and m["by"] == "flops"
+    again = _Costs(tmp_path, main=True)  # a rerun reads the decision back, whatever the counts say now
+    assert _matched_steps(cfg, "independent", {**flops, "pairs": 9e12}, {}, again)["steps"] == 2600
+    with pytest.raises(NFMError, match="matched_by=flops"):
+        _matched_steps(replace(cfg, matched_by="seconds"), "minibatch-ot", None, {}, _Costs(tmp_path / "x", True))
+
+
+class _Cache:
+    image_shape, num_classes, key, sigma_f, index = (1, 2, 2), 3, "k", 1.0, {}
+
+    def __len__(self):
+        return 8
+
+
+def test_the_mixture_gives_an_exact_fraction_of_each_batch_fresh_noise_whatever_the_split():
+    z, x, y = torch.randn(8, 1, 2, 2), torch.randn(8, 1, 2, 2), torch.arange(8) % 3
+    mixed = PairCoupling(_Cache(), mix=0.25)
+    zz, xx, yy = mixed.couple((z, x, y), BatchRandom(7, 3, 0, 8, 8))
+    fresh = BatchRandom(7, 3, 0, 8, 8).randn(1, 2, 2)
+    assert torch.equal(zz[:2], fresh[:2]) and torch.equal(zz[2:], z[2:])  # round(0.25 * 8) = 2 rows
+    assert torch.equal(xx, x) and torch.equal(yy, y)  # the data and labels keep their places
+    halves = [mixed.couple((z[i : i + 4], x[i : i + 4], y[i : i + 4]), BatchRandom(7, 3, i, 4, 8))[0] for i in (0, 4)]
+    assert torch.equal(torch.cat(halves), zz)  # two processes / micro-batches give the one-process batch
+    assert torch.equal(PairCoupling(_Cache()).couple((z, x, y), BatchRandom(7, 3, 0, 8, 8))[0], z)
+    with pytest.raises(NFMError, match="paired couplings"):
+        make_coupling("independent", data=object(), mix=0.5)
