@@ -254,6 +254,64 @@ def _fid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
     return lines
 
 
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """How row a stands against row b (lower FID is better), by their 95 % intervals."""
+    ca, cb = a.get("fid_ci"), b.get("fid_ci")
+    if ca is None or cb is None:
+        return "lower mean" if a["fid"] < b["fid"] else "higher mean"  # one seed: no verdict
+    if a["fid"] + ca < b["fid"] - cb:
+        return "**better** (intervals separate)"
+    if a["fid"] - ca > b["fid"] + cb:
+        return "**worse** (intervals separate)"
+    return "level (intervals overlap)"
+
+
+BASELINES = ("independent", "minibatch-ot", "sd-ot", "sb", "reflow")  # trained without NFM's teacher
+
+
+def _headline(results: dict[str, Any], nfes: list[int]) -> list[str]:
+    """NFM against the better baseline at each NFE (equal student budget) and against its own teacher."""
+    main = _main(results)
+    if "nfm" not in main:
+        return []
+    base = {k: v for k, v in main.items() if k in BASELINES}
+    lines = [
+        "## NFM against the better baseline and its teacher",
+        "",
+        "At each sampler, the baseline with the lowest mean FID among "
+        f"{', '.join(_label(k) for k in base) or 'none'} (the same student budget as NFM):",
+        "",
+        "| sampler | NFM | better baseline | FID ratio NFM / baseline | NFM is |",
+        "|---|---|---|---|---|",
+    ]
+    nfm = main["nfm"]
+    cols = [(f"Euler {k}", _euler(nfm).get(k), {n: _euler(r).get(k) for n, r in base.items()}) for k in nfes]
+    dp = next((r for r in nfm["rows"] if r["solver"] == "dopri5"), None)
+    if dp:
+        cols.append(
+            ("dopri5", dp, {n: next((x for x in r["rows"] if x["solver"] == "dopri5"), None) for n, r in base.items()})
+        )
+    for col, row, others in cols:
+        others = {n: r for n, r in others.items() if r is not None}
+        if row is None or not others:
+            continue
+        best = min(others, key=lambda n: others[n]["fid"])
+        ratio = row["fid"] / others[best]["fid"]
+        lines.append(
+            f"| {col} | {_cell(row)} | {_cell(others[best])} ({best}) | {ratio:.2f} | {_compare(row, others[best])} |"
+        )
+    teacher = results.get("teacher")
+    if teacher:
+        t_best = min(teacher["rows"], key=lambda r: r["fid"])
+        s_best = min(nfm["rows"], key=lambda r: r["fid"])
+        lines += [
+            "",
+            f"NFM's best sampler ({s_best['solver']}, NFE {s_best['nfe']}: {_cell(s_best)}) against its teacher's "
+            f"best ({t_best['sampler']}: {_cell(t_best)}): {_compare(s_best, t_best)}.",
+        ]
+    return lines + [""]
+
+
 def _knob_table(results: dict[str, Any], nfes: list[int], frontier: Path | None) -> list[str]:
     knobs = results.get("knobs") or []
     if not knobs:
@@ -396,9 +454,10 @@ def _cost_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "## What each coupling costs",
         "",
-        "Training: seconds per step (same network, batch and steps for every coupling; median over the run). "
+        "Training: seconds per step (same network and batch for every coupling; median over the run). "
         "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
-        "stage was reused from an earlier run and not timed).",
+        "stage was reused from an earlier run and not timed)"
+        + (" — seed 0's run." if results.get("seeds", 1) > 1 else "."),
         "",
         "| coupling | s / training step | training steps | preparation (s) | of which |",
         "|---|---|---|---|---|",
@@ -453,7 +512,8 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
     frontier = plot_frontier(results, out_dir / "knob_frontier.png") if results.get("knobs") else None
     grid_files = write_grids(grids, out_dir)
     nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
-    lines = _intro(results) + _fid_table(results, nfes) + _kid_table(results, nfes) + _spread_table(results, nfes)
+    lines = _intro(results) + _headline(results, nfes) + _fid_table(results, nfes) + _kid_table(results, nfes)
+    lines += _spread_table(results, nfes)
     lines += _knob_table(results, nfes, frontier) + _likelihood_table(results) + _cost_table(results)
     lines += _memorisation_table(results) + _pictures(plot, grid_files) + _timings(results)
     report = out_dir / "report.md"
