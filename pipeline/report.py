@@ -273,8 +273,27 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> str:
 BASELINES = ("independent", "minibatch-ot", "sd-ot", "sb", "reflow")  # trained without NFM's teacher
 
 
+def _versus(nfm: dict[str, Any], base: dict[str, dict[str, Any]], nfes: list[int]) -> list[str]:
+    """Rows of the headline table: at each sampler, NFM against the baseline of lowest mean FID."""
+    dopri = lambda res: next((r for r in res["rows"] if r["solver"] == "dopri5"), None)  # noqa: E731
+    cols = [(f"Euler {k}", _euler(nfm).get(k), {n: _euler(r).get(k) for n, r in base.items()}) for k in nfes]
+    cols.append(("dopri5", dopri(nfm), {n: dopri(r) for n, r in base.items()}))
+    lines = ["| sampler | NFM | better baseline | FID ratio NFM / baseline | NFM is |", "|---|---|---|---|---|"]
+    for col, row, others in cols:
+        others = {n: r for n, r in others.items() if r is not None}
+        if row is None or not others:
+            continue
+        best = min(others, key=lambda n: others[n]["fid"])
+        ratio = row["fid"] / others[best]["fid"]
+        lines.append(
+            f"| {col} | {_cell(row)} | {_cell(others[best])} ({best}) | {ratio:.2f} | {_compare(row, others[best])} |"
+        )
+    return lines
+
+
 def _headline(results: dict[str, Any], nfes: list[int]) -> list[str]:
-    """NFM against the better baseline at each NFE (equal student budget) and against its own teacher."""
+    """NFM against the better baseline at each NFE (equal student budget; NFM's total compute where the run
+    has compute-matched rows) and against its own teacher."""
     main = _main(results)
     if "nfm" not in main:
         return []
@@ -285,29 +304,20 @@ def _headline(results: dict[str, Any], nfes: list[int]) -> list[str]:
         "At each sampler, the baseline with the lowest mean FID among "
         f"{', '.join(_label(k) for k in base) or 'none'} (the same student budget as NFM):",
         "",
-        "| sampler | NFM | better baseline | FID ratio NFM / baseline | NFM is |",
-        "|---|---|---|---|---|",
+        *_versus(main["nfm"], base, nfes),
     ]
-    nfm = main["nfm"]
-    cols = [(f"Euler {k}", _euler(nfm).get(k), {n: _euler(r).get(k) for n, r in base.items()}) for k in nfes]
-    dp = next((r for r in nfm["rows"] if r["solver"] == "dopri5"), None)
-    if dp:
-        cols.append(
-            ("dopri5", dp, {n: next((x for x in r["rows"] if x["solver"] == "dopri5"), None) for n, r in base.items()})
-        )
-    for col, row, others in cols:
-        others = {n: r for n, r in others.items() if r is not None}
-        if row is None or not others:
-            continue
-        best = min(others, key=lambda n: others[n]["fid"])
-        ratio = row["fid"] / others[best]["fid"]
-        lines.append(
-            f"| {col} | {_cell(row)} | {_cell(others[best])} ({best}) | {ratio:.2f} | {_compare(row, others[best])} |"
-        )
+    matched = {k: v for k, v in main.items() if k.endswith("@matched")}
+    if matched:
+        lines += [
+            "",
+            f"Against the baselines trained for NFM's total compute ({', '.join(matched)}):",
+            "",
+            *_versus(main["nfm"], matched, nfes),
+        ]
     teacher = results.get("teacher")
     if teacher:
         t_best = min(teacher["rows"], key=lambda r: r["fid"])
-        s_best = min(nfm["rows"], key=lambda r: r["fid"])
+        s_best = min(main["nfm"]["rows"], key=lambda r: r["fid"])
         lines += [
             "",
             f"NFM's best sampler ({s_best['solver']}, NFE {s_best['nfe']}: {_cell(s_best)}) against its teacher's "

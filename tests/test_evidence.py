@@ -136,3 +136,35 @@ def test_the_mixture_gives_an_exact_fraction_of_each_batch_fresh_noise_whatever_
     assert torch.equal(PairCoupling(_Cache()).couple((z, x, y), BatchRandom(7, 3, 0, 8, 8))[0], z)
     with pytest.raises(NFMError, match="paired couplings"):
         make_coupling("independent", data=object(), mix=0.5)
+
+
+def _row(solver, nfe, fid, ci):
+    return {"solver": solver, "steps": nfe, "nfe": nfe, "fid": fid, "fid_ci": ci, "kid": 0.0, "kid_std": 0.0}
+
+
+def test_the_headline_names_the_better_baseline_and_judges_by_intervals():
+    from nfm.pipeline.report import _headline
+
+    def student(*fids):
+        return {"rows": [_row("euler", 1, fids[0], 0.5), _row("dopri5", 200, fids[1], 0.2)], "straightness": 0.1}
+
+    results = {
+        "students": {
+            "nfm": student(10.0, 4.0),
+            "independent": student(30.0, 4.1),
+            "sd-ot": student(12.0, 3.0),
+            "independent@matched": student(20.0, 4.5),
+            "nfm[eta=0]": student(1.0, 1.0),  # a knob variant is not a baseline
+        },
+        "knobs": ["nfm[eta=0]"],
+        "teacher": {"rows": [{"sampler": "decode", "fid": 5.0, "fid_ci": 0.1}]},
+    }
+    text = "\n".join(_headline(results, [1]))
+    assert "| Euler 1 | 10.00 ± 0.50 | 12.00 ± 0.50 (sd-ot) | 0.83 | **better** (intervals separate) |" in text
+    assert "| dopri5 | 4.00 ± 0.20 | 3.00 ± 0.20 (sd-ot) | 1.33 | **worse** (intervals separate) |" in text
+    assert (
+        "| dopri5 | 4.00 ± 0.20 | 4.50 ± 0.20 (independent@matched) | 0.89 | **better** (intervals separate) |" in text
+    )
+    assert "against its teacher's best (decode: 5.00 ± 0.10): **better** (intervals separate)" in text
+    results["students"]["nfm"]["rows"][0]["fid"] = 11.5  # 11.5 ± 0.5 against 12.0 ± 0.5: they overlap
+    assert "| 0.96 | level (intervals overlap) |" in "\n".join(_headline(results, [1]))
