@@ -76,6 +76,7 @@ def test_config_file_and_overrides_layer(tmp_path):
         (["data.name=fashion-mnist", "data.root=/nonexistent"], "apt-get install dataset-fashion-mnist"),
         (["model.in_channels=3"], "disagree with the data"),
         (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--steps", "10"], "nfm teacher train: error: unrecognized arguments: --steps; settings are key=value"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):

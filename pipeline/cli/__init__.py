@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr: `nfm: error: <what>`, and for an unexpected exception its type
     and a hint; --debug (or NFM_DEBUG=1) shows the traceback instead."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's
+        own = getattr(args, "parser", parser)
+        flags = [u for u in unknown if u.startswith("--")]
+        hint = "; settings are key=value overrides (train.steps=10, not --steps 10): see --help" if flags else ""
+        own.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     debug = args.debug or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     from nfm.pipeline.core.loop import Interrupted
 

@@ -58,7 +58,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, func) -> argparse.Ar
     """A command whose help is the first paragraph of `func`'s docstring and whose description is the rest."""
     first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
     p = sub.add_parser(name, help=" ".join(first.split()), description=" ".join(rest.split()) or None)
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)  # parser: the command's own, for its usage in errors
     return p
 
 
