@@ -118,6 +118,33 @@ def default_extractor(data_name: str) -> str:
     return f"nfm-{data_name}" if data_name in RECIPES else INCEPTION
 
 
+def check_extractor(extractor: str) -> int:
+    """Refuse an extractor that cannot run here (unknown, or Inception without its weights) before any work
+    starts; returns its feature dimension."""
+    register_extractors()
+    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise NFMError(
+            f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+        )
+    if extractor == INCEPTION:
+        inception_weights()  # raises with the fix
+        return 2048
+    return 128 if extractor.startswith("nfm-") else 0
+
+
+def fid_size_warning(extractor: str, samples: int, reference: int) -> str | None:
+    """FID needs more images than feature dimensions on each side for a full-rank covariance: below that it is
+    dominated by estimation noise (and biased), so a number means little."""
+    dim = check_extractor(extractor)
+    if dim and min(samples, reference) < dim:
+        return (
+            f"FID with {samples} samples against {reference} reference images is unreliable: fewer images than "
+            f"the {dim} feature dimensions of {extractor}; compare models only at the same counts, and raise "
+            "eval.n / use a larger held-out split for a number that means something"
+        )
+    return None
+
+
 class _Uint8Images(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor):
         self.images = to_uint8(images)  # [-1, 1] float -> uint8, as a PNG would store them

@@ -179,6 +179,8 @@ def _intro(results: dict[str, Any]) -> list[str]:
         "torch-fidelity.",
         "",
     ]
+    if results.get("fid_warning"):
+        lines += [f"> **Warning.** {results['fid_warning']}.", ""]
     if seeds > 1:
         lines += [
             f"Every model was trained {seeds} times (training seeds: teacher, pairs and students; seed k adds 1000 k "

@@ -62,7 +62,16 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import setup_logger
 from nfm.pipeline.core.seeding import derive_seed
-from nfm.pipeline.evaluate import EvalSet, StudentEval, TeacherEval, default_extractor, student_sweep, teacher_sweep
+from nfm.pipeline.evaluate import (
+    EvalSet,
+    StudentEval,
+    TeacherEval,
+    check_extractor,
+    default_extractor,
+    fid_size_warning,
+    student_sweep,
+    teacher_sweep,
+)
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig, load_student, run_student_training
 from nfm.teacher.protocol import Teacher, load_teacher_spec
@@ -451,6 +460,9 @@ class _EvalContext:
         else:
             train_images = train_data.__getitems__(list(range(100_000)))[0]
         on = EvalSet(reference, ref_labels, train_images, extractor, ev.n, ev.seed)
+        warning = fid_size_warning(extractor, ev.n, len(reference))
+        if warning:
+            log.warning(f"warning: {warning}")
         # the sampling-spread and floor settings are not part of a sweep's inputs
         sweep = to_dict(replace(ev, noise_seeds=0, floor_draws=EvalConfig().floor_draws))
         key = config_hash({"eval": sweep, "extractor": extractor, "reference": len(reference)})
@@ -593,6 +605,7 @@ def _stage_evaluation(
         "floor": _floor(ctx),
         "data_floor": on.fid_kid(on.train_images[:floor_n]),
         "straightness_steps": ev.straightness_steps,
+        "fid_warning": fid_size_warning(on.extractor, ev.n, len(on.reference)),
         "knobs": [knob_name(k) for k in cfg.knobs],
         "knob_settings": {knob_name(k): k for k in cfg.knobs},
     }
@@ -704,6 +717,8 @@ def _train_seed(
         teacher, teacher_info, data_cfg = _stage_teacher(
             cfg, run_dir, from_teacher, teacher_arch, state.device, stages, prefix
         )  # fmt: skip
+        if from_teacher and k == 0:  # its data is known now: check the evaluation's feature network
+            check_extractor(cfg.eval.extractor or default_extractor(data_cfg.name))
         if stages.timings and not stages.timings[-1]["reused"]:
             costs.record("teacher", stages.timings[-1]["seconds"])
         t0 = time.perf_counter()
@@ -747,6 +762,8 @@ def run_pipeline(
     if state.is_main_process:
         write_json(run_dir / "config.json", {"preset": preset, "from_teacher": from_teacher, **to_dict(cfg)})
     cache_root = Path(cache_root or default_cache_root())
+    if not from_teacher:  # the evaluation's feature network, checked before hours of training
+        check_extractor(cfg.eval.extractor or default_extractor(cfg.teacher.data.name))
     stages, t_all = _Stages(log), time.perf_counter()
     runs = [
         _train_seed(seeded(cfg, k), k, run_dir, from_teacher, teacher_arch, cache_root, stages)

@@ -71,6 +71,8 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     assert (run / "samples" / "teacher-decode+denoise.png").is_file()
     md = (run / "report.md").read_text()
     assert "| NFM (teacher pairs) |" in md and "fid_vs_nfe.png" in md
+    # 100 samples, 128 feature dimensions: the report says the FID means little
+    assert "**Warning.** FID with 100 samples against 359 reference images is unreliable" in md
     assert len(caches(tmp_path / "cache" / "pairs")) == 1
 
     again = _run(tmp_path)
@@ -187,6 +189,16 @@ def test_inception_extractor_says_how_to_get_its_weights(tmp_path, monkeypatch):
             inception_weights()
     else:
         assert inception_weights().name == "default_1.pt"
+
+
+def test_a_run_whose_feature_network_cannot_load_stops_before_training(tmp_path):
+    env = {"NFM_CACHE_DIR": str(tmp_path / "cache"), "NFM_INCEPTION_WEIGHTS": str(tmp_path / "missing.pt")}
+    args = ["run", "--preset", "tiny", "--run-dir", tmp_path / "run"]
+    p = run_nfm(*args, "eval.extractor=inception-v3-fid-helper", env=env, check=False)
+    assert p.returncode == 2 and "missing.pt is not a file" in p.stderr
+    assert not list((tmp_path / "run").glob("teacher-*"))  # nothing was trained
+    p = run_nfm(*args, "eval.extractor=no-such-net", env=env, check=False)
+    assert p.returncode == 2 and "unknown feature extractor 'no-such-net'" in p.stderr
 
 
 def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
