@@ -156,6 +156,15 @@ class _Uint8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+def progress_bar(total: int | None, desc: str, unit: str = "it"):
+    """A tqdm bar on stderr: live on a terminal, a line every 30 s in a log file."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+
+
 def fid_kid(
     samples: torch.Tensor, reference: torch.Tensor, extractor: str, kid_subset_size: int = 1000, batch_size: int = 500
 ) -> dict[str, float]:
@@ -332,6 +341,7 @@ def student_sweep(
     inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels)
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
+    bar = progress_bar(len(plan), f"sweep ({on.n} samples)", "sampler")
     for solver, steps in plan:
         x, stats = sample_ode(
             model,
@@ -342,12 +352,15 @@ def student_sweep(
             rtol=1e-5,
             atol=1e-5,
             num_classes=mc["num_classes"],
+            progress=bar,
         )
+        bar.update(1)
         x = x.clamp(-1, 1).cpu()
         row = SweepRow(solver=solver, steps=steps, nfe=stats["nfe"], **on.fid_kid(x))
         log(f"  {solver:8s} steps {str(steps or '-'):>3s} NFE {row.nfe:4d}  FID {row.fid:8.3f}  KID {row.kid:.5f}")
         rows.append(row)
         grids[row.grid_key] = x
+    bar.close()
     result = StudentEval(
         rows=rows,
         straightness=straightness(model, inputs.z, inputs.y, straightness_steps),
@@ -375,12 +388,15 @@ def teacher_sweep(teacher, on: EvalSet, *, batch: int = 500, log=print) -> Teach
     z, y = inputs.z, inputs.y
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     raw, den = [], []
+    bar = progress_bar(on.n, "teacher samples", "img")
     for i in range(0, on.n, batch):
         yy = None if y is None else y[i : i + batch]
         x = teacher.decode(z[i : i + batch], yy)
         raw.append(x.cpu())
         if can_denoise:
             den.append(teacher.denoise(x, yy).cpu())
+        bar.update(len(x))
+    bar.close()
     out = TeacherEval(rows=[], memorisation={})
     sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
     for name, x in sets:

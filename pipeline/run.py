@@ -69,6 +69,7 @@ from nfm.pipeline.evaluate import (
     check_extractor,
     default_extractor,
     fid_size_warning,
+    progress_bar,
     student_sweep,
     teacher_sweep,
 )
@@ -497,10 +498,12 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
 
             m = ev.likelihood_n or len(on.reference)
             ctx.log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
+            bar = progress_bar(m, "bits/dim", "img")
             out.likelihood = student_bpd(
                 model, meta, on.reference[:m], on.reference_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
-                solver=ev.likelihood_solver,
+                solver=ev.likelihood_solver, progress=lambda n: bar.update(n - bar.n),
             )  # fmt: skip
+            bar.close()
             ctx.log.info(f"  bits/dim {out.likelihood['bits_per_dim']:.4f} ({out.likelihood['divergence']})")
         return out
 

@@ -10,6 +10,7 @@ v = (1 + w) v(x, t, y) - w v(x, t, null), computed as one batch of 2b). Sampling
 from __future__ import annotations
 
 import dataclasses
+import time
 import typing
 from typing import Literal
 
@@ -37,14 +38,22 @@ GRIDS: tuple[str, ...] = typing.get_args(Grid)
 class CountedVelocity(nn.Module):
     """torchdiffeq's func(t, x): the (guided) velocity, counting evaluations and forward passes."""
 
-    def __init__(self, model: nn.Module, y: torch.Tensor | None, guidance: float = 0.0):
+    def __init__(self, model: nn.Module, y: torch.Tensor | None, guidance: float = 0.0, progress=None, label=""):
         super().__init__()
         self.model, self.y, self.guidance = model, y, guidance
         self.nfe = 0
         self.forward_passes = 0
+        self.progress, self.label = progress, label  # a tqdm bar: its postfix shows the NFE so far and t
+        self._drawn = time.monotonic()
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
+        if self.progress is not None:  # redrawn at most every `mininterval` seconds (a log file: every 30 s)
+            self.progress.set_postfix_str(f"{self.label} NFE {self.nfe}, t = {float(t):.3f}", refresh=False)
+            now = time.monotonic()
+            if now - self._drawn >= self.progress.mininterval:
+                self.progress.refresh()
+                self._drawn = now
         tt = t.to(x.dtype).expand(x.shape[0])
         if self.guidance == 0.0:
             self.forward_passes += 1
@@ -81,15 +90,17 @@ def sample_ode(
     atol: float = 1e-5,
     prior_scale: float = 1.0,
     num_classes: int | None = None,
+    progress=None,
 ) -> tuple[torch.Tensor, dict]:
-    """x(1) from x(0) = prior_scale * z. Returns (samples, {"nfe", "forward_passes", ...})."""
+    """x(1) from x(0) = prior_scale * z. Returns (samples, {"nfe", "forward_passes", ...}). `progress`: a tqdm
+    bar whose postfix follows the solve (NFE so far and t; dopri5's NFE is not known in advance)."""
     one_of(solver, Solver, "solver")
     if guidance != 0.0:
         if not num_classes:
             raise NFMError("classifier-free guidance needs a class-conditional student; this one has no classes")
         if y is None or (y < 0).all():
             raise NFMError("classifier-free guidance needs labels y to guide towards (got none)")
-    func = CountedVelocity(model, y, guidance)
+    func = CountedVelocity(model, y, guidance, progress, solver)
     x0 = prior_scale * z.float()
     with torch.autocast(device_type=x0.device.type, enabled=False):
         if solver == "dopri5":

@@ -483,3 +483,24 @@ def test_exact_divergence_is_the_jacobian_trace_and_hutchinson_is_unbiased():
     probes = (torch.randint(0, 2, (4000, *x.shape), generator=torch.Generator().manual_seed(1)) * 2 - 1).double()
     _, est = _Augmented(Field(), None, probes)(t, (x, None))
     assert (est - div).abs().max() < 0.05 * div.abs().max() + 0.02
+
+
+def test_an_ode_solve_reports_its_nfe_as_it_goes():
+    from nfm.student.sampling import sample_ode
+
+    class Bar:
+        mininterval = 0.0
+
+        def __init__(self):
+            self.shown, self.postfix = [], ""
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+
+        def refresh(self):
+            self.shown.append(self.postfix)
+
+    bar = Bar()
+    _, stats = sample_ode(lambda x, t, y: -x, torch.randn(4, 1, 2, 2), solver="dopri5", progress=bar)
+    assert stats["nfe"] > 6 and bar.shown[-1].startswith(f"dopri5 NFE {stats['nfe']}, t = ")
+    assert [int(s.split()[2].rstrip(",")) for s in bar.shown] == list(range(1, stats["nfe"] + 1))
