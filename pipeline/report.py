@@ -48,6 +48,12 @@ def _many_step(res: dict[str, Any]) -> dict[str, Any]:
     return dp[0] if dp else max((r for r in res["rows"] if r["solver"] == "euler"), key=lambda r: r["nfe"])
 
 
+def matplotlib_null_locator():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
 def _pyplot():
     import matplotlib
 
@@ -55,6 +61,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _plain_log_y(ax) -> None:
+    """A log y axis labelled with plain numbers (6, 10, 20, 40), not 4×10^1."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def _errorbar(ax, xs, rows, metric, **kw):
@@ -98,8 +115,8 @@ def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") ->
     ticks = fixed + ([adaptive[len(adaptive) // 2]] if adaptive else [])
     names = [str(n) for n in fixed] + ([f"dopri5\n{adaptive[0]}–{adaptive[-1]}"] if adaptive else [])
     ax.set_xticks(ticks, names, fontsize=7)
-    ax.minorticks_off()
-    ax.set_yscale("log")
+    ax.xaxis.set_minor_locator(matplotlib_null_locator())
+    _plain_log_y(ax)
     ax.set_xlabel("NFE (function evaluations)")
     ax.set_ylabel(f"{metric.upper()} vs held-out ({results['extractor']}), log scale")
     seeds = results.get("seeds", 1)
@@ -119,7 +136,10 @@ def plot_frontier(results: dict[str, Any], path: Path, few: tuple[int, ...] = (1
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(few), figsize=(5.2 * len(few), 4.6), dpi=120, squeeze=False)
     knobs = set(results.get("knobs", []))
+    # label offsets cycle through four corners in order of x, so that neighbouring points' labels part
+    corners = [((4, 3), "left"), ((4, -9), "left"), ((-4, 3), "right"), ((-4, -9), "right")]
     for ax, k in zip(axes[0], few):
+        points = []
         for name, res in results["students"].items():
             euler = _euler(res)
             if k not in euler:
@@ -132,13 +152,15 @@ def plot_frontier(results: dict[str, Any], path: Path, few: tuple[int, ...] = (1
                 many["fid"], euler[k]["fid"], xerr=many.get("fid_ci"), yerr=euler[k].get("fid_ci"),
                 linestyle="none", capsize=2, **style,
             )  # fmt: skip
-            short = results.get("knob_settings", {}).get(name, name)
-            ax.annotate(short, (many["fid"], euler[k]["fid"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            points.append((many["fid"], euler[k]["fid"], results.get("knob_settings", {}).get(name, name)))
+        for i, (x, y, short) in enumerate(sorted(points)):
+            offset, ha = corners[i % 4]
+            ax.annotate(short, (x, y), fontsize=7, xytext=offset, textcoords="offset points", ha=ha)
         teacher = results.get("teacher")
         if teacher:
             ax.axvline(min(r["fid"] for r in teacher["rows"]), color="grey", linestyle="--", linewidth=0.8)
             ax.text(min(r["fid"] for r in teacher["rows"]), ax.get_ylim()[1], " teacher", fontsize=7, va="top")
-        ax.set_yscale("log")
+        _plain_log_y(ax)
         ax.set_xlabel("many-step FID (dopri5; else the most Euler steps)")
         ax.set_ylabel(f"FID at Euler {k} (log scale)")
         ax.set_title(f"few-step (Euler {k}) vs many-step quality", fontsize=10)
