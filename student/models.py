@@ -62,6 +62,7 @@ STUDENT_SIZES: dict[str, dict] = {
     "conv-S": dict(arch="conv", width=64, depth=4),  # small images: residual blocks at full resolution
     "SiT-tiny": dict(arch="dit", patch_size=2, width=32, depth=2, heads=2),
     "SiT-S/2": dict(arch="dit", patch_size=2, width=128, depth=6, heads=4),  # 8x8: 16 tokens
+    "SiT-XS/4": dict(arch="dit", patch_size=4, width=96, depth=4, heads=4),  # 28x28 on a CPU: 49 tokens
     "SiT-S/4": dict(arch="dit", patch_size=4, width=192, depth=8, heads=6),  # 28x28: 49 tokens
     "SiT-B/2": dict(arch="dit", patch_size=2, width=384, depth=12, heads=6),  # 32x32: 256 tokens (GPU)
     "SiT-B/4": dict(arch="dit", patch_size=4, width=384, depth=12, heads=6),  # 64x64: 256 tokens (GPU)

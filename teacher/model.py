@@ -110,6 +110,7 @@ TARFLOW_SIZES: dict[str, dict] = {
     "digits8": dict(patch_size=2, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 8x8: 16 tokens
     "digits8-S": dict(patch_size=2, width=64, num_blocks=4, layers_per_block=2, head_dim=32),  # the CPU demo's
     "mnist28": dict(patch_size=4, width=128, num_blocks=4, layers_per_block=2, head_dim=32),  # 28x28: 49 tokens
+    "mnist28-S": dict(patch_size=4, width=64, num_blocks=4, layers_per_block=2, head_dim=32),  # the CPU preset's
     "mnist28-large": dict(patch_size=4, width=256, num_blocks=4, layers_per_block=4, head_dim=64),  # GPU
     # GPU sizes for a user's own images: the published TarFlow configurations (patch 2-8, width 768-1024,
     # 8 blocks x 8 layers, head 64) scaled down
