@@ -87,6 +87,15 @@ def aggregate_teacher(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
+    """(mean, half-width of the t-interval) of the per-seed differences a_k - b_k: the comparison of two
+    quantities measured on the same seeds (a student against its own seed's teacher), which removes what
+    the seeds share from the spread."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same seeds: {len(a)} against {len(b)}")
+    return interval([x - y for x, y in zip(a, b, strict=True)], level)
+
+
 def winner(cells: dict[str, tuple[float, float | None]]) -> str | None:
     """The model whose interval lies wholly below every other's (lower is better), or None: no intervals
     (one seed), fewer than two models, or overlapping intervals."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.aggregate import winner
+from nfm.pipeline.aggregate import paired, winner
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import atomic_write, write_json
 
@@ -341,13 +341,35 @@ def _headline(results: dict[str, Any], nfes: list[int]) -> list[str]:
     teacher = results.get("teacher")
     if teacher:
         t_best = min(teacher["rows"], key=lambda r: r["fid"])
-        s_best = min(main["nfm"]["rows"], key=lambda r: r["fid"])
-        lines += [
-            "",
-            f"NFM's best sampler ({s_best['solver']}, NFE {s_best['nfe']}: {_cell(s_best)}) against its teacher's "
-            f"best ({t_best['sampler']}: {_cell(t_best)}): {_compare(s_best, t_best)}.",
-        ]
+        lines += ["", *_versus_teacher(results, t_best)]
     return lines + [""]
+
+
+def _paired_verdict(s: dict[str, Any], t: dict[str, Any]) -> str:
+    """Student row s against teacher row t, paired by training seed (seed k's student learnt from seed k's
+    teacher): the interval of the per-seed differences, or '' without matching seeds."""
+    a, b = s.get("fid_seeds") or [], t.get("fid_seeds") or []
+    if len(a) < 2 or len(a) != len(b):
+        return ""
+    d, ci = paired(a, b)
+    verdict = "**below** its teacher" if d + ci < 0 else "**above** its teacher" if d - ci > 0 else "level"
+    return f"; paired by seed, student − teacher = {d:+.2f} ± {ci:.2f}: {verdict}".replace("-", "−")
+
+
+def _versus_teacher(results: dict[str, Any], t_best: dict[str, Any]) -> list[str]:
+    """The NFM student (and every knob variant trained on the teacher's seeds) at its best sampler against
+    its teacher's best sampler: unpaired intervals, and paired by seed where the seeds match."""
+    seeds = results.get("seeds", 1)
+    names = ["nfm"] + [k for k in (results.get("knobs") or []) if results["students"][k].get("seeds", 1) == seeds]
+    lines = []
+    for name in names:
+        s_best = min(results["students"][name]["rows"], key=lambda r: r["fid"])
+        who = "NFM's best sampler" if name == "nfm" else f"`{name[4:-1]}`'s best sampler"
+        lines.append(
+            f"{who} ({s_best['solver']}, NFE {s_best['nfe']}: {_cell(s_best)}) against its teacher's best "
+            f"({t_best['sampler']}: {_cell(t_best)}): {_compare(s_best, t_best)}{_paired_verdict(s_best, t_best)}."
+        )
+    return [line for pair in zip(lines, [""] * len(lines), strict=True) for line in pair][:-1]
 
 
 def _knob_table(results: dict[str, Any], nfes: list[int], frontier: Path | None) -> list[str]:
@@ -542,13 +564,19 @@ def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dic
     return files
 
 
-def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> Path:
-    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md."""
+def write_report(
+    results: dict[str, Any],
+    grids: dict[str, dict[str, torch.Tensor]],
+    out_dir: Path,
+    grid_files: dict[tuple[str, str], Path] | None = None,
+) -> Path:
+    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md.
+    `grid_files` names sample grids already written (instead of `grids`)."""
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", results)
     plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
     frontier = plot_frontier(results, out_dir / "knob_frontier.png") if results.get("knobs") else None
-    grid_files = write_grids(grids, out_dir)
+    grid_files = {**(grid_files or {}), **write_grids(grids, out_dir)}
     nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
     lines = _intro(results) + _headline(results, nfes) + _fid_table(results, nfes) + _kid_table(results, nfes)
     lines += _spread_table(results, nfes)
@@ -557,3 +585,32 @@ def write_report(results: dict[str, Any], grids: dict[str, dict[str, torch.Tenso
     report = out_dir / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report
+
+
+def rerender(out_dir: Path) -> Path:
+    """Write report.md and the plots of a finished run again from its report.json and samples/ (after a
+    change to the report's code): the numbers are read, not recomputed."""
+    from nfm.pipeline.core.io import read_json
+
+    out_dir = Path(out_dir)
+    results = read_json(out_dir / "report.json", "run report")
+    found = {f.name for f in (out_dir / "samples").glob("*.png")}
+    files = {}
+    teacher = [f"teacher-{r['sampler']}" for r in (results.get("teacher") or {}).get("rows", [])]
+    for model in ["teacher", *results["students"]]:
+        keys = [t[len("teacher-") :] for t in teacher] if model == "teacher" else []
+        if model != "teacher":
+            rows = results["students"][model]["rows"]
+            keys = [f"{r['solver']}-{r['nfe']}" for r in rows if r["solver"] == "euler" and r["nfe"] <= 8]
+        for key in keys:
+            if f"{model}-{key}.png" in found:
+                files[(model, key)] = Path("samples") / f"{model}-{key}.png"
+    return write_report(results, {}, out_dir, files)
+
+
+if __name__ == "__main__":  # python -m nfm.pipeline.report RUN_DIR
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m nfm.pipeline.report RUN_DIR   (re-render report.md from report.json)")
+    print(rerender(Path(sys.argv[1])))

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread, winner
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, paired, spread, winner
 from nfm.pipeline.core.config import build_config, to_dict
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import BatchRandom
@@ -168,3 +168,46 @@ def test_the_headline_names_the_better_baseline_and_judges_by_intervals():
     assert "against its teacher's best (decode: 5.00 ± 0.10): **better** (intervals separate)" in text
     results["students"]["nfm"]["rows"][0]["fid"] = 11.5  # 11.5 ± 0.5 against 12.0 ± 0.5: they overlap
     assert "| 0.96 | level (intervals overlap) |" in "\n".join(_headline(results, [1]))
+
+
+def test_a_student_against_its_own_teacher_is_paired_by_seed():
+    """Seed k's student learnt from seed k's teacher: the per-seed differences can separate where the two
+    unpaired intervals overlap (what the teachers' seed-to-seed spread shares with their students')."""
+    from nfm.pipeline.report import _headline
+
+    teacher_seeds, student_seeds = [4.74, 5.25, 4.96], [4.20, 4.50, 4.43]
+    d, hw = paired(student_seeds, teacher_seeds)
+    diffs = [-0.54, -0.75, -0.53]
+    assert d == pytest.approx(sum(diffs) / 3, abs=1e-12)
+    assert (d, hw) == pytest.approx(interval(diffs), abs=1e-12)
+    with pytest.raises(ValueError, match="same seeds"):
+        paired([1.0, 2.0], [1.0])
+
+    def row(solver, nfe, seeds):
+        mean, ci = interval(seeds)
+        return {**_row(solver, nfe, mean, ci), "fid_seeds": seeds}
+
+    results = {
+        "seeds": 3,
+        "students": {
+            "nfm": {"seeds": 3, "rows": [row("euler", 1, [9.0, 9.5, 9.2]), row("dopri5", 200, student_seeds)]},
+            "nfm[mix=0.5]": {"seeds": 1, "rows": [_row("dopri5", 200, 1.0, None)]},  # fewer seeds: not compared
+        },
+        "knobs": ["nfm[mix=0.5]"],
+        "teacher": {
+            "rows": [
+                {
+                    "sampler": "decode+denoise",
+                    **dict(zip(("fid", "fid_ci"), interval(teacher_seeds))),
+                    "fid_seeds": teacher_seeds,
+                }
+            ]
+        },  # fmt: skip
+    }
+    text = "\n".join(_headline(results, [1]))
+    assert "(decode+denoise: 4.98 ± 0.64): level (intervals overlap); paired by seed, student − teacher = " in text
+    assert f"= −{abs(d):.2f} ± {hw:.2f}: **below** its teacher." in text
+    assert "mix=0.5" not in text
+    results["students"]["nfm"]["rows"][1]["fid_seeds"] = [4.20, 5.50, 4.43]  # one seed above its teacher
+    assert "paired by seed, student − teacher = −0.27 ± " in "\n".join(_headline(results, [1]))
+    assert ": level." in "\n".join(_headline(results, [1]))

@@ -74,6 +74,11 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     # 100 samples, 128 feature dimensions: the report says the FID means little
     assert "**Warning.** FID with 100 samples against 359 reference images is unreliable" in md
     assert len(caches(tmp_path / "cache" / "pairs")) == 1
+    # re-rendered from report.json and samples/ (python -m nfm.pipeline.report RUN): the same report
+    from nfm.pipeline.report import rerender
+
+    (run / "report.md").unlink()
+    assert rerender(run).read_text() == md
 
     again = _run(tmp_path)
     log = again.stdout
