@@ -5,9 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,6 +38,24 @@ def run_nfm(*args, cwd=None, env=None, nproc=1, check=True, timeout=1800, backgr
             f"nfm {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         )
     return p
+
+
+def run_nfm_inline(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`nfm ARGS` in this process, for commands refused on their input before any work is done: the same
+    `main` as the console command (exit status, stdout, stderr), without a new interpreter's ~3 s start.
+    Commands that train, build or log belong in run_nfm's subprocess."""
+    from nfm.pipeline.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            os.chdir(cwd or here)
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            os.chdir(here)
+    return subprocess.CompletedProcess(["nfm", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def caches(root):

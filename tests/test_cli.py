@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from nfm.pipeline.core.io import load_tensors
-from tests.conftest import run_nfm
+from tests.conftest import run_nfm, run_nfm_inline
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +80,10 @@ def test_config_file_and_overrides_layer(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
-    if args[0].startswith("--"):
+    if args[0].startswith("--"):  # the real command (a subprocess) for these two; in-process for the rest
         p = nfm("teacher", "train", *args, "--run-dir", str(tmp_path / "r"), cwd=tmp_path, check=False)
     else:
-        p = nfm(
-            "teacher", "train", "--preset", "tiny", "--run-dir", str(tmp_path / "r"), *args, cwd=tmp_path, check=False
-        )
+        p = run_nfm_inline("teacher", "train", "--preset", "tiny", "--run-dir", tmp_path / "r", *args, cwd=tmp_path)
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr

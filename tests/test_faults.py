@@ -25,7 +25,7 @@ from nfm.pipeline.core.io import load_tensors
 from nfm.pipeline.presets import TEACHER_PRESETS
 from nfm.teacher.export import load_teacher
 from nfm.teacher.train import TeacherRunConfig, run_teacher_training
-from tests.conftest import caches, make_teacher_export, run_nfm
+from tests.conftest import caches, make_teacher_export, run_nfm, run_nfm_inline
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images
 
@@ -121,7 +121,7 @@ def test_verify_and_the_reader_check_everything_the_index_claims(cache, tmp_path
     assert any(problem in p for p in check_shards(cache))
     with pytest.raises(NFMError, match="does not match its index"):
         PairCache(cache)
-    p = run_nfm("pairs", "verify", cache, "--samples", "0", check=False)
+    p = run_nfm_inline("pairs", "verify", cache, "--samples", "0")
     assert p.returncode == 2 and problem in p.stderr and "Traceback" not in p.stderr
 
 
@@ -136,7 +136,7 @@ def test_a_symlinked_shard_is_refused(export, cache, tmp_path):
     assert any("symbolic link" in p for p in check_shards(cache))
     with pytest.raises(NFMError, match="does not match its index: .*symbolic link"):
         _build(export, tmp_path / "pairs")  # a hit refuses it too
-    p = run_nfm("pairs", "verify", cache, "--samples", "0", check=False)
+    p = run_nfm_inline("pairs", "verify", cache, "--samples", "0")
     assert p.returncode == 2 and "symbolic link" in p.stderr
 
 
@@ -244,7 +244,7 @@ def test_every_ema_truncated_starts_exactly_as_a_clean_run(tmp_path):
     ],
 )
 def test_bad_training_settings_are_one_line(tmp_path, override, message):
-    p = run_nfm("teacher", "train", "--preset", "tiny", "--run-dir", tmp_path / "r", override, check=False)
+    p = run_nfm_inline("teacher", "train", "--preset", "tiny", "--run-dir", tmp_path / "r", override)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "r" / "export").exists()
 
@@ -258,19 +258,19 @@ def test_bad_training_settings_are_one_line(tmp_path, override, message):
     ],
 )
 def test_bad_pair_settings_are_one_line(export, tmp_path, args, message):
-    p = run_nfm("pairs", "build", "--teacher", export, "--cache-dir", tmp_path, *args, check=False)
+    p = run_nfm_inline("pairs", "build", "--teacher", export, "--cache-dir", tmp_path, *args)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("key", ["", "*", "ab"])
 def test_pairs_rm_needs_an_unambiguous_key(cache, key):
-    p = run_nfm("pairs", "rm", key, "--cache-dir", cache.parent, check=False)
+    p = run_nfm_inline("pairs", "rm", key, "--cache-dir", cache.parent)
     assert p.returncode == 2 and "at least 4" in p.stderr and cache.is_dir()
     with FileLock(str(cache.parent / f".{cache.name}.lock")):  # a build of this key is running
-        p = run_nfm("pairs", "rm", cache.name, "--cache-dir", cache.parent, check=False)
+        p = run_nfm_inline("pairs", "rm", cache.name, "--cache-dir", cache.parent)
     assert p.returncode == 2 and "being built by another process" in p.stderr and cache.is_dir()
-    p = run_nfm("pairs", "rm", cache.name[:6], "--cache-dir", cache.parent)
-    assert f"removed {cache}" in p.stdout and not cache.exists()
+    p = run_nfm_inline("pairs", "rm", cache.name[:6], "--cache-dir", cache.parent)
+    assert p.returncode == 0 and f"removed {cache}" in p.stdout and not cache.exists()
     assert not list(cache.parent.iterdir())  # its lock file went with it
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.mltarflow import arch_from_filename, load_ml_tarflow
 from nfm.teacher.protocol import Teacher, check_teacher, load_teacher_spec, parse_arch, parse_spec
-from tests.conftest import run_nfm
+from tests.conftest import run_nfm, run_nfm_inline
 
 # ----------------------------------------------------------------------------- an ml-tarflow state dict
 
@@ -249,20 +249,18 @@ def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     torch.save(sd, ckpt)
     out = nfm("teacher", "import", f"ml-tarflow:{ckpt}", "--out", str(tmp_path / "imp"), "--data", "digits").stdout
     assert "imported" in out and "1x8x8, patch 2, width 64, 2 blocks x 1 layers, 10 classes, eta 0.1" in out
-    assert (
-        "already holds an export"
-        in nfm("teacher", "import", f"ml-tarflow:{ckpt}", "--out", str(tmp_path / "imp"), check=False).stderr
-    )
+    again = run_nfm_inline("teacher", "import", f"ml-tarflow:{ckpt}", "--out", tmp_path / "imp", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds an export" in again.stderr
     built = nfm("pairs", "build", "--teacher", str(tmp_path / "imp"), *cache).stdout
     key = built.split("key: ")[1].split()[0]
     # the same checkpoint named directly gives the same teacher, hence the same cache
     direct = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", "--data", "digits", *cache)
     assert f"key: {key}" in direct.stdout and "cache hit" in direct.stdout
-    assert "OK" in nfm("pairs", "verify", key, *cache).stdout
+    assert "OK" in run_nfm_inline("pairs", "verify", key, *cache, cwd=tmp_path).stdout
     run = tmp_path / "student"
     nfm("student", "train", "--preset", "tiny", "--pairs", key, "--run-dir", str(run), *cache)
     assert (run / "export" / "model.safetensors").is_file()
-    no_data = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", *cache, check=False)
+    no_data = run_nfm_inline("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", *cache, cwd=tmp_path)
     assert no_data.returncode == 2 and "pass --data NAME" in no_data.stderr
 
     built = nfm(
