@@ -1,0 +1,365 @@
+"""The Python surface: ``nfm.Teacher``, ``nfm.Student``, ``nfm.PairCache`` and ``nfm.run``.
+
+In the style of diffusers / transformers: ``from_pretrained`` takes a local directory (a run directory or
+its ``export/``) or a Hugging Face Hub repo id, ``save_pretrained`` writes the same export format the
+``nfm`` command reads, and ``sample`` applies the model's own prior, classes and path::
+
+    import nfm
+
+    student = nfm.Student.from_pretrained("runs/run-digits/students/nfm-5f0c...")
+    images = student.sample(16, steps=2, output="pil")          # 16 PIL images, two Euler steps
+    teacher = nfm.Teacher.from_pretrained("runs/run-digits/teacher-1ed8ce6dbf")
+    pairs = nfm.PairCache.open("5a780a2f4e50")                  # a key (prefix) under the cache root, or a dir
+    ds = pairs.to_dataset()                                     # a datasets.Dataset (memory-mapped Arrow)
+    report = nfm.run("tiny", run_dir="runs/tiny")               # the whole pipeline; returns report.json's dict
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from nfm.pairs.lookup import find_cache
+from nfm.pairs.reader import PairCache as _PairCache
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.images import to_uint8
+
+Output = Literal["tensor", "pil", "uint8"]
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _local_or_hub(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local path as it is; otherwise a Hub repo id, downloaded (or found in the local Hub cache)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise NFMError(f"{text} is neither a local directory nor a Hugging Face Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision))
+    except Exception as e:  # offline, unknown repo, no access: one line with the way out
+        raise NFMError(
+            f"could not fetch {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "pass a local directory instead, or check the repo id and your network / HF_HUB_OFFLINE"
+        ) from e
+
+
+def _push(save: Any, repo_id: str, private: bool, commit_message: str) -> str:
+    """save_pretrained into a temporary directory, then upload it as one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
+
+
+def _labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    """None: classes cycled 0..K-1 (unconditional models: none); an int: every sample; a sequence: as given."""
+    if not num_classes:
+        if labels is not None:
+            raise NFMError("this model has no classes: leave labels=None")
+        return None
+    if labels is None:
+        y = torch.arange(n) % num_classes
+    elif isinstance(labels, int):
+        y = torch.full((n,), labels, dtype=torch.long)
+    else:
+        y = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if len(y) != n:
+            raise NFMError(f"labels has {len(y)} entries for {n} samples")
+    if ((y < -1) | (y >= num_classes)).any():
+        raise NFMError(f"labels must be classes 0..{num_classes - 1} (or -1: unconditional), got {y.unique().tolist()}")
+    return y.to(device)
+
+
+def _output(x: torch.Tensor, output: Output):
+    """Samples in [-1, 1] as a float tensor, uint8 tensor (N, C, H, W) or a list of PIL images."""
+    x = x.clamp(-1, 1)
+    if output == "tensor":
+        return x
+    u8 = to_uint8(x.cpu())
+    if output == "uint8":
+        return u8
+    if output == "pil":
+        from PIL import Image
+
+        arr = u8.permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+    raise NFMError(f"output must be 'tensor', 'uint8' or 'pil', got {output!r}")
+
+
+class Student:
+    """A trained flow-matching student: its velocity network and the settings it was trained with (the
+    export's config.json: model, flow path, data). Call it as v(x, t, y)."""
+
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any]):
+        self.model = model
+        self.config = config
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str | Path, device: str | torch.device | None = None, revision: str | None = None
+    ) -> Student:
+        """A student run directory, its ``export/``, or a Hub repo holding an export."""
+        from nfm.student.train import load_student
+
+        model, meta = load_student(_local_or_hub(path_or_repo, revision), _device(device))
+        return cls(model, meta)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write model.safetensors + config.json (the format `nfm student sample` and `from_pretrained` read)."""
+        from nfm.pipeline.core.io import save_tensors, write_json
+
+        d = Path(directory)
+        sd = {k: v.float() for k, v in self.model.state_dict().items()}
+        save_tensors(d / "model.safetensors", sd, metadata={"format": "nfm-student"})
+        write_json(d / "config.json", self.config)
+        return d
+
+    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "nfm student") -> str:
+        return _push(self.save_pretrained, repo_id, private, commit_message)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config["model"]["num_classes"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        m = self.config["model"]
+        return (m["in_channels"], m["img_size"], m["img_size"])
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, t, y)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: int | list[int] | torch.Tensor | None = None,
+        solver: str = "euler",
+        steps: int = 2,
+        guidance: float = 0.0,
+        seed: int | None = None,
+        output: Output = "tensor",
+    ):
+        """n samples from the student's own prior (its path's scale; a data-source student starts from
+        held-out source images), integrated with `solver` (euler, midpoint, heun, rk4: `steps` steps;
+        dopri5: adaptive). labels: None cycles the classes, an int or a list picks them. seed: the noise
+        (None: a fresh one)."""
+        from nfm.student.sampling import sample_ode, student_inputs
+
+        seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
+        inputs = student_inputs(self.config, n, seed=seed, device=self.device)
+        y = _labels(labels, n, self.num_classes, self.device)
+        x, _ = sample_ode(
+            self.model, inputs.z, y, solver=solver, steps=steps, guidance=guidance, num_classes=self.num_classes
+        )
+        return _output(x, output)
+
+
+class Teacher:
+    """A normalizing-flow teacher: this project's TarFlow, an ml-tarflow checkpoint or a user's flow (the
+    teacher protocol: encode, decode, image_shape, num_classes). `flow` is the underlying module."""
+
+    def __init__(self, flow: Any):
+        self.flow = flow
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | Path,
+        device: str | torch.device | None = None,
+        arch: str | dict | None = None,
+        revision: str | None = None,
+    ) -> Teacher:
+        """A teacher run directory or export, ``ml-tarflow:FILE.pth``, ``python:module:factory``, or a Hub
+        repo holding an export (arch: the architecture of an ml-tarflow checkpoint or a factory's kwargs)."""
+        from nfm.teacher.protocol import load_teacher_spec
+
+        spec = str(path_or_repo)
+        if not spec.startswith(("ml-tarflow:", "python:")):
+            spec = str(_local_or_hub(path_or_repo, revision))
+        flow, _ = load_teacher_spec(spec, _device(device), arch)
+        return cls(flow)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """A TarFlow teacher's export (model.safetensors + config.json); other flows save themselves."""
+        from nfm.teacher.export import save_export
+        from nfm.teacher.model import TarFlow
+
+        if not isinstance(self.flow, TarFlow):
+            raise NFMError(f"save_pretrained writes TarFlow teachers; this one is a {type(self.flow).__name__}")
+        save_export(self.flow, Path(directory), step=0)
+        return Path(directory)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "nfm teacher") -> str:
+        return _push(self.save_pretrained, repo_id, private, commit_message)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.flow.num_classes or 0)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.flow.image_shape)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> the flow's noise (the NFM coupling's source side)."""
+        return self.flow.encode(x, y)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.flow.decode(z, y)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        labels: int | list[int] | torch.Tensor | None = None,
+        seed: int | None = None,
+        denoise: bool = True,
+        output: Output = "tensor",
+    ):
+        """n samples: decode prior noise (the flow's own prior scale), then its denoising step if it has
+        one and `denoise`."""
+        from nfm.teacher.protocol import prior_std, teacher_device
+
+        dev = teacher_device(self.flow)
+        seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
+        eps = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
+        y = _labels(labels, n, self.num_classes, dev)
+        x = self.flow.decode((eps * prior_std(self.flow).cpu()).to(dev), y)
+        if denoise and callable(getattr(self.flow, "denoise", None)) and getattr(self.flow, "noise_std", 0) > 0:
+            x = self.flow.denoise(x, y)
+        return _output(x, output)
+
+
+class PairCache(_PairCache):
+    """A complete, validated pair cache (noise, data, label, index per row): ``PairCache.open(key_or_dir)``."""
+
+    @classmethod
+    def open(cls, key_or_dir: str | Path, root: str | Path | None = None) -> PairCache:
+        """A cache directory, or a key (or a prefix of at least 4 characters) under the cache root
+        ($NFM_CACHE_DIR, else ~/.cache/nfm/pairs)."""
+        return cls(find_cache(str(key_or_dir), Path(root) if root else None))
+
+    def rows(self, chunk: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row in storage order, shard by shard (checksums verified): the noise as the student reads it
+        (unit variance), images as floats in [-1, 1]."""
+        for i, entry in enumerate(self.shards):
+            shard = self.shard(i)
+            cols = {
+                k: torch.empty(shard.tensors[k][1], dtype=_torch_dtype(shard.tensors[k][0]))
+                for k in ("noise", "data", "label", "index")
+            }
+            shard.read_verified(entry, cols)
+            for a in range(0, shard.rows, chunk):
+                yield {
+                    "noise": cols["noise"][a : a + chunk].float(),
+                    "image": self.to_float(cols["data"][a : a + chunk]),
+                    "label": cols["label"][a : a + chunk],
+                    "index": cols["index"][a : a + chunk],
+                }
+
+    def torch_dataset(self) -> torch.utils.data.Dataset:
+        """A map-style torch Dataset of (noise, image, label) rows, read from disk row by row."""
+        return _TorchPairs(self)
+
+    def to_dataset(self, cache_dir: str | Path | None = None):
+        """A `datasets.Dataset` with columns noise, image (float32, [-1, 1]), label, index: written once as
+        Arrow files (under `cache_dir`, else datasets' cache) and memory-mapped from there, not held in RAM."""
+        import datasets
+
+        c, h, w = self.image_shape
+        features = datasets.Features(
+            {
+                "noise": datasets.Array3D((c, h, w), "float32"),
+                "image": datasets.Array3D((c, h, w), "float32"),
+                "label": datasets.Value("int64"),
+                "index": datasets.Value("int64"),
+            }
+        )
+
+        def gen(cache_key: str):  # the key names the generator's Arrow cache: one per pair cache
+            for cols in self.rows():
+                arrays = {k: v.numpy() for k, v in cols.items()}
+                for i in range(len(arrays["label"])):
+                    yield {k: v[i] for k, v in arrays.items()}
+
+        ds = datasets.Dataset.from_generator(
+            gen, features=features, gen_kwargs={"cache_key": self.key}, cache_dir=str(cache_dir) if cache_dir else None
+        )
+        return ds.with_format("torch")
+
+
+def _torch_dtype(dt) -> torch.dtype:
+    import numpy as np
+
+    return torch.from_numpy(np.empty(0, dtype=dt)).dtype
+
+
+class _TorchPairs(torch.utils.data.Dataset):
+    def __init__(self, cache: PairCache):
+        self.cache = cache
+        self.starts = []
+        a = 0
+        for s in cache.shards:
+            self.starts.append(a)
+            a += s["rows"]
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        import bisect
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        s = bisect.bisect_right(self.starts, i) - 1
+        shard, r = self.cache.shard(s), i - self.starts[s]
+        noise = shard.read("noise", r, r + 1)[0].float()
+        image = self.cache.to_float(shard.read("data", r, r + 1))[0]
+        return noise, image, int(shard.read("label", r, r + 1)[0])
+
+
+def run(
+    preset: str = "digits",
+    run_dir: str | Path | None = None,
+    *,
+    seeds: int | None = None,
+    cache_dir: str | Path | None = None,
+    from_teacher: str | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """`nfm run --preset PRESET` from Python: every stage (reused where finished), the evaluation and the
+    report; returns report.json's content. Overrides as keyword arguments with "__" for dots:
+    ``nfm.run("digits", couplings="nfm,sd-ot", student__train__steps=3000)``."""
+    from nfm.pipeline.core.config import build_config
+    from nfm.pipeline.core.io import read_json
+    from nfm.pipeline.presets import run_preset
+    from nfm.pipeline.run import RunConfig, run_pipeline
+
+    items = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
+    if seeds is not None:
+        items.append(f"seeds={seeds}")
+    cfg = build_config(RunConfig, preset=run_preset(preset), overrides=items)
+    run_dir = Path(run_dir or f"runs/run-{preset}")
+    report = run_pipeline(cfg, run_dir, preset, from_teacher, Path(cache_dir) if cache_dir else None)
+    return read_json(run_dir / "report.json", "run report") if report is not None else {}
