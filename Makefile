@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo smoke test lint bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)  ## the main job: teacher -> pairs -> students (nfm, independent, minibatch-ot, sd-ot) -> FID/KID -> report
 	$(VENV)/bin/nfm run --preset digits
+
+smoke: $(STAMP)  ## every stage on a toy budget (seconds): nfm run --preset tiny
+	$(VENV)/bin/nfm run --preset tiny --run-dir runs/run-tiny
 
 test: $(STAMP)  ## the test suite (CPU only)
 	$(VENV)/bin/python -m pytest -q

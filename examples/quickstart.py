@@ -40,7 +40,7 @@ z = teacher.encode(x, torch.tensor([0, 1, 2, 3]))
 print("teacher samples:", tuple(x.shape), "| their noise std:", round(z.std().item(), 3))
 
 # 5. The pair cache as a datasets.Dataset (memory-mapped Arrow) and as a torch Dataset
-pairs = nfm.PairCache.open(report["pair_cache"]["key"], root=work / "cache" / "pairs")
+pairs = nfm.PairCache.open(report["pair_cache"]["path"])  # or its key under the cache root
 ds = pairs.to_dataset(cache_dir=work / "hf-cache")
 print(f"pair cache {pairs.key}: {len(ds)} rows, columns {ds.column_names}, noise {tuple(ds[0]['noise'].shape)}")
 noise, image, label = pairs.torch_dataset()[0]

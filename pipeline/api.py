@@ -350,7 +350,8 @@ def run(
 ) -> dict[str, Any]:
     """`nfm run --preset PRESET` from Python: every stage (reused where finished), the evaluation and the
     report; returns report.json's content. Overrides as keyword arguments with "__" for dots:
-    ``nfm.run("digits", couplings="nfm,sd-ot", student__train__steps=3000)``."""
+    ``nfm.run("digits", couplings="nfm,sd-ot", student__train__steps=3000)``. cache_dir: the pair caches'
+    root (as `nfm run --cache-dir`; default $NFM_CACHE_DIR/pairs, else ~/.cache/nfm/pairs)."""
     from nfm.pipeline.core.config import build_config
     from nfm.pipeline.core.io import read_json
     from nfm.pipeline.presets import run_preset
