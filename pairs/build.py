@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -295,6 +295,7 @@ def _index_header(
         "teacher": {"fingerprint": plan.fields["teacher"], **teacher_info},
         "data": {
             "name": data.name,
+            **({"config": asdict(data.data_config)} if getattr(data, "data_config", None) is not None else {}),
             "split": cfg.split,
             "fingerprint": data.fingerprint,
             "rows": len(data),

@@ -141,7 +141,26 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
         raise NFMError(f"the {flow.coupling} coupling reads its source end from its pair cache: leave flow.source")
     if flow.coupling in PAIRED and flow.pairs:
         flow = replace(flow, pairs=str(coupling.cache.dir.resolve()))
-    return replace(cfg, model=model, flow=flow)
+    data = _cache_data(cfg.data, coupling) if flow.coupling in PAIRED else cfg.data
+    return replace(cfg, model=model, flow=flow, data=data)
+
+
+def _cache_data(data: DataConfig, coupling: Coupling) -> DataConfig:
+    """The data a paired student records (what `nfm student eval` and the report load again): the pair
+    cache's own, where data.* was left at its defaults; a data.name that disagrees with the cache's is refused."""
+    recorded = (coupling.cache.index.get("data") or {}).get("config")
+    if not recorded:  # caches built before the data config was recorded
+        return data
+    cached = from_dict(DataConfig, recorded)
+    if data == DataConfig():
+        return cached
+    if data.name != cached.name:
+        raise NFMError(
+            f"pair cache {coupling.cache.key} was built on data.name={cached.name!r}, but this student has "
+            f"data.name={data.name!r}: leave data.* unset (the student takes the cache's data), or build pairs "
+            f"on {data.name!r}"
+        )
+    return data
 
 
 def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:

@@ -5,7 +5,7 @@ import json
 import math
 import os
 import signal
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from nfm.pipeline.core.checkpoint import list_checkpoints
 from nfm.pipeline.core.config import build_config
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors
+from nfm.pipeline.core.io import load_tensors, read_json
 from nfm.pipeline.core.loop import Interrupted
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.pipeline.presets import STUDENT_PRESETS
@@ -290,6 +290,20 @@ def test_pair_cache_that_does_not_match_the_network_is_refused(cache, tmp_path):
     cfg = replace(cfg, model=replace(cfg.model, img_size=16))
     with pytest.raises(NFMError, match="gives 1x8x8 images but the student is configured for 1x16x16"):
         run_student_training(cfg, tmp_path)
+
+
+def test_a_paired_student_records_the_data_of_its_cache(cache, tmp_path):
+    """`--pairs KEY` with data.* left unset: the student's export records the cache's data (what `nfm
+    student eval` loads again), not the digits default; a student naming other data is refused."""
+    assert read_json(cache / "pairs.index.json")["data"]["config"] == asdict(DATA)  # held_out 0.9, not 0.2
+    cfg = replace(tiny("nfm", str(cache), steps=2, sample_every=0), data=DataConfig())
+    export = run_student_training(cfg, tmp_path / "s")
+    assert load_student(export)[1]["data"] == asdict(DATA)
+    other = replace(cfg, data=DataConfig(name="fashion-mnist"))
+    with pytest.raises(
+        NFMError, match="was built on data.name='digits', but this student has data.name='fashion-mnist'"
+    ):
+        run_student_training(other, tmp_path / "o")
 
 
 def test_nfm_coupling_without_a_cache_is_a_clear_error(tmp_path):

@@ -388,7 +388,9 @@ def load_data(cfg: DataConfig, split: str = "train") -> ImageDataset:
     elif cfg.name == "mnist-5k":
         ds = _mnist_5k(cfg, split)
     else:
-        return _hf(cfg, split)
+        ds = _hf(cfg, split)
+        ds.data_config = cfg
+        return ds
     c, h, _ = ds.image_shape
     if cfg.image_size not in (0, h) or cfg.channels not in (0, c):
         raise NFMError(
@@ -399,4 +401,5 @@ def load_data(cfg: DataConfig, split: str = "train") -> ImageDataset:
         ds.labels = torch.full_like(ds.labels, -1)
         ds.num_classes = 0
         ds._fingerprint = None
+    ds.data_config = cfg  # what loads it again (a pair cache records it for the students trained on it)
     return ds
