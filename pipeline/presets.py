@@ -68,8 +68,8 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "digits"},
         "train": _train(9000, 64, 2e-3, 200, 100, 3000, 1000, 0.999),
     },
-    # 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist). Tuned per CPU minute like digits (README,
-    # "Fashion-MNIST"): a narrow TarFlow (width 64), small batches and a high learning rate
+    # 28x28 Fashion-MNIST (Debian's dataset-fashion-mnist). Tuned per CPU minute like digits
+    # (docs/results/fashion-mnist/README.md): a narrow TarFlow (width 64), small batches, a high learning rate
     "fashion-mnist": {
         "model": {**TARFLOW_SIZES["mnist28-S"], "noise_std": 0.1},
         "data": {"name": "fashion-mnist"},
@@ -126,7 +126,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     # the CPU demo: 8x8 digits
     # (reflow, nfm-reflow and sb add 3-7 minutes each on 2 cores: run.couplings=nfm,...,sb,reflow,nfm-reflow)
     "digits": _run("digits", "digits", pairs={"views": 32}, couplings=("nfm", "independent", "minibatch-ot", "sd-ot")),
-    # 28x28 Fashion-MNIST: about 30 minutes a seed on 2 CPU cores
+    # 28x28 Fashion-MNIST: about an hour a seed on 2 CPU cores, evaluation included
     "fashion-mnist": _run(
         "fashion-mnist", "fashion-mnist", pairs={"views": 2}, couplings=("nfm", "independent", "minibatch-ot", "sd-ot")
     ),
