@@ -133,3 +133,13 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     wb = load_tensors(tmp_path / "two/export/model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_launcher_that_started_one_of_several_processes_is_named():
+    """accelerate's simple launcher sets MASTER_ADDR for --num_processes N > 1 but starts one process."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    p = run_nfm_inline("teacher", "train", "--preset", "tiny", "train.nope=1", env=env)
+    assert "nfm: warning: a launcher asked for several processes" in p.stderr and "torchrun" in p.stderr
+    assert p.returncode == 2 and "unknown config key" in p.stderr  # the command itself goes on
+    p = run_nfm_inline("teacher", "train", "--preset", "tiny", "train.nope=1", env={**env, "WORLD_SIZE": "2"})
+    assert "warning" not in p.stderr  # torchrun / accelerate --multi_gpu: WORLD_SIZE is set

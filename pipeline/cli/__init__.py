@@ -47,6 +47,19 @@ def _hint(e: BaseException) -> str:
     return "this is probably a bug in nfm: rerun with --debug (or NFM_DEBUG=1) and report the traceback"
 
 
+def launch_warning(env) -> str | None:
+    """A launcher that asked for several processes but started one: accelerate's simple launcher
+    (`accelerate launch --num_processes N --cpu`) sets MASTER_ADDR for N > 1 yet runs one process without
+    WORLD_SIZE; torchrun and `accelerate launch --multi_gpu` set both."""
+    if env.get("MASTER_ADDR") and not env.get("WORLD_SIZE"):
+        return (
+            "a launcher asked for several processes (MASTER_ADDR is set) but this is the only one: "
+            "`accelerate launch --num_processes N --cpu` starts one process. For N processes on CPUs use "
+            "`torchrun --standalone --nproc_per_node N -m nfm ...` (README: Multi-process)"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr: `nfm: error: <what>`, and for an unexpected exception its type
     and a hint; --debug (or NFM_DEBUG=1) shows the traceback instead."""
@@ -59,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; settings are key=value overrides (train.steps=10, not --steps 10): see --help" if flags else ""
         own.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     debug = args.debug or os.environ.get("NFM_DEBUG", "") not in ("", "0")
+    warning = launch_warning(os.environ)
+    if warning:
+        print(f"nfm: warning: {warning}", file=sys.stderr)
     from nfm.pipeline.core.loop import Interrupted
 
     try:
