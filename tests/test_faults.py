@@ -431,3 +431,24 @@ def test_a_batch_larger_than_the_memory_is_refused_at_once(tmp_path, monkeypatch
         run_teacher_training(_tiny(steps=2, batch_size=10_000_000), tmp_path / "big")
     assert not (tmp_path / "big" / "export").exists()
     run_teacher_training(_tiny(steps=2, batch_size=32), tmp_path / "fits")
+
+
+def test_tensorboard_tracker_logs_the_loss_through_accelerate(tmp_path):
+    """train.log_with=tensorboard: accelerate's tracker writes an event file under RUN/trackers holding the
+    values metrics.jsonl holds, at the same steps; an unknown tracker is one clear line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = ["train.steps=4", "train.log_every=2", "train.sample_every=0", "train.log_with=tensorboard"]
+    cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"], overrides=over)
+    run_teacher_training(cfg, tmp_path / "run")
+    logdir = tmp_path / "run" / "trackers" / "run"  # one tracker run, named after the run directory
+    assert list(logdir.glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [s for s, _ in loss] == [2, 4] == [m["step"] for m in metrics]
+    assert [v for _, v in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    bad = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"], overrides=[*over[:3], "train.log_with=nope"])
+    with pytest.raises(NFMError, match="train.log_with=nope"):
+        run_teacher_training(bad, tmp_path / "bad")

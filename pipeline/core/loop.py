@@ -41,7 +41,7 @@ from nfm.pipeline.core.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from nfm.pipeline.core.config import AtLeast1, Fraction, NonNegative, Positive, Range, check_choices
+from nfm.pipeline.core.config import AtLeast1, Fraction, NonNegative, Positive, Range, added, check_choices
 from nfm.pipeline.core.distributed import force_cpu, process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_dir
@@ -71,6 +71,9 @@ class TrainConfig:
     ckpt_every: NonNegative = 500  # checkpoint cadence (0: only at the end and on interrupt)
     keep_ckpts: AtLeast1 = 2  # newest checkpoints kept
     num_workers: NonNegative = 0  # DataLoader workers (for lazily decoded data sets)
+    # experiment trackers through accelerate (comma-separated: tensorboard, wandb, mlflow, ...), logging what
+    # metrics.jsonl holds; their files go under RUN/trackers. The tracker's package must be installed.
+    log_with: str = added("")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -217,10 +220,35 @@ class _Session:
             "lr": lr,
             "img_per_s": round(len(window) * self.cfg.batch_size / max(seconds, 1e-9), 1),
         }
+        if self.cfg.log_with:
+            self.acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.step)
         if self.acc.is_main_process:
             append_metrics(metrics_path, rec)
             parts = " ".join(f"{k} {v:.4f}" for k, v in means.items())
             self.log.info(f"(step={self.step:07d}) {parts} lr {lr:.2e} img/s {rec['img_per_s']:.0f}")
+
+
+def _init_trackers(acc, trackers: list[str], run_dir: Path, resolved: dict) -> None:
+    """Start the trackers: one run named after the run directory, its config flattened to scalars
+    (TensorBoard's hparams take no nested values)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = v if isinstance(v, int | float | str | bool) else str(v)
+
+    walk(resolved, "")
+    try:
+        acc.init_trackers(run_dir.name, config=flat)
+    except Exception as e:  # a tracker whose package is missing, or that cannot start
+        raise NFMError(
+            f"train.log_with={','.join(trackers)}: the tracker could not start ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); install its package (tensorboard: pip install "
+            "tensorboard) or leave train.log_with unset"
+        ) from e
 
 
 def check_batch_fits(cfg: TrainConfig, sample_shape: tuple[int, ...], world: int) -> None:
@@ -253,7 +281,17 @@ def _start(
     # bf16 autocast is applied by this loop, not by accelerate's process-wide (and, once set, fixed)
     # mixed-precision state: one process can then train a float32 teacher and a bf16 student in turn.
     check_choices(cfg, "train.")  # a config built in Python is held to the bounds a loaded one is
-    acc = accelerator or Accelerator(cpu=force_cpu())
+    trackers = [t.strip() for t in cfg.log_with.split(",") if t.strip()]
+    if accelerator is not None and trackers:
+        raise NFMError("train.log_with needs the accelerator this loop creates; leave it unset when passing one")
+    try:
+        acc = accelerator or Accelerator(
+            cpu=force_cpu(), log_with=trackers or None, project_dir=str(run_dir / "trackers") if trackers else None
+        )
+    except ValueError as e:  # accelerate names the trackers it knows
+        raise NFMError(f"train.log_with={cfg.log_with}: {e}") from e
+    if trackers:
+        _init_trackers(acc, trackers, run_dir, resolved)
     world = acc.num_processes
     if cfg.batch_size % (world * cfg.grad_accum):
         raise NFMError(
@@ -365,6 +403,8 @@ def train(
                     if last_ckpt != s.step:
                         s.checkpoint()
                     bar.close()
+                    if cfg.log_with:
+                        acc.end_training()  # flush the trackers' files
                     s.log.info(f"interrupted at step {s.step}; checkpoint saved. Rerun the same command to resume.")
                     raise Interrupted(f"interrupted at step {s.step}")
         bar.close()
@@ -376,5 +416,7 @@ def train(
             with atomic_dir(export_dir) as tmp:
                 export_fn(ema_model, tmp, s.step)
             s.log.info(f"export (EMA weights, step {s.step}): {export_dir}")
+        if cfg.log_with:
+            acc.end_training()
         acc.wait_for_everyone()
         return export_dir

@@ -24,6 +24,7 @@ RESUMABLE_CHANGES = {
     "train.ckpt_every",
     "train.keep_ckpts",
     "train.num_workers",
+    "train.log_with",
 }
 
 
