@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from nfm.pipeline.core.errors import NFMError
-from nfm.student.models import STUDENT_SIZES
-from nfm.teacher.model import TARFLOW_SIZES
+from nfm.student.names import STUDENT_SIZES
+from nfm.teacher.sizes import TARFLOW_SIZES
 
 
 def _gpu(model: dict[str, Any], size: int, lr: float) -> dict[str, Any]:

@@ -24,9 +24,7 @@ batch into (z, x, y) on the device inside the loss. Labels stay with their data 
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Iterator
-from typing import Literal
 
 import numpy as np
 import torch
@@ -38,10 +36,7 @@ from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import BatchRandom
-
-CouplingName = Literal["nfm", "independent", "minibatch-ot", "sd-ot", "sb", "reflow"]
-PAIRED: tuple[str, ...] = ("nfm", "reflow")  # couplings read from a pair cache
-COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)
+from nfm.student.names import COUPLINGS, PAIRED, CouplingName  # noqa: F401 (re-exported)
 
 
 class Coupling:

@@ -19,6 +19,7 @@ from torch import nn
 
 from nfm.pipeline.core.config import ShapedByData, check_choices
 from nfm.pipeline.core.errors import NFMError
+from nfm.student.names import STUDENT_SIZES  # noqa: F401 (re-exported)
 
 Arch = Literal["dit", "mlp", "conv"]
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
@@ -56,17 +57,6 @@ class StudentModelConfig(ShapedByData):
 
 
 # Named sizes (DiT-style); data-dependent fields come from the data.
-STUDENT_SIZES: dict[str, dict] = {
-    "mlp-tiny": dict(arch="mlp", width=64, depth=2),
-    "mlp-S": dict(arch="mlp", width=512, depth=3),
-    "conv-S": dict(arch="conv", width=64, depth=4),  # small images: residual blocks at full resolution
-    "SiT-tiny": dict(arch="dit", patch_size=2, width=32, depth=2, heads=2),
-    "SiT-S/2": dict(arch="dit", patch_size=2, width=128, depth=6, heads=4),  # 8x8: 16 tokens
-    "SiT-XS/4": dict(arch="dit", patch_size=4, width=96, depth=4, heads=4),  # 28x28 on a CPU: 49 tokens
-    "SiT-S/4": dict(arch="dit", patch_size=4, width=192, depth=8, heads=6),  # 28x28: 49 tokens
-    "SiT-B/2": dict(arch="dit", patch_size=2, width=384, depth=12, heads=6),  # 32x32: 256 tokens (GPU)
-    "SiT-B/4": dict(arch="dit", patch_size=4, width=384, depth=12, heads=6),  # 64x64: 256 tokens (GPU)
-}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

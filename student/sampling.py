@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import typing
-from typing import Literal
 
 import torch
 from torch import nn
@@ -21,18 +19,7 @@ from torchdiffeq import odeint
 from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
-
-Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
-Grid = Literal["uniform", "data-end"]
-SOLVERS = {
-    "euler": "euler",
-    "midpoint": "midpoint",
-    "heun": "heun2",
-    "rk4": "rk4",
-    "dopri5": "dopri5",
-}  # -> torchdiffeq
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
-GRIDS: tuple[str, ...] = typing.get_args(Grid)
+from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver  # noqa: F401 (re-exported)
 
 
 class CountedVelocity(nn.Module):

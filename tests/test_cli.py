@@ -143,3 +143,26 @@ def test_a_launcher_that_started_one_of_several_processes_is_named():
     assert p.returncode == 2 and "unknown config key" in p.stderr  # the command itself goes on
     p = run_nfm_inline("teacher", "train", "--preset", "tiny", "train.nope=1", env={**env, "WORLD_SIZE": "2"})
     assert "warning" not in p.stderr  # torchrun / accelerate --multi_gpu: WORLD_SIZE is set
+
+
+def test_help_loads_neither_torch_nor_the_stages():
+    """`nfm ... --help` builds every parser (presets, sizes, couplings, solvers) from torch-free modules,
+    so it answers at Python's start-up speed; the stages load when a command runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nfm.pipeline.cli import build_parser\n"
+        "build_parser()\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'scipy', 'accelerate', 'nfm.teacher.model') if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    for args in (["--help"], ["student", "train", "--help"], ["run", "--help"]):
+        p = subprocess.run([sys.executable, "-m", "nfm", *args], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0 and "usage: nfm" in p.stdout, args
+    from nfm.student.models import STUDENT_SIZES
+    from nfm.teacher import TARFLOW_SIZES
+
+    assert "SiT-XS/4" in STUDENT_SIZES and "mnist28-S" in TARFLOW_SIZES  # the old import paths still work

@@ -93,9 +93,7 @@ def cmd_eval(args) -> int:
 
 def register(stages: argparse._SubParsersAction) -> None:
     from nfm.pipeline.presets import STUDENT_PRESETS
-    from nfm.student.couplings import COUPLINGS
-    from nfm.student.models import STUDENT_SIZES
-    from nfm.student.sampling import GRIDS, SOLVERS
+    from nfm.student.names import COUPLINGS, GRIDS, SOLVERS, STUDENT_SIZES
 
     sub = options.add_group(stages, "student", "stage three: the flow-matching student")
 

@@ -129,7 +129,7 @@ def cmd_eval(args) -> int:
 
 def register(stages: argparse._SubParsersAction) -> None:
     from nfm.pipeline.presets import TEACHER_PRESETS
-    from nfm.teacher.model import DECODERS, TARFLOW_SIZES
+    from nfm.teacher.sizes import DECODERS, TARFLOW_SIZES
 
     sub = options.add_group(stages, "teacher", "stage one: the TarFlow teacher")
 

@@ -1,0 +1,36 @@
+"""The student's names that the `nfm` command lists without loading torch: network sizes, couplings,
+solvers and time grids."""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+CouplingName = Literal["nfm", "independent", "minibatch-ot", "sd-ot", "sb", "reflow"]
+PAIRED: tuple[str, ...] = ("nfm", "reflow")  # couplings read from a pair cache
+COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)
+
+Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
+Grid = Literal["uniform", "data-end"]
+SOLVERS = {
+    "euler": "euler",
+    "midpoint": "midpoint",
+    "heun": "heun2",
+    "rk4": "rk4",
+    "dopri5": "dopri5",
+}  # -> torchdiffeq
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+GRIDS: tuple[str, ...] = typing.get_args(Grid)
+
+# Named sizes (DiT-style); data-dependent fields come from the data.
+STUDENT_SIZES: dict[str, dict] = {
+    "mlp-tiny": dict(arch="mlp", width=64, depth=2),
+    "mlp-S": dict(arch="mlp", width=512, depth=3),
+    "conv-S": dict(arch="conv", width=64, depth=4),  # small images: residual blocks at full resolution
+    "SiT-tiny": dict(arch="dit", patch_size=2, width=32, depth=2, heads=2),
+    "SiT-S/2": dict(arch="dit", patch_size=2, width=128, depth=6, heads=4),  # 8x8: 16 tokens
+    "SiT-XS/4": dict(arch="dit", patch_size=4, width=96, depth=4, heads=4),  # 28x28 on a CPU: 49 tokens
+    "SiT-S/4": dict(arch="dit", patch_size=4, width=192, depth=8, heads=6),  # 28x28: 49 tokens
+    "SiT-B/2": dict(arch="dit", patch_size=2, width=384, depth=12, heads=6),  # 32x32: 256 tokens (GPU)
+    "SiT-B/4": dict(arch="dit", patch_size=4, width=384, depth=12, heads=6),  # 64x64: 256 tokens (GPU)
+}
