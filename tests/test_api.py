@@ -167,3 +167,16 @@ def test_import_nfm_stays_light():
 
 def run_python(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_student_eval_on_data_of_another_shape_is_one_line(tmp_path):
+    """A 16x16 student asked to score the 8x8 digits: one `nfm: error:` line, not a matmul traceback."""
+    from tests.conftest import run_nfm_inline
+
+    torch.manual_seed(0)
+    mc = StudentModelConfig(arch="mlp", in_channels=1, img_size=16, num_classes=10, width=16, depth=1)
+    meta = {"kind": "student", "format_version": 1, "model": asdict(mc), "flow": asdict(FlowConfig())}
+    nfm.Student(build_student(mc).eval(), {**meta, "data": asdict(DATA)}).save_pretrained(tmp_path / "s")
+    p = run_nfm_inline("student", "eval", tmp_path / "s", "--n", "2")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "digits images are 1x8x8 but this student models 1x16x16 images: pass --data NAME" in p.stderr

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from nfm.pipeline.cli import options
+from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_train(args) -> int:
@@ -79,6 +80,13 @@ def cmd_eval(args) -> int:
     model, meta = load_student(args.run, options.device(args))
     data_cfg = from_dict(DataConfig, {**meta.get("data", {}), **({"name": args.data} if args.data else {})})
     x, y = load_data(data_cfg, args.split).tensors()
+    mc = meta["model"]
+    want = (mc["in_channels"], mc["img_size"], mc["img_size"])
+    if tuple(x.shape[1:]) != want:
+        raise NFMError(
+            f"{data_cfg.name} images are {'x'.join(map(str, x.shape[1:]))} but this student models "
+            f"{'x'.join(map(str, want))} images: pass --data NAME with the data it was trained on"
+        )
     if args.n:
         x, y = x[: args.n], y[: args.n]
     t0 = time.perf_counter()
