@@ -317,6 +317,7 @@ def _torch_dtype(dt) -> torch.dtype:
 class _TorchPairs(torch.utils.data.Dataset):
     def __init__(self, cache: PairCache):
         self.cache = cache
+        self.files = [cache.shard(i) for i in range(len(cache.shards))]  # headers parsed once, not per row
         self.starts = []
         a = 0
         for s in cache.shards:
@@ -333,7 +334,7 @@ class _TorchPairs(torch.utils.data.Dataset):
             raise IndexError(i)
         i %= len(self)
         s = bisect.bisect_right(self.starts, i) - 1
-        shard, r = self.cache.shard(s), i - self.starts[s]
+        shard, r = self.files[s], i - self.starts[s]
         noise = shard.read("noise", r, r + 1)[0].float()
         image = self.cache.to_float(shard.read("data", r, r + 1))[0]
         return noise, image, int(shard.read("label", r, r + 1)[0])
