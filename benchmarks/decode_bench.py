@@ -56,7 +56,7 @@ def synthetic(name: str, device) -> TarFlow:
 
 def bench(model: TarFlow, label: str, batch: int, device, repeat: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
-    z = (torch.randn(batch, *model.image_shape, generator=g) * model.prior_std).to(device)
+    z = torch.randn(batch, *model.image_shape, generator=g).to(device) * model.prior_std
     y = torch.randint(0, max(model.num_classes, 1), (batch,), generator=g).to(device) if model.num_classes else None
     ref = model.decode(z, y)
     rows, base = [], None
