@@ -39,9 +39,9 @@ x = teacher.sample(4, labels=[0, 1, 2, 3], seed=0)
 z = teacher.encode(x, torch.tensor([0, 1, 2, 3]))
 print("teacher samples:", tuple(x.shape), "| their noise std:", round(z.std().item(), 3))
 
-# 5. The pair cache as a datasets.Dataset (memory-mapped Arrow) and as a torch Dataset
+# 5. The pair cache as a datasets.Dataset (the shards memory-mapped, no copy) and as a torch Dataset
 pairs = nfm.PairCache.open(report["pair_cache"]["path"])  # or its key under the cache root
-ds = pairs.to_dataset(cache_dir=work / "hf-cache")
+ds = pairs.to_dataset()  # columns noise, data (stored grey levels), label, index
 print(f"pair cache {pairs.key}: {len(ds)} rows, columns {ds.column_names}, noise {tuple(ds[0]['noise'].shape)}")
 noise, image, label = pairs.torch_dataset()[0]
-assert (noise == ds[0]["noise"]).all() and (image == ds[0]["image"]).all() and label == ds[0]["label"]
+assert (noise == ds[0]["noise"]).all() and (image == pairs.to_float(ds[0]["data"])).all() and label == ds[0]["label"]

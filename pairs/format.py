@@ -168,6 +168,21 @@ class ShardFile:
                 if len(buf) != stop - start:
                     raise ValueError(f"out[{name!r}] has {len(buf)} bytes, the shard's tensor {stop - start}")
                 read_into(buf)
+        self._check_digest(h, entry, fast)
+
+    def verify(self, entry: dict[str, Any], chunk: int = 1 << 22) -> None:
+        """Hash the file against its index entry without keeping any of it (for readers that map the file)."""
+        fast = "xxh3_128" in entry
+        h = xxhash.xxh3_128() if fast else hashlib.sha256()
+        size = self.path.stat().st_size
+        if size != entry.get("bytes"):
+            raise NFMError(f"pair shard {self.path} is {size} bytes, the index says {entry.get('bytes')}; rebuild")
+        with open(self.path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        self._check_digest(h, entry, fast)
+
+    def _check_digest(self, h: Any, entry: dict[str, Any], fast: bool) -> None:
         if h.hexdigest() != entry.get("xxh3_128" if fast else "sha256"):
             key = self.path.parent.name
             raise NFMError(
@@ -175,6 +190,15 @@ class ShardFile:
                 f"(corrupt or tampered with); nothing of it was used. Check the cache with `nfm pairs verify {key}`, "
                 f"then rebuild it (nfm pairs rm {key}, nfm pairs build)"
             )
+
+    def mapped(self) -> dict[str, np.ndarray]:
+        """Every tensor as a read-only numpy view of the file mapped into memory: no copy, pages are read
+        from the page cache when touched. Check the file first (`verify`) where its content matters."""
+        mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return {
+            name: mm[self.base + start : self.base + stop].view(dt).reshape(shape)
+            for name, (dt, shape, start, stop) in self.tensors.items()
+        }
 
 
 def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -> list[str]:

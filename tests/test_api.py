@@ -113,26 +113,51 @@ def test_teacher_from_pretrained_samples_and_saves(tmp_path):
     assert load_teacher(tmp_path / "copy").fingerprint() == flow.fingerprint()
 
 
-def test_a_pair_cache_opens_as_a_memory_mapped_dataset(tmp_path):
+def test_a_pair_cache_opens_as_a_dataset_without_a_copy(tmp_path):
+    import pyarrow as pa
+
     export = make_teacher_export(tmp_path / "t" / "export", data=DATA)
     cache = build_pairs(load_teacher(export), load_data(DATA), PairBuildConfig(shard_rows=60), tmp_path / "pairs")
     pairs = nfm.PairCache.open(cache.path.name[:8], root=tmp_path / "pairs")
-    ds = pairs.to_dataset(cache_dir=tmp_path / "hf")
-    assert len(ds) == len(pairs) == 180 and ds.column_names == ["noise", "image", "label", "index"]
-    assert ds.cache_files and all(Path(f["filename"]).is_relative_to(tmp_path / "hf") for f in ds.cache_files)
+    before = pa.total_allocated_bytes()
+    ds = pairs.to_dataset()
+    # nothing of the shards' bytes was copied into Arrow's memory, nothing was written beside the cache
+    assert pa.total_allocated_bytes() - before < 1024
+    assert not ds.cache_files and sorted(p.name for p in tmp_path.rglob("*.arrow")) == []
+    # the Arrow values live in the shard file's own mapping (Linux: /proc/self/maps names the file)
+    values = ds.data.column("noise").chunk(0).storage.flatten().flatten().flatten()
+    addr, shard = values.buffers()[1].address, str((cache.path / pairs.shards[0]["file"]).resolve())
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    owner = [m[-1] for m in maps if int(m[0].split("-")[0], 16) <= addr < int(m[0].split("-")[1], 16)]
+    assert owner == [shard]
+    assert len(ds) == len(pairs) == 180 and ds.column_names == ["noise", "data", "label", "index"]
     rows = list(pairs.rows(chunk=50))
     noise = torch.cat([r["noise"] for r in rows])
     image = torch.cat([r["image"] for r in rows])
     labels = torch.cat([r["label"] for r in rows])
-    assert torch.equal(ds[:]["noise"], noise) and torch.equal(ds[:]["image"], image)
-    assert torch.equal(ds[:]["label"], labels)
+    got = ds[:]
+    assert torch.equal(got["noise"], noise) and torch.equal(pairs.to_float(got["data"]), image)
+    assert torch.equal(got["label"], labels) and torch.equal(ds[97]["noise"].float(), noise[97])
     # the dataset's images are the training images the pairs were built from (index -> image)
     train = load_data(DATA).tensors()[0]
-    assert torch.allclose(ds[:]["image"], train[ds[:]["index"]], atol=1e-6)
+    assert torch.allclose(pairs.to_float(got["data"]), train[got["index"]], atol=1e-6)
     n, x, y = pairs.torch_dataset()[97]
     assert torch.equal(n, noise[97]) and torch.equal(x, image[97]) and y == labels[97]
     with pytest.raises(NFMError, match="no pair cache"):
         nfm.PairCache.open("abcdef12", root=tmp_path / "pairs")
+
+
+def test_a_tampered_shard_is_refused_before_it_becomes_a_dataset(tmp_path):
+    export = make_teacher_export(tmp_path / "t" / "export", data=DATA)
+    cache = build_pairs(load_teacher(export), load_data(DATA), PairBuildConfig(shard_rows=60), tmp_path / "pairs")
+    pairs = nfm.PairCache.open(cache.path)
+    shard = cache.path / pairs.shards[1]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0xFF  # one byte of the last tensor: same size, other content
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(NFMError, match="does not match its checksum"):
+        pairs.to_dataset()
+    assert len(pairs.to_dataset(verify=False)) == 180  # the user's explicit choice
 
 
 @pytest.mark.slow
