@@ -26,6 +26,7 @@ import torch
 from nfm.pairs.lookup import find_cache
 from nfm.pairs.reader import PairCache as _PairCache
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.hub import hub_snapshot, is_repo_id
 from nfm.pipeline.core.images import to_uint8
 
 Output = Literal["tensor", "pil", "uint8"]
@@ -41,17 +42,9 @@ def _local_or_hub(path_or_repo: str | Path, revision: str | None = None) -> Path
     if p.exists():
         return p
     text = str(path_or_repo)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if not is_repo_id(text):
         raise NFMError(f"{text} is neither a local directory nor a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=text, revision=revision))
-    except Exception as e:  # offline, unknown repo, no access: one line with the way out
-        raise NFMError(
-            f"could not fetch {text!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "pass a local directory instead, or check the repo id and your network / HF_HUB_OFFLINE"
-        ) from e
+    return hub_snapshot(text, revision)
 
 
 def _push(save: Any, repo_id: str, private: bool, commit_message: str) -> str:
@@ -258,6 +251,32 @@ class PairCache(_PairCache):
         """A cache directory, or a key (or a prefix of at least 4 characters) under the cache root
         ($NFM_CACHE_DIR, else ~/.cache/nfm/pairs)."""
         return cls(find_cache(str(key_or_dir), Path(root) if root else None))
+
+    @classmethod
+    def from_pretrained(
+        cls, key_dir_or_repo: str | Path, root: str | Path | None = None, revision: str | None = None
+    ) -> PairCache:
+        """A local cache (directory, key or key prefix) as `open` finds it; otherwise a Hub *dataset* repo that
+        `push_to_hub` wrote: downloaded, checked byte for byte against its index (sha256 and xxh3 of every
+        shard), and installed under the cache root as its key, where `nfm student train --pairs KEY` finds it."""
+        from nfm.pairs.lookup import default_cache_root
+        from nfm.pairs.share import install_cache
+
+        text = str(key_dir_or_repo)
+        try:
+            return cls.open(text, root)
+        except NFMError:
+            if not is_repo_id(text) or Path(text).expanduser().exists():
+                raise
+        snapshot = hub_snapshot(text, revision, repo_type="dataset")
+        return cls(install_cache(snapshot, Path(root) if root else default_cache_root()))
+
+    def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
+        """Upload the cache (index, shards, a dataset card) to the Hub dataset repo `repo_id` in one commit,
+        after checking every shard against the index. Returns the commit URL."""
+        from nfm.pairs.share import push_cache
+
+        return push_cache(self.dir, repo_id, private, commit_message)
 
     def rows(self, chunk: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
         """Every row in storage order, shard by shard (checksums verified): the noise as the student reads it

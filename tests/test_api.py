@@ -160,6 +160,78 @@ def test_a_tampered_shard_is_refused_before_it_becomes_a_dataset(tmp_path):
     assert len(pairs.to_dataset(verify=False)) == 180  # the user's explicit choice
 
 
+def test_a_pair_cache_goes_to_the_hub_and_back_checked_byte_for_byte(tmp_path, monkeypatch):
+    """No Hub server here: the transport (HfApi.create_repo / create_commit, snapshot_download) is stubbed. The
+    push sends the index, the shards (read where they are) and a card in one commit; the pull installs the
+    snapshot under its key after checking every byte, and a tampered download installs nothing."""
+    import huggingface_hub
+
+    from tests.conftest import run_nfm_inline
+
+    export = make_teacher_export(tmp_path / "t" / "export", data=DATA)
+    cache = build_pairs(load_teacher(export), load_data(DATA), PairBuildConfig(shard_rows=60), tmp_path / "pairs")
+    pairs, hub, sent = nfm.PairCache.open(cache.path), tmp_path / "hub" / "snapshot", {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            sent["repo"] = (repo_id, repo_type, private)
+
+        def create_commit(self, repo_id, repo_type, operations, commit_message):
+            hub.mkdir(parents=True)
+            blobs = hub.parent / "blobs"
+            blobs.mkdir()
+            for op in operations:  # like the Hub cache: the snapshot's files are links into a blob store
+                src = op.path_or_fileobj
+                data = src if isinstance(src, bytes) else Path(src).read_bytes()
+                (blobs / op.path_in_repo).write_bytes(data)
+                (hub / op.path_in_repo).symlink_to(blobs / op.path_in_repo)
+            sent["files"] = sorted(op.path_in_repo for op in operations)
+            sent["read_in_place"] = [o.path_or_fileobj for o in operations if not isinstance(o.path_or_fileobj, bytes)]
+            return type("Info", (), {"commit_url": f"https://hf.co/datasets/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert pairs.push_to_hub("me/digits-pairs") == "https://hf.co/datasets/me/digits-pairs/commit/1"
+    shards = [s["file"] for s in pairs.shards]
+    assert sent["repo"] == ("me/digits-pairs", "dataset", False) and len(shards) == 3
+    assert sent["files"] == sorted(["README.md", "pairs.index.json", *shards])
+    assert sent["read_in_place"] == [str(cache.path / "pairs.index.json")] + [str(cache.path / f) for f in shards]
+    assert 'PairCache.from_pretrained("me/digits-pairs")' in (hub / "README.md").read_text()
+
+    calls = []
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id, revision, repo_type: calls.append((repo_id, repo_type)) or str(hub),
+    )
+    root = tmp_path / "other-machine"
+    got = nfm.PairCache.from_pretrained("me/digits-pairs", root=root)
+    assert calls == [("me/digits-pairs", "dataset")] and got.dir == root / pairs.key
+    assert not any(p.is_symlink() for p in got.dir.iterdir()) and sorted(p.name for p in root.iterdir()) == [pairs.key]
+    a, b = pairs.to_dataset()[:], got.to_dataset()[:]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert nfm.PairCache.from_pretrained(pairs.key[:6], root=root).dir == got.dir  # now a local key
+    assert run_nfm_inline("pairs", "pull", "me/digits-pairs", "--cache-dir", root).returncode == 0  # installed: kept
+
+    # a download whose shard changed after the push: refused, nothing appears under the key
+    blob = (hub / shards[2]).resolve()
+    raw = bytearray(blob.read_bytes())
+    raw[-1] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+    fresh = tmp_path / "third-machine"
+    with pytest.raises(NFMError, match="does not match its index"):
+        nfm.PairCache.from_pretrained("me/digits-pairs", root=fresh)
+    assert not fresh.exists() or list(fresh.iterdir()) == []
+    # and a cache that is not what its index says is not pushed
+    shard = cache.path / shards[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(NFMError, match="nothing was shared"):
+        pairs.push_to_hub("me/digits-pairs")
+    p = run_nfm_inline("pairs", "pull", "not-a-repo-id")
+    assert p.returncode != 0 and "not a Hugging Face Hub repo id (owner/name)" in p.stderr
+
+
 @pytest.mark.slow
 def test_the_notebook_example_runs(tmp_path):
     """examples/quickstart.py: nfm.run on the tiny preset, then every object of the API."""

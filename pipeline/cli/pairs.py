@@ -182,6 +182,28 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    """upload a pair cache to a Hugging Face Hub dataset repo (every shard checked first)"""
+    from nfm.pairs.lookup import find_cache
+    from nfm.pairs.share import push_cache
+
+    cache_dir = find_cache(args.key, options.cache_root(args))
+    print(push_cache(cache_dir, args.repo_id, private=args.private))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    """download a pair cache from a Hugging Face Hub dataset repo, check every byte, install it under its key"""
+    from nfm.pairs.share import install_cache
+    from nfm.pipeline.core.hub import hub_snapshot, is_repo_id
+
+    if not is_repo_id(args.repo_id):
+        raise NFMError(f"{args.repo_id!r} is not a Hugging Face Hub repo id (owner/name)")
+    dst = install_cache(hub_snapshot(args.repo_id, args.revision, repo_type="dataset"), options.cache_root(args))
+    print(f"pair cache {dst.name} installed at {dst}; train on it with --pairs {dst.name[:8]}")
+    return 0
+
+
 def register(stages: argparse._SubParsersAction) -> None:
     sub = options.add_group(stages, "pairs", "stage two: the teacher's noise/data pair cache")
 
@@ -222,4 +244,15 @@ def register(stages: argparse._SubParsersAction) -> None:
 
     p = options.add_command(sub, "rm", cmd_rm)
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    options.add_cache_dir(p)
+
+    p = options.add_command(sub, "push", cmd_push)
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    p.add_argument("repo_id", help="Hub dataset repo, owner/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    options.add_cache_dir(p)
+
+    p = options.add_command(sub, "pull", cmd_pull)
+    p.add_argument("repo_id", help="Hub dataset repo written by `nfm pairs push`, owner/name")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
     options.add_cache_dir(p)

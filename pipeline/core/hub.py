@@ -1,0 +1,26 @@
+"""The Hugging Face Hub as a source of models and pair caches: repo ids, and downloads that fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nfm.pipeline.core.errors import NFMError
+
+
+def is_repo_id(text: str) -> bool:
+    """owner/name, not a relative or absolute path."""
+    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
+
+
+def hub_snapshot(repo_id: str, revision: str | None, repo_type: str | None = None) -> Path:
+    """A Hub repo downloaded (or found in the local Hub cache); one line with the way out when it cannot be."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        kw = {"repo_type": repo_type} if repo_type else {}
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, **kw))
+    except Exception as e:  # offline, unknown repo, no access
+        raise NFMError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            "pass a local directory instead, or check the repo id and your network / HF_HUB_OFFLINE"
+        ) from e
