@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from nfm.pipeline.aggregate import paired, winner
-from nfm.pipeline.core.images import save_grid
+from nfm.pipeline.core.images import grid_image, save_grid
 from nfm.pipeline.core.io import atomic_write, write_json
 
 LABELS = {
@@ -498,12 +498,14 @@ def _memorisation_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _pictures(plot: Path, grid_files: dict[tuple[str, str], Path]) -> list[str]:
+def _pictures(plot: Path, side_by_side: tuple[str, str] | None, grid_files: dict[tuple[str, str], Path]) -> list[str]:
     lines = ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
-    lines += ["Samples from the same noise and labels (column k = class k; students trained from a data source: "
-              "(source image, sample) pairs side by side):", ""]  # fmt: skip
-    for (model, key), f in grid_files.items():
-        lines += [f"**{_label(model)} — {key}**", "", f"![{model} {key}]({f})", ""]
+    if side_by_side:
+        name, caption = side_by_side
+        lines += [f"![samples side by side]({name})", "", caption, ""]
+    if grid_files:
+        listed = ", ".join(f"[{model} {key}]({f})" for (model, key), f in grid_files.items())
+        lines += [f"The first 100 samples of each model and sampler, in the order of the fixed inputs: {listed}.", ""]
     return lines
 
 
@@ -547,6 +549,80 @@ def _timings(results: dict[str, Any]) -> list[str]:
     return lines + ["", f"Peak memory (RSS): {results.get('peak_rss_mb', 0):.0f} MB", ""]
 
 
+def one_per_class(labels: torch.Tensor | None, n: int, k: int = 10) -> tuple[list[int], list[int] | None]:
+    """Indices of the first sample of each of the first k classes among n (with the classes shown), or the
+    first k samples of an unconditional model (classes None)."""
+    if labels is None:
+        return list(range(min(k, n))), None
+    first: dict[int, int] = {}
+    for i, y in enumerate(labels[:n].tolist()):
+        first.setdefault(int(y), i)
+    classes = sorted(first)[:k]
+    return [first[c] for c in classes], classes
+
+
+def _panel_keys(model: str, keys: list[str]) -> list[str]:
+    if model == "teacher":
+        return keys
+    euler = [k for k in keys if k.startswith("euler-")]
+    return sorted(euler, key=lambda k: int(k.split("-")[1]))
+
+
+def plot_side_by_side(
+    grids: dict[str, dict[str, torch.Tensor]], labels: torch.Tensor | None, path: Path
+) -> tuple[Path, str] | None:
+    """One row per model, one panel per sampler (Euler 1, 2, 4, 8 steps; the teacher's decode and
+    decode+denoise), every panel the same evaluation inputs: one sample per class, the first of that class
+    among the fixed noise and labels. Returns the figure and its caption (from the classes really shown)."""
+    models = [m for m, gs in grids.items() if any(k != "source" for k in gs)]
+    if not models:
+        return None
+    n = min(len(x) for m in models for k, x in grids[m].items() if k != "source")
+    idx, classes = one_per_class(labels, n)
+    rows: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []
+    for m in models:
+        gs = grids[m]
+        if "source" in gs:
+            rows.append((f"{_label(m)}: its source", [("source images", gs["source"][idx])]))
+        keys = _panel_keys(m, [k for k in gs if k != "source"])
+        title = {"decode": "decode", "decode+denoise": "decode + denoise"}
+        rows.append((_label(m), [(title.get(k, k.replace("euler-", "Euler ")), gs[k][idx]) for k in keys]))
+    ncols = max(len(r[1]) for r in rows)
+    plt = _pyplot()
+    half = (len(idx) + 1) // 2
+    size = (2.1 * ncols + 1.6, 1.05 * len(rows) + 0.5)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=size, dpi=120, squeeze=False)
+    for r, (name, panels) in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+            if c < len(panels):
+                title, x = panels[c]
+                img = grid_image(x.float().cpu(), nrow=half, pad=1, min_tile=24).permute(1, 2, 0).numpy()
+                ax.imshow(img, interpolation="nearest")
+                ax.set_title(title, fontsize=7, pad=2)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center", labelpad=6)
+    fig.tight_layout(pad=0.4, w_pad=1.2, h_pad=0.6)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    if classes is None:
+        what = f"the first {len(idx)} samples"
+    elif classes == list(range(len(classes))):
+        top = f"{classes[0]}–{classes[half - 1]}"
+        what = f"one sample of each class {classes[0]}–{classes[-1]}, classes {top} in the top row"
+    else:
+        what = f"one sample of each of the classes {', '.join(map(str, classes))}, in that order"
+    caption = (
+        f"Every panel shows the same evaluation inputs (noise and labels, fixed for every model): {what} — the "
+        "first sample of that class among the fixed inputs."
+    )
+    return path, caption
+
+
 def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dict[tuple[str, str], Path]:
     """samples/MODEL-KEY.png for every grid (first 100 samples, 10 columns); returns their relative paths."""
     files = {}
@@ -569,19 +645,28 @@ def write_report(
     grids: dict[str, dict[str, torch.Tensor]],
     out_dir: Path,
     grid_files: dict[tuple[str, str], Path] | None = None,
+    labels: torch.Tensor | None = None,
 ) -> Path:
-    """report.json, report.md, fid_vs_nfe.png and samples/*.png under out_dir; returns report.md.
-    `grid_files` names sample grids already written (instead of `grids`)."""
+    """report.json, report.md, fid_vs_nfe.png, samples.png (the side-by-side figure) and samples/*.png under
+    out_dir; returns report.md. `labels` are the class labels of the grids' samples (None: unconditional).
+    `grid_files` names sample grids already written (instead of `grids`; the figure is then kept as it is)."""
     out_dir = Path(out_dir)
     write_json(out_dir / "report.json", results)
     plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
     frontier = plot_frontier(results, out_dir / "knob_frontier.png") if results.get("knobs") else None
     grid_files = {**(grid_files or {}), **write_grids(grids, out_dir)}
+    side = plot_side_by_side(grids, labels, out_dir / "samples.png") if grids else None
+    caption_file = out_dir / "samples" / "caption.txt"
+    if side:
+        atomic_write(caption_file, lambda p, text=side[1]: p.write_text(text + "\n"))
+    elif (out_dir / "samples.png").is_file() and caption_file.is_file():
+        side = (out_dir / "samples.png", caption_file.read_text().strip())
+    side_md = (side[0].name, side[1]) if side else None
     nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
     lines = _intro(results) + _headline(results, nfes) + _fid_table(results, nfes) + _kid_table(results, nfes)
     lines += _spread_table(results, nfes)
     lines += _knob_table(results, nfes, frontier) + _likelihood_table(results) + _cost_table(results)
-    lines += _memorisation_table(results) + _pictures(plot, grid_files) + _timings(results)
+    lines += _memorisation_table(results) + _pictures(plot, side_md, grid_files) + _timings(results)
     report = out_dir / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report

@@ -788,8 +788,11 @@ def run_pipeline(
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
         results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
+    from nfm.pipeline.core.sampling import sample_labels
     from nfm.pipeline.report import write_report
 
-    report = write_report(results, grids, run_dir)
+    # the labels of the grids' samples: every model sampled the same fixed inputs (student_inputs)
+    labels = sample_labels(min(ctx.ev.n, 100), runs[0].train_data.num_classes, None, ctx.on.reference_labels)
+    report = write_report(results, grids, run_dir, labels=labels)
     log.info(f"report: {report}")
     return report

@@ -71,6 +71,9 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     assert (run / "samples" / "teacher-decode+denoise.png").is_file()
     md = (run / "report.md").read_text()
     assert "| NFM (teacher pairs) |" in md and "fid_vs_nfe.png" in md
+    # one side-by-side figure (a row per model, a panel per sampler), its caption from the classes shown
+    assert (run / "samples.png").is_file() and "![samples side by side](samples.png)" in md
+    assert "one sample of each class 0–9, classes 0–4 in the top row" in md and "column k = class k" not in md
     # 100 samples, 128 feature dimensions: the report says the FID means little
     assert "**Warning.** FID with 100 samples against 359 reference images is unreliable" in md
     assert len(caches(tmp_path / "cache" / "pairs")) == 1
@@ -279,3 +282,26 @@ def test_the_report_gives_kid_with_its_spread_in_the_feature_units():
     assert "| NFM (teacher pairs) | 2.333 ± 0.375 |" in lines
     assert not any("×10³" in line for line in lines)
     assert any("4-step Euler trajectories" in line for line in lines)
+
+
+def test_the_side_by_side_figure_shows_the_class_it_says(tmp_path):
+    """Labels in held-out order: the figure picks the first sample of each class, so a panel's k-th image is of
+    class k (here each image's pixels are its label), whatever the order of the fixed inputs."""
+    from PIL import Image
+
+    from nfm.pipeline.report import one_per_class, plot_side_by_side
+
+    labels = torch.tensor([7, 3, 3, 9, 0, 1, 2, 5, 4, 6, 8, 1, 0])
+    idx, classes = one_per_class(labels, len(labels))
+    assert classes == list(range(10)) and labels[idx].tolist() == classes and idx[3] == 1  # the first 3
+    x = (labels.float() / 4.5 - 1).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    grids = {"teacher": {"decode": x, "decode+denoise": x}, "nfm": {"euler-2": x, "euler-1": x}}
+    path, caption = plot_side_by_side(grids, labels, tmp_path / "samples.png")
+    assert "one sample of each class 0–9, classes 0–4 in the top row" in caption
+    w, h = Image.open(path).size
+    assert w > h > 0
+    # a model with fewer classes among the inputs: the caption names them
+    _, caption = plot_side_by_side({"nfm": {"euler-1": x[:4]}}, labels[:4], tmp_path / "few.png")
+    assert "classes 3, 7, 9, in that order" in caption
+    _, caption = plot_side_by_side({"nfm": {"euler-1": x}}, None, tmp_path / "uncond.png")
+    assert "the first 10 samples" in caption
