@@ -45,7 +45,7 @@ from nfm.pipeline.core.config import AtLeast1, NonNegative, Range, Scale, added,
 from nfm.pipeline.core.data import DataConfig, ImageDataset
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import save_tensors, write_json
+from nfm.pipeline.core.io import check_free_space, save_tensors, write_json
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.teacher.protocol import Teacher, check_teacher, prior_std
 
@@ -65,6 +65,9 @@ class PairBuildConfig:
     # the noise added before encoding, as a multiple of the teacher's eta (0: clean images; 1: what it was
     # trained on; 2: twice that)
     eta_scale: Scale = added(1.0)
+    # refuse at once a build the free disk under the cache root cannot hold (false: write until the disk is
+    # full, stop with one line; the build resumes once there is room)
+    check_space: bool = added(True)
 
 
 def pair_eta(teacher: Teacher, cfg: PairBuildConfig) -> float:
@@ -159,13 +162,22 @@ def _shard_rows(data: ImageDataset, cfg: PairBuildConfig) -> int:
     return _shard_rows_for(data.image_shape, cfg, _uint8_ok(data))
 
 
+def pair_bytes(shape: tuple[int, ...], cfg: PairBuildConfig, uint8: bool) -> int:
+    """Bytes one pair takes in a shard: noise (cfg.dtype) + data (uint8 or float32) + label, index, view."""
+    c, h, w = shape
+    return c * h * w * ((2 if cfg.dtype == "float16" else 4) + (1 if uint8 else 4)) + 24
+
+
+def estimate_cache_bytes(data: ImageDataset, cfg: PairBuildConfig) -> int:
+    """The size of the cache `build_pairs(teacher, data, cfg)` writes (shard headers aside)."""
+    return len(data) * cfg.views * pair_bytes(data.image_shape, cfg, _uint8_ok(data))
+
+
 def _shard_rows_for(shape: tuple[int, ...], cfg: PairBuildConfig, uint8: bool) -> int:
     """Pairs per shard: cfg.shard_rows, or as many as fit in cfg.shard_mb."""
     if cfg.shard_rows > 0:
         return cfg.shard_rows
-    c, h, w = shape
-    row_bytes = c * h * w * ((2 if cfg.dtype == "float16" else 4) + (1 if uint8 else 4)) + 24
-    return max(1, (cfg.shard_mb << 20) // row_bytes)
+    return max(1, (cfg.shard_mb << 20) // pair_bytes(shape, cfg, uint8))
 
 
 def _assemble_index(cache_dir: Path, base: dict[str, Any], num_shards: int, complete: bool) -> dict[str, Any]:
@@ -229,9 +241,12 @@ class _Plan:
     total: int  # pairs expected: rows x views
     shard_rows: int
     num_shards: int
+    row_bytes: int  # bytes per pair on disk (the disk-space check)
 
     @classmethod
-    def make(cls, fields: dict[str, Any], total: int, shard_rows: int, cache_root: Path | None) -> _Plan:
+    def make(
+        cls, fields: dict[str, Any], total: int, shard_rows: int, cache_root: Path | None, row_bytes: int
+    ) -> _Plan:
         """The plan of the cache whose key is the hash of `fields`, holding `total` pairs."""
         key = cache_key(fields)
         return cls(
@@ -241,6 +256,18 @@ class _Plan:
             total=total,
             shard_rows=shard_rows,
             num_shards=max(1, math.ceil(total / shard_rows)),
+            row_bytes=row_bytes,
+        )
+
+    def check_space(self) -> None:
+        """The disk under the cache root holds what is left to write (shards already there count)."""
+        shards = self.cache_dir.glob("pairs-*.safetensors") if self.cache_dir.is_dir() else []
+        have = sum(f.stat().st_size for f in shards)
+        check_free_space(
+            self.cache_dir,
+            self.total * self.row_bytes - have,
+            f"pair cache {self.key} ({self.total} pairs)",
+            "free space there, or build under another cache root (--cache-dir, or NFM_CACHE_DIR)",
         )
 
     def shard_ids(self, s: int) -> torch.Tensor:
@@ -262,7 +289,8 @@ def _check_inputs(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig) ->
 def _plan(teacher: Teacher, data: ImageDataset, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
     shard_rows = _shard_rows(data, cfg)
     fields = key_fields(teacher.fingerprint(), data, pair_eta(teacher, cfg), cfg, shard_rows)
-    return _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root)
+    row_bytes = pair_bytes(data.image_shape, cfg, _uint8_ok(data))
+    return _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root, row_bytes)
 
 
 def _complete_index(cache_dir: Path, content: bool = False) -> dict[str, Any] | None:
@@ -438,6 +466,8 @@ def _build_locked(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: boo
         checked = ", content verified" if verify else ""
         log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs{checked}) at {plan.cache_dir}")
         return PairBuildResult(plan.key, plan.cache_dir, True, index["total_rows"], index.get("dropped", 0), 0)
+    if state.is_main_process and cfg.check_space:
+        plan.check_space()
     base, encode_shard = prepare()
     sigma = base["sigma_f"]
     if state.is_main_process:

@@ -27,6 +27,7 @@ from nfm.pairs.build import (
     _build,
     _Plan,
     _shard_rows_for,
+    pair_bytes,
     pair_noise,
 )
 from nfm.pipeline.core.config import check_choices
@@ -72,7 +73,8 @@ def reflow_key_fields(gen: Generator, n: int, cfg: PairBuildConfig, shard_rows: 
 
 def _plan(gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
     shard_rows = _shard_rows_for(gen.image_shape, cfg, uint8=False)
-    return _Plan.make(reflow_key_fields(gen, n, cfg, shard_rows), n, shard_rows, cache_root)
+    row_bytes = pair_bytes(gen.image_shape, cfg, uint8=False)
+    return _Plan.make(reflow_key_fields(gen, n, cfg, shard_rows), n, shard_rows, cache_root, row_bytes)
 
 
 def _header(plan: _Plan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]:

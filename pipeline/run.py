@@ -59,7 +59,7 @@ from nfm.pipeline.core.config import (
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import setup_logger
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.pipeline.evaluate import (
@@ -747,6 +747,24 @@ def _train_seed(
     return _SeedRun(cfg, teacher, data_cfg, train_data, pairs, trained, evaluated, costs)
 
 
+def _check_pair_space(cfg: RunConfig, run_dir: Path, cache_root: Path) -> None:
+    """Before the first stage: room under the cache root for the pair cache of every seed whose teacher is
+    not trained yet (where a teacher exists, nothing is lost by the pair build's own check)."""
+    from nfm.pairs.build import estimate_cache_bytes
+
+    fresh = [k for k in range(cfg.seeds) if not (run_dir / f"teacher-{config_hash(seeded(cfg, k).teacher)}" / "export"
+             / "config.json").is_file()]  # fmt: skip
+    if not fresh:
+        return
+    per_cache = estimate_cache_bytes(load_data(cfg.teacher.data, cfg.pairs.split), cfg.pairs)
+    check_free_space(
+        cache_root,
+        per_cache * len(fresh),
+        f"the NFM pair cache{'s' if len(fresh) > 1 else ''} of {len(fresh)} seed{'s' if len(fresh) > 1 else ''}",
+        "free space there, or put the caches elsewhere (--cache-dir, or NFM_CACHE_DIR)",
+    )
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: Path,
@@ -767,6 +785,8 @@ def run_pipeline(
     cache_root = Path(cache_root or default_cache_root())
     if not from_teacher:  # the evaluation's feature network, checked before hours of training
         check_extractor(cfg.eval.extractor or default_extractor(cfg.teacher.data.name))
+        if state.is_main_process and needs_teacher(cfg) and cfg.pairs.check_space:
+            _check_pair_space(cfg, run_dir, cache_root)
     stages, t_all = _Stages(log), time.perf_counter()
     runs = [
         _train_seed(seeded(cfg, k), k, run_dir, from_teacher, teacher_arch, cache_root, stages)

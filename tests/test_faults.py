@@ -406,6 +406,9 @@ def test_a_real_full_disk_stops_with_one_line_and_resumes_identically(export, tm
 
     args = ["pairs", "build", "--teacher", export, "--views", "64", "pairs.shard_rows=1000"]
     run_nfm(*args, "--cache-dir", tmp_path / "ref")  # the same build with room: 2.5 MB of shards
+    refused = run_nfm(*args, "--cache-dir", small_disk, check=False)  # the estimate does not fit: refused at once
+    assert refused.returncode == 2 and "needs about 2.4 MB at" in refused.stderr and not caches(small_disk)
+    args.append("pairs.check_space=false")  # write until the disk is really full
     full = run_nfm(*args, "--cache-dir", small_disk, check=False)
     (line,) = [x for x in full.stderr.splitlines() if "nfm: error" in x]
     assert full.returncode == 1 and "No space left on device" in line and "the disk is full" in line

@@ -209,6 +209,39 @@ def test_a_run_whose_feature_network_cannot_load_stops_before_training(tmp_path)
     assert p.returncode == 2 and "unknown feature extractor 'no-such-net'" in p.stderr
 
 
+def test_a_run_without_room_for_its_pair_caches_stops_before_training(tmp_path, monkeypatch):
+    """The disk under the cache root is checked for every seed's pair cache before the first stage, and the
+    pair build checks what is left to write; both are one line naming the size, the place and the way out."""
+    import shutil
+    from collections import namedtuple
+
+    from tests.conftest import run_nfm_inline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, (1 << 40) - (10 << 20), 10 << 20))
+    env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
+    p = run_nfm_inline("run", "--preset", "tiny", "--run-dir", tmp_path / "run", "--seeds", "2", env=env)
+    assert p.returncode == 2, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("nfm: error:")]
+    assert len(line) == 1 and "the NFM pair caches of 2 seeds needs about" in line[0], p.stderr
+    assert "10.0 MB free" in line[0] and "--cache-dir, or NFM_CACHE_DIR" in line[0]
+    assert not list((tmp_path / "run").glob("teacher-*"))  # nothing was trained
+
+    from nfm.pairs.build import PairBuildConfig, build_pairs, estimate_cache_bytes
+    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.teacher.export import load_teacher
+    from tests.conftest import make_teacher_export
+
+    data = load_data(DataConfig(name="digits", held_out=0.5))
+    cfg = PairBuildConfig(views=40)
+    need = estimate_cache_bytes(data, cfg)
+    assert need == len(data) * 40 * (64 * 2 + 64 + 24)  # float16 noise, uint8 data, label/index/view
+    teacher = load_teacher(make_teacher_export(tmp_path / "t" / "export", data=DataConfig(name="digits")))
+    with pytest.raises(NFMError, match=r"pair cache \w+ \(35960 pairs\) needs about 7.4 MB at .*10.0 MB free"):
+        build_pairs(teacher, data, cfg, tmp_path / "pairs")
+    assert not (tmp_path / "pairs").exists() or not any((tmp_path / "pairs").rglob("*.safetensors"))
+
+
 def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
     """--from-teacher python:module:factory: a flow without log_prob or denoise runs the whole pipeline."""
     env_path = f"{user_flow_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"

@@ -41,6 +41,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_free_space(path: str | Path, need: int, what: str, fix: str) -> None:
+    """Refuse, in one line, work that will write about `need` bytes under `path` (or the nearest existing
+    folder above it) when the disk there has less free (plus 5 % and 64 MB of margin)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if need > 0 and free < need * 1.05 + (64 << 20):
+        raise NFMError(f"{what} needs about {_size(need)} at {path}, and the disk there has {_size(free)} free: {fix}")
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)`, then rename tmp_path to `path`. The temp file is removed on failure."""
     path = Path(path)
