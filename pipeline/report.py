@@ -504,8 +504,11 @@ def _pictures(plot: Path, side_by_side: tuple[str, str] | None, grid_files: dict
         name, caption = side_by_side
         lines += [f"![samples side by side]({name})", "", caption, ""]
     if grid_files:
-        listed = ", ".join(f"[{model} {key}]({f})" for (model, key), f in grid_files.items())
-        lines += [f"The first 100 samples of each model and sampler, in the order of the fixed inputs: {listed}.", ""]
+        lines += [
+            f"The first 100 samples of each model and sampler, in the order of the fixed inputs, are in `samples/` "
+            f"(MODEL-SAMPLER.png; {len(grid_files)} grids in this run).",
+            "",
+        ]
     return lines
 
 
