@@ -1,0 +1,165 @@
+"""Stage two for knowledge transfer (FM-KT): the classifier teacher's outputs, cached per image and view.
+
+The same sharded, content-addressed, resumable cache as the flow pairs (pairs/format.py, built by the same
+`_build`), with the columns read as:
+
+    noise   the teacher's logits for the row's view (float32, (num_classes,)): the target end of the transfer
+    data    the view itself: the training image shifted and flipped as `augment` drew it (stored grey levels)
+    label   the true class; index: the training image; view: 0 = the image itself, v >= 1 an augmented view
+
+View v of image r is a pure function of (seed, r, v), so a student reads exactly the images the teacher saw,
+and the logits are the teacher's, bit for bit (computed once, in eval mode, in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nfm.pairs.build import (
+    FORMAT_VERSION,
+    PairBuildConfig,
+    PairBuildResult,
+    _build,
+    _Plan,
+    _shard_rows_for,
+    pair_bytes,
+)
+from nfm.pipeline.core.augment import AugmentConfig, augment, augment_params
+from nfm.pipeline.core.data import ImageDataset
+from nfm.pipeline.core.distributed import process_state
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class KTPairConfig:
+    views: int = 2  # views per image: view 0 is the image itself, the others augmented
+    seed: int = 0  # seeds every view's shift and flip
+    batch_size: int = 500  # teacher batch
+    shard_mb: int = 256
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+
+def view_params(cfg: KTPairConfig, rows: torch.Tensor, views: torch.Tensor, n_rows: int):
+    """(shift, flip) of the given (row, view) pairs: drawn per view over every row of the data set from a
+    generator seeded by (seed, view), so a pair's view does not depend on the batch it is built in."""
+    shift = torch.zeros(len(rows), 2, dtype=torch.long)
+    flip = torch.zeros(len(rows), dtype=torch.bool)
+    for v in views.unique().tolist():
+        if v == 0:
+            continue  # view 0: the image as it is
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "kt-view", v))
+        s, f = augment_params(cfg.augment, torch.rand(n_rows, 3, generator=g))  # (dy, dx, flip) per row
+        sel = views == v
+        shift[sel], flip[sel] = s[rows[sel]], f[rows[sel]]
+    return shift, flip
+
+
+@torch.no_grad()
+def kt_rows(classifier: nn.Module, data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig, device) -> dict:
+    """The cache columns of pair ids `ids` (pair id = row * views + view)."""
+    rows, views = ids // cfg.views, ids % cfg.views
+    u, y = data.raw(rows.tolist())
+    shift, flip = view_params(cfg, rows, views, len(data))
+    u = augment(u, shift, flip, fill=0)
+    x = u.float() * (2.0 / data.levels) - 1.0
+    logits = classifier(x.to(device)).float().cpu()
+    return {"noise": logits, "data": u, "label": y, "index": rows, "view": views}
+
+
+def build_kt_pairs(
+    classifier: nn.Module,
+    data: ImageDataset,
+    cfg: KTPairConfig,
+    cache_root: Path | None = None,
+    teacher_info: dict[str, Any] | None = None,
+    log=print,
+) -> PairBuildResult:
+    """Build (or resume, or reuse) the logit cache of (classifier, data, cfg)."""
+    if not 0 < data.levels <= 255:
+        raise NFMError(f"{data.name}: a logit cache stores its views as grey levels; this source has {data.levels}")
+    if cfg.views < 1:
+        raise NFMError(f"kt pairs: views must be >= 1, got {cfg.views}")
+    state = process_state()
+    device = state.device
+    classifier = classifier.to(device).eval()
+    k = int(getattr(classifier, "num_classes", 0))
+    if k != data.num_classes:
+        raise NFMError(f"the classifier has {k} classes, {data.name} has {data.num_classes}: build on its own data")
+    build = PairBuildConfig(views=cfg.views, dtype="float32", batch_size=cfg.batch_size, shard_mb=cfg.shard_mb)
+    shard_rows = _shard_rows_for(data.image_shape, build, uint8=True)
+    fields = {
+        "format_version": FORMAT_VERSION,
+        "kind": "kt",
+        "teacher": classifier.fingerprint(),
+        "data": data.fingerprint,
+        "split": "train",
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "augment": asdict(cfg.augment),
+        "shard_rows": shard_rows,
+    }
+    row_bytes = pair_bytes(data.image_shape, build, uint8=True)
+    plan = _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root, row_bytes)
+    c, h, w = data.image_shape
+    header = {
+        "format_version": FORMAT_VERSION,
+        "kind": "kt",
+        "key": plan.key,
+        "key_fields": plan.fields,
+        "teacher": {"fingerprint": plan.fields["teacher"], **(teacher_info or {})},
+        "data": {
+            "name": data.name,
+            **({"config": asdict(data.data_config)} if getattr(data, "data_config", None) is not None else {}),
+            "split": "train",
+            "fingerprint": data.fingerprint,
+            "rows": len(data),
+            "levels": data.levels,
+            "num_classes": data.num_classes,
+        },
+        "noise_std": 0.0,
+        "sigma_f": 1.0,
+        "prior_std": "unit",
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "augment": asdict(cfg.augment),
+        "dtypes": {"noise": "float32", "data": "uint8", "label": "int64", "index": "int64"},
+        "shapes": {"noise": [k], "data": [c, h, w]},
+        "shard_rows": plan.shard_rows,
+        "num_shards": plan.num_shards,
+        "expected_rows": plan.total,
+    }
+
+    def encode_shard(s: int, bar) -> dict[str, torch.Tensor]:
+        ids_all, parts = plan.shard_ids(s), []
+        for i in range(0, len(ids_all), cfg.batch_size):
+            parts.append(kt_rows(classifier, data, ids_all[i : i + cfg.batch_size], cfg, device))
+            bar.update(len(parts[-1]["label"]))
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    return _build(plan, build, state, lambda: (header, encode_shard), False, log)
+
+
+def logit_error(cache_dir: Path, classifier: nn.Module, samples: int = 256) -> dict[str, float]:
+    """Recompute the teacher's logits of the first `samples` rows of each shard from the stored views: the
+    worst absolute difference (0 for an intact cache and the same teacher on the same device)."""
+    from nfm.pairs.reader import PairCache
+
+    cache, worst, checked = PairCache(cache_dir), 0.0, 0
+    classifier = classifier.eval()
+    device = next(classifier.parameters()).device
+    for i in range(len(cache.shards)):
+        shard = cache.shard(i)
+        m = min(samples, shard.rows)
+        x = cache.to_float(shard.read("data", 0, m))
+        with torch.no_grad():
+            got = classifier(x.to(device)).float().cpu()
+        worst = max(worst, float((got - shard.read("noise", 0, m)).abs().max()))
+        checked += m
+    return {"rows_checked": checked, "worst_abs_error": worst}

@@ -1,0 +1,293 @@
+"""Stage three for knowledge transfer: a small classifier trained on a teacher's logit cache, by FM-KT.
+
+FM-KT (Shao et al., "Precise Knowledge Transfer via Flow Matching", arXiv 2402.02012) puts a small
+*meta-encoder* g on the student's feature map z. Along a probability path from z (t = 0) to a representation
+whose head output is the teacher's (t = 1), K serial steps each predict the end point and score it:
+
+    x_{t_0} = sigma_0 z,    t_k = k / K
+    xhat_k  = z - g(x_{t_k} + e(t_k))                  the end point predicted at step k
+    out_k   = head(xhat_k)                              logits of step k
+    x_{t_{k+1}} = alpha_{t_{k+1}} xhat_k + sigma_{t_{k+1}} z       (the path, its source end known)
+
+    loss = (1/K) sum_k [ kd_weight * KD(out_k, teacher logits) + ce_weight * CE(out_k, label) ]
+    prediction = (1/K) sum_k out_k                      (the implicit ensemble of the K steps)
+
+The path is one of the student stage's (student/paths.py, alpha_t x + sigma_t z): `rf` = linear (rectified
+flow), `vp`, `ve`. KD is any metric on logits: `kl` (Hinton et al.: T^2 KL(p_T(teacher) || p_T(student)))
+or `dist` (Huang et al. 2022: inter- and intra-class Pearson relations). The baselines are the same student
+trained without the teacher (`none`, cross-entropy) and with vanilla KD on its own head (`kd`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.config import AtLeast1, NonNegative, Positive, check_choices, from_dict, to_dict
+from nfm.pipeline.core.data import ImageDataset
+from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.loop import TrainConfig, train
+from nfm.pipeline.core.seeding import BatchRandom
+from nfm.student.paths import ProbPath
+
+FORMAT = "nfm-kt-student"
+SCHEDULES = {"rf": "linear", "vp": "vp", "ve": "ve"}
+
+
+@dataclass(frozen=True)
+class KTModelConfig:
+    width: AtLeast1 = 16  # backbone channels (then 2 x width at 1/2 and 1/4 resolution)
+    in_channels: int = 0  # 0: from the cache
+    img_size: int = 0
+    num_classes: int = 0
+
+
+@dataclass(frozen=True)
+class KTConfig:
+    method: Literal["none", "kd", "fm-kt"] = "fm-kt"
+    schedule: Literal["rf", "vp", "ve"] = "rf"
+    steps: AtLeast1 = 4  # K, the serial steps of FM-KT in training (evaluation sweeps K = 1, 2, 4, 8)
+    kd_loss: Literal["kl", "dist"] = "kl"
+    temperature: Positive = 4.0  # of the kl loss
+    kd_weight: NonNegative = 1.0
+    ce_weight: NonNegative = 1.0
+    ve_sigma_min: Positive = 0.01
+    ve_sigma_max: Positive = 20.0
+
+
+@dataclass(frozen=True)
+class KTStudentRunConfig:
+    model: KTModelConfig = field(default_factory=KTModelConfig)
+    kt: KTConfig = field(default_factory=KTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pairs: str = ""  # the logit cache: key, key prefix or directory
+
+
+def _norm(c: int) -> nn.Module:
+    return nn.GroupNorm(min(8, c), c)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+class KTStudent(nn.Module):
+    """Backbone (three 3x3 conv layers, two of stride 2) -> feature map z; head = global average pool + linear;
+    for FM-KT also the meta-encoder (SiLU, 3x3 conv, group norm, SiLU, 3x3 conv on the feature channels, as in
+    the paper's CNN meta-encoder) and its time embedding."""
+
+    def __init__(self, cfg: KTModelConfig, kt: KTConfig):
+        super().__init__()
+        if cfg.in_channels < 1 or cfg.num_classes < 2:
+            raise NFMError("a KT student needs its data's channels and at least two classes")
+        self.cfg, self.kt = cfg, kt
+        w, c = cfg.width, 2 * cfg.width
+        self.backbone = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, w, 3, 1, 1), _norm(w), nn.ReLU(),
+            nn.Conv2d(w, c, 3, 2, 1), _norm(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, 2, 1), _norm(c), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(c, cfg.num_classes)
+        if kt.method == "fm-kt":
+            self.meta = nn.Sequential(
+                nn.SiLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, 1, 1)
+            )  # fmt: skip
+            self.time = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
+            self.path = ProbPath(SCHEDULES[kt.schedule], kt.ve_sigma_min, kt.ve_sigma_max)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def logits_of(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.head(feat.mean((2, 3)))
+
+    def trajectory(self, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """The K = steps logits out_k of FM-KT's serial sampler (one, the plain head, for none / kd)."""
+        z = self.backbone(x)
+        if self.kt.method != "fm-kt":
+            return [self.logits_of(z)]
+        t0 = torch.zeros((), dtype=z.dtype, device=z.device)
+        xt = self.path.coefficients(t0)[1] * z
+        outs = []
+        for k in range(steps):
+            t = torch.full((z.shape[0],), k / steps, dtype=z.dtype, device=z.device)
+            e = self.time(timestep_embedding(t, z.shape[1]))[:, :, None, None]
+            xhat = z - self.meta(xt + e)
+            outs.append(self.logits_of(xhat))
+            alpha, sigma = self.path.coefficients(torch.full((), (k + 1) / steps, dtype=z.dtype, device=z.device))[:2]
+            xt = alpha * xhat + sigma * z
+        return outs
+
+    def forward(self, x: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Class logits: the mean of the K steps' logits (FM-KT), or the head's."""
+        return torch.stack(self.trajectory(x, steps or self.kt.steps)).mean(0)
+
+
+def kl_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.: T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the batch."""
+    log_p_s = F.log_softmax(student / temperature, 1)
+    log_p_t = F.log_softmax(teacher / temperature, 1)
+    return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean()
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss(student: torch.Tensor, teacher: torch.Tensor, beta: float = 2.0, gamma: float = 2.0) -> torch.Tensor:
+    """DIST (Huang et al. 2022) at temperature 1: beta (1 - mean Pearson over each sample's class probabilities)
+    + gamma (1 - mean Pearson over each class's probabilities across the batch)."""
+    p_s, p_t = student.softmax(1), teacher.softmax(1)
+    return beta * (1 - _pearson(p_s, p_t).mean()) + gamma * (1 - _pearson(p_s.T, p_t.T).mean())
+
+
+def kt_loss(kt: KTConfig):
+    """(model, (x, teacher logits, labels), rng) -> (loss, logs) for the method in `kt`."""
+
+    def kd(out: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kl_loss(out, teacher, kt.temperature) if kt.kd_loss == "kl" else dist_loss(out, teacher)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], rng: BatchRandom):
+        x, teacher, y = batch
+        outs = model.trajectory(x, kt.steps)
+        terms = []
+        for out in outs:
+            term = kt.ce_weight * F.cross_entropy(out, y)
+            if kt.method != "none":
+                term = term + kt.kd_weight * kd(out, teacher)
+            terms.append(term)
+        loss = torch.stack(terms).mean()
+        pred = torch.stack(outs).mean(0)
+        return loss, {"loss": loss.item(), "acc": (pred.argmax(1) == y).float().mean().item()}
+
+    return loss_fn
+
+
+class KTPairs(torch.utils.data.Dataset):
+    """A logit cache in memory (verified on read): (image view in [-1, 1], teacher logits, label) rows."""
+
+    def __init__(self, cache: PairCache):
+        if cache.index.get("kind") != "kt":
+            raise NFMError(
+                f"pair cache {cache.key} holds flow pairs, not a classifier's logits: build one with `nfm kt pairs "
+                "build`"
+            )
+        cols = {"data": [], "noise": [], "label": []}
+        for i, entry in enumerate(cache.shards):
+            shard = cache.shard(i)
+            out = {k: torch.empty(shard.tensors[k][1], dtype=_dtype(shard.tensors[k][0])) for k in cols}
+            shard.read_verified(entry, out)
+            for k in cols:
+                cols[k].append(out[k])
+        self.cache = cache
+        self.data, self.logits, self.labels = (torch.cat(cols[k]) for k in ("data", "noise", "label"))
+        self.image_shape = tuple(self.data.shape[1:])
+        self.num_classes = self.logits.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        i = torch.as_tensor(idx, dtype=torch.long)
+        return self.cache.to_float(self.data[i]), self.logits[i], self.labels[i]
+
+
+def _dtype(np_dtype) -> torch.dtype:
+    import numpy as np
+
+    return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
+
+
+@torch.no_grad()
+def accuracy_at(model: KTStudent, data: ImageDataset, steps: list[int], batch: int = 1000) -> dict[int, float]:
+    """Top-1 accuracy of the student with K sampler steps, for each K in `steps` (one entry for none / kd)."""
+    model.eval()
+    ks = steps if model.kt.method == "fm-kt" else [1]
+    right = dict.fromkeys(ks, 0)
+    device = next(model.parameters()).device
+    for a in range(0, len(data), batch):
+        x, y = data.__getitems__(list(range(a, min(a + batch, len(data)))))
+        z = x.to(device)
+        for k in ks:
+            right[k] += int((model(z, k).argmax(1).cpu() == y).sum())
+    return {k: right[k] / max(len(data), 1) for k in ks}
+
+
+def resolve(cfg: KTStudentRunConfig, pairs: KTPairs) -> KTStudentRunConfig:
+    c, h, _ = pairs.image_shape
+    m = {**asdict(cfg.model), "in_channels": c, "img_size": h, "num_classes": pairs.num_classes}
+    return from_dict(KTStudentRunConfig, {**to_dict(cfg), "model": m, "pairs": str(pairs.cache.dir)})
+
+
+def save_kt_student(model: KTStudent, directory: Path, extra: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
+    write_json(directory / "config.json", {"kind": "kt-student", "format": FORMAT, "model": asdict(model.cfg),
+                                           "kt": asdict(model.kt), **extra})  # fmt: skip
+    return directory
+
+
+def load_kt_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[KTStudent, dict[str, Any]]:
+    p = Path(path)
+    if (p / "export" / "config.json").is_file():
+        p = p / "export"
+    meta = read_json(p / "config.json", "KT student config")
+    if meta.get("format") != FORMAT:
+        raise NFMError(f"{p} is not a KT student export (format {meta.get('format')!r}); train one with "
+                       "`nfm kt student train`")  # fmt: skip
+    model = KTStudent(from_dict(KTModelConfig, meta["model"]), from_dict(KTConfig, meta["kt"]))
+    model.load_state_dict(load_tensors(p / "model.safetensors", "KT student weights"))
+    return model.to(device).eval(), meta
+
+
+def run_kt_student_training(
+    cfg: KTStudentRunConfig, run_dir: Path, pairs: PairCache, held_out: ImageDataset | None = None, log=None
+) -> Path:
+    """`nfm kt student train`: train (or resume) a KT student on a logit cache; returns its export."""
+    from nfm.pipeline.core.config import format_table
+    from nfm.pipeline.core.distributed import process_state
+    from nfm.pipeline.core.rundir import setup_logger
+
+    check_choices(cfg)
+    data = KTPairs(pairs)
+    cfg = resolve(cfg, data)
+    log = log or setup_logger(Path(run_dir), main=process_state().is_main_process)
+    log.info(format_table(cfg, f"nfm kt student train -> {run_dir}"))
+    torch.manual_seed(cfg.train.seed)
+    model = KTStudent(cfg.model, cfg.kt)
+    data_cfg = pairs.index["data"].get("config")
+
+    def export(ema_model: KTStudent, directory: Path, step: int) -> None:
+        extra: dict[str, Any] = {"step": step, "pairs": pairs.key, "data": data_cfg}
+        if held_out is not None:
+            acc = accuracy_at(ema_model, held_out, [ema_model.kt.steps])
+            extra["test_accuracy"] = acc
+            log.info(f"held-out accuracy (EMA): {acc}")
+        save_kt_student(ema_model, directory, extra)
+
+    return train(
+        run_dir=Path(run_dir),
+        cfg=cfg.train,
+        model=model,
+        dataset=data,
+        loss_fn=kt_loss(cfg.kt),
+        resolved_config=to_dict(cfg),
+        export_fn=export,
+        desc=f"kt student[{cfg.kt.method}]",
+        log=log,
+        sample_shape=data.image_shape,
+    )
