@@ -168,3 +168,37 @@ def size_overrides(name: str) -> dict[str, Any]:
 
 def student_size_overrides(name: str) -> dict[str, Any]:
     return {"model": dict(_lookup(STUDENT_SIZES, name, "student size"))}
+
+
+def _kt(data: dict[str, Any], teacher: dict[str, Any], t_train: dict[str, Any], student_width: int,
+        s_train: dict[str, Any], augment: dict[str, Any], **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """An `nfm kt run` preset: the classifier teacher, its logit cache and the KT students."""
+    return {
+        "teacher": {"data": data, "model": teacher, "train": t_train, "augment": augment},
+        "pairs": {"augment": augment, "views": extra.pop("views", 2)},
+        "student": {"model": {"width": student_width}, "train": s_train},
+        **extra,
+    }
+
+
+KT_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds: for tests
+    "tiny": _kt(
+        {"name": "digits"}, {"width": 4, "blocks": 1}, _train(30, 64, 3e-3, 5, 10, 0, 30, 0.9),
+        4, _train(30, 64, 3e-3, 5, 10, 0, 30, 0.9), {"shift": 1, "flip": False}, seeds=1, eval_steps=(1, 2),
+    ),
+    # 8x8 digits (flips would change a digit): minutes on 2 cores
+    "digits": _kt(
+        {"name": "digits"}, {"width": 16, "blocks": 1}, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999),
+        4, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 1, "flip": False}, views=4,
+    ),
+    # 28x28 Fashion-MNIST: a ResNet teacher, a ~10k-parameter student
+    "fashion-mnist": _kt(
+        {"name": "fashion-mnist"}, {"width": 32, "blocks": 2}, _train(1500, 128, 2e-3, 100, 250, 0, 500, 0.999),
+        8, _train(2000, 128, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 2, "flip": True},
+    ),
+}  # fmt: skip
+
+
+def kt_preset(name: str) -> dict[str, Any]:
+    return _lookup(KT_PRESETS, name, "preset")

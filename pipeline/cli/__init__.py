@@ -10,6 +10,8 @@
     nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
     nfm student eval   RUN [--split test] [--eta 0.1] [--hutchinson K]
     nfm run            [--preset digits] [--from-teacher SPEC] [key=value ...]
+    nfm kt teacher train | pairs build --teacher RUN | student train --pairs KEY [--method none|kd|fm-kt] | eval RUN
+    nfm kt run         [--preset fashion-mnist] [--seeds 3] [key=value ...]
 
 Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,
 and prints the resolved config. Rerunning a training command resumes it.
@@ -26,12 +28,12 @@ from nfm.pipeline.core.errors import NFMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nfm.pipeline.cli import pairs, run, student, teacher
+    from nfm.pipeline.cli import kt, pairs, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for group in (teacher, pairs, student, run):
+    for group in (teacher, pairs, student, run, kt):
         group.register(stages)
     return parser
 
