@@ -148,11 +148,13 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tenso
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
-def dist_loss(student: torch.Tensor, teacher: torch.Tensor, beta: float = 2.0, gamma: float = 2.0) -> torch.Tensor:
+def dist_loss(
+    student: torch.Tensor, teacher: torch.Tensor, beta: float = 2.0, gamma: float = 2.0, eps: float = 1e-8
+) -> torch.Tensor:
     """DIST (Huang et al. 2022) at temperature 1: beta (1 - mean Pearson over each sample's class probabilities)
     + gamma (1 - mean Pearson over each class's probabilities across the batch)."""
     p_s, p_t = student.softmax(1), teacher.softmax(1)
-    return beta * (1 - _pearson(p_s, p_t).mean()) + gamma * (1 - _pearson(p_s.T, p_t.T).mean())
+    return beta * (1 - _pearson(p_s, p_t, eps).mean()) + gamma * (1 - _pearson(p_s.T, p_t.T, eps).mean())
 
 
 def kt_loss(kt: KTConfig):

@@ -1,0 +1,205 @@
+"""FM-KT: the meta-encoder's sampler and losses against hand-computed float64 values, the logit cache against
+its teacher bit for bit, a toy problem with a known teacher, and `nfm kt run --preset tiny` end to end."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nfm.pairs.kt import KTPairConfig, build_kt_pairs, logit_error, view_params
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.augment import AugmentConfig, augment
+from nfm.pipeline.core.data import TensorImages
+from nfm.pipeline.core.errors import NFMError
+from nfm.student.kt import KTConfig, KTModelConfig, KTStudent, dist_loss, kl_loss, kt_loss, timestep_embedding
+from tests.conftest import run_nfm
+
+
+def _student(schedule: str, method: str = "fm-kt", steps: int = 2) -> KTStudent:
+    torch.manual_seed(0)
+    cfg = KTModelConfig(width=2, in_channels=1, img_size=4, num_classes=3)
+    return KTStudent(cfg, KTConfig(method=method, schedule=schedule, steps=steps)).double()
+
+
+def _log_softmax(v: torch.Tensor) -> torch.Tensor:
+    return v - torch.log(torch.exp(v).sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("schedule", ["rf", "vp", "ve"])
+def test_the_fmkt_sampler_and_loss_are_exact_in_float64(schedule):
+    """K = 2 serial steps by hand: x_0 = sigma_0 z, xhat_k = z - g(x_tk + e(t_k)), x_{t+1} = alpha xhat + sigma z,
+    out_k = head(mean xhat_k); loss = mean_k [CE + T^2 KL(teacher || out_k)]; prediction = mean_k out_k."""
+    model = _student(schedule)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    teacher = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    z = model.backbone(x)
+    c = z.shape[1]
+
+    def coeff(t: float) -> tuple[float, float]:
+        if schedule == "rf":
+            return t, 1 - t
+        if schedule == "vp":
+            return math.sin(math.pi * t / 2), math.cos(math.pi * t / 2)
+        return 1.0, 20.0 * (0.01 / 20.0) ** t
+
+    def emb(t: float) -> torch.Tensor:
+        half = c // 2
+        freqs = [math.exp(-math.log(10000.0) * i / half) for i in range(half)]
+        row = [math.cos(t * f) for f in freqs] + [math.sin(t * f) for f in freqs] + [0.0] * (c - 2 * half)
+        return model.time(torch.tensor([row] * 5, dtype=torch.float64))[:, :, None, None]
+
+    xt, outs = coeff(0.0)[1] * z, []
+    for k in range(2):
+        xhat = z - model.meta(xt + emb(k / 2))
+        outs.append(model.head(xhat.mean((2, 3))))
+        a, s = coeff((k + 1) / 2)
+        xt = a * xhat + s * z
+    got = model.trajectory(x, 2)
+    assert all(torch.allclose(o, w, rtol=0, atol=1e-12) for o, w in zip(got, outs))
+    assert torch.allclose(model(x, 2), (outs[0] + outs[1]) / 2, rtol=0, atol=1e-12)
+
+    T = 4.0
+    want = 0.0
+    for o in outs:
+        ce = -_log_softmax(o)[torch.arange(5), y].mean()
+        lp_t, lp_s = _log_softmax(teacher / T), _log_softmax(o / T)
+        kl = T**2 * (torch.exp(lp_t) * (lp_t - lp_s)).sum(1).mean()
+        want = want + (ce + kl) / 2
+    loss, _ = kt_loss(model.kt)(model, (x, teacher, y), None)
+    assert abs(loss.item() - want.item()) < 1e-12
+    assert torch.allclose(timestep_embedding(torch.tensor([0.5], dtype=torch.float64), 4),
+                          torch.tensor([[math.cos(0.5), math.cos(0.005), math.sin(0.5), math.sin(0.005)]],
+                                       dtype=torch.float64), rtol=0, atol=1e-15)  # fmt: skip
+
+
+def test_the_kd_metrics_match_their_definitions_in_float64():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    p_t, p_s = torch.softmax(t / 2, 1), torch.softmax(s / 2, 1)
+    assert abs(kl_loss(s, t, 2.0).item() - 4 * (p_t * (p_t.log() - p_s.log())).sum(1).mean().item()) < 1e-12
+
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+    q_s, q_t = torch.softmax(s, 1), torch.softmax(t, 1)
+    want = 2 * (1 - pearson(q_s, q_t).mean()) + 2 * (1 - pearson(q_s.T, q_t.T).mean())
+    assert abs(dist_loss(s, t, eps=0.0).item() - want.item()) < 1e-12
+    assert dist_loss(t, t, eps=0.0).item() == pytest.approx(0.0, abs=1e-12) and kl_loss(t, t, 4.0).item() == pytest.approx(0)
+
+
+def test_the_plain_and_kd_students_use_their_head_alone():
+    for method in ("none", "kd"):
+        model = _student("rf", method)
+        x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+        assert not hasattr(model, "meta") and len(model.trajectory(x, 8)) == 1
+        assert torch.equal(model(x, 8), model.head(model.backbone(x).mean((2, 3))))
+
+
+class LinearTeacher(nn.Module):
+    """A known teacher on 1x4x4 images: logits (w.x, -w.x) * 3, w = +1 on the left half, -1 on the right."""
+
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(4).view(1, 1, 4, 4))  # left vs right
+
+    def forward(self, x):
+        s = (x * self.w).flatten(1).sum(1) * 3
+        return torch.stack([s, -s], 1)
+
+    def fingerprint(self):
+        return "linear-teacher-1"
+
+
+def _toy(n: int, seed: int) -> TensorImages:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8)
+    y = LinearTeacher()(u.float() / 127.5 - 1).argmax(1)
+    return TensorImages("toy", "train", u, y, levels=255, num_classes=2)
+
+
+def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
+    teacher, data = LinearTeacher().eval(), _toy(300, 0)
+    cfg = KTPairConfig(views=3, seed=5, batch_size=64, augment=AugmentConfig(shift=1, flip=True))
+    res = build_kt_pairs(teacher, data, cfg, tmp_path / "cache")
+    cache = PairCache(res.path)
+    assert cache.index["kind"] == "kt" and cache.index["shapes"]["noise"] == [2] and res.total_rows == 900
+    rows = {k: torch.cat([torch.as_tensor(cache.shard(i).read(k)) for i in range(len(cache.shards))])
+            for k in ("noise", "data", "label", "index", "view")}  # fmt: skip
+    ids = torch.arange(900)
+    assert torch.equal(rows["index"], ids // 3) and torch.equal(rows["view"], ids % 3)
+    u, y = data.raw((ids // 3).tolist())
+    shift, flip = view_params(cfg, ids // 3, ids % 3, len(data))
+    assert (shift[rows["view"] == 0] == 0).all() and not flip[rows["view"] == 0].any()  # view 0: the image
+    assert shift[rows["view"] > 0].abs().max() == 1 and flip[rows["view"] > 0].any()
+    views = augment(u, shift, flip, fill=0)
+    assert torch.equal(rows["data"], views) and torch.equal(rows["label"], y)
+    with torch.no_grad():
+        want = torch.cat([teacher(views[a : a + 64].float() * (2 / 255) - 1) for a in range(0, 900, 64)])
+    assert torch.equal(rows["noise"], want)  # bit for bit, in the build's batches
+    assert logit_error(res.path, teacher)["worst_abs_error"] < 1e-5
+    # the views do not depend on the batch: another batch size gives the same cache content
+    other = build_kt_pairs(teacher, data, KTPairConfig(views=3, seed=5, batch_size=7, augment=cfg.augment),
+                           tmp_path / "other")  # fmt: skip
+    assert other.key == res.key
+    b = PairCache(other.path)
+    assert torch.equal(torch.cat([torch.as_tensor(b.shard(i).read("data")) for i in range(len(b.shards))]), views)
+    assert build_kt_pairs(teacher, data, cfg, tmp_path / "cache").hit
+    with pytest.raises(NFMError, match="has 2 classes"):
+        build_kt_pairs(teacher, TensorImages("x", "train", data.images, data.labels, 255, 3), cfg, tmp_path / "c3")
+
+
+def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
+    from nfm.pipeline.core.config import build_config
+    from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
+
+    teacher = LinearTeacher().eval()
+    res = build_kt_pairs(teacher, _toy(2000, 0), KTPairConfig(views=1), tmp_path / "cache")
+    cfg = build_config(KTStudentRunConfig, preset={
+        "model": {"width": 8}, "kt": {"method": "fm-kt", "steps": 2},
+        "train": {"steps": 400, "batch_size": 128, "lr": 5e-3, "warmup_steps": 20, "log_every": 100,
+                  "sample_every": 0, "ckpt_every": 400, "ema_decay": 0.99}})  # fmt: skip
+    export = run_kt_student_training(cfg, tmp_path / "student", PairCache(res.path))
+    student, meta = load_kt_student(export)
+    test = _toy(1000, 1)  # fresh images, labelled by the teacher
+    acc = accuracy_at(student, test, [1, 2, 4])
+    assert meta["kt"]["method"] == "fm-kt" and min(acc.values()) > 0.93, acc
+
+
+def test_a_flow_pair_cache_is_refused_by_a_kt_student(tmp_path):
+    from nfm.pairs.build import PairBuildConfig, build_pairs
+    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.student.kt import KTPairs
+    from nfm.teacher.export import load_teacher
+    from tests.conftest import make_teacher_export
+
+    data = DataConfig(name="digits", held_out=0.9)
+    cache = build_pairs(load_teacher(make_teacher_export(tmp_path / "t" / "export", data=data)), load_data(data),
+                        PairBuildConfig(), tmp_path / "pairs")  # fmt: skip
+    with pytest.raises(NFMError, match="holds flow pairs, not a classifier's logits"):
+        KTPairs(PairCache(cache.path))
+
+
+@pytest.mark.slow
+def test_nfm_kt_run_tiny_end_to_end_then_reuse(tmp_path):
+    env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["kt", "run", "--preset", "tiny", "--run-dir", tmp_path / "run"]
+    p = run_nfm(*args, env=env)
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["students"]) == {"none", "kd", "fm-kt"} and set(report["students"]["fm-kt"]) == {"1", "2"}
+    assert 0 <= report["teacher"]["mean"] <= 100 and "fmkt_minus_kd" in report
+    md = (run / "report.md").read_text()
+    assert "| student + FM-KT |" in md and (run / "accuracy_vs_steps.png").is_file() and "report:" in p.stdout
+    again = run_nfm(*args, env=env)
+    assert "run already complete" in again.stdout + again.stderr and "cache hit" in again.stdout + again.stderr
+    assert json.loads((run / "report.json").read_text())["students"] == report["students"]
+    student = next((run / "seed-0" / "students").glob("fm-kt-*"))
+    ev = run_nfm("kt", "eval", student, "--steps", "1,2", env=env)
+    assert "'accuracy_at_steps'" in ev.stdout
