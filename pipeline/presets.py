@@ -174,7 +174,8 @@ def _kt(data: dict[str, Any], teacher: dict[str, Any], t_train: dict[str, Any], 
         s_train: dict[str, Any], augment: dict[str, Any], **extra: Any) -> dict[str, Any]:  # fmt: skip
     """An `nfm kt run` preset: the classifier teacher, its logit cache and the KT students."""
     return {
-        "teacher": {"data": data, "model": teacher, "train": t_train, "augment": augment},
+        # label smoothing keeps the teacher's logits finite in scale: its soft targets stay informative
+        "teacher": {"data": data, "model": teacher, "train": t_train, "augment": augment, "label_smoothing": 0.1},
         "pairs": {"augment": augment, "views": extra.pop("views", 2)},
         "student": {"model": {"width": student_width}, "train": s_train},
         **extra,
@@ -190,7 +191,7 @@ KT_PRESETS: dict[str, dict[str, Any]] = {
     # 8x8 digits (flips would change a digit): minutes on 2 cores
     "digits": _kt(
         {"name": "digits"}, {"width": 16, "blocks": 1}, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999),
-        4, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 1, "flip": False}, views=4,
+        8, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 1, "flip": False}, views=4,
     ),
     # 28x28 Fashion-MNIST: a ResNet teacher, a ~10k-parameter student
     "fashion-mnist": _kt(
