@@ -203,3 +203,6 @@ def test_nfm_kt_run_tiny_end_to_end_then_reuse(tmp_path):
     student = next((run / "seed-0" / "students").glob("fm-kt-*"))
     ev = run_nfm("kt", "eval", student, "--steps", "1,2", env=env)
     assert "'accuracy_at_steps'" in ev.stdout
+    # the logit cache is a pair cache: verified by the same command, its logits recomputed by its teacher
+    v = run_nfm("pairs", "verify", report["per_seed"][0]["cache"], env=env)
+    assert "worst |difference| 0" in v.stdout and ": OK" in v.stdout

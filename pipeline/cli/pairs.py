@@ -140,6 +140,18 @@ def cmd_verify(args) -> int:
         )
         if rec["worst_abs_error"] > args.tolerance or not rec["noise_equal"]:
             raise NFMError(f"regeneration error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
+    elif args.samples > 0 and index.get("kind") == "kt":
+        from nfm.pairs.kt import logit_error
+        from nfm.teacher.classifier import load_classifier
+
+        source = args.teacher or index["teacher"].get("source")
+        if not source:
+            raise NFMError("the cache does not record its classifier; pass --teacher RUN to check its logits")
+        rec = logit_error(cache_dir, load_classifier(source, options.device(args))[0], args.samples)
+        worst = rec["worst_abs_error"]
+        print(f"teacher logits recomputed for {rec['rows_checked']} rows: worst |difference| {worst:.3g}")
+        if rec["worst_abs_error"] > args.tolerance:
+            raise NFMError(f"logit difference {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
     elif args.samples > 0:
         source = args.teacher or index["teacher"].get("source")
         if not source:
