@@ -33,7 +33,7 @@ from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.config import AtLeast1, NonNegative, Positive, check_choices, from_dict, to_dict
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.io import read_export, write_export
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.paths import ProbPath
@@ -236,23 +236,14 @@ def resolve(cfg: KTStudentRunConfig, pairs: KTPairs) -> KTStudentRunConfig:
 
 
 def save_kt_student(model: KTStudent, directory: Path, extra: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
-    write_json(directory / "config.json", {"kind": "kt-student", "format": FORMAT, "model": asdict(model.cfg),
-                                           "kt": asdict(model.kt), **extra})  # fmt: skip
-    return directory
+    config = {"kind": "kt-student", "model": asdict(model.cfg), "kt": asdict(model.kt), **extra}
+    return write_export(directory, model.state_dict(), FORMAT, config)
 
 
 def load_kt_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[KTStudent, dict[str, Any]]:
-    p = Path(path)
-    if (p / "export" / "config.json").is_file():
-        p = p / "export"
-    meta = read_json(p / "config.json", "KT student config")
-    if meta.get("format") != FORMAT:
-        raise NFMError(f"{p} is not a KT student export (format {meta.get('format')!r}); train one with "
-                       "`nfm kt student train`")  # fmt: skip
+    _, meta, state = read_export(path, FORMAT, "KT student", "nfm kt student train")
     model = KTStudent(from_dict(KTModelConfig, meta["model"]), from_dict(KTConfig, meta["kt"]))
-    model.load_state_dict(load_tensors(p / "model.safetensors", "KT student weights"))
+    model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 

@@ -23,7 +23,7 @@ from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, from
 from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.io import read_export, write_export
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.rundir import setup_logger
 from nfm.pipeline.core.seeding import BatchRandom
@@ -135,27 +135,14 @@ def resolve(cfg: ClassifierRunConfig, data: ImageDataset) -> ClassifierRunConfig
 
 
 def save_classifier(model: ResNetClassifier, directory: Path, extra: dict[str, Any]) -> Path:
-    directory = Path(directory)
-    save_tensors(directory / "model.safetensors", model.state_dict(), metadata={"format": FORMAT})
-    write_json(
-        directory / "config.json",
-        {"kind": "classifier", "format": FORMAT, "model": asdict(model.cfg), "fingerprint": model.fingerprint(),
-         **extra},
-    )  # fmt: skip
-    return directory
+    config = {"kind": "classifier", "model": asdict(model.cfg), "fingerprint": model.fingerprint(), **extra}
+    return write_export(directory, model.state_dict(), FORMAT, config)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ResNetClassifier, dict[str, Any]]:
     """A classifier export (or its run directory): the model in eval mode and its config.json."""
-    p = Path(path)
-    if (p / "export" / "config.json").is_file():
-        p = p / "export"
-    meta = read_json(p / "config.json", "classifier config")
-    if meta.get("format") != FORMAT:
-        raise NFMError(f"{p} is not a classifier export (format {meta.get('format')!r}); train one with "
-                       "`nfm kt teacher train`")  # fmt: skip
+    p, meta, state = read_export(path, FORMAT, "classifier", "nfm kt teacher train")
     model = ResNetClassifier(from_dict(ClassifierConfig, meta["model"]))
-    state = load_tensors(p / "model.safetensors", "classifier weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -160,3 +160,25 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_export(directory: str | Path, state: dict[str, torch.Tensor], fmt: str, config: dict[str, Any]) -> Path:
+    """An export directory: model.safetensors (tagged with its format) + config.json (format included)."""
+    directory = Path(directory)
+    save_tensors(directory / "model.safetensors", state, metadata={"format": fmt})
+    write_json(directory / "config.json", {"format": fmt, **config})
+    return directory
+
+
+def read_export(
+    path: str | Path, fmt: str, what: str, fix: str
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(export directory, its config.json, its weights) from a run directory or its export/; a directory of
+    another format is refused in one line naming `fix`, the command that makes the right one."""
+    p = Path(path)
+    if (p / "export" / "config.json").is_file():
+        p = p / "export"
+    meta = read_json(p / "config.json", f"{what} config")
+    if meta.get("format") != fmt:
+        raise NFMError(f"{p} is not a {what} export (format {meta.get('format')!r}); train one with `{fix}`")
+    return p, meta, load_tensors(p / "model.safetensors", f"{what} weights")
