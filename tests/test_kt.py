@@ -207,3 +207,20 @@ def test_nfm_kt_run_tiny_end_to_end_then_reuse(tmp_path):
     # the logit cache is a pair cache: verified by the same command, its logits recomputed by its teacher
     v = run_nfm("pairs", "verify", report["per_seed"][0]["cache"], env=env)
     assert "worst |difference| 0" in v.stdout and ": OK" in v.stdout
+
+
+def test_kt_commands_refuse_bad_input_in_one_line(tmp_path):
+    from tests.conftest import run_nfm_inline
+
+    p = run_nfm_inline("kt", "eval", tmp_path)
+    assert p.returncode == 2 and "model config not found" in p.stderr
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text('{"kind": "student", "format_version": 1}')
+    p = run_nfm_inline("kt", "eval", tmp_path / "x")
+    assert p.returncode == 2 and "neither a classifier teacher nor a KT student" in p.stderr
+    p = run_nfm_inline("kt", "student", "train", "--pairs", "abcd", "--cache-dir", tmp_path / "none")
+    assert p.returncode == 2 and "no pair cache 'abcd'" in p.stderr
+    p = run_nfm_inline("kt", "run", "--preset", "nope")
+    assert p.returncode == 2 and "unknown preset 'nope'" in p.stderr
+    p = run_nfm_inline("kt", "run", "--preset", "tiny", "methods=none,bogus", "--run-dir", tmp_path / "r")
+    assert p.returncode == 2 and "bogus" in p.stderr and not (tmp_path / "r" / "seed-0").exists()
