@@ -109,7 +109,8 @@ def test_every_command_has_help(capsys):
 
     paths = list(_commands(build_parser()))
     assert {("student", "sample"), ("student", "eval"), ("run",), ("teacher", "import"), ("pairs", "ls")} <= set(paths)
-    assert len(paths) == 16  # nfm; teacher + 4; pairs + 4; student + 3; run
+    assert len(paths) == 27  # nfm; teacher + 4; pairs + 6; student + 3; run; kt + teacher + train, pairs + build,
+    # student + train, eval, run
     for path in paths:
         with pytest.raises(SystemExit) as exit_:
             main([*path, "--help"])
@@ -159,7 +160,7 @@ def test_help_loads_neither_torch_nor_the_stages():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
-    for args in (["--help"], ["student", "train", "--help"], ["run", "--help"]):
+    for args in (["--help"], ["student", "train", "--help"], ["run", "--help"], ["kt", "run", "--help"]):
         p = subprocess.run([sys.executable, "-m", "nfm", *args], capture_output=True, text=True, timeout=600)
         assert p.returncode == 0 and "usage: nfm" in p.stdout, args
     from nfm.student.models import STUDENT_SIZES
