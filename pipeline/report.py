@@ -123,9 +123,9 @@ def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") ->
     note = f"mean ± 95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
     ax.set_title(f"{results['preset']}: {metric.upper()} vs NFE (lower is better; {note})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(handles, labels, fontsize=7, loc="upper right")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over the data
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
 
