@@ -193,9 +193,9 @@ KT_PRESETS: dict[str, dict[str, Any]] = {
         {"name": "digits"}, {"width": 16, "blocks": 1}, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999),
         8, _train(1500, 64, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 1, "flip": False}, views=4,
     ),
-    # 28x28 Fashion-MNIST: a ResNet teacher, a ~10k-parameter student
+    # 28x28 Fashion-MNIST: a small ResNet teacher (78k parameters), a 3.8k-parameter student (9k with the meta-encoder)
     "fashion-mnist": _kt(
-        {"name": "fashion-mnist"}, {"width": 32, "blocks": 2}, _train(1500, 128, 2e-3, 100, 250, 0, 500, 0.999),
+        {"name": "fashion-mnist"}, {"width": 16, "blocks": 1}, _train(1500, 128, 2e-3, 100, 250, 0, 500, 0.999),
         8, _train(2000, 128, 3e-3, 100, 250, 0, 500, 0.999), {"shift": 2, "flip": True},
     ),
 }  # fmt: skip
