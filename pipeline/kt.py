@@ -197,13 +197,13 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     ks = report["eval_steps"]
 
-    def band(c: dict[str, Any], label: str, style: str, color: str) -> None:
-        ax.axhline(c["mean"], linestyle=style, color=color, label=label)
+    def band(c: dict[str, Any], label: str, style: str, color: str, z: float = 2) -> None:
+        ax.axhline(c["mean"], linestyle=style, color=color, label=label, zorder=z, linewidth=1.6)
         if c["ci"]:
             ax.axhspan(c["mean"] - c["ci"], c["mean"] + c["ci"], color=color, alpha=0.12)
 
     band(report["teacher"], "teacher", "-", "black")
-    colors = {"none": "tab:grey", "kd": "tab:blue"}
+    colors, styles = {"none": "tab:grey", "kd": "tab:blue"}, {"none": ":", "kd": "--"}
     for m, cells in report["students"].items():
         if m == "fm-kt":
             xs = [k for k in ks if str(k) in cells]
@@ -212,9 +212,11 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
             ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, color="tab:red",
                         label=LABELS[m])  # fmt: skip
         else:
-            band(cells["1"], LABELS.get(m, m), "--", colors.get(m, "tab:green"))
+            # the dotted line drawn over the dashed one: equal means stay visible as both
+            band(cells["1"], LABELS.get(m, m), styles.get(m, "-."), colors.get(m, "tab:green"), 3 if m == "none" else 2)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(top=min(ax.get_ylim()[1], 100.0))  # an interval may reach past 100 %; accuracy cannot
     ax.set_xlabel("K, FM-KT sampler steps at evaluation")
     ax.set_ylabel("held-out accuracy (%)")
     seeds = report["seeds"]
@@ -226,3 +228,13 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # python -m nfm.pipeline.kt RUN_DIR: report.md and the plot again from report.json
+    import sys
+
+    from nfm.pipeline.core.io import read_json
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m nfm.pipeline.kt RUN_DIR   (re-render report.md from report.json)")
+    print(write_kt_report(read_json(Path(sys.argv[1]) / "report.json", "kt report"), Path(sys.argv[1])))
