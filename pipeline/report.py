@@ -619,10 +619,13 @@ def plot_side_by_side(
         what = f"one sample of each class {classes[0]}–{classes[-1]}, classes {top} in the top row"
     else:
         what = f"one sample of each of the classes {', '.join(map(str, classes))}, in that order"
-    caption = (
-        f"Every panel shows the same evaluation inputs (noise and labels, fixed for every model): {what} — the "
-        "first sample of that class among the fixed inputs."
-    )
+    first = " — the first sample of that class among the fixed inputs" if classes is not None else ""
+    caption = f"Every panel shows the same evaluation inputs (noise and labels, fixed for every model): {what}{first}."
+    if any("source" in grids[m] for m in models):
+        caption += (
+            " Students trained from a data source start from held-out source images instead of noise: the row "
+            "marked 'its source' shows the (source image, sample) pairs' sources, the same for every such model."
+        )
     return path, caption
 
 
