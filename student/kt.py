@@ -72,7 +72,7 @@ class KTStudentRunConfig:
 
 
 def _norm(c: int) -> nn.Module:
-    return nn.GroupNorm(min(8, c), c)
+    return nn.GroupNorm(math.gcd(8, c), c)  # 8 groups where the width allows, else the largest that divides it
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

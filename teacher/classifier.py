@@ -10,6 +10,7 @@ teacher's: model.safetensors + config.json (model config, data, held-out accurac
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,7 @@ class ClassifierRunConfig:
 
 
 def _norm(c: int) -> nn.Module:
-    return nn.GroupNorm(min(8, c), c)
+    return nn.GroupNorm(math.gcd(8, c), c)  # 8 groups where the width allows, else the largest that divides it
 
 
 class _Block(nn.Module):

@@ -93,6 +93,16 @@ def test_the_kd_metrics_match_their_definitions_in_float64():
     assert kl_loss(t, t, 4.0).item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_any_width_builds():
+    from nfm.teacher.classifier import ClassifierConfig, ResNetClassifier
+
+    for w in (1, 3, 12, 20):
+        x = torch.rand(2, 1, 8, 8)
+        student = KTStudent(KTModelConfig(width=w, in_channels=1, img_size=8, num_classes=3), KTConfig())
+        assert student(x).shape == (2, 3)
+        assert ResNetClassifier(ClassifierConfig(width=w, blocks=1, in_channels=1, num_classes=3))(x).shape == (2, 3)
+
+
 def test_the_plain_and_kd_students_use_their_head_alone():
     for method in ("none", "kd"):
         model = _student("rf", method)
