@@ -117,6 +117,11 @@ class ShardFile:
     def rows(self) -> int:
         return self.tensors["label"][1][0]
 
+    def empty(self, name: str) -> torch.Tensor:
+        """An uninitialised tensor of `name`'s dtype and shape (a buffer for `read` / `read_verified`)."""
+        dt, shape, _, _ = self.tensors[name]
+        return torch.from_numpy(np.empty(shape, dtype=dt))
+
     def read(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [start, stop) of a tensor, read from disk with one positional read (no mapping of the
         file); into `out` (a contiguous tensor of the right dtype and shape) when given, without a copy."""

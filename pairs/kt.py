@@ -14,6 +14,7 @@ and the logits are the teacher's, bit for bit (computed once, in eval mode, in f
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ class KTPairConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
+@functools.lru_cache(maxsize=8)
+def _view_table(seed: int, view: int, n_rows: int) -> torch.Tensor:
+    """Uniform numbers (dy, dx, flip) for every row of view `view`: drawn once per build, not per batch."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "kt-view", view))
+    return torch.rand(n_rows, 3, generator=g)
+
+
 def view_params(cfg: KTPairConfig, rows: torch.Tensor, views: torch.Tensor, n_rows: int):
     """(shift, flip) of the given (row, view) pairs: drawn per view over every row of the data set from a
     generator seeded by (seed, view), so a pair's view does not depend on the batch it is built in."""
@@ -54,8 +62,7 @@ def view_params(cfg: KTPairConfig, rows: torch.Tensor, views: torch.Tensor, n_ro
     for v in views.unique().tolist():
         if v == 0:
             continue  # view 0: the image as it is
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "kt-view", v))
-        s, f = augment_params(cfg.augment, torch.rand(n_rows, 3, generator=g))  # (dy, dx, flip) per row
+        s, f = augment_params(cfg.augment, _view_table(cfg.seed, v, n_rows))
         sel = views == v
         shift[sel], flip[sel] = s[rows[sel]], f[rows[sel]]
     return shift, flip

@@ -283,10 +283,7 @@ class PairCache(_PairCache):
         (unit variance), images as floats in [-1, 1]."""
         for i, entry in enumerate(self.shards):
             shard = self.shard(i)
-            cols = {
-                k: torch.empty(shard.tensors[k][1], dtype=_torch_dtype(shard.tensors[k][0]))
-                for k in ("noise", "data", "label", "index")
-            }
+            cols = {k: shard.empty(k) for k in ("noise", "data", "label", "index")}
             shard.read_verified(entry, cols)
             for a in range(0, shard.rows, chunk):
                 yield {
@@ -350,12 +347,6 @@ def _arrow_array3d(x):
     for size, count in ((w, n * c * h), (h, n * c), (c, n)):
         arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (count + 1) * size, size, dtype=np.int32)), arr)
     return pa.ExtensionArray.from_storage(Array3DExtensionType((c, h, w), str(x.dtype)), arr)
-
-
-def _torch_dtype(dt) -> torch.dtype:
-    import numpy as np
-
-    return torch.from_numpy(np.empty(0, dtype=dt)).dtype
 
 
 class _TorchPairs(torch.utils.data.Dataset):

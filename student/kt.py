@@ -191,7 +191,7 @@ class KTPairs(torch.utils.data.Dataset):
         cols = {"data": [], "noise": [], "label": []}
         for i, entry in enumerate(cache.shards):
             shard = cache.shard(i)
-            out = {k: torch.empty(shard.tensors[k][1], dtype=_dtype(shard.tensors[k][0])) for k in cols}
+            out = {k: shard.empty(k) for k in cols}
             shard.read_verified(entry, out)
             for k in cols:
                 cols[k].append(out[k])
@@ -206,12 +206,6 @@ class KTPairs(torch.utils.data.Dataset):
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
         i = torch.as_tensor(idx, dtype=torch.long)
         return self.cache.to_float(self.data[i]), self.logits[i], self.labels[i]
-
-
-def _dtype(np_dtype) -> torch.dtype:
-    import numpy as np
-
-    return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
 
 
 @torch.no_grad()
