@@ -6,8 +6,13 @@ For each training seed k (teacher, cache and students re-run with seeds + 1000 k
     CACHE_ROOT/KEY/                    its logits per image and view (nfm kt pairs build)
     RUN/seed-K/students/METHOD-HASH/   one student per method (nfm kt student train)
 
-then every model's held-out accuracy (FM-KT students at K = 1, 2, 4, 8 sampler steps), means with 95 %
-t-intervals over the seeds, FM-KT against KD paired by seed, and RUN/report.{json,md} + accuracy_vs_steps.png.
+then every model's held-out accuracy (FM-KT and OFM-KT students at K = 1, 2, 4, 8 sampler steps), means with
+95 % t-intervals over the seeds, each flow student against the KD and plain students paired by seed, and
+RUN/report.{json,md} + accuracy_vs_steps.png.
+
+A method is `METHOD[+KEY=VALUE...]`: one of none, kd, fm-kt, ofm-kt with the student's KT settings changed
+for that row only, e.g. `methods=none,kd,fm-kt,fm-kt+schedule=vp,fm-kt+kd_loss=dist,ofm-kt`. Rows share
+their seed's teacher and logit cache, and a row's student is reused by every run that asks for the same one.
 """
 
 from __future__ import annotations
@@ -17,23 +22,34 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.lookup import default_cache_root
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval, paired
-from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, to_dict
+from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, to_dict, with_overrides
 from nfm.pipeline.core.data import load_data
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_write, write_json
 from nfm.pipeline.core.rundir import setup_logger
-from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
+from nfm.student.kt import (
+    FLOW_METHODS,
+    KTConfig,
+    KTStudentRunConfig,
+    accuracy_at,
+    load_kt_student,
+    run_kt_student_training,
+)
 from nfm.teacher.classifier import ClassifierRunConfig, accuracy, load_classifier, run_classifier_training
 
-Method = Literal["none", "kd", "fm-kt"]
 SEED_STRIDE = 1000
-LABELS = {"none": "student alone (cross-entropy)", "kd": "student + vanilla KD", "fm-kt": "student + FM-KT"}
+LABELS = {
+    "none": "student alone (cross-entropy)",
+    "kd": "student + vanilla KD",
+    "fm-kt": "student + FM-KT",
+    "ofm-kt": "student + OFM-KT (online, no teacher)",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +57,7 @@ class KTRunConfig:
     teacher: ClassifierRunConfig = field(default_factory=ClassifierRunConfig)
     pairs: KTPairConfig = field(default_factory=KTPairConfig)
     student: KTStudentRunConfig = field(default_factory=KTStudentRunConfig)
-    methods: tuple[Method, ...] = ("none", "kd", "fm-kt")
+    methods: tuple[str, ...] = ("none", "kd", "fm-kt")  # METHOD[+KEY=VALUE...]: see the module's docstring
     seeds: AtLeast1 = 3
     eval_steps: tuple[int, ...] = (1, 2, 4, 8)  # K of the FM-KT sampler at evaluation
 
@@ -63,10 +79,36 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def method_config(kt: KTConfig, spec: str) -> KTConfig:
+    """The student's KT config for one row: `fm-kt+schedule=vp` -> kt with method fm-kt and the vp path."""
+    method, *opts = spec.split("+")
+    bad = [o for o in opts if "=" not in o or o.startswith("method=")]
+    if bad:
+        raise NFMError(
+            f"method {spec!r}: {bad[0]!r} is not KEY=VALUE of the student's kt settings; write a method as "
+            "METHOD[+KEY=VALUE...], e.g. fm-kt+schedule=vp"
+        )
+    return with_overrides(kt, [f"method={method}", *opts], prefix="student.kt.")
+
+
+def label(spec: str) -> str:
+    method, *opts = spec.split("+")
+    return LABELS.get(method, method) + (f" ({', '.join(opts)})" if opts else "")
+
+
+def is_flow(spec: str) -> bool:
+    return spec.split("+")[0] in FLOW_METHODS
+
+
 def check_kt_run(cfg: KTRunConfig) -> None:
     check_choices(cfg)
     if not cfg.methods:
-        raise NFMError("methods is empty: give some of none, kd, fm-kt (e.g. methods=none,kd,fm-kt)")
+        raise NFMError("methods is empty: give some of none, kd, fm-kt, ofm-kt (e.g. methods=none,kd,fm-kt)")
+    twice = sorted({m for m in cfg.methods if cfg.methods.count(m) > 1})
+    if twice:
+        raise NFMError(f"methods names {twice[0]!r} twice; give each row once")
+    for spec in cfg.methods:
+        method_config(cfg.student.kt, spec)
     if any(k < 1 for k in cfg.eval_steps):
         raise NFMError(f"eval_steps must be >= 1, got {list(cfg.eval_steps)}")
 
@@ -92,16 +134,17 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
                                teacher_info={"source": str(export)}, log=log.info)  # fmt: skip
         timings.append({"stage": f"seed {k}: logit cache", "seconds": round(time.perf_counter() - t0, 1)})
         result: dict[str, Any] = {"teacher": accuracy(teacher, test), "cache": built.key, "students": {}}
-        for method in c.methods:
-            scfg = replace(c.student, kt=replace(c.student.kt, method=method), pairs=str(built.path))
+        for spec in c.methods:
+            kt = method_config(c.student.kt, spec)
+            scfg = replace(c.student, kt=kt, pairs=str(built.path))
             t0 = time.perf_counter()
-            sexp = run_kt_student_training(scfg, sdir / "students" / f"{method}-{_hash(scfg)}", PairCache(built.path),
-                                           log=log)  # fmt: skip
-            timings.append({"stage": f"seed {k}: student {method}", "seconds": round(time.perf_counter() - t0, 1)})
+            sdir_m = sdir / "students" / f"{kt.method}-{_hash(scfg)}"
+            sexp = run_kt_student_training(scfg, sdir_m, PairCache(built.path), log=log)
+            timings.append({"stage": f"seed {k}: student {spec}", "seconds": round(time.perf_counter() - t0, 1)})
             student, _ = load_kt_student(sexp)
             accs = accuracy_at(student, test, list(cfg.eval_steps))
-            result["students"][method] = {str(s): a for s, a in accs.items()}
-            log.info(f"seed {k} {method}: held-out accuracy {result['students'][method]}")
+            result["students"][spec] = {str(s): a for s, a in accs.items()}
+            log.info(f"seed {k} {spec}: held-out accuracy {result['students'][spec]}")
         per_seed.append(result)
     report = aggregate(cfg, per_seed, preset)
     report["timings"] = timings
@@ -111,7 +154,8 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
 
 
 def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> dict[str, Any]:
-    """Means with 95 % t-intervals over the seeds, in accuracy percent; FM-KT minus KD paired by seed."""
+    """Means with 95 % t-intervals over the seeds, in accuracy percent; each flow row (fm-kt, ofm-kt and their
+    variants) minus the KD and the plain student, paired by seed."""
 
     def cell(values: list[float]) -> dict[str, Any]:
         mean, ci = interval([100 * v for v in values])
@@ -122,12 +166,16 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
     out["students"] = {
         m: {k: cell([r["students"][m][k] for r in per_seed]) for k in per_seed[0]["students"][m]} for m in cfg.methods
     }
-    if "fm-kt" in cfg.methods and "kd" in cfg.methods:
-        kd = [100 * r["students"]["kd"]["1"] for r in per_seed]
-        out["fmkt_minus_kd"] = {}
-        for k in per_seed[0]["students"]["fm-kt"]:
-            mean, ci = paired([100 * r["students"]["fm-kt"][k] for r in per_seed], kd)
-            out["fmkt_minus_kd"][k] = {"mean": mean, "ci": ci}
+    out["differences"] = {}
+    for base in ("kd", "none"):
+        if base not in cfg.methods:
+            continue
+        ref = [100 * r["students"][base]["1"] for r in per_seed]
+        out["differences"][base] = {
+            m: {k: dict(zip(("mean", "ci"), paired([100 * r["students"][m][k] for r in per_seed], ref)))
+                for k in per_seed[0]["students"][m]}
+            for m in cfg.methods if is_flow(m)
+        }  # fmt: skip
     out["settings"] = {
         "teacher": to_dict(cfg.teacher.model) | {"steps": cfg.teacher.train.steps},
         "student": to_dict(cfg.student.model) | {"steps": cfg.student.train.steps},
@@ -141,6 +189,12 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
 
 def _fmt(c: dict[str, Any]) -> str:
     return f"{c['mean']:.2f}" if c["ci"] is None else f"{c['mean']:.2f} ± {c['ci']:.2f}"
+
+
+def _differences(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if "fmkt_minus_kd" in report:  # a report.json written before the per-row differences
+        return {"kd": {"fm-kt": report["fmkt_minus_kd"]}}
+    return report.get("differences", {})
 
 
 def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
@@ -158,7 +212,7 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
         f"{s['teacher']['width']} ({s['teacher']['steps']} steps); every student the same small CNN (width "
         f"{s['student']['width']}, {s['student']['steps']} steps) trained on the teacher's logit cache "
         f"({s['views']} views per image); FM-KT: {s['kt']['schedule']} path, K = {s['kt']['steps']} serial steps "
-        f"in training, KD loss `{s['kt']['kd_loss']}`.",
+        f"in training, KD loss `{s['kt']['kd_loss']}`, unless a row names another setting.",
         "",
         "| model | " + " | ".join(f"K = {k}" for k in steps) + " |",
         "|---|" + "---|" * len(steps),
@@ -166,20 +220,23 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
     ]
     for m, cells in report["students"].items():
         row = [_fmt(cells[k]) if k in cells else "" for k in steps]
-        if m != "fm-kt":
+        if not is_flow(m):
             row = [_fmt(cells["1"])] + [""] * (len(steps) - 1)
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(row) + " |")
+        lines.append(f"| {label(m)} | " + " | ".join(row) + " |")
     lines += ["", "The plain and KD students have no sampler: their one number is in the K = 1 column.", ""]
-    if "fmkt_minus_kd" in report:
-        d = report["fmkt_minus_kd"]
+    names = {"kd": "vanilla KD", "none": "the student alone"}
+    for base, rows in _differences(report).items():
+        if not rows:
+            continue
         lines += [
-            "FM-KT minus vanilla KD, paired by seed (percentage points; an interval that excludes 0 separates them):",
+            f"Minus {names[base]}, paired by seed (percentage points; an interval that excludes 0 separates them):",
             "",
-            "| | " + " | ".join(f"K = {k}" for k in steps if k in d) + " |",
-            "|---|" + "---|" * len([k for k in steps if k in d]),
-            "| FM-KT − KD | " + " | ".join(_fmt(d[k]) for k in steps if k in d) + " |",
-            "",
+            "| | " + " | ".join(f"K = {k}" for k in steps) + " |",
+            "|---|" + "---|" * len(steps),
         ]
+        for m, d in rows.items():
+            lines.append(f"| {label(m)} − {base} | " + " | ".join(_fmt(d[k]) if k in d else "" for k in steps) + " |")
+        lines.append("")
     lines += [f"![accuracy vs K]({plot.name})", "", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {t['stage']} | {t['seconds']} |" for t in report.get("timings", [])]
     lines += ["", f"Total: {report.get('total_seconds', 0):.0f} s.", ""]
@@ -194,36 +251,45 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    flows = [m for m in report["students"] if is_flow(m)]
+    fig, ax = plt.subplots(figsize=(8.6 if len(flows) > 1 else 6.4, 4.2), dpi=120)
     ks = report["eval_steps"]
 
-    def band(c: dict[str, Any], label: str, style: str, color: str, z: float = 2) -> None:
-        ax.axhline(c["mean"], linestyle=style, color=color, label=label, zorder=z, linewidth=1.6)
+    def band(c: dict[str, Any], name: str, style: str, color: str, z: float = 2) -> None:
+        ax.axhline(c["mean"], linestyle=style, color=color, label=name, zorder=z, linewidth=1.6)
         if c["ci"]:
             ax.axhspan(c["mean"] - c["ci"], c["mean"] + c["ci"], color=color, alpha=0.12)
 
     band(report["teacher"], "teacher", "-", "black")
-    colors, styles = {"none": "tab:grey", "kd": "tab:blue"}, {"none": ":", "kd": "--"}
-    for m, cells in report["students"].items():
-        if m == "fm-kt":
-            xs = [k for k in ks if str(k) in cells]
-            ys = [cells[str(k)]["mean"] for k in xs]
-            err = [cells[str(k)]["ci"] or 0 for k in xs]
-            ax.errorbar(xs, ys, yerr=err if any(err) else None, marker="o", capsize=3, color="tab:red",
-                        label=LABELS[m])  # fmt: skip
-        else:
-            # the dotted line drawn over the dashed one: equal means stay visible as both
-            band(cells["1"], LABELS.get(m, m), styles.get(m, "-."), colors.get(m, "tab:green"), 3 if m == "none" else 2)
+    bands = [m for m in report["students"] if not is_flow(m)]
+    band_colors = ["tab:grey", "tab:blue", "tab:cyan", "tab:olive", "tab:brown"]
+    for i, m in enumerate(bands):
+        # the plain student's dotted line drawn over the others: equal means stay visible as both
+        band(report["students"][m]["1"], label(m), [":", "--", "-.", (0, (1, 3)), (0, (5, 5))][i % 5],
+             "tab:grey" if m == "none" else band_colors[1 + i % 4], 3 if m == "none" else 2)  # fmt: skip
+    flow_colors = ["tab:red", "tab:purple", "tab:orange", "tab:green", "tab:pink", "tab:brown"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, m in enumerate(flows):
+        cells = report["students"][m]
+        xs = [k for k in ks if str(k) in cells]
+        # error bars of rows at the same K side by side, not on top of one another
+        shift = 2 ** (0.06 * (i - (len(flows) - 1) / 2))
+        err = [cells[str(k)]["ci"] or 0 for k in xs]
+        ax.errorbar([x * shift for x in xs], [cells[str(k)]["mean"] for k in xs], yerr=err if any(err) else None,
+                    marker=markers[i % 6], capsize=3, color=flow_colors[i % 6], label=label(m))  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_ylim(top=min(ax.get_ylim()[1], 100.0))  # an interval may reach past 100 %; accuracy cannot
-    ax.set_xlabel("K, FM-KT sampler steps at evaluation")
+    ax.set_xlabel("K, sampler steps at evaluation (FM-KT, OFM-KT)")
     ax.set_ylabel("held-out accuracy (%)")
     seeds = report["seeds"]
     ax.set_title(f"{report['preset']}: accuracy vs K ({'95 % intervals, ' if seeds > 1 else ''}{seeds} seed"
                  f"{'s' if seeds > 1 else ''})", fontsize=10)  # fmt: skip
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(flows) > 1:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

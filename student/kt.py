@@ -16,6 +16,16 @@ The path is one of the student stage's (student/paths.py, alpha_t x + sigma_t z)
 flow), `vp`, `ve`. KD is any metric on logits: `kl` (Hinton et al.: T^2 KL(p_T(teacher) || p_T(student)))
 or `dist` (Huang et al. 2022: inter- and intra-class Pearson relations). The baselines are the same student
 trained without the teacher (`none`, cross-entropy) and with vanilla KD on its own head (`kd`).
+
+OFM-KT (`ofm-kt`), the paper's online variant, has no pre-trained teacher: the teacher is the student's own
+implicit ensemble, trained with it. Each step's logits are pulled by the KD metric toward the detached mean
+of the K steps' logits (as `OnlineFlowAlignModule` in the authors' code), beside the cross-entropy:
+
+    loss = (1/K) sum_k [ kd_weight * KD(out_k, stopgrad(mean_j out_j)) + ce_weight * CE(out_k, label) ]
+
+so it trains on a logit cache's views and labels and ignores its logits. The authors smooth the labels there
+(0.1 spread over the other classes, which is torch's `label_smoothing` = 0.1 C / (C - 1)); `label_smoothing`
+is torch's convention and applies to the cross-entropy of every method.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.config import AtLeast1, NonNegative, Positive, check_choices, from_dict, to_dict
+from nfm.pipeline.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import read_export, write_export
@@ -40,6 +50,7 @@ from nfm.student.paths import ProbPath
 
 FORMAT = "nfm-kt-student"
 SCHEDULES = {"rf": "linear", "vp": "vp", "ve": "ve"}
+FLOW_METHODS = ("fm-kt", "ofm-kt")  # the methods with a meta-encoder and a K-step sampler
 
 
 @dataclass(frozen=True)
@@ -52,13 +63,14 @@ class KTModelConfig:
 
 @dataclass(frozen=True)
 class KTConfig:
-    method: Literal["none", "kd", "fm-kt"] = "fm-kt"
+    method: Literal["none", "kd", "fm-kt", "ofm-kt"] = "fm-kt"
     schedule: Literal["rf", "vp", "ve"] = "rf"
     steps: AtLeast1 = 4  # K, the serial steps of FM-KT in training (evaluation sweeps K = 1, 2, 4, 8)
     kd_loss: Literal["kl", "dist"] = "kl"
     temperature: Positive = 4.0  # of the kl loss
-    kd_weight: NonNegative = 1.0
-    ce_weight: NonNegative = 1.0
+    kd_weight: Scale = 1.0
+    ce_weight: Scale = 1.0
+    label_smoothing: Fraction = added(0.0)  # of the cross-entropy, as torch's F.cross_entropy
     ve_sigma_min: Positive = 0.01
     ve_sigma_max: Positive = 20.0
 
@@ -100,7 +112,7 @@ class KTStudent(nn.Module):
             nn.Conv2d(c, c, 3, 2, 1), _norm(c), nn.ReLU(),
         )  # fmt: skip
         self.head = nn.Linear(c, cfg.num_classes)
-        if kt.method == "fm-kt":
+        if kt.method in FLOW_METHODS:
             self.meta = nn.Sequential(
                 nn.SiLU(), nn.Conv2d(c, c, 3, 1, 1, bias=False), _norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, 1, 1)
             )  # fmt: skip
@@ -117,7 +129,7 @@ class KTStudent(nn.Module):
     def trajectory(self, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """The K = steps logits out_k of FM-KT's serial sampler (one, the plain head, for none / kd)."""
         z = self.backbone(x)
-        if self.kt.method != "fm-kt":
+        if self.kt.method not in FLOW_METHODS:
             return [self.logits_of(z)]
         t0 = torch.zeros((), dtype=z.dtype, device=z.device)
         xt = self.path.coefficients(t0)[1] * z
@@ -166,14 +178,16 @@ def kt_loss(kt: KTConfig):
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], rng: BatchRandom):
         x, teacher, y = batch
         outs = model.trajectory(x, kt.steps)
+        pred = torch.stack(outs).mean(0)
+        if kt.method == "ofm-kt":
+            teacher = pred.detach()  # online: the K steps' ensemble teaches each step
         terms = []
         for out in outs:
-            term = kt.ce_weight * F.cross_entropy(out, y)
+            term = kt.ce_weight * F.cross_entropy(out, y, label_smoothing=kt.label_smoothing)
             if kt.method != "none":
                 term = term + kt.kd_weight * kd(out, teacher)
             terms.append(term)
         loss = torch.stack(terms).mean()
-        pred = torch.stack(outs).mean(0)
         return loss, {"loss": loss.item(), "acc": (pred.argmax(1) == y).float().mean().item()}
 
     return loss_fn
@@ -212,7 +226,7 @@ class KTPairs(torch.utils.data.Dataset):
 def accuracy_at(model: KTStudent, data: ImageDataset, steps: list[int], batch: int = 1000) -> dict[int, float]:
     """Top-1 accuracy of the student with K sampler steps, for each K in `steps` (one entry for none / kd)."""
     model.eval()
-    ks = steps if model.kt.method == "fm-kt" else [1]
+    ks = steps if model.kt.method in FLOW_METHODS else [1]
     right = dict.fromkeys(ks, 0)
     device = next(model.parameters()).device
     for a in range(0, len(data), batch):

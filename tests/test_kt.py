@@ -76,6 +76,51 @@ def test_the_fmkt_sampler_and_loss_are_exact_in_float64(schedule):
                                        dtype=torch.float64), rtol=0, atol=1e-15)  # fmt: skip
 
 
+def test_the_ofmkt_loss_is_exact_in_float64_and_its_teacher_is_the_detached_ensemble():
+    """OFM-KT (online): loss = mean_k [CE_ls(out_k) + T^2 KL(stopgrad(mean_j out_j) || out_k)], no teacher logits;
+    torch's label smoothing eps C / (C - 1) is the authors' (1 - eps on the label, eps / (C - 1) elsewhere)."""
+    model = _student("rf", "ofm-kt")
+    model.kt = KTConfig(method="ofm-kt", steps=2, label_smoothing=0.15)  # 0.1 the authors' way, C = 3
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(5, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 2, 1, 1, 0])
+    ignored = torch.full((5, 3), float("nan"), dtype=torch.float64)  # a cache's logits: never read
+    outs = model.trajectory(x, 2)
+    ens = ((outs[0] + outs[1]) / 2).detach()
+    q = torch.full((5, 3), 0.1 / 2, dtype=torch.float64)
+    q[torch.arange(5), y] = 0.9
+    T, want = 4.0, 0.0
+    for o in outs:
+        ce = -(q * _log_softmax(o)).sum(1).mean()
+        lp_t, lp_s = _log_softmax(ens / T), _log_softmax(o / T)
+        want = want + (ce + T**2 * (torch.exp(lp_t) * (lp_t - lp_s)).sum(1).mean()) / 2
+    loss, logs = kt_loss(model.kt)(model, (x, ignored, y), None)
+    assert abs(loss.item() - want.item()) < 1e-12 and math.isfinite(logs["acc"])
+    # the gradient is that of the loss with the ensemble held constant
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads, want_grads))
+    assert hasattr(model, "meta") and len(model.trajectory(x, 4)) == 4
+
+
+def test_a_kt_run_method_is_a_method_with_its_own_settings():
+    from nfm.pipeline.kt import KTRunConfig, check_kt_run, label, method_config
+
+    kt = KTConfig(steps=4)
+    assert method_config(kt, "fm-kt+schedule=vp+kd_loss=dist") == KTConfig(steps=4, schedule="vp", kd_loss="dist")
+    assert method_config(kt, "ofm-kt+label_smoothing=0.1").label_smoothing == 0.1
+    assert method_config(kt, "kd+kd_weight=0.5").kd_weight == 0.5  # a float weight stays a float
+    assert method_config(kt, "fm-kt") == kt
+    assert label("ofm-kt+label_smoothing=0.1") == "student + OFM-KT (online, no teacher) (label_smoothing=0.1)"
+    for spec, msg in [("fm-kt+vp", "not KEY=VALUE"), ("fm-kt+method=kd", "not KEY=VALUE"),
+                      ("fm-kt+shedule=vp", "unknown config key 'student.kt.shedule'"), ("fmkt", "fmkt"),
+                      ("fm-kt+schedule=cosine", "cosine")]:  # fmt: skip
+        with pytest.raises(NFMError, match=msg):
+            method_config(kt, spec)
+    with pytest.raises(NFMError, match="names 'kd' twice"):
+        check_kt_run(KTRunConfig(methods=("kd", "none", "kd")))
+
+
 def test_the_kd_metrics_match_their_definitions_in_float64():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -205,7 +250,7 @@ def test_nfm_kt_run_tiny_end_to_end_then_reuse(tmp_path):
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert set(report["students"]) == {"none", "kd", "fm-kt"} and set(report["students"]["fm-kt"]) == {"1", "2"}
-    assert 0 <= report["teacher"]["mean"] <= 100 and "fmkt_minus_kd" in report
+    assert 0 <= report["teacher"]["mean"] <= 100 and set(report["differences"]["kd"]) == {"fm-kt"}
     md = (run / "report.md").read_text()
     assert "| student + FM-KT |" in md and (run / "accuracy_vs_steps.png").is_file() and "report:" in p.stdout
     again = run_nfm(*args, env=env)
@@ -234,3 +279,29 @@ def test_kt_commands_refuse_bad_input_in_one_line(tmp_path):
     assert p.returncode == 2 and "unknown preset 'nope'" in p.stderr
     p = run_nfm_inline("kt", "run", "--preset", "tiny", "methods=none,bogus", "--run-dir", tmp_path / "r")
     assert p.returncode == 2 and "bogus" in p.stderr and not (tmp_path / "r" / "seed-0").exists()
+
+
+def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_path):
+    from nfm.pipeline.kt import KTRunConfig, aggregate, write_kt_report
+
+    methods = ("none", "kd", "fm-kt", "ofm-kt+label_smoothing=0.1")
+    per_seed = [
+        {"teacher": 0.9, "cache": "c", "students": {"none": {"1": 0.70}, "kd": {"1": 0.72},
+         "fm-kt": {"1": 0.80, "2": 0.81}, "ofm-kt+label_smoothing=0.1": {"1": 0.75, "2": 0.76}}},
+        {"teacher": 0.8, "cache": "c", "students": {"none": {"1": 0.60}, "kd": {"1": 0.66},
+         "fm-kt": {"1": 0.70, "2": 0.73}, "ofm-kt+label_smoothing=0.1": {"1": 0.61, "2": 0.64}}},
+    ]  # fmt: skip
+    report = aggregate(KTRunConfig(methods=methods, eval_steps=(1, 2)), per_seed, "test")
+    d = report["differences"]
+    assert set(d) == {"kd", "none"} and set(d["kd"]) == {"fm-kt", "ofm-kt+label_smoothing=0.1"}
+    assert d["kd"]["fm-kt"]["2"]["mean"] == pytest.approx((9 + 7) / 2)  # (81 - 72, 73 - 66), paired by seed
+    assert d["none"]["ofm-kt+label_smoothing=0.1"]["1"]["mean"] == pytest.approx((5 + 1) / 2)
+    report |= {"test_images": 10, "timings": []}
+    md = write_kt_report(report, tmp_path).read_text()
+    assert "| student + OFM-KT (online, no teacher) (label_smoothing=0.1) | 68.00 ± " in md
+    assert "Minus vanilla KD" in md and "Minus the student alone" in md
+    assert (tmp_path / "accuracy_vs_steps.png").stat().st_size > 0
+    # a report.json from before the per-row differences renders the same table
+    old = {k: v for k, v in report.items() if k != "differences"} | {"fmkt_minus_kd": d["kd"]["fm-kt"]}
+    old["students"] = {m: report["students"][m] for m in ("none", "kd", "fm-kt")}
+    assert "| student + FM-KT − kd | 6.00 ± " in write_kt_report(old, tmp_path / "old").read_text()

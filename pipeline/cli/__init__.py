@@ -10,7 +10,8 @@
     nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
     nfm student eval   RUN [--split test] [--eta 0.1] [--hutchinson K]
     nfm run            [--preset digits] [--from-teacher SPEC] [key=value ...]
-    nfm kt teacher train | pairs build --teacher RUN | student train --pairs KEY [--method none|kd|fm-kt] | eval RUN
+    nfm kt teacher train | pairs build --teacher RUN | eval RUN
+    nfm kt student train --pairs KEY [--method none|kd|fm-kt|ofm-kt] [--schedule rf|vp|ve] [--kd-loss kl|dist]
     nfm kt run         [--preset fashion-mnist] [--seeds 3] [key=value ...]
 
 Every entry point takes a preset, a config file (JSON/TOML) and `section.key=value` overrides,

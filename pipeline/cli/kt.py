@@ -50,7 +50,12 @@ def cmd_pairs_build(args) -> int:
 
 
 def cmd_student_train(args) -> int:
-    """train (or resume) a small student on a logit cache: alone, with vanilla KD, or with FM-KT"""
+    """train (or resume) a small student on a logit cache: alone, with vanilla KD, with FM-KT, or with OFM-KT
+
+    OFM-KT, the online variant, needs no teacher: each of its K steps learns from the steps' own detached
+    ensemble (it uses the cache's views and labels, not its logits). The authors smooth its labels:
+    kt.label_smoothing=0.1.
+    """
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.reader import PairCache
     from nfm.pipeline.core.config import build_config, from_dict
@@ -103,7 +108,8 @@ def cmd_run(args) -> int:
     """everything: classifier teacher -> logit cache -> students (none, kd, fm-kt) -> accuracy -> report
 
     Finished stages are reused, interrupted ones resume: rerun the same command. `--seeds 3` re-runs teacher,
-    cache and students per seed and reports 95 % intervals.
+    cache and students per seed and reports 95 % intervals. Rows are METHOD[+KEY=VALUE...]: e.g.
+    methods=none,kd,fm-kt,fm-kt+schedule=vp,fm-kt+kd_loss=dist,ofm-kt+label_smoothing=0.1
     """
     from nfm.pipeline.core.config import build_config
     from nfm.pipeline.kt import KTRunConfig, run_kt
@@ -141,7 +147,8 @@ def register(stages: argparse._SubParsersAction) -> None:
     student = options.add_group(kt, "student", "the student trained on the logit cache")
     p = options.add_command(student, "train", cmd_student_train)
     p.add_argument("--pairs", required=True, metavar="KEY", help="logit cache: key, key prefix or directory")
-    p.add_argument("--method", choices=["none", "kd", "fm-kt"], help="none, kd or fm-kt (default fm-kt)")
+    p.add_argument("--method", choices=["none", "kd", "fm-kt", "ofm-kt"],
+                   help="none, kd, fm-kt or ofm-kt (online: no teacher) (default fm-kt)")  # fmt: skip
     p.add_argument("--schedule", choices=["rf", "vp", "ve"], help="FM-KT path (default rf, rectified flow)")
     p.add_argument("--steps", type=int, help="FM-KT serial steps K in training (default 4)")
     p.add_argument("--kd-loss", dest="kd_loss", choices=["kl", "dist"], help="KD metric (default kl)")
@@ -159,4 +166,4 @@ def register(stages: argparse._SubParsersAction) -> None:
     options.add_preset(p, KT_PRESETS, default="fashion-mnist")
     p.add_argument("--seeds", type=int, metavar="N", help="training seeds (default: the preset's, 3)")
     options.add_cache_dir(p)
-    options.add_config_layers(p, "methods=none,kd,fm-kt student.kt.schedule=vp", "run directory (default: runs/kt-P)")
+    options.add_config_layers(p, "methods=none,kd,fm-kt,fm-kt+schedule=vp", "run directory (default: runs/kt-P)")
