@@ -21,8 +21,11 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.lookup import default_cache_root
@@ -38,6 +41,8 @@ from nfm.student.kt import (
     KTConfig,
     KTStudentRunConfig,
     accuracy_at,
+    compute_cost,
+    flops,
     load_kt_student,
     run_kt_student_training,
 )
@@ -121,7 +126,7 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
     log.info(format_table(cfg, f"nfm kt run --preset {preset} -> {run_dir}"))
     write_json(run_dir / "config.json", {"preset": preset, **to_dict(cfg)})
     test = load_data(cfg.teacher.data, "test")
-    t_all, per_seed, timings = time.perf_counter(), [], []
+    t_all, per_seed, timings, costs = time.perf_counter(), [], [], {}
     for k in range(cfg.seeds):
         c = seeded(cfg, k)
         sdir = run_dir / f"seed-{k}"
@@ -134,6 +139,12 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
                                teacher_info={"source": str(export)}, log=log.info)  # fmt: skip
         timings.append({"stage": f"seed {k}: logit cache", "seconds": round(time.perf_counter() - t0, 1)})
         result: dict[str, Any] = {"teacher": accuracy(teacher, test), "cache": built.key, "students": {}}
+        if "teacher" not in costs:
+            x = test.__getitems__([0])[0].to(next(teacher.parameters()).device)
+            with torch.no_grad():
+                costs["teacher"] = {"parameters": sum(p.numel() for p in teacher.parameters()),
+                                    "inference_flops": {"1": flops(partial(teacher, x))},
+                                    "train_flops_per_image": None}  # fmt: skip
         for spec in c.methods:
             kt = method_config(c.student.kt, spec)
             scfg = replace(c.student, kt=kt, pairs=str(built.path))
@@ -142,12 +153,16 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
             sexp = run_kt_student_training(scfg, sdir_m, PairCache(built.path), log=log)
             timings.append({"stage": f"seed {k}: student {spec}", "seconds": round(time.perf_counter() - t0, 1)})
             student, _ = load_kt_student(sexp)
+            if spec not in costs:  # the same for every seed
+                train_cfg = {"train_steps": scfg.train.steps, "batch_size": scfg.train.batch_size}
+                costs[spec] = compute_cost(student, list(cfg.eval_steps)) | train_cfg
             accs = accuracy_at(student, test, list(cfg.eval_steps))
             result["students"][spec] = {str(s): a for s, a in accs.items()}
             log.info(f"seed {k} {spec}: held-out accuracy {result['students'][spec]}")
         per_seed.append(result)
     report = aggregate(cfg, per_seed, preset)
     report["timings"] = timings
+    report["costs"] = costs
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
     report["test_images"] = len(test)
     return write_kt_report(report, run_dir)
@@ -167,14 +182,19 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
         m: {k: cell([r["students"][m][k] for r in per_seed]) for k in per_seed[0]["students"][m]} for m in cfg.methods
     }
     out["differences"] = {}
-    for base in ("kd", "none"):
+    for base in ("kd", "none", "ofm-kt"):
         if base not in cfg.methods:
             continue
-        ref = [100 * r["students"][base]["1"] for r in per_seed]
+
+        def ref(k: str, base: str = base) -> list[float]:  # a flow base at the same K, the others' one number
+            return [100 * r["students"][base][k if is_flow(base) else "1"] for r in per_seed]
+
+        # against OFM-KT (the same network, no teacher) the FM-KT rows only: what the teacher's logits add
+        rows = [m for m in cfg.methods if (m.split("+")[0] == "fm-kt" if base == "ofm-kt" else is_flow(m))]
         out["differences"][base] = {
-            m: {k: dict(zip(("mean", "ci"), paired([100 * r["students"][m][k] for r in per_seed], ref)))
+            m: {k: dict(zip(("mean", "ci"), paired([100 * r["students"][m][k] for r in per_seed], ref(k))))
                 for k in per_seed[0]["students"][m]}
-            for m in cfg.methods if is_flow(m)
+            for m in rows
         }  # fmt: skip
     out["settings"] = {
         "teacher": to_dict(cfg.teacher.model) | {"steps": cfg.teacher.train.steps},
@@ -195,6 +215,29 @@ def _differences(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "fmkt_minus_kd" in report:  # a report.json written before the per-row differences
         return {"kd": {"fm-kt": report["fmkt_minus_kd"]}}
     return report.get("differences", {})
+
+
+def _cost_lines(report: dict[str, Any], steps: list[str]) -> list[str]:
+    costs = report.get("costs")
+    if not costs:
+        return []
+    lines = [
+        "## Compute",
+        "",
+        "Per image, as torch's FlopCounterMode counts (2 FLOPs per multiply-add of convolutions and matrix "
+        "products; norms and activations left out); training = the FLOPs of one image's step x batch x steps.",
+        "",
+        "| model | parameters | " + " | ".join(f"MFLOPs, K = {k}" for k in steps) + " | training GFLOPs |",
+        "|---|---:|" + "---:|" * len(steps) + "---:|",
+    ]
+    for m, c in costs.items():
+        inf = c["inference_flops"]
+        cells = [f"{inf[k] / 1e6:.2f}" if k in inf else "" for k in steps]
+        per_image = c["train_flops_per_image"]
+        total = f"{per_image * c['batch_size'] * c['train_steps'] / 1e9:,.4g}" if per_image else ""
+        name = "teacher (logits cached once)" if m == "teacher" else label(m)
+        lines.append(f"| {name} | {c['parameters']:,} | " + " | ".join(cells) + f" | {total} |")
+    return lines + [""]
 
 
 def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
@@ -224,7 +267,7 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
             row = [_fmt(cells["1"])] + [""] * (len(steps) - 1)
         lines.append(f"| {label(m)} | " + " | ".join(row) + " |")
     lines += ["", "The plain and KD students have no sampler: their one number is in the K = 1 column.", ""]
-    names = {"kd": "vanilla KD", "none": "the student alone"}
+    names = {"kd": "vanilla KD", "none": "the student alone", "ofm-kt": "OFM-KT (same network, no teacher), same K"}
     for base, rows in _differences(report).items():
         if not rows:
             continue
@@ -237,7 +280,8 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
         for m, d in rows.items():
             lines.append(f"| {label(m)} − {base} | " + " | ".join(_fmt(d[k]) if k in d else "" for k in steps) + " |")
         lines.append("")
-    lines += [f"![accuracy vs K]({plot.name})", "", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"![accuracy vs K]({plot.name})", ""] + _cost_lines(report, steps)
+    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {t['stage']} | {t['seconds']} |" for t in report.get("timings", [])]
     lines += ["", f"Total: {report.get('total_seconds', 0):.0f} s.", ""]
     path = run_dir / "report.md"

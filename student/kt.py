@@ -237,6 +237,33 @@ def accuracy_at(model: KTStudent, data: ImageDataset, steps: list[int], batch: i
     return {k: right[k] / max(len(data), 1) for k in ks}
 
 
+def flops(fn) -> int:
+    """The FLOPs of fn() as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def compute_cost(model: KTStudent, steps: list[int]) -> dict[str, Any]:
+    """What one image costs the student: its parameters, the FLOPs of a prediction with K sampler steps for each K
+    in `steps`, and of one training step (forward and backward of its loss). FLOPs as torch's FlopCounterMode
+    counts them: 2 per multiply-add of convolutions and matrix products; norms and activations are left out."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    n = 2  # FLOPs are linear in the batch; a batch of 2 keeps a group norm over one value per channel defined
+    x = torch.zeros(n, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
+    ks = steps if model.kt.method in FLOW_METHODS else [1]
+    with torch.no_grad():
+        inference = {str(k): flops(lambda k=k: model(x, k)) // n for k in ks}
+    batch = (x, torch.zeros(n, cfg.num_classes, device=device), torch.zeros(n, dtype=torch.long, device=device))
+    train_step = flops(lambda: kt_loss(model.kt)(model, batch, None)[0].backward()) // n
+    model.zero_grad(set_to_none=True)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "inference_flops": inference,
+            "train_flops_per_image": train_step}  # fmt: skip
+
+
 def resolve(cfg: KTStudentRunConfig, pairs: KTPairs) -> KTStudentRunConfig:
     c, h, _ = pairs.image_shape
     m = {**asdict(cfg.model), "in_channels": c, "img_size": h, "num_classes": pairs.num_classes}

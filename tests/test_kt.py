@@ -294,6 +294,9 @@ def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_pa
     report = aggregate(KTRunConfig(methods=methods, eval_steps=(1, 2)), per_seed, "test")
     d = report["differences"]
     assert set(d) == {"kd", "none"} and set(d["kd"]) == {"fm-kt", "ofm-kt+label_smoothing=0.1"}
+    two = [{"teacher": 0.9, "students": {"fm-kt": {"1": 0.8, "2": 0.9}, "ofm-kt": {"1": 0.7, "2": 0.6}}}] * 2
+    vs_online = aggregate(KTRunConfig(methods=("fm-kt", "ofm-kt"), eval_steps=(1, 2)), two, "t")["differences"]
+    assert vs_online["ofm-kt"]["fm-kt"]["2"]["mean"] == pytest.approx(30.0)  # paired at the same K
     assert d["kd"]["fm-kt"]["2"]["mean"] == pytest.approx((9 + 7) / 2)  # (81 - 72, 73 - 66), paired by seed
     assert d["none"]["ofm-kt+label_smoothing=0.1"]["1"]["mean"] == pytest.approx((5 + 1) / 2)
     report |= {"test_images": 10, "timings": []}
@@ -305,3 +308,18 @@ def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_pa
     old = {k: v for k, v in report.items() if k != "differences"} | {"fmkt_minus_kd": d["kd"]["fm-kt"]}
     old["students"] = {m: report["students"][m] for m in ("none", "kd", "fm-kt")}
     assert "| student + FM-KT − kd | 6.00 ± " in write_kt_report(old, tmp_path / "old").read_text()
+
+
+def test_the_students_compute_is_counted_by_hand():
+    """Width 2 on 1x4x4 images, 2 FLOPs per multiply-add: backbone 9(1*2*16 + 2*4*4 + 4*4*1) * 2 = 1440, head
+    4*3*2 = 24; each FM-KT step adds the meta-encoder's two 3x3 convolutions (2 * 9*4*4 * 2 = 576), the time
+    embedding's two 4x4 linears (64) and the head (24)."""
+    from nfm.student.kt import compute_cost
+
+    cfg = KTModelConfig(width=2, in_channels=1, img_size=4, num_classes=3)
+    plain = compute_cost(KTStudent(cfg, KTConfig(method="kd")), [1, 2])
+    flow = compute_cost(KTStudent(cfg, KTConfig(method="fm-kt", steps=2)), [1, 2, 4])
+    assert plain["inference_flops"] == {"1": 1464} and plain["parameters"] == 279
+    assert flow["inference_flops"] == {"1": 1440 + 664, "2": 1440 + 2 * 664, "4": 1440 + 4 * 664}
+    # a training step: forward over K = 2 steps, then backward (about twice the forward; the input needs no grad)
+    assert 2 * flow["inference_flops"]["2"] < flow["train_flops_per_image"] < 3 * flow["inference_flops"]["2"]
