@@ -68,16 +68,44 @@ def view_params(cfg: KTPairConfig, rows: torch.Tensor, views: torch.Tensor, n_ro
     return shift, flip
 
 
-@torch.no_grad()
-def kt_rows(classifier: nn.Module, data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig, device) -> dict:
-    """The cache columns of pair ids `ids` (pair id = row * views + view)."""
+def _view_rows(data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig) -> dict[str, torch.Tensor]:
+    """The views (grey levels), labels, images and view numbers of pair ids `ids` (pair id = row * views + view)."""
     rows, views = ids // cfg.views, ids % cfg.views
     u, y = data.raw(rows.tolist())
     shift, flip = view_params(cfg, rows, views, len(data))
-    u = augment(u, shift, flip, fill=0)
-    x = u.float() * (2.0 / data.levels) - 1.0
-    logits = classifier(x.to(device)).float().cpu()
-    return {"noise": logits, "data": u, "label": y, "index": rows, "view": views}
+    return {"data": augment(u, shift, flip, fill=0), "label": y, "index": rows, "view": views}
+
+
+@torch.no_grad()
+def kt_rows(classifier: nn.Module, data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig, device) -> dict:
+    """The cache columns of pair ids `ids`."""
+    out = _view_rows(data, ids, cfg)
+    x = out["data"].float() * (2.0 / data.levels) - 1.0
+    return {"noise": classifier(x.to(device)).float().cpu(), **out}
+
+
+class KTViews(torch.utils.data.Dataset):
+    """The rows a logit cache of (data, cfg) holds, in its order, drawn on the fly and without a teacher: (view
+    in [-1, 1], no logits (a (batch, 0) tensor), label). For the students that need no teacher (none, and
+    OFM-KT, whose teacher is its own ensemble): they read the very views a cached run reads."""
+
+    has_logits = False
+
+    def __init__(self, data: ImageDataset, cfg: KTPairConfig):
+        if cfg.views < 1:
+            raise NFMError(f"kt views: views must be >= 1, got {cfg.views}")
+        if not 0 < data.levels <= 255:
+            raise NFMError(f"{data.name}: KT views are grey levels; this source has {data.levels}")
+        self.data, self.cfg = data, cfg
+        self.image_shape, self.num_classes = tuple(data.image_shape), data.num_classes
+
+    def __len__(self) -> int:
+        return len(self.data) * self.cfg.views
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        out = _view_rows(self.data, torch.as_tensor(idx, dtype=torch.long), self.cfg)
+        x = out["data"].float() * (2.0 / self.data.levels) - 1.0
+        return x, torch.empty(len(idx), 0), out["label"]  # no logits: a loss that reads them fails on the shape
 
 
 def build_kt_pairs(

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nfm.pairs.kt import KTViews
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
 from nfm.pipeline.core.data import ImageDataset
@@ -196,6 +197,8 @@ def kt_loss(kt: KTConfig):
 class KTPairs(torch.utils.data.Dataset):
     """A logit cache in memory (verified on read): (image view in [-1, 1], teacher logits, label) rows."""
 
+    has_logits = True
+
     def __init__(self, cache: PairCache):
         if cache.index.get("kind") != "kt":
             raise NFMError(
@@ -264,10 +267,14 @@ def compute_cost(model: KTStudent, steps: list[int]) -> dict[str, Any]:
             "train_flops_per_image": train_step}  # fmt: skip
 
 
-def resolve(cfg: KTStudentRunConfig, pairs: KTPairs) -> KTStudentRunConfig:
-    c, h, _ = pairs.image_shape
-    m = {**asdict(cfg.model), "in_channels": c, "img_size": h, "num_classes": pairs.num_classes}
-    return from_dict(KTStudentRunConfig, {**to_dict(cfg), "model": m, "pairs": str(pairs.cache.dir)})
+TEACHERLESS = ("none", "ofm-kt")  # the methods that read no teacher logits
+
+
+def resolve(cfg: KTStudentRunConfig, rows: KTPairs | KTViews) -> KTStudentRunConfig:
+    c, h, _ = rows.image_shape
+    m = {**asdict(cfg.model), "in_channels": c, "img_size": h, "num_classes": rows.num_classes}
+    source = str(rows.cache.dir) if isinstance(rows, KTPairs) else ""
+    return from_dict(KTStudentRunConfig, {**to_dict(cfg), "model": m, "pairs": source})
 
 
 def save_kt_student(model: KTStudent, directory: Path, extra: dict[str, Any]) -> Path:
@@ -283,24 +290,38 @@ def load_kt_student(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def run_kt_student_training(
-    cfg: KTStudentRunConfig, run_dir: Path, pairs: PairCache, held_out: ImageDataset | None = None, log=None
+    cfg: KTStudentRunConfig,
+    run_dir: Path,
+    pairs: PairCache | KTViews,
+    held_out: ImageDataset | None = None,
+    log=None,
 ) -> Path:
-    """`nfm kt student train`: train (or resume) a KT student on a logit cache; returns its export."""
+    """`nfm kt student train`: train (or resume) a KT student on a logit cache, or, for the methods that need
+    no teacher (none, ofm-kt), on the same views drawn on the fly (KTViews); returns its export."""
     from nfm.pipeline.core.config import format_table
     from nfm.pipeline.core.distributed import process_state
     from nfm.pipeline.core.rundir import setup_logger
 
     check_choices(cfg)
-    data = KTPairs(pairs)
+    if isinstance(pairs, KTViews) and cfg.kt.method not in TEACHERLESS:
+        raise NFMError(
+            f"--method {cfg.kt.method} learns from a teacher's logits: build a logit cache (`nfm kt pairs build "
+            "--teacher RUN`) and pass it with --pairs; only none and ofm-kt train without one"
+        )
+    data = pairs if isinstance(pairs, KTViews) else KTPairs(pairs)
     cfg = resolve(cfg, data)
     log = log or setup_logger(Path(run_dir), main=process_state().is_main_process)
     log.info(format_table(cfg, f"nfm kt student train -> {run_dir}"))
     torch.manual_seed(cfg.train.seed)
     model = KTStudent(cfg.model, cfg.kt)
-    data_cfg = pairs.index["data"].get("config")
+    if isinstance(pairs, KTViews):
+        data_cfg = asdict(pairs.data.data_config) if getattr(pairs.data, "data_config", None) else None
+        source = None
+    else:
+        data_cfg, source = pairs.index["data"].get("config"), pairs.key
 
     def export(ema_model: KTStudent, directory: Path, step: int) -> None:
-        extra: dict[str, Any] = {"step": step, "pairs": pairs.key, "data": data_cfg}
+        extra: dict[str, Any] = {"step": step, "pairs": source, "data": data_cfg}
         if held_out is not None:
             acc = accuracy_at(ema_model, held_out, [ema_model.kt.steps])
             extra["test_accuracy"] = acc
@@ -313,7 +334,8 @@ def run_kt_student_training(
         model=model,
         dataset=data,
         loss_fn=kt_loss(cfg.kt),
-        resolved_config=to_dict(cfg),
+        # drawn on the fly, the views' settings are part of the run: a resume with others is refused
+        resolved_config=to_dict(cfg) | ({"views": asdict(pairs.cfg), "data": data_cfg} if source is None else {}),
         export_fn=export,
         desc=f"kt student[{cfg.kt.method}]",
         log=log,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from nfm.pairs.kt import KTPairConfig, build_kt_pairs, logit_error, view_params
+from nfm.pairs.kt import KTPairConfig, KTViews, build_kt_pairs, logit_error, view_params
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.augment import AugmentConfig, augment
 from nfm.pipeline.core.data import TensorImages
@@ -200,6 +200,9 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
         want = torch.cat([teacher(views[a : a + 64].float() * (2 / 255) - 1) for a in range(0, 900, 64)])
     assert torch.equal(rows["noise"], want)  # bit for bit, in the build's batches
     assert logit_error(res.path, teacher)["worst_abs_error"] < 1e-5
+    # drawn on the fly without a teacher, the same rows in the same order (for none and OFM-KT)
+    x, no_logits, labels = KTViews(data, cfg).__getitems__(list(range(900)))
+    assert torch.equal(x, cache.to_float(rows["data"])) and torch.equal(labels, y) and no_logits.shape == (900, 0)
     # the views do not depend on the batch: another batch size gives the same cache content
     other = build_kt_pairs(teacher, data, KTPairConfig(views=3, seed=5, batch_size=7, augment=cfg.augment),
                            tmp_path / "other")  # fmt: skip
@@ -226,6 +229,24 @@ def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
     test = _toy(1000, 1)  # fresh images, labelled by the teacher
     acc = accuracy_at(student, test, [1, 2, 4])
     assert meta["kt"]["method"] == "fm-kt" and min(acc.values()) > 0.93, acc
+
+
+def test_ofmkt_learns_the_labels_without_a_teacher_and_kd_needs_one(tmp_path):
+    from nfm.pipeline.core.config import build_config
+    from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
+
+    views = KTViews(_toy(2000, 0), KTPairConfig(views=1))
+    preset = {"model": {"width": 8}, "kt": {"method": "ofm-kt", "steps": 2, "label_smoothing": 0.1},
+              "train": {"steps": 400, "batch_size": 128, "lr": 5e-3, "warmup_steps": 20, "log_every": 100,
+                        "sample_every": 0, "ckpt_every": 400, "ema_decay": 0.99}}  # fmt: skip
+    export = run_kt_student_training(build_config(KTStudentRunConfig, preset=preset), tmp_path / "s", views)
+    student, meta = load_kt_student(export)
+    acc = accuracy_at(student, _toy(1000, 1), [1, 2])
+    assert meta["pairs"] is None and meta["kt"]["label_smoothing"] == 0.1 and min(acc.values()) > 0.9, acc
+    kd = build_config(KTStudentRunConfig, preset={**preset, "kt": {"method": "kd"}})
+    with pytest.raises(NFMError, match="--method kd learns from a teacher's logits"):
+        run_kt_student_training(kd, tmp_path / "kd", views)
+    assert not (tmp_path / "kd").exists()
 
 
 def test_a_flow_pair_cache_is_refused_by_a_kt_student(tmp_path):
@@ -275,6 +296,8 @@ def test_kt_commands_refuse_bad_input_in_one_line(tmp_path):
     assert p.returncode == 2 and "neither a classifier teacher nor a KT student" in p.stderr
     p = run_nfm_inline("kt", "student", "train", "--pairs", "abcd", "--cache-dir", tmp_path / "none")
     assert p.returncode == 2 and "no pair cache 'abcd'" in p.stderr
+    p = run_nfm_inline("kt", "student", "train", "--preset", "tiny", "--method", "fm-kt", "--run-dir", tmp_path / "s")
+    assert p.returncode == 2 and "give a logit cache with --pairs" in p.stderr and not (tmp_path / "s").exists()
     p = run_nfm_inline("kt", "run", "--preset", "nope")
     assert p.returncode == 2 and "unknown preset 'nope'" in p.stderr
     p = run_nfm_inline("kt", "run", "--preset", "tiny", "methods=none,bogus", "--run-dir", tmp_path / "r")

@@ -53,21 +53,32 @@ def cmd_student_train(args) -> int:
     """train (or resume) a small student on a logit cache: alone, with vanilla KD, with FM-KT, or with OFM-KT
 
     OFM-KT, the online variant, needs no teacher: each of its K steps learns from the steps' own detached
-    ensemble (it uses the cache's views and labels, not its logits). The authors smooth its labels:
-    kt.label_smoothing=0.1.
+    ensemble. The authors smooth its labels: kt.label_smoothing=0.1. Without --pairs, `none` and `ofm-kt`
+    train on the preset's data and views (those a logit cache of the preset holds), drawn on the fly.
     """
+    from nfm.pairs.kt import KTPairConfig, KTViews
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.reader import PairCache
     from nfm.pipeline.core.config import build_config, from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.student.kt import KTStudentRunConfig, run_kt_student_training
+    from nfm.student.kt import TEACHERLESS, KTStudentRunConfig, run_kt_student_training
 
     flags = {"method": args.method, "schedule": args.schedule, "steps": args.steps, "kd_loss": args.kd_loss}
     overrides = list(args.overrides) + [f"kt.{k}={v}" for k, v in flags.items() if v is not None]
     preset = _preset(args.preset, "student")
     cfg = build_config(KTStudentRunConfig, preset=preset, file=args.config, overrides=overrides)
-    pairs = PairCache(find_cache(args.pairs, options.cache_root(args)))
-    data_cfg = pairs.index.get("data", {}).get("config")
+    if args.pairs:
+        pairs = PairCache(find_cache(args.pairs, options.cache_root(args)))
+        data_cfg = pairs.index.get("data", {}).get("config")
+    elif cfg.kt.method in TEACHERLESS:
+        data_cfg = _preset(args.preset, "teacher").get("data", {})
+        views = build_config(KTPairConfig, preset=_preset(args.preset, "pairs"))
+        pairs = KTViews(load_data(from_dict(DataConfig, data_cfg), "train"), views)
+    else:
+        raise NFMError(
+            f"--method {cfg.kt.method} learns from a teacher's logits: give a logit cache with --pairs KEY (build "
+            "one with `nfm kt pairs build --teacher RUN`); only none and ofm-kt train without one"
+        )
     held_out = load_data(from_dict(DataConfig, data_cfg), "test") if data_cfg else None
     run_dir = Path(args.run_dir or f"runs/kt-student-{cfg.kt.method}")
     t0 = time.perf_counter()
@@ -146,7 +157,8 @@ def register(stages: argparse._SubParsersAction) -> None:
 
     student = options.add_group(kt, "student", "the student trained on the logit cache")
     p = options.add_command(student, "train", cmd_student_train)
-    p.add_argument("--pairs", required=True, metavar="KEY", help="logit cache: key, key prefix or directory")
+    p.add_argument("--pairs", metavar="KEY",
+                   help="logit cache: key, key prefix or directory (none and ofm-kt: optional)")  # fmt: skip
     p.add_argument("--method", choices=["none", "kd", "fm-kt", "ofm-kt"],
                    help="none, kd, fm-kt or ofm-kt (online: no teacher) (default fm-kt)")  # fmt: skip
     p.add_argument("--schedule", choices=["rf", "vp", "ve"], help="FM-KT path (default rf, rectified flow)")
