@@ -306,21 +306,27 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 
     band(report["teacher"], "teacher", "-", "black")
     bands = [m for m in report["students"] if not is_flow(m)]
-    band_colors = ["tab:grey", "tab:blue", "tab:cyan", "tab:olive", "tab:brown"]
-    for i, m in enumerate(bands):
-        # the plain student's dotted line drawn over the others: equal means stay visible as both
-        band(report["students"][m]["1"], label(m), [":", "--", "-.", (0, (1, 3)), (0, (5, 5))][i % 5],
-             "tab:grey" if m == "none" else band_colors[1 + i % 4], 3 if m == "none" else 2)  # fmt: skip
-    flow_colors = ["tab:red", "tab:purple", "tab:orange", "tab:green", "tab:pink", "tab:brown"]
-    markers = ["o", "s", "^", "D", "v", "P"]
+    # the plain student grey, KD blue, further baselines other blues and greens; line styles differ too
+    band_colors = ["tab:blue", "#08306b", "#4eb3d3", "#2ca25f", "#7a0177", "#a6761d"]
+    band_styles = ["--", "-.", (0, (1, 2)), (0, (5, 2)), (0, (3, 1, 1, 1)), (0, (8, 3))]
+    extra = 0
+    for m in bands:
+        if m == "none":  # drawn over the others: equal means stay visible as both
+            band(report["students"][m]["1"], label(m), ":", "tab:grey", 3)
+            continue
+        band(report["students"][m]["1"], label(m), band_styles[extra % 6], band_colors[extra % 6])
+        extra += 1
+    flow_colors = ["tab:red", "tab:purple", "tab:orange", "tab:green", "tab:pink", "tab:brown", "tab:cyan",
+                   "tab:olive", "#1b1b6e", "#e7298a"]  # fmt: skip
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
     for i, m in enumerate(flows):
         cells = report["students"][m]
         xs = [k for k in ks if str(k) in cells]
         # error bars of rows at the same K side by side, not on top of one another
-        shift = 2 ** (0.06 * (i - (len(flows) - 1) / 2))
+        shift = 2 ** (0.05 * (i - (len(flows) - 1) / 2))
         err = [cells[str(k)]["ci"] or 0 for k in xs]
         ax.errorbar([x * shift for x in xs], [cells[str(k)]["mean"] for k in xs], yerr=err if any(err) else None,
-                    marker=markers[i % 6], capsize=3, color=flow_colors[i % 6], label=label(m))  # fmt: skip
+                    marker=markers[i % 10], capsize=3, color=flow_colors[i % 10], label=label(m))  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_ylim(top=min(ax.get_ylim()[1], 100.0))  # an interval may reach past 100 %; accuracy cannot
