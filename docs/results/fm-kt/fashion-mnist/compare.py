@@ -12,23 +12,33 @@ from pathlib import Path
 from nfm.pipeline.aggregate import paired
 
 HERE = Path(__file__).resolve().parent
-COMPARISONS = [  # (label, (report, row, K), (report, row, K))
-    ("FM-KT − KD, width 12, trained 1.57× longer (matched parameters, training FLOPs, and FLOPs at K = 2)",
-     ("", "fm-kt", "2"), ("control-compute-w12", "kd", "1")),
-    ("FM-KT (K = 8) − KD, width 12, compute-matched training", ("", "fm-kt", "8"), ("control-compute-w12", "kd", "1")),
-    ("FM-KT (K = 1) − KD, width 8, trained 3.4× longer (matched training FLOPs)",
-     ("", "fm-kt", "1"), ("control-compute-w8", "kd", "1")),
-    ("FM-KT (K = 8) − KD, width 8, trained 3.4× longer (matched training FLOPs)",
-     ("", "fm-kt", "8"), ("control-compute-w8", "kd", "1")),
-    ("FM-KT (K = 8) − OFM-KT without alignment (kd_weight=0: per-step cross-entropy only), K = 8",
-     ("", "fm-kt", "8"), ("", "ofm-kt+kd_weight=0", "8")),
-    ("OFM-KT, label smoothing 0.1 − the plain student with label smoothing 0.1 (K = 8)",
-     ("", "ofm-kt+label_smoothing=0.1", "8"), ("", "none+label_smoothing=0.1", "1")),
-    ("6,000 steps: FM-KT (K = 8) − KD", ("students-6000-steps", "fm-kt", "8"), ("students-6000-steps", "kd", "1")),
-    ("6,000 steps: FM-KT (K = 8) − KD with DIST",
-     ("students-6000-steps", "fm-kt", "8"), ("students-6000-steps", "kd+kd_loss=dist", "1")),
-    ("6,000 steps: FM-KT (K = 8) − OFM-KT, label smoothing 0.1 (K = 8)",
-     ("students-6000-steps", "fm-kt", "8"), ("students-6000-steps", "ofm-kt+label_smoothing=0.1", "8")),
+B, W12, W8, STRONG = "budget-2000-steps", "control-compute-w12", "control-compute-w8", "strong-teacher"
+OFM = "ofm-kt+label_smoothing=0.1"
+COMPARISONS = [  # (label, (report folder, row, K), (report folder, row, K)); "" is this folder's report
+    # 2,000 steps: the compute-matched KD students
+    ("2,000 steps: FM-KT (K = 2) − KD of width 12 trained 3,130 steps (parameters, FLOPs at K = 2 and "
+     "training FLOPs matched)", (B, "fm-kt", "2"), (W12, "kd", "1")),
+    ("2,000 steps: FM-KT (K = 8) − the same width-12 KD", (B, "fm-kt", "8"), (W12, "kd", "1")),
+    ("2,000 steps: FM-KT (K = 1) − KD of width 8 trained 6,810 steps (training FLOPs matched)",
+     (B, "fm-kt", "1"), (W8, "kd", "1")),
+    ("2,000 steps: FM-KT (K = 8) − the same width-8 KD", (B, "fm-kt", "8"), (W8, "kd", "1")),
+    # 2,000 steps: where FM-KT's gain comes from
+    ("2,000 steps: FM-KT − OFM-KT without alignment (kd_weight=0: cross-entropy on every step only), K = 8",
+     (B, "fm-kt", "8"), (B, "ofm-kt+kd_weight=0", "8")),
+    ("2,000 steps: OFM-KT − the plain student, both with label smoothing 0.1 (K = 8)",
+     (B, OFM, "8"), (B, "none+label_smoothing=0.1", "1")),
+    # 6,000 steps (the preset)
+    ("6,000 steps: FM-KT (K = 8) − KD", ("", "fm-kt", "8"), ("", "kd", "1")),
+    ("6,000 steps: FM-KT (K = 8) − KD with DIST", ("", "fm-kt", "8"), ("", "kd+kd_loss=dist", "1")),
+    ("6,000 steps: FM-KT − OFM-KT (no teacher), K = 8", ("", "fm-kt", "8"), ("", OFM, "8")),
+    ("6,000 steps: FM-KT − OFM-KT (no teacher), K = 1", ("", "fm-kt", "1"), ("", OFM, "1")),
+    # a teacher trained 6,000 steps instead of 1,500 (students 6,000 steps)
+    ("stronger teacher: its accuracy − the preset teacher's", (STRONG, "teacher", ""), ("", "teacher", "")),
+    ("stronger teacher: FM-KT − FM-KT with the preset teacher, K = 8", (STRONG, "fm-kt", "8"), ("", "fm-kt", "8")),
+    ("stronger teacher: KD with DIST − the same with the preset teacher",
+     (STRONG, "kd+kd_loss=dist", "1"), ("", "kd+kd_loss=dist", "1")),
+    ("stronger teacher: FM-KT − OFM-KT (no teacher, the preset run's), K = 8", (STRONG, "fm-kt", "8"), ("", OFM, "8")),
+    ("stronger teacher: FM-KT (K = 8) − KD with DIST", (STRONG, "fm-kt", "8"), (STRONG, "kd+kd_loss=dist", "1")),
 ]  # fmt: skip
 
 
@@ -37,6 +47,8 @@ def values(report: str, row: str, k: str) -> list[float] | None:
     if not path.is_file():
         return None
     per_seed = json.loads(path.read_text())["per_seed"]
+    if row == "teacher":
+        return [100 * s["teacher"] for s in per_seed]
     if row not in per_seed[0]["students"]:
         return None
     return [100 * s["students"][row][k] for s in per_seed]
