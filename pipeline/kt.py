@@ -182,15 +182,15 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
         m: {k: cell([r["students"][m][k] for r in per_seed]) for k in per_seed[0]["students"][m]} for m in cfg.methods
     }
     out["differences"] = {}
-    for base in ("kd", "none", "ofm-kt"):
-        if base not in cfg.methods:
-            continue
+    online = [m for m in cfg.methods if m.split("+")[0] == "ofm-kt"]  # "ofm-kt" itself first, if there
+    online = sorted(online, key=lambda m: m != "ofm-kt")[:1]
+    for base in [b for b in ("kd", "none") if b in cfg.methods] + online:
 
         def ref(k: str, base: str = base) -> list[float]:  # a flow base at the same K, the others' one number
             return [100 * r["students"][base][k if is_flow(base) else "1"] for r in per_seed]
 
         # against OFM-KT (the same network, no teacher) the FM-KT rows only: what the teacher's logits add
-        rows = [m for m in cfg.methods if (m.split("+")[0] == "fm-kt" if base == "ofm-kt" else is_flow(m))]
+        rows = [m for m in cfg.methods if (m.split("+")[0] == "fm-kt" if is_flow(base) else is_flow(m))]
         out["differences"][base] = {
             m: {k: dict(zip(("mean", "ci"), paired([100 * r["students"][m][k] for r in per_seed], ref(k))))
                 for k in per_seed[0]["students"][m]}
@@ -267,12 +267,13 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
             row = [_fmt(cells["1"])] + [""] * (len(steps) - 1)
         lines.append(f"| {label(m)} | " + " | ".join(row) + " |")
     lines += ["", "The plain and KD students have no sampler: their one number is in the K = 1 column.", ""]
-    names = {"kd": "vanilla KD", "none": "the student alone", "ofm-kt": "OFM-KT (same network, no teacher), same K"}
+    names = {"kd": "vanilla KD", "none": "the student alone"}
     for base, rows in _differences(report).items():
+        name = names.get(base) or f"{label(base).removeprefix('student + ')} (the same network), at the same K"
         if not rows:
             continue
         lines += [
-            f"Minus {names[base]}, paired by seed (percentage points; an interval that excludes 0 separates them):",
+            f"Minus {name}, paired by seed (percentage points; an interval that excludes 0 separates them):",
             "",
             "| | " + " | ".join(f"K = {k}" for k in steps) + " |",
             "|---|" + "---|" * len(steps),
@@ -346,11 +347,25 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def rerender(run_dir: Path) -> Path:
+    """report.md and the plot again from RUN/report.json; the means, intervals and differences recomputed from its
+    per-seed accuracies when RUN/config.json (the run's config) is there."""
+    from nfm.pipeline.core.config import from_dict
+    from nfm.pipeline.core.io import read_json
+
+    run_dir = Path(run_dir)
+    report = read_json(run_dir / "report.json", "kt report")
+    if (run_dir / "config.json").is_file():
+        saved = read_json(run_dir / "config.json", "kt run config")
+        cfg = from_dict(KTRunConfig, {k: v for k, v in saved.items() if k != "preset"})
+        report = report | aggregate(cfg, report["per_seed"], saved.get("preset", report["preset"]))
+        report.pop("fmkt_minus_kd", None)
+    return write_kt_report(report, run_dir)
+
+
 if __name__ == "__main__":  # python -m nfm.pipeline.kt RUN_DIR: report.md and the plot again from report.json
     import sys
 
-    from nfm.pipeline.core.io import read_json
-
     if len(sys.argv) != 2:
         sys.exit("usage: python -m nfm.pipeline.kt RUN_DIR   (re-render report.md from report.json)")
-    print(write_kt_report(read_json(Path(sys.argv[1]) / "report.json", "kt report"), Path(sys.argv[1])))
+    print(rerender(Path(sys.argv[1])))

@@ -316,7 +316,8 @@ def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_pa
     ]  # fmt: skip
     report = aggregate(KTRunConfig(methods=methods, eval_steps=(1, 2)), per_seed, "test")
     d = report["differences"]
-    assert set(d) == {"kd", "none"} and set(d["kd"]) == {"fm-kt", "ofm-kt+label_smoothing=0.1"}
+    assert set(d) == {"kd", "none", "ofm-kt+label_smoothing=0.1"}  # the online row: FM-KT's no-teacher control
+    assert set(d["kd"]) == {"fm-kt", "ofm-kt+label_smoothing=0.1"} and set(d["ofm-kt+label_smoothing=0.1"]) == {"fm-kt"}
     two = [{"teacher": 0.9, "students": {"fm-kt": {"1": 0.8, "2": 0.9}, "ofm-kt": {"1": 0.7, "2": 0.6}}}] * 2
     vs_online = aggregate(KTRunConfig(methods=("fm-kt", "ofm-kt"), eval_steps=(1, 2)), two, "t")["differences"]
     assert vs_online["ofm-kt"]["fm-kt"]["2"]["mean"] == pytest.approx(30.0)  # paired at the same K
@@ -346,3 +347,20 @@ def test_the_students_compute_is_counted_by_hand():
     assert flow["inference_flops"] == {"1": 1440 + 664, "2": 1440 + 2 * 664, "4": 1440 + 4 * 664}
     # a training step: forward over K = 2 steps, then backward (about twice the forward; the input needs no grad)
     assert 2 * flow["inference_flops"]["2"] < flow["train_flops_per_image"] < 3 * flow["inference_flops"]["2"]
+
+
+def test_a_kt_report_is_reaggregated_from_its_per_seed_accuracies(tmp_path):
+    from nfm.pipeline.core.config import to_dict
+    from nfm.pipeline.core.io import write_json
+    from nfm.pipeline.kt import KTRunConfig, aggregate, rerender
+
+    cfg = KTRunConfig(methods=("kd", "fm-kt", "ofm-kt+label_smoothing=0.1"), eval_steps=(1, 2))
+    per_seed = [{"teacher": 0.9, "students": {"kd": {"1": 0.7}, "fm-kt": {"1": 0.8, "2": 0.9},
+                                              "ofm-kt+label_smoothing=0.1": {"1": 0.85, "2": 0.8}}}] * 2  # fmt: skip
+    old = aggregate(cfg, per_seed, "p") | {"test_images": 10}
+    del old["differences"]  # as a report written before them
+    write_json(tmp_path / "report.json", old)
+    write_json(tmp_path / "config.json", {"preset": "p", **to_dict(cfg)})
+    md = rerender(tmp_path).read_text()
+    assert "| student + FM-KT − ofm-kt+label_smoothing=0.1 | -5.00 ± 0.00 | 10.00 ± 0.00 |" in md
+    assert "Minus OFM-KT (online, no teacher) (label_smoothing=0.1) (the same network), at the same K" in md
