@@ -14,7 +14,6 @@ and the logits are the teacher's, bit for bit (computed once, in eval mode, in f
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,11 @@ from nfm.pairs.build import (
     _shard_rows_for,
     pair_bytes,
 )
-from nfm.pipeline.core.augment import AugmentConfig, augment, augment_params
+from nfm.pipeline.core import augment as views_
+from nfm.pipeline.core.augment import AugmentConfig, draw_views
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -47,65 +46,17 @@ class KTPairConfig:
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
-@functools.lru_cache(maxsize=8)
-def _view_table(seed: int, view: int, n_rows: int) -> torch.Tensor:
-    """Uniform numbers (dy, dx, flip) for every row of view `view`: drawn once per build, not per batch."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "kt-view", view))
-    return torch.rand(n_rows, 3, generator=g)
-
-
 def view_params(cfg: KTPairConfig, rows: torch.Tensor, views: torch.Tensor, n_rows: int):
-    """(shift, flip) of the given (row, view) pairs: drawn per view over every row of the data set from a
-    generator seeded by (seed, view), so a pair's view does not depend on the batch it is built in."""
-    shift = torch.zeros(len(rows), 2, dtype=torch.long)
-    flip = torch.zeros(len(rows), dtype=torch.bool)
-    for v in views.unique().tolist():
-        if v == 0:
-            continue  # view 0: the image as it is
-        s, f = augment_params(cfg.augment, _view_table(cfg.seed, v, n_rows))
-        sel = views == v
-        shift[sel], flip[sel] = s[rows[sel]], f[rows[sel]]
-    return shift, flip
-
-
-def _view_rows(data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig) -> dict[str, torch.Tensor]:
-    """The views (grey levels), labels, images and view numbers of pair ids `ids` (pair id = row * views + view)."""
-    rows, views = ids // cfg.views, ids % cfg.views
-    u, y = data.raw(rows.tolist())
-    shift, flip = view_params(cfg, rows, views, len(data))
-    return {"data": augment(u, shift, flip, fill=0), "label": y, "index": rows, "view": views}
+    """(shift, flip) of the given (row, view) pairs of a cache built with `cfg`."""
+    return views_.view_params(cfg.augment, cfg.seed, rows, views, n_rows)
 
 
 @torch.no_grad()
 def kt_rows(classifier: nn.Module, data: ImageDataset, ids: torch.Tensor, cfg: KTPairConfig, device) -> dict:
     """The cache columns of pair ids `ids`."""
-    out = _view_rows(data, ids, cfg)
+    out = draw_views(data, ids, cfg.views, cfg.augment, cfg.seed)
     x = out["data"].float() * (2.0 / data.levels) - 1.0
     return {"noise": classifier(x.to(device)).float().cpu(), **out}
-
-
-class KTViews(torch.utils.data.Dataset):
-    """The rows a logit cache of (data, cfg) holds, in its order, drawn on the fly and without a teacher: (view
-    in [-1, 1], no logits (a (batch, 0) tensor), label). For the students that need no teacher (none, and
-    OFM-KT, whose teacher is its own ensemble): they read the very views a cached run reads."""
-
-    has_logits = False
-
-    def __init__(self, data: ImageDataset, cfg: KTPairConfig):
-        if cfg.views < 1:
-            raise NFMError(f"kt views: views must be >= 1, got {cfg.views}")
-        if not 0 < data.levels <= 255:
-            raise NFMError(f"{data.name}: KT views are grey levels; this source has {data.levels}")
-        self.data, self.cfg = data, cfg
-        self.image_shape, self.num_classes = tuple(data.image_shape), data.num_classes
-
-    def __len__(self) -> int:
-        return len(self.data) * self.cfg.views
-
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        out = _view_rows(self.data, torch.as_tensor(idx, dtype=torch.long), self.cfg)
-        x = out["data"].float() * (2.0 / self.data.levels) - 1.0
-        return x, torch.empty(len(idx), 0), out["label"]  # no logits: a loss that reads them fails on the shape
 
 
 def build_kt_pairs(

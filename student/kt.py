@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm.pairs.kt import KTViews
 from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.augment import AugmentConfig, draw_views
 from nfm.pipeline.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
 from nfm.pipeline.core.data import ImageDataset
 from nfm.pipeline.core.errors import NFMError
@@ -225,6 +225,33 @@ class KTPairs(torch.utils.data.Dataset):
         return self.cache.to_float(self.data[i]), self.logits[i], self.labels[i]
 
 
+class KTViews(torch.utils.data.Dataset):
+    """The rows a logit cache of (data, views, seed, augment) holds, in its order, drawn on the fly and without a
+    teacher: (view in [-1, 1], no logits (a (batch, 0) tensor), label). For the students that need no teacher
+    (none, and OFM-KT, whose teacher is its own ensemble): they read the very views a cached run reads."""
+
+    has_logits = False
+
+    def __init__(self, data: ImageDataset, views: int, seed: int, augment: AugmentConfig):
+        if views < 1:
+            raise NFMError(f"kt views: views must be >= 1, got {views}")
+        if not 0 < data.levels <= 255:
+            raise NFMError(f"{data.name}: KT views are grey levels; this source has {data.levels}")
+        self.data, self.views, self.seed, self.augment = data, views, seed, augment
+        self.image_shape, self.num_classes = tuple(data.image_shape), data.num_classes
+
+    def __len__(self) -> int:
+        return len(self.data) * self.views
+
+    def settings(self) -> dict[str, Any]:
+        return {"views": self.views, "seed": self.seed, "augment": asdict(self.augment)}
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, ...]:
+        out = draw_views(self.data, torch.as_tensor(idx, dtype=torch.long), self.views, self.augment, self.seed)
+        x = out["data"].float() * (2.0 / self.data.levels) - 1.0
+        return x, torch.empty(len(idx), 0), out["label"]  # no logits: a loss that reads them fails on the shape
+
+
 @torch.no_grad()
 def accuracy_at(model: KTStudent, data: ImageDataset, steps: list[int], batch: int = 1000) -> dict[int, float]:
     """Top-1 accuracy of the student with K sampler steps, for each K in `steps` (one entry for none / kd)."""
@@ -335,7 +362,7 @@ def run_kt_student_training(
         dataset=data,
         loss_fn=kt_loss(cfg.kt),
         # drawn on the fly, the views' settings are part of the run: a resume with others is refused
-        resolved_config=to_dict(cfg) | ({"views": asdict(pairs.cfg), "data": data_cfg} if source is None else {}),
+        resolved_config=to_dict(cfg) | ({"views": pairs.settings(), "data": data_cfg} if source is None else {}),
         export_fn=export,
         desc=f"kt student[{cfg.kt.method}]",
         log=log,

@@ -8,12 +8,21 @@ import pytest
 import torch
 from torch import nn
 
-from nfm.pairs.kt import KTPairConfig, KTViews, build_kt_pairs, logit_error, view_params
+from nfm.pairs.kt import KTPairConfig, build_kt_pairs, logit_error, view_params
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.augment import AugmentConfig, augment
 from nfm.pipeline.core.data import TensorImages
 from nfm.pipeline.core.errors import NFMError
-from nfm.student.kt import KTConfig, KTModelConfig, KTStudent, dist_loss, kl_loss, kt_loss, timestep_embedding
+from nfm.student.kt import (
+    KTConfig,
+    KTModelConfig,
+    KTStudent,
+    KTViews,
+    dist_loss,
+    kl_loss,
+    kt_loss,
+    timestep_embedding,
+)
 from tests.conftest import run_nfm
 
 
@@ -201,7 +210,7 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     assert torch.equal(rows["noise"], want)  # bit for bit, in the build's batches
     assert logit_error(res.path, teacher)["worst_abs_error"] < 1e-5
     # drawn on the fly without a teacher, the same rows in the same order (for none and OFM-KT)
-    x, no_logits, labels = KTViews(data, cfg).__getitems__(list(range(900)))
+    x, no_logits, labels = KTViews(data, cfg.views, cfg.seed, cfg.augment).__getitems__(list(range(900)))
     assert torch.equal(x, cache.to_float(rows["data"])) and torch.equal(labels, y) and no_logits.shape == (900, 0)
     # the views do not depend on the batch: another batch size gives the same cache content
     other = build_kt_pairs(teacher, data, KTPairConfig(views=3, seed=5, batch_size=7, augment=cfg.augment),
@@ -235,7 +244,7 @@ def test_ofmkt_learns_the_labels_without_a_teacher_and_kd_needs_one(tmp_path):
     from nfm.pipeline.core.config import build_config
     from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
 
-    views = KTViews(_toy(2000, 0), KTPairConfig(views=1))
+    views = KTViews(_toy(2000, 0), 1, 0, AugmentConfig())
     preset = {"model": {"width": 8}, "kt": {"method": "ofm-kt", "steps": 2, "label_smoothing": 0.1},
               "train": {"steps": 400, "batch_size": 128, "lr": 5e-3, "warmup_steps": 20, "log_every": 100,
                         "sample_every": 0, "ckpt_every": 400, "ema_decay": 0.99}}  # fmt: skip

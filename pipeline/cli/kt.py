@@ -56,12 +56,12 @@ def cmd_student_train(args) -> int:
     ensemble. The authors smooth its labels: kt.label_smoothing=0.1. Without --pairs, `none` and `ofm-kt`
     train on the preset's data and views (those a logit cache of the preset holds), drawn on the fly.
     """
-    from nfm.pairs.kt import KTPairConfig, KTViews
+    from nfm.pairs.kt import KTPairConfig
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.reader import PairCache
     from nfm.pipeline.core.config import build_config, from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.student.kt import TEACHERLESS, KTStudentRunConfig, run_kt_student_training
+    from nfm.student.kt import TEACHERLESS, KTStudentRunConfig, KTViews, run_kt_student_training
 
     flags = {"method": args.method, "schedule": args.schedule, "steps": args.steps, "kd_loss": args.kd_loss}
     overrides = list(args.overrides) + [f"kt.{k}={v}" for k, v in flags.items() if v is not None]
@@ -73,7 +73,8 @@ def cmd_student_train(args) -> int:
     elif cfg.kt.method in TEACHERLESS:
         data_cfg = _preset(args.preset, "teacher").get("data", {})
         views = build_config(KTPairConfig, preset=_preset(args.preset, "pairs"))
-        pairs = KTViews(load_data(from_dict(DataConfig, data_cfg), "train"), views)
+        train = load_data(from_dict(DataConfig, data_cfg), "train")
+        pairs = KTViews(train, views.views, views.seed, views.augment)
     else:
         raise NFMError(
             f"--method {cfg.kt.method} learns from a teacher's logits: give a logit cache with --pairs KEY (build "

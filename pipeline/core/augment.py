@@ -3,10 +3,13 @@ that a training step or a cache row gets the same view wherever and however ofte
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from nfm.pipeline.core.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,34 @@ def augment_params(cfg: AugmentConfig, u: torch.Tensor) -> tuple[torch.Tensor, t
     shift = (u[:, :2] * (2 * cfg.shift + 1)).floor().long() - cfg.shift
     flip = u[:, 2] < 0.5 if cfg.flip else torch.zeros(len(u), dtype=torch.bool, device=u.device)
     return shift, flip
+
+
+@functools.lru_cache(maxsize=8)
+def _view_table(seed: int, view: int, n_rows: int) -> torch.Tensor:
+    """Uniform numbers (dy, dx, flip) for every row of view `view`: drawn once per data set, not per batch."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "kt-view", view))
+    return torch.rand(n_rows, 3, generator=g)
+
+
+def view_params(cfg: AugmentConfig, seed: int, rows: torch.Tensor, views: torch.Tensor, n_rows: int):
+    """(shift, flip) of the given (row, view) pairs: drawn per view over every row of the data set from a
+    generator seeded by (seed, view), so a row's view does not depend on the batch it is drawn in. View 0 is
+    the image as it is."""
+    shift = torch.zeros(len(rows), 2, dtype=torch.long)
+    flip = torch.zeros(len(rows), dtype=torch.bool)
+    for v in views.unique().tolist():
+        if v == 0:
+            continue
+        s, f = augment_params(cfg, _view_table(seed, v, n_rows))
+        sel = views == v
+        shift[sel], flip[sel] = s[rows[sel]], f[rows[sel]]
+    return shift, flip
+
+
+def draw_views(data, ids: torch.Tensor, views_per_image: int, cfg: AugmentConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Rows `ids` of a data set seen `views_per_image` times (row id = image * views_per_image + view): the views
+    as stored grey levels, their labels, images and view numbers."""
+    rows, views = ids // views_per_image, ids % views_per_image
+    u, y = data.raw(rows.tolist())
+    shift, flip = view_params(cfg, seed, rows, views, len(data))
+    return {"data": augment(u, shift, flip, fill=0), "label": y, "index": rows, "view": views}
