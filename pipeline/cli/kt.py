@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    """everything: classifier teacher -> logit cache -> students (none, kd, fm-kt) -> accuracy -> report
+    """everything: classifier teacher -> logit cache -> students (none, kd, fm-kt, ofm-kt...) -> accuracy -> report
 
     Finished stages are reused, interrupted ones resume: rerun the same command. `--seeds 3` re-runs teacher,
     cache and students per seed and reports 95 % intervals. Rows are METHOD[+KEY=VALUE...]: e.g.
