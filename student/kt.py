@@ -197,8 +197,6 @@ def kt_loss(kt: KTConfig):
 class KTPairs(torch.utils.data.Dataset):
     """A logit cache in memory (verified on read): (image view in [-1, 1], teacher logits, label) rows."""
 
-    has_logits = True
-
     def __init__(self, cache: PairCache):
         if cache.index.get("kind") != "kt":
             raise NFMError(
@@ -229,8 +227,6 @@ class KTViews(torch.utils.data.Dataset):
     """The rows a logit cache of (data, views, seed, augment) holds, in its order, drawn on the fly and without a
     teacher: (view in [-1, 1], no logits (a (batch, 0) tensor), label). For the students that need no teacher
     (none, and OFM-KT, whose teacher is its own ensemble): they read the very views a cached run reads."""
-
-    has_logits = False
 
     def __init__(self, data: ImageDataset, views: int, seed: int, augment: AugmentConfig):
         if views < 1:
@@ -332,8 +328,8 @@ def run_kt_student_training(
     check_choices(cfg)
     if isinstance(pairs, KTViews) and cfg.kt.method not in TEACHERLESS:
         raise NFMError(
-            f"--method {cfg.kt.method} learns from a teacher's logits: build a logit cache (`nfm kt pairs build "
-            "--teacher RUN`) and pass it with --pairs; only none and ofm-kt train without one"
+            f"--method {cfg.kt.method} learns from a teacher's logits: give a logit cache with --pairs KEY (build "
+            "one with `nfm kt pairs build --teacher RUN`); only none and ofm-kt train without one"
         )
     data = pairs if isinstance(pairs, KTViews) else KTPairs(pairs)
     cfg = resolve(cfg, data)

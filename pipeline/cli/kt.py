@@ -61,7 +61,7 @@ def cmd_student_train(args) -> int:
     from nfm.pairs.reader import PairCache
     from nfm.pipeline.core.config import build_config, from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.student.kt import TEACHERLESS, KTStudentRunConfig, KTViews, run_kt_student_training
+    from nfm.student.kt import KTStudentRunConfig, KTViews, run_kt_student_training
 
     flags = {"method": args.method, "schedule": args.schedule, "steps": args.steps, "kd_loss": args.kd_loss}
     overrides = list(args.overrides) + [f"kt.{k}={v}" for k, v in flags.items() if v is not None]
@@ -70,16 +70,11 @@ def cmd_student_train(args) -> int:
     if args.pairs:
         pairs = PairCache(find_cache(args.pairs, options.cache_root(args)))
         data_cfg = pairs.index.get("data", {}).get("config")
-    elif cfg.kt.method in TEACHERLESS:
+    else:  # none and ofm-kt need no teacher; the others are refused by the training, naming --pairs
         data_cfg = _preset(args.preset, "teacher").get("data", {})
         views = build_config(KTPairConfig, preset=_preset(args.preset, "pairs"))
         train = load_data(from_dict(DataConfig, data_cfg), "train")
         pairs = KTViews(train, views.views, views.seed, views.augment)
-    else:
-        raise NFMError(
-            f"--method {cfg.kt.method} learns from a teacher's logits: give a logit cache with --pairs KEY (build "
-            "one with `nfm kt pairs build --teacher RUN`); only none and ofm-kt train without one"
-        )
     held_out = load_data(from_dict(DataConfig, data_cfg), "test") if data_cfg else None
     run_dir = Path(args.run_dir or f"runs/kt-student-{cfg.kt.method}")
     t0 = time.perf_counter()
