@@ -96,13 +96,17 @@ def method_config(kt: KTConfig, spec: str) -> KTConfig:
     return with_overrides(kt, [f"method={method}", *opts], prefix="student.kt.")
 
 
+def method_of(spec: str) -> str:
+    return spec.split("+")[0]
+
+
 def label(spec: str) -> str:
     method, *opts = spec.split("+")
     return LABELS.get(method, method) + (f" ({', '.join(opts)})" if opts else "")
 
 
 def is_flow(spec: str) -> bool:
-    return spec.split("+")[0] in FLOW_METHODS
+    return method_of(spec) in FLOW_METHODS
 
 
 def check_kt_run(cfg: KTRunConfig) -> None:
@@ -182,7 +186,7 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
         m: {k: cell([r["students"][m][k] for r in per_seed]) for k in per_seed[0]["students"][m]} for m in cfg.methods
     }
     out["differences"] = {}
-    online = [m for m in cfg.methods if m.split("+")[0] == "ofm-kt"]  # "ofm-kt" itself first, if there
+    online = [m for m in cfg.methods if method_of(m) == "ofm-kt"]  # "ofm-kt" itself first, if there
     online = sorted(online, key=lambda m: m != "ofm-kt")[:1]
     for base in [b for b in ("kd", "none") if b in cfg.methods] + online:
 
@@ -190,7 +194,7 @@ def aggregate(cfg: KTRunConfig, per_seed: list[dict[str, Any]], preset: str) -> 
             return [100 * r["students"][base][k if is_flow(base) else "1"] for r in per_seed]
 
         # against OFM-KT (the same network, no teacher) the FM-KT rows only: what the teacher's logits add
-        rows = [m for m in cfg.methods if (m.split("+")[0] == "fm-kt" if is_flow(base) else is_flow(m))]
+        rows = [m for m in cfg.methods if (method_of(m) == "fm-kt" if is_flow(base) else is_flow(m))]
         out["differences"][base] = {
             m: {k: dict(zip(("mean", "ci"), paired([100 * r["students"][m][k] for r in per_seed], ref(k))))
                 for k in per_seed[0]["students"][m]}
