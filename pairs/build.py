@@ -35,9 +35,13 @@ from nfm.pairs.format import (
     INDEX_NAME,
     ShardFile,
     cache_key,
+    cache_kind,
     check_index,
+    check_key,
     hash_file,
+    is_foreign,
     read_index,
+    read_origin,
     shard_name,
 )
 from nfm.pairs.lookup import default_cache_root
@@ -302,6 +306,11 @@ def _complete_index(cache_dir: Path, content: bool = False) -> dict[str, Any] | 
     index = read_index(cache_dir)
     if not index.get("complete"):
         return None
+    if check_key(cache_dir, index) != cache_dir.name:
+        raise NFMError(
+            f"pair cache {cache_dir.name} holds an index for key {index['key']}: it was moved or copied under "
+            f"another key. Remove it (nfm pairs rm {cache_dir.name}) and build again"
+        )
     problems = check_index(cache_dir, index, content=content)
     if problems:
         raise NFMError(
@@ -420,16 +429,45 @@ def build_pairs(
         header = _index_header(plan, teacher, data, cfg, sigma, teacher_info or {})
         return header, lambda s, bar: _encode_shard(teacher, data, cfg, plan, s, prior * sigma, device, bar)
 
-    return _build(plan, cfg, state, prepare, verify, log)
+    def vet(cache_dir: Path) -> dict[str, Any]:
+        from nfm.pairs.verify import check_reconstruction
+
+        return check_reconstruction(cache_dir, teacher)
+
+    return _build(plan, cfg, state, prepare, verify, log, vet)
 
 
-def _build(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log) -> PairBuildResult:
-    """Every cache's build: under the key's lock, a hit if complete, else prepare() -> (index header,
-    encode_shard(s, bar)) and the missing shards of this process, then the index."""
+Vet = Callable[[Path], dict[str, Any]]  # check a complete cache against the model the build has; raise if it fails
+
+
+def _build(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log, vet: Vet | None = None):
+    """Every cache's build: under the key's lock, a hit if complete (a pulled cache only once `vet` passed on it),
+    else prepare() -> (index header, encode_shard(s, bar)) and the missing shards of this process, then the
+    index."""
     plan.cache_dir.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(plan, state.is_main_process, log):
         state.wait_for_everyone()  # every process starts once the main one holds the key's lock
-        return _build_locked(plan, cfg, state, prepare, verify, log)
+        return _build_locked(plan, cfg, state, prepare, verify, log, vet)
+
+
+def _vet_foreign(plan: _Plan, vet: Vet | None, log) -> None:
+    """A pulled cache under the build's key is used only after the build's own model has checked it: its bytes
+    match its index, but the index could have been written by anyone."""
+    from nfm.pairs.verify import mark_verified, require_intact
+
+    source = (read_origin(plan.cache_dir) or {}).get("source", "elsewhere")
+    if vet is None:
+        raise NFMError(
+            f"pair cache {plan.key} came from {source} and has not been checked against the model that should "
+            f"have made it: check it (nfm pairs verify {plan.key} --teacher SPEC) or remove it (nfm pairs rm "
+            f"{plan.key}), then build again"
+        )
+    log(f"pair cache {plan.key} came from {source}: checking it against this build's model before using it")
+    require_intact(plan.cache_dir)
+    how = vet(plan.cache_dir)
+    mark_verified(plan.cache_dir, how)
+    summary = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in how.items())
+    log(f"pair cache {plan.key}: checked ({summary}); using it")
 
 
 @contextmanager
@@ -459,9 +497,15 @@ def _remove_leftovers(cache_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _build_locked(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log) -> PairBuildResult:
+def _build_locked(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: bool, log, vet: Vet | None):
     rank, world = state.process_index, state.num_processes
     index = _complete_index(plan.cache_dir, content=verify)
+    if index is not None and is_foreign(plan.cache_dir):
+        if state.is_main_process:
+            _vet_foreign(plan, vet, log)
+        state.wait_for_everyone()
+        if is_foreign(plan.cache_dir):  # the main process refused it
+            raise NFMError(f"pair cache {plan.key} was not checked; see the main process's message")
     if index is not None:
         checked = ", content verified" if verify else ""
         log(f"pair cache hit: {plan.key} ({index['total_rows']} pairs{checked}) at {plan.cache_dir}")
@@ -531,8 +575,10 @@ def _finish(plan: _Plan, base: dict[str, Any], cfg: PairBuildConfig, rate: float
 
 def cache_summary(cache_dir: Path) -> dict[str, Any]:
     index = read_index(cache_dir)
+    origin = read_origin(cache_dir)
     return {
         "key": index["key"],
+        "kind": cache_kind(index),
         "teacher": index["teacher"]["fingerprint"],
         "data": f"{index['data']['name']}[{index['data']['split']}]",
         "rows": index["total_rows"],
@@ -540,5 +586,8 @@ def cache_summary(cache_dir: Path) -> dict[str, Any]:
         "dtype": index["dtypes"]["noise"],
         "size_mb": round(sum(s["bytes"] for s in index["shards"]) / 2**20, 2),
         "complete": bool(index.get("complete")),
+        "origin": "built here"
+        if origin is None
+        else ("checked" if origin.get("verified") else "FOREIGN") + (f" ({origin.get('source')})"),
         "path": str(cache_dir),
     }

@@ -30,7 +30,15 @@ from nfm.pipeline.core.errors import NFMError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "pairs.index.json"
+ORIGIN_NAME = "origin.json"  # a cache that came from elsewhere (a pull): where from, and whether it was checked
 SHARD_RE = re.compile(r"^pairs-(\d{5})-of-(\d{5})\.safetensors$")
+KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+# The kinds of cache, from what their index says (cache_kind):
+#   teacher  (noise, data) pairs of a normalizing-flow teacher: z = encode(x + eta * eps) / sigma_f
+#   reflow   (noise, data) pairs of a trained student: x = ODE(z)
+#   kt       a classifier's logits per image view (the `noise` column holds logits)
+KINDS = ("teacher", "reflow", "kt")
+FLOW_KINDS = ("teacher", "reflow")  # what a flow-matching student trains on
 COLUMNS = ("noise", "data", "label", "index", "view")
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64, "BF16": None}
 
@@ -55,26 +63,117 @@ def hash_file(path: Path, chunk: int = 1 << 22) -> tuple[str, str]:
     return sha.hexdigest(), fast.hexdigest()
 
 
-def _check_name(cache_dir: Path, name: str) -> None:
-    """An index may only name plain shard files inside its cache directory (no paths, no '..')."""
-    if not isinstance(name, str) or not SHARD_RE.match(name) or Path(name).name != name:
+def cache_kind(index: dict[str, Any]) -> str:
+    """What a cache holds (KINDS), from its index: `kind` (kt), `key_fields.kind` (reflow), else teacher pairs."""
+    fields = index.get("key_fields")
+    if index.get("kind") == "kt":
+        return "kt"
+    if isinstance(fields, dict) and fields.get("kind") == "reflow":
+        return "reflow"
+    if index.get("kind") not in (None, "teacher") or (isinstance(fields, dict) and "kind" in fields):
+        return f"unknown ({index.get('kind') or fields.get('kind')!r})"
+    return "teacher"
+
+
+_KIND_WORDS = {
+    "teacher": "noise/data pairs of a teacher",
+    "reflow": "reflow pairs of a student",
+    "kt": "a classifier's logits (an FM-KT cache)",
+}
+
+
+def require_kind(cache_dir: Path, index: dict[str, Any], kinds: tuple[str, ...], reader: str) -> str:
+    """The cache's kind, if `reader` accepts it; else one line naming what the cache holds and what reads it."""
+    kind = cache_kind(index)
+    if kind in kinds:
+        return kind
+    fix = {
+        "kt": f"train a KT student on it: nfm kt student train --pairs {Path(cache_dir).name[:8]}",
+        "teacher": "a logit cache comes from `nfm kt pairs build`",
+        "reflow": "a logit cache comes from `nfm kt pairs build`",
+    }.get(kind, "it was written by another version of nfm, or tampered with")
+    wants = " or ".join(_KIND_WORDS[k] for k in kinds)
+    raise NFMError(
+        f"pair cache {Path(cache_dir).name} holds {_KIND_WORDS.get(kind, kind)}; {reader} reads {wants}: {fix}"
+    )
+
+
+def check_key(cache_dir: Path, index: dict[str, Any]) -> str:
+    """The index's key, proven: a key's 20 hex characters are the hash of the index's own key fields (what
+    determined the pairs), so a cache cannot claim another cache's key without claiming its inputs too."""
+    key, fields = index.get("key"), index.get("key_fields")
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise NFMError(f"{Path(cache_dir) / INDEX_NAME} names key {key!r}, not a pair-cache key (20 hex characters)")
+    if not isinstance(fields, dict) or cache_key(fields) != key:
+        got = cache_key(fields) if isinstance(fields, dict) else "no key fields"
         raise NFMError(
-            f"pair index in {cache_dir} names shard {name!r}, which is not a plain shard file name "
-            "(pairs-NNNNN-of-NNNNN.safetensors) inside the cache directory; the index is corrupt or "
-            "tampered with: delete the cache (nfm pairs rm) and rebuild it"
+            f"pair cache {Path(cache_dir).name} names key {key}, but its key fields hash to {got}: the index was "
+            "edited after the build (or forged); nothing of it is used. Remove it (nfm pairs rm) and rebuild or pull it"
         )
+    # what the readers take from the index rather than the key fields must say the same
+    same = [("views", index.get("views")), ("seed", index.get("seed")), ("eta", index.get("noise_std")),
+            ("dtype", (index.get("dtypes") or {}).get("noise"))]  # fmt: skip
+    for name, value in same:
+        if name in fields and fields[name] != value:
+            raise NFMError(
+                f"pair cache {Path(cache_dir).name}: its index says {name} {value!r}, its key fields "
+                f"{fields[name]!r}: the index was edited after the build. Remove it (nfm pairs rm) and rebuild it"
+            )
+    return key
+
+
+def read_origin(cache_dir: Path) -> dict[str, Any] | None:
+    """Where a cache came from, if not from a build here: {"source": ..., "verified": None | {...}}."""
+    path = Path(cache_dir) / ORIGIN_NAME
+    if not path.is_file():
+        return None
+    try:
+        origin = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        origin = None
+    if not isinstance(origin, dict):  # unreadable: still foreign, never checked
+        return {"source": f"unknown (unreadable {ORIGIN_NAME})", "verified": None}
+    return origin
+
+
+def is_foreign(cache_dir: Path) -> bool:
+    """A cache pulled from elsewhere and not yet checked against the user's own teacher (or student)."""
+    origin = read_origin(cache_dir)
+    return origin is not None and not origin.get("verified")
+
+
+def _name_problem(name: Any) -> str | None:
+    if not isinstance(name, str) or not SHARD_RE.match(name) or Path(name).name != name:
+        return (
+            f"the index names shard {name!r}, which is not a plain shard file name "
+            "(pairs-NNNNN-of-NNNNN.safetensors) inside the cache directory (corrupt or tampered with)"
+        )
+    return None
+
+
+def member_problem(cache_dir: Path, name: Any) -> str | None:
+    """Why `name` is not a shard the cache may read (None: it may): a plain file name of the cache directory
+    itself, not a path, not a symlink."""
+    problem = _name_problem(name)
+    if problem:
+        return problem
+    path = Path(cache_dir) / name
+    if path.is_symlink() or (path.exists() and path.resolve().parent != Path(cache_dir).resolve()):
+        return f"shard {name} is a symbolic link (to {os.path.realpath(path)}); a cache holds its own files only"
+    return None
 
 
 def safe_member(cache_dir: Path, name: str) -> Path:
     """The path of a shard the index names: a plain file of the cache directory itself (not a symlink)."""
-    _check_name(cache_dir, name)
-    path = Path(cache_dir) / name
-    if path.is_symlink() or (path.exists() and path.resolve().parent != Path(cache_dir).resolve()):
-        raise NFMError(
-            f"pair shard {path} is a symbolic link (to {os.path.realpath(path)}); a cache holds its own files "
-            "only. Delete the cache (nfm pairs rm) and rebuild it"
-        )
-    return path
+    problem = member_problem(cache_dir, name)
+    if problem:
+        raise NFMError(f"pair cache {Path(cache_dir).name}: {problem}. Delete it (nfm pairs rm) and rebuild it")
+    return Path(cache_dir) / name
+
+
+def cache_files(cache_dir: Path, index: dict[str, Any]) -> list[Path]:
+    """The files a cache consists of: its index and the shards it names (nothing else of the directory)."""
+    return [Path(cache_dir) / INDEX_NAME] + [safe_member(Path(cache_dir), s["file"]) for s in index["shards"]]
 
 
 class ShardFile:
@@ -219,11 +318,11 @@ def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -
         problems.append(f"the index lists {len(shards)} shards for num_shards={n} (or out of order)")
     want = {k: (index["dtypes"][k], tuple(index["shapes"][k])) for k in ("noise", "data")}
     for s in shards:
-        try:
-            path = safe_member(cache_dir, s.get("file"))
-        except NFMError as e:
-            problems.append(str(e))
+        problem = member_problem(cache_dir, s.get("file"))
+        if problem:
+            problems.append(problem)
             continue
+        path = cache_dir / s["file"]
         if not path.is_file():
             problems.append(f"{s['file']}: missing")
             continue
@@ -273,6 +372,10 @@ def read_index(cache_dir: Path) -> dict[str, Any]:
         raise NFMError(
             f"pair cache {cache_dir} has format {index.get('format_version')}, newer than this nfm; upgrade nfm"
         )
+    if not isinstance(index, dict) or not isinstance(index.get("shards", []), list):
+        raise NFMError(f"{path} is not a pair index; delete the cache (nfm pairs rm KEY) and rebuild it")
     for s in index.get("shards", []):
-        _check_name(Path(cache_dir), s.get("file"))
+        problem = _name_problem(s.get("file") if isinstance(s, dict) else s)
+        if problem:
+            raise NFMError(f"pair cache {Path(cache_dir).name}: {problem}. Delete it (nfm pairs rm) and rebuild it")
     return index

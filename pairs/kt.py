@@ -129,23 +129,47 @@ def build_kt_pairs(
             bar.update(len(parts[-1]["label"]))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
-    return _build(plan, build, state, lambda: (header, encode_shard), False, log)
+    vet = lambda d: check_logits(d, classifier)  # noqa: E731
+    return _build(plan, build, state, lambda: (header, encode_shard), False, log, vet)
 
 
-def logit_error(cache_dir: Path, classifier: nn.Module, samples: int = 256) -> dict[str, float]:
-    """Recompute the teacher's logits of the first `samples` rows of each shard from the stored views: the
-    worst absolute difference (0 for an intact cache and the same teacher on the same device)."""
+def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 256, seed: int = 0) -> dict[str, Any]:
+    """Recompute the teacher's logits of `samples` rows drawn (seeded) from every shard (None: every row) from the
+    stored views: the worst absolute difference (0 for an intact cache and the same teacher on the same device)."""
+    from nfm.pairs.format import check_key
     from nfm.pairs.reader import PairCache
+    from nfm.pairs.verify import sampled_shards
 
-    cache, worst, checked = PairCache(cache_dir), 0.0, 0
+    cache, worst, checked = PairCache(cache_dir, kinds=("kt",)), 0.0, 0
+    fields = cache.index["key_fields"]
+    check_key(cache_dir, cache.index)
+    if classifier.fingerprint() != fields["teacher"]:
+        raise NFMError(
+            f"the classifier's fingerprint {classifier.fingerprint()} is not the cache's ({fields['teacher']}): "
+            "verify with the classifier that built it"
+        )
     classifier = classifier.eval()
     device = next(classifier.parameters()).device
-    for i in range(len(cache.shards)):
-        shard = cache.shard(i)
-        m = min(samples, shard.rows)
-        x = cache.to_float(shard.read("data", 0, m))
-        with torch.no_grad():
-            got = classifier(x.to(device)).float().cpu()
-        worst = max(worst, float((got - shard.read("noise", 0, m)).abs().max()))
-        checked += m
+    for shard, take in sampled_shards(cache.dir, cache.index, samples, seed):
+        for a in range(0, len(take), 512):
+            rows = torch.tensor(take[a : a + 512])
+            x = cache.to_float(torch.stack([shard.read("data", r, r + 1)[0] for r in rows.tolist()]))
+            with torch.no_grad():
+                got = classifier(x.to(device)).float().cpu()
+            stored = torch.stack([shard.read("noise", r, r + 1)[0] for r in rows.tolist()])
+            err = (got - stored).abs().flatten(1).max(1).values
+            worst = max(worst, float(torch.where(torch.isfinite(err), err, torch.inf).max()))
+            checked += len(rows)
     return {"rows_checked": checked, "worst_abs_error": worst}
+
+
+def check_logits(cache_dir: Path, classifier: nn.Module, samples: int | None = 256, tolerance: float = 1e-2):
+    """logit_error, refused (one line) above `tolerance`."""
+    rec = logit_error(cache_dir, classifier, samples)
+    if not rec["worst_abs_error"] <= tolerance:
+        raise NFMError(
+            f"logit cache {Path(cache_dir).name}: the classifier's logits differ from the stored ones by up to "
+            f"{rec['worst_abs_error']:.3g} (tolerance {tolerance:g}) over {rec['rows_checked']} rows: these are not "
+            "this classifier's logits. Remove the cache (nfm pairs rm) and build it again"
+        )
+    return {"check": "logits", "teacher": classifier.fingerprint(), **rec}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nfm.pairs.format import INDEX_NAME
+from nfm.pairs.format import INDEX_NAME, KEY_RE, ORIGIN_NAME, SHARD_RE, read_index
 from nfm.pipeline.core.errors import NFMError
 
 
@@ -17,6 +17,8 @@ def default_cache_root() -> Path:
 def find_cache(key_or_path: str, root: Path | None = None) -> Path:
     """A cache directory from a path, a key, or a unique key prefix (under `root`, default the cache root)."""
     root = Path(root) if root is not None else default_cache_root()
+    if not key_or_path.strip():
+        raise NFMError("no cache named: give a cache key, a prefix of at least 4 of its hex characters, or a path")
     p = Path(key_or_path).expanduser()
     if (p / INDEX_NAME).is_file():
         return p
@@ -39,3 +41,49 @@ def find_cache(key_or_path: str, root: Path | None = None) -> Path:
         f"no pair cache {key_or_path!r} under {root}; `nfm pairs ls` lists the caches there "
         "(--cache-dir chooses another root)"
     )
+
+
+def _cache_file(name: str) -> bool:
+    """A file name a cache directory holds: its index, shards, origin record, or a killed build's temp file."""
+    return (
+        name in (INDEX_NAME, ORIGIN_NAME)
+        or bool(SHARD_RE.match(name))
+        or (name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp")))
+    )
+
+
+def removable_cache(key_or_path: str, root: Path | None = None) -> Path:
+    """The cache directory `nfm pairs rm` may delete: a key or key prefix under `root`, or a path naming such a
+    directory. Anything else is refused: a directory outside the cache root, one whose name is not a key, or one
+    whose index names another key is not a cache of this root, whatever files it holds."""
+    root = Path(root) if root is not None else default_cache_root()
+    cache_dir = find_cache(key_or_path, root)
+    if not root.is_dir() or cache_dir.resolve().parent != root.resolve():
+        raise NFMError(
+            f"{cache_dir} is not a cache under the cache root {root}: nfm pairs rm removes only caches there "
+            "(--cache-dir chooses the root); remove other directories yourself"
+        )
+    if cache_dir.is_symlink() or not KEY_RE.match(cache_dir.name):
+        raise NFMError(f"{cache_dir} is not named by a cache key (20 hex characters): not removed")
+    try:
+        named = read_index(cache_dir).get("key")
+    except NFMError:
+        named = cache_dir.name  # an unreadable index: the directory's name and files still say what it is
+    if named != cache_dir.name:
+        raise NFMError(f"{cache_dir}'s index names key {named!r}, not {cache_dir.name}: not a cache; not removed")
+    return cache_dir
+
+
+def remove_cache(cache_dir: Path) -> list[str]:
+    """Delete the files a cache consists of (index, shards, origin, a killed build's temp files), then the
+    directory if nothing else is left in it. Returns the names of what was left (other files are never
+    touched)."""
+    left = []
+    for f in sorted(cache_dir.iterdir()):
+        if (f.is_file() or f.is_symlink()) and _cache_file(f.name):
+            f.unlink()
+        else:
+            left.append(f.name)
+    if not left:
+        cache_dir.rmdir()
+    return left

@@ -15,17 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfm.pairs.format import ShardFile, check_index, read_index, safe_member
+from nfm.pairs.format import FLOW_KINDS, ShardFile, check_index, read_index, require_kind, safe_member
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import derive_seed
 
 
 class PairCache:
-    """A complete pair cache: its index, shards and row counts. Validates before any read."""
+    """A complete pair cache of one of the `kinds` the reader accepts (pairs.format.KINDS; default: the noise/data
+    pairs a flow student trains on): its index, shards and row counts. Validates before any read."""
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, *, kinds: tuple[str, ...] = FLOW_KINDS, reader: str = "this reader"):
         self.dir = Path(cache_dir)
         self.index: dict[str, Any] = read_index(self.dir)
+        self.kind = require_kind(self.dir, self.index, kinds, reader)
         if not self.index.get("complete"):
             have, want = len(self.index.get("shards", [])), self.index.get("num_shards", "?")
             raise NFMError(

@@ -144,16 +144,20 @@ def build_reflow_pairs(
         log(f"reflow pairs from {gen.provenance().get('path', 'a student')}: {n} ODE solves ({plan.key})")
         return _header(plan, gen, cfg), lambda s, bar: _generate_shard(gen, cfg, plan, s, state.device, bar)
 
-    return _build(plan, cfg, state, prepare, verify, log)
+    return _build(plan, cfg, state, prepare, verify, log, lambda d: check_regeneration(d, gen, state.device))
 
 
 @torch.no_grad()
-def regeneration_error(cache_dir: Path, gen: Generator, device="cpu") -> dict[str, Any]:
-    """Worst |generate(z, y) - x| over the first batch of the first shard, regenerated as the build made it (the
-    same ids in one batch): 0 on the device that built the cache."""
-    from nfm.pairs.format import ShardFile, read_index, safe_member
+def regeneration_error(
+    cache_dir: Path, gen: Generator, device="cpu", batches: int | None = 1, seed: int = 0
+) -> dict[str, Any]:
+    """Worst |generate(z, y) - x| over `batches` build batches drawn (seeded) from every shard, or over every
+    batch (None), each regenerated whole as the build made it (a pair's x depends on its batch): 0 on the
+    device that built the cache. Pairs dropped as non-finite are regenerated with their batch and skipped."""
+    from nfm.pairs.format import ShardFile, check_key, read_index, safe_member
 
     index = read_index(cache_dir)
+    check_key(cache_dir, index)
     fields = index["key_fields"]
     if fields.get("kind") != "reflow":
         raise NFMError(f"pair cache {cache_dir.name} holds teacher pairs, not reflow pairs")
@@ -162,17 +166,47 @@ def regeneration_error(cache_dir: Path, gen: Generator, device="cpu") -> dict[st
             f"the student's fingerprint {gen.fingerprint()} (with this solver) is not the cache's "
             f"({fields['student']}): verify with the student and solver that built it"
         )
-    sf = ShardFile(safe_member(cache_dir, index["shards"][0]["file"]))
-    n = min(fields["batch_size"], sf.rows)
-    ids = sf.read("index", 0, n)
-    if not torch.equal(ids, torch.arange(n)):
-        raise NFMError("the first batch of the cache lost pairs (dropped as non-finite): it cannot be regenerated")
     cfg = PairBuildConfig(seed=fields["seed"], dtype=fields["dtype"])
-    z, y = reflow_inputs(ids, cfg, gen)
-    x = gen.generate(z.float().to(device), y.to(device) if gen.num_classes else None).float().cpu()
-    stored = sf.read("data", 0, n).float()
-    return {
-        "pairs_checked": n,
-        "noise_equal": bool(torch.equal(sf.read("noise", 0, n), z)),
-        "worst_abs_error": float((x - stored).abs().max()),
-    }
+    bs, shard_rows, g = int(fields["batch_size"]), int(fields["shard_rows"]), torch.Generator().manual_seed(seed)
+    worst, checked, noise_equal = 0.0, 0, True
+    for s, entry in enumerate(index["shards"]):
+        sf = ShardFile(safe_member(cache_dir, entry["file"]))
+        stored_ids = sf.read("index")
+        lo = s * shard_rows
+        hi = min(lo + shard_rows, int(fields["n"]))
+        starts = list(range(lo, hi, bs))  # the build's batches of this shard: ids [a, min(a + bs, hi))
+        if batches is not None:
+            starts = sorted(starts[i] for i in torch.randperm(len(starts), generator=g)[:batches].tolist())
+        for a in starts:
+            ids = torch.arange(a, min(a + bs, hi))
+            z, y = reflow_inputs(ids, cfg, gen)
+            x = gen.generate(z.float().to(device), y.to(device) if gen.num_classes else None).float().cpu()
+            rows = torch.searchsorted(stored_ids, ids)  # where each id sits in the shard (ids are sorted)
+            there = (rows < len(stored_ids)) & (stored_ids[rows.clamp(max=len(stored_ids) - 1)] == ids)
+            if not there.any():
+                continue
+            r0, r1 = int(rows[there][0]), int(rows[there][-1]) + 1
+            stored_x, stored_z = sf.read("data", r0, r1).float(), sf.read("noise", r0, r1)
+            noise_equal &= bool(torch.equal(stored_z, z[there]))
+            err = (x[there] - stored_x).abs().flatten(1).max(1).values
+            worst = max(worst, float(torch.where(torch.isfinite(err), err, torch.inf).max()))
+            checked += int(there.sum())
+    return {"pairs_checked": checked, "noise_equal": noise_equal, "worst_abs_error": worst}
+
+
+def check_regeneration(
+    cache_dir: Path, gen: Generator, device="cpu", batches: int | None = 1, tolerance: float = 0.1
+) -> dict[str, Any]:
+    """regeneration_error, refused (one line) above `tolerance` or if the stored noise is not the build's."""
+    rec = regeneration_error(cache_dir, gen, device, batches)
+    if not rec["noise_equal"] or not rec["worst_abs_error"] <= tolerance:
+        what = (
+            "its noise is not the build's"
+            if not rec["noise_equal"]
+            else (f"regenerated images differ by up to {rec['worst_abs_error']:.3g} (tolerance {tolerance:g})")
+        )
+        raise NFMError(
+            f"reflow pair cache {Path(cache_dir).name}: {what} over {rec['pairs_checked']} pairs: these are not "
+            "this student's pairs. Remove the cache (nfm pairs rm) and build it again"
+        )
+    return {"check": "regeneration", "student": gen.fingerprint(), **rec}

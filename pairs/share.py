@@ -9,20 +9,24 @@ under its key in the cache root, where `nfm student train --pairs KEY` finds it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
-from nfm.pairs.format import INDEX_NAME, check_index, read_index, safe_member
+from nfm.pairs.format import (
+    INDEX_NAME,
+    KINDS,
+    ORIGIN_NAME,
+    cache_files,
+    check_index,
+    check_key,
+    read_index,
+    require_kind,
+    safe_member,
+)
 from nfm.pipeline.core.errors import NFMError
-
-KEY_RE = re.compile(r"^[0-9a-f]{20}$")
-
-
-def cache_files(cache_dir: Path, index: dict[str, Any]) -> list[Path]:
-    """The files a cache consists of: its index and the shards it names (nothing else of the directory)."""
-    return [Path(cache_dir) / INDEX_NAME] + [safe_member(Path(cache_dir), s["file"]) for s in index["shards"]]
+from nfm.pipeline.core.io import write_json
 
 
 def dataset_card(index: dict[str, Any], repo_id: str) -> str:
@@ -63,16 +67,20 @@ def check_complete(cache_dir: Path, index: dict[str, Any], what: str) -> None:
         )
 
 
-def install_cache(src: Path, root: Path) -> Path:
+def install_cache(src: Path, root: Path, origin: str | None = None) -> Path:
     """Install the cache in `src` (e.g. a Hub snapshot, whose files are links into a blob store) as `root/KEY`:
     its files are copied (hard-linked where possible) into a hidden directory, every byte there is checked
     against the index, and only then does the directory take its key's name (one rename: the cache appears
-    complete or not at all). An installed cache of the same key is kept once its shards match."""
+    complete or not at all). An installed cache of the same key is kept once its shards match.
+
+    The installed cache is marked foreign (ORIGIN_NAME: `origin`, e.g. "hub:owner/name@revision"): every byte
+    matches its index and its key matches its key fields, but nothing yet shows that the pairs are what the
+    teacher named there makes. `nfm pairs verify KEY --teacher SPEC` checks that and clears the mark; a build
+    with that teacher checks it the same way before reusing it."""
     src, root = Path(src), Path(root)
     index = read_index(src)
-    key = index.get("key")
-    if not isinstance(key, str) or not KEY_RE.match(key):
-        raise NFMError(f"{src}/{INDEX_NAME} names key {key!r}, not a pair-cache key (20 hex characters)")
+    key = check_key(src, index)  # the key is the hash of the index's key fields: a download cannot claim another
+    require_kind(src, index, KINDS, "nfm pairs pull")
     dst = root / key
     if (dst / INDEX_NAME).is_file():
         if read_index(dst).get("shards") != index.get("shards"):
@@ -96,6 +104,9 @@ def install_cache(src: Path, root: Path) -> Path:
             except OSError:
                 shutil.copyfile(real, tmp / name)
         check_complete(tmp, index, f"the pair cache downloaded to {src}, checked in")
+        # foreign until `nfm pairs verify --teacher` (or a build with the teacher) checks it against the pairs'
+        # own generator: its bytes match its index, but who wrote the index is unknown
+        write_json(tmp / ORIGIN_NAME, {"source": origin or str(src), "installed": time.time(), "verified": None})
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

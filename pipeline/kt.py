@@ -154,7 +154,9 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
             scfg = replace(c.student, kt=kt, pairs=str(built.path))
             t0 = time.perf_counter()
             sdir_m = sdir / "students" / f"{kt.method}-{_hash(scfg)}"
-            sexp = run_kt_student_training(scfg, sdir_m, PairCache(built.path), log=log)
+            sexp = run_kt_student_training(
+                scfg, sdir_m, PairCache(built.path, kinds=("kt",), reader="a KT student"), log=log
+            )
             timings.append({"stage": f"seed {k}: student {spec}", "seconds": round(time.perf_counter() - t0, 1)})
             student, _ = load_kt_student(sexp)
             if spec not in costs:  # the same for every seed

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm.pairs.reader import PairCache
+from nfm.pairs.reader import PairCache, require_kind
 from nfm.pipeline.core.augment import AugmentConfig, draw_views
 from nfm.pipeline.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
 from nfm.pipeline.core.data import ImageDataset
@@ -198,11 +198,7 @@ class KTPairs(torch.utils.data.Dataset):
     """A logit cache in memory (verified on read): (image view in [-1, 1], teacher logits, label) rows."""
 
     def __init__(self, cache: PairCache):
-        if cache.index.get("kind") != "kt":
-            raise NFMError(
-                f"pair cache {cache.key} holds flow pairs, not a classifier's logits: build one with `nfm kt pairs "
-                "build`"
-            )
+        require_kind(cache.dir, cache.index, ("kt",), "a KT student")
         cols = {"data": [], "noise": [], "label": []}
         for i, entry in enumerate(cache.shards):
             shard = cache.shard(i)

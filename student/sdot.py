@@ -189,7 +189,7 @@ def fit_sdot(
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory.parent / f".{directory.name}.lock")):
         if (directory / META_NAME).is_file():  # fitted: load_sdot checks the weights where they are used
-            return read_json(directory / META_NAME, "semidiscrete OT metadata")
+            return read_meta(directory)
         return _fit_locked(images, labels, cfg, directory, key_fields or {}, masses, device, dtype, log)
 
 
@@ -211,13 +211,16 @@ def _fit_locked(images, labels, cfg, directory, key_fields, masses, device, dtyp
             )  # fmt: skip
         )
     partial = directory / PARTIAL_NAME
-    if partial.is_file():  # resume: every problem's iterate, average and step
-        state = load_tensors(partial, "semidiscrete OT state")
-        for i, p in enumerate(problems):
-            p.g.copy_(state[f"g{i}"])
-            p.avg.copy_(state[f"avg{i}"])
-            p.step = int(state["steps"][i])
-        log(f"semidiscrete OT: resuming at steps {state['steps'].tolist()}")
+    if partial.is_file():  # resume: every problem's iterate, average and step, if the saved state is whole
+        try:
+            steps = _load_partial(partial, problems, cfg)
+            log(f"semidiscrete OT: resuming at steps {steps}")
+        except NFMError as e:
+            log(f"semidiscrete OT: {e}; fitting from the start (the result is the same, only slower)")
+            for p in problems:
+                p.g.zero_()
+                p.avg.zero_()
+                p.step = 0
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps * len(problems), initial=sum(p.step for p in problems), desc="sd-ot fit", unit="step")
     for i, p in enumerate(problems):
@@ -265,21 +268,96 @@ def _fit_locked(images, labels, cfg, directory, key_fields, masses, device, dtyp
     return meta
 
 
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: the partial state's own checksum
+    (kept in the file's metadata, so the file and its checksum are written in one atomic rename)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
 def _save_partial(path: Path, problems: list[_Problem]) -> None:
     state = {f"g{i}": p.g.cpu() for i, p in enumerate(problems)}
     state.update({f"avg{i}": p.avg.cpu() for i, p in enumerate(problems)})
     state["steps"] = torch.tensor([p.step for p in problems])
-    save_tensors(path, state)
+    save_tensors(path, state, metadata={"format": "nfm-sdot-partial", "sha256": _digest(state)})
 
 
-def load_sdot(directory: Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """(g (N,) float64, metadata) of a fitted artifact, its checksum checked."""
-    directory = Path(directory)
-    meta = read_json(directory / META_NAME, "semidiscrete OT metadata")
-    path = directory / WEIGHTS_NAME
-    if not path.is_file() or sha256_file(path) != meta.get("sha256"):
+def _load_partial(path: Path, problems: list[_Problem], cfg: SDOTConfig) -> list[int]:
+    """Restore every problem from a saved state, all or nothing: its checksum, names, shapes, finite values and
+    steps in [0, cfg.steps] are checked before anything is copied. Returns the steps."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+    except Exception as e:  # a header damaged beyond parsing
+        raise NFMError(f"its saved state {path.name} is unreadable ({type(e).__name__})") from e
+    state = load_tensors(path, "semidiscrete OT state")
+    if digest is None or _digest(state) != digest:
+        raise NFMError(f"its saved state {path.name} does not match its checksum (corrupt)")
+    want = {f"{k}{i}": (len(p.b),) for i, p in enumerate(problems) for k in ("g", "avg")}
+    want["steps"] = (len(problems),)
+    if {k: tuple(v.shape) for k, v in state.items()} != want:
+        raise NFMError(f"its saved state {path.name} is of another problem (other tensors or shapes)")
+    steps = state["steps"].tolist()
+    if not all(torch.isfinite(v).all() for v in state.values()) or not all(0 <= s <= cfg.steps for s in steps):
+        raise NFMError(f"its saved state {path.name} holds NaN/Inf or steps outside [0, {cfg.steps}]")
+    for i, p in enumerate(problems):
+        p.g.copy_(state[f"g{i}"])
+        p.avg.copy_(state[f"avg{i}"])
+        p.step = int(steps[i])
+    return steps
+
+
+def potential_bound(cfg: SDOTConfig, rows: int) -> float:
+    """The largest |g_j| the ascent can reach: each step moves g_j by lr_k (1 - count_j / (B b_j)), at most
+    lr_k / b_j <= lr_k N in size (b_j >= 1/N for uniform masses), centring at most doubles it, and the average
+    of iterates stays within their range. So |g| <= 2 N sum_k lr_k."""
+    return 2.0 * rows * sum(cfg.lr / math.sqrt(1 + k / cfg.decay) for k in range(cfg.steps))
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """sdot.json of a fitted artifact, checked for the fields a reader uses (type and value, not only presence)."""
+    meta = read_json(Path(directory) / META_NAME, "semidiscrete OT metadata")
+    bad = None
+    if not isinstance(meta, dict) or meta.get("kind") != "sdot":
+        bad = "it is not the metadata of a semidiscrete OT fit"
+    elif not isinstance(meta.get("rows"), int) or isinstance(meta.get("rows"), bool) or meta["rows"] < 1:
+        bad = f"rows is {meta.get('rows')!r}"
+    elif not isinstance(meta.get("per_class"), bool) or not isinstance(meta.get("sha256"), str):
+        bad = "per_class or sha256 is missing or of the wrong type"
+    if bad:
         raise NFMError(
-            f"semidiscrete OT weights {path} are missing or do not match their checksum; delete {directory} "
-            "and they are fitted again"
+            f"semidiscrete OT metadata {Path(directory) / META_NAME} is corrupt ({bad}); delete {directory} and "
+            "the weights are fitted again"
         )
-    return load_tensors(path, "semidiscrete OT weights")["g"], meta
+    return meta
+
+
+def load_sdot(directory: Path, cfg: SDOTConfig | None = None, rows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(g (N,) float64, metadata) of a fitted artifact: its metadata checked, its weights against their checksum,
+    then for what a coupling needs: one finite weight per image (`rows`, if given), no larger than the ascent
+    under `cfg` can make them (potential_bound)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    path = directory / WEIGHTS_NAME
+    fix = f"delete {directory} and they are fitted again"
+    if not path.is_file() or sha256_file(path) != meta["sha256"]:
+        raise NFMError(f"semidiscrete OT weights {path} are missing or do not match their checksum; {fix}")
+    g = load_tensors(path, "semidiscrete OT weights").get("g")
+    n = rows if rows is not None else meta["rows"]
+    if g is None or g.dim() != 1 or len(g) != n or meta["rows"] != n:
+        got = None if g is None else tuple(g.shape)
+        raise NFMError(f"semidiscrete OT weights {path} hold {got} weights for {n} images; {fix}")
+    if not torch.isfinite(g).all():
+        raise NFMError(f"semidiscrete OT weights {path} hold NaN/Inf; {fix}")
+    if cfg is not None and float(g.abs().max()) > potential_bound(cfg, n):
+        raise NFMError(
+            f"semidiscrete OT weights {path} reach {float(g.abs().max()):.3g}, more than a fit of these settings "
+            f"can ({potential_bound(cfg, n):.3g}); {fix}"
+        )
+    return g.double(), meta

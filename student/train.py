@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nfm.pairs.lookup import default_cache_root, find_cache
-from nfm.pairs.reader import PairCache
+from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.pipeline.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.distributed import process_state
@@ -108,7 +108,7 @@ def fit_sdot_for(data, cfg: SDOTConfig, cache_root: Path | None = None, device=N
         images, labels if data.num_classes else None, cfg, d, key_fields=fields,
         device=device or process_state().device, log=log,
     )  # fmt: skip
-    return load_sdot(d)[0], meta
+    return load_sdot(d, cfg, len(data))[0], meta
 
 
 def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None, log=print) -> Coupling:
@@ -116,7 +116,9 @@ def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None, log=pri
     if flow.coupling in PAIRED:
         if not flow.pairs:
             return make_coupling(flow.coupling)  # raises with the fix
-        cache = PairCache(find_cache(flow.pairs, cache_root or default_cache_root()))
+        cache = PairCache(
+            find_cache(flow.pairs, cache_root or default_cache_root()), kinds=FLOW_KINDS, reader="a flow student"
+        )
         return make_coupling(flow.coupling, cache=cache, mix=flow.mix_independent)
     data = load_data(cfg.data, "train")
     source = make_source(flow.source, cfg.data, "train", tuple(data.image_shape))

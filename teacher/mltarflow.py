@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.io import load_torch_weights
 from nfm.teacher.model import TarFlow, TarFlowConfig
 
 FILENAME = re.compile(r"_model_(\d+)_(\d+)_(\d+)_(\d+)_([0-9.]+?)\.pth?$")
@@ -54,13 +55,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise NFMError(f"ml-tarflow checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncated files, non-tensor payloads refused by weights_only
-        raise NFMError(
-            f"cannot read {p} as a PyTorch state dict with torch.load(weights_only=True): {e}. "
-            "It must be the .pth of an ml-tarflow model's state_dict()"
-        ) from e
+    obj = load_torch_weights(p, "ml-tarflow checkpoint")  # torch.load(weights_only=True), one-line refusals
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         nested = [k for k in ("model", "state_dict", "ema", "model_ema") if isinstance(obj.get(k), dict)]
         if nested:

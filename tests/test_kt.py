@@ -193,7 +193,7 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     teacher, data = LinearTeacher().eval(), _toy(300, 0)
     cfg = KTPairConfig(views=3, seed=5, batch_size=64, augment=AugmentConfig(shift=1, flip=True))
     res = build_kt_pairs(teacher, data, cfg, tmp_path / "cache")
-    cache = PairCache(res.path)
+    cache = PairCache(res.path, kinds=("kt",))
     assert cache.index["kind"] == "kt" and cache.index["shapes"]["noise"] == [2] and res.total_rows == 900
     rows = {k: torch.cat([torch.as_tensor(cache.shard(i).read(k)) for i in range(len(cache.shards))])
             for k in ("noise", "data", "label", "index", "view")}  # fmt: skip
@@ -216,7 +216,7 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     other = build_kt_pairs(teacher, data, KTPairConfig(views=3, seed=5, batch_size=7, augment=cfg.augment),
                            tmp_path / "other")  # fmt: skip
     assert other.key == res.key
-    b = PairCache(other.path)
+    b = PairCache(other.path, kinds=("kt",))
     assert torch.equal(torch.cat([torch.as_tensor(b.shard(i).read("data")) for i in range(len(b.shards))]), views)
     assert build_kt_pairs(teacher, data, cfg, tmp_path / "cache").hit
     with pytest.raises(NFMError, match="has 2 classes"):
@@ -233,7 +233,7 @@ def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
         "model": {"width": 8}, "kt": {"method": "fm-kt", "steps": 2},
         "train": {"steps": 400, "batch_size": 128, "lr": 5e-3, "warmup_steps": 20, "log_every": 100,
                   "sample_every": 0, "ckpt_every": 400, "ema_decay": 0.99}})  # fmt: skip
-    export = run_kt_student_training(cfg, tmp_path / "student", PairCache(res.path))
+    export = run_kt_student_training(cfg, tmp_path / "student", PairCache(res.path, kinds=("kt",)))
     student, meta = load_kt_student(export)
     test = _toy(1000, 1)  # fresh images, labelled by the teacher
     acc = accuracy_at(student, test, [1, 2, 4])
@@ -268,7 +268,7 @@ def test_a_flow_pair_cache_is_refused_by_a_kt_student(tmp_path):
     data = DataConfig(name="digits", held_out=0.9)
     cache = build_pairs(load_teacher(make_teacher_export(tmp_path / "t" / "export", data=data)), load_data(data),
                         PairBuildConfig(), tmp_path / "pairs")  # fmt: skip
-    with pytest.raises(NFMError, match="holds flow pairs, not a classifier's logits"):
+    with pytest.raises(NFMError, match="holds noise/data pairs of a teacher; a KT student reads a classifier's logits"):
         KTPairs(PairCache(cache.path))
 
 
@@ -290,7 +290,8 @@ def test_nfm_kt_run_tiny_end_to_end_then_reuse(tmp_path):
     ev = run_nfm("kt", "eval", student, "--steps", "1,2", env=env)
     assert "'accuracy_at_steps'" in ev.stdout
     # the logit cache is a pair cache: verified by the same command, its logits recomputed by its teacher
-    v = run_nfm("pairs", "verify", report["per_seed"][0]["cache"], env=env)
+    teacher = run / "seed-0" / "teacher"
+    v = run_nfm("pairs", "verify", report["per_seed"][0]["cache"], "--teacher", teacher, env=env)
     assert "worst |difference| 0" in v.stdout and ": OK" in v.stdout
 
 

@@ -292,8 +292,10 @@ def test_pairs_commands_end_to_end(export, tmp_path):
     assert "cache hit" in nfm("build", "--teacher", str(export), "--views", "2").stdout
     listing = nfm("ls").stdout
     assert key in listing and "digits[train]" in listing and "360" in listing
-    verify = nfm("verify", key[:6]).stdout
-    assert "sha256 ok" in verify and "worst |decode" in verify and "OK" in verify
+    bytes_only = nfm("verify", key[:6]).stdout  # without a teacher: the bytes, and what to pass for the rest
+    assert "checksums and key ok" in bytes_only and "pass --teacher SPEC" in bytes_only and "bytes OK" in bytes_only
+    verify = nfm("verify", key[:6], "--teacher", str(export)).stdout
+    assert "checksums and key ok" in verify and "worst |decode" in verify and f"pair cache {key}: OK" in verify
     assert "removed" in nfm("rm", key).stdout
     assert not (tmp_path / key).exists()
     p = nfm("verify", key, check=False)

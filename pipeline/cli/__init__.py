@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if unknown and isinstance(getattr(args, "overrides", None), list):
+        # key=value overrides after an option (`--cache-dir D train.steps=3`): argparse takes one run of
+        # positionals only; the later ones are overrides all the same
+        late = [u for u in unknown if "=" in u and not u.startswith("-")]
+        args.overrides += late
+        unknown = [u for u in unknown if u not in late]
     if unknown:  # the command's own usage, not the top level's
         own = getattr(args, "parser", parser)
         flags = [u for u in unknown if u.startswith("--")]

@@ -68,7 +68,9 @@ def cmd_student_train(args) -> int:
     preset = _preset(args.preset, "student")
     cfg = build_config(KTStudentRunConfig, preset=preset, file=args.config, overrides=overrides)
     if args.pairs:
-        pairs = PairCache(find_cache(args.pairs, options.cache_root(args)))
+        pairs = PairCache(
+            find_cache(args.pairs, options.cache_root(args)), kinds=("kt",), reader="nfm kt student train"
+        )
         data_cfg = pairs.index.get("data", {}).get("config")
     else:  # none and ofm-kt need no teacher; the others are refused by the training, naming --pairs
         data_cfg = _preset(args.preset, "teacher").get("data", {})

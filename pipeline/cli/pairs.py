@@ -8,6 +8,8 @@ import time
 from nfm.pipeline.cli import options
 from nfm.pipeline.core.errors import NFMError
 
+SOLVERS = ["euler", "midpoint", "heun", "rk4", "dopri5"]
+
 
 def cmd_build(args) -> int:
     """invert a teacher over a data set into a pair cache (or reuse it), or integrate a student (reflow)
@@ -67,8 +69,12 @@ def _build_reflow(args) -> int:
     preset = {k: getattr(args, k) for k in ("dtype", "seed", "batch_size") if getattr(args, k) is not None}
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
     cfg = build_config(PairBuildConfig, preset=preset, file=args.config, overrides=overrides)
-    gen = StudentGenerator(args.from_student, state.device, args.solver or "heun", args.steps or 8)
-    n = args.n or 10_000
+    for flag in ("n", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise NFMError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    steps = 8 if args.steps is None else args.steps
+    gen = StudentGenerator(args.from_student, state.device, args.solver or "heun", steps)
+    n = 10_000 if args.n is None else args.n
     log = print if state.is_main_process else (lambda *a: None)
     log(format_table(cfg, f"nfm pairs build --from-student {args.from_student} ({n} pairs, {gen.solver})"))
     result = build_reflow_pairs(gen, n, cfg, options.cache_root(args), log=log, verify=args.verify)
@@ -91,7 +97,7 @@ def cmd_ls(args) -> int:
     from nfm.pairs.format import INDEX_NAME
 
     root = options.cache_root(args)
-    cols = ["key", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete"]
+    cols = ["key", "kind", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete", "origin"]
     rows = []
     for d in sorted(root.glob("*")) if root.is_dir() else []:
         if (d / INDEX_NAME).is_file():
@@ -109,76 +115,107 @@ def cmd_ls(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """check every claim of the index against the shards, re-hash them, and check reconstruction through the teacher"""
-    from nfm.pairs.format import read_index
+    """check a cache: every shard against its index, then its pairs against the model you name
+
+    The bytes: every claim of the index against the shards, every shard re-hashed, the key against the key
+    fields. The pairs, with the model that made them (never one the cache names: nothing read from a cache is
+    imported or run): teacher pairs are decoded with --teacher SPEC, reflow pairs regenerated with
+    --from-student RUN, logits recomputed with --teacher RUN (the classifier), on a seeded sample of every shard
+    (--all: every pair). A pulled cache stays marked foreign until this check passes.
+    """
+    from nfm.pairs.format import cache_kind, check_key, is_foreign, read_origin
     from nfm.pairs.lookup import find_cache
-    from nfm.pairs.verify import check_shards, reconstruction_error
-    from nfm.teacher.protocol import load_teacher_spec
+    from nfm.pairs.verify import mark_verified, require_intact
 
     cache_dir = find_cache(args.key, options.cache_root(args))
     t0 = time.perf_counter()
-    problems = check_shards(cache_dir)
-    if problems:
-        raise NFMError(
-            f"pair cache {cache_dir.name} failed verification:\n  "
-            + "\n  ".join(problems)
-            + f"\nRebuild it: nfm pairs rm {cache_dir.name}, then nfm pairs build"
-        )
-    index = read_index(cache_dir)
-    print(f"{len(index['shards'])} shards, {index['total_rows']} pairs: sha256 ok ({time.perf_counter() - t0:.1f}s)")
-    prov = index.get("provenance") or {}
-    if args.samples > 0 and prov.get("kind") == "student":
-        from nfm.pairs.reflow import regeneration_error
-        from nfm.student.reflow import StudentGenerator
-
-        dev = options.device(args)
-        gen = StudentGenerator(prov["path"], dev, prov["solver"], prov.get("steps") or 32, prov.get("guidance", 0.0))
-        rec = regeneration_error(cache_dir, gen, dev)
+    index = require_intact(cache_dir)
+    check_key(cache_dir, index)
+    kind = cache_kind(index)
+    took = time.perf_counter() - t0
+    print(f"{len(index['shards'])} shards, {index['total_rows']} rows: checksums and key ok ({took:.1f}s)")
+    model = args.from_student if kind == "reflow" else args.teacher
+    if args.from_student and kind != "reflow":
+        raise NFMError(f"--from-student checks reflow pairs; {cache_dir.name} holds {kind} rows: use --teacher")
+    if args.samples <= 0 and not args.all:
+        model = None
+    if model is None:
+        flag = "--from-student RUN" if kind == "reflow" else "--teacher SPEC"
+        recorded = (index.get("provenance") or {}).get("path") or (index.get("teacher") or {}).get("source", "?")
         print(
-            f"regenerated {rec['pairs_checked']} pairs through the student ({prov['solver']}): worst |x - stored| "
-            f"= {rec['worst_abs_error']:.3g}, noise {'identical' if rec['noise_equal'] else 'DIFFERENT'}"
+            f"pairs not checked against the model that made them: pass {flag} (this cache says it came from "
+            f"{recorded}; nfm never loads what a cache names)"
         )
-        if rec["worst_abs_error"] > args.tolerance or not rec["noise_equal"]:
-            raise NFMError(f"regeneration error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
-    elif args.samples > 0 and index.get("kind") == "kt":
-        from nfm.pairs.kt import logit_error
-        from nfm.teacher.classifier import load_classifier
-
-        source = args.teacher or index["teacher"].get("source")
-        if not source:
-            raise NFMError("the cache does not record its classifier; pass --teacher RUN to check its logits")
-        rec = logit_error(cache_dir, load_classifier(source, options.device(args))[0], args.samples)
-        worst = rec["worst_abs_error"]
-        print(f"teacher logits recomputed for {rec['rows_checked']} rows: worst |difference| {worst:.3g}")
-        if rec["worst_abs_error"] > args.tolerance:
-            raise NFMError(f"logit difference {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
-    elif args.samples > 0:
-        source = args.teacher or index["teacher"].get("source")
-        if not source:
-            raise NFMError("the cache does not record its teacher; pass --teacher PATH to check reconstruction")
-        arch = None if args.teacher else index["teacher"].get("arch")
-        teacher, _ = load_teacher_spec(source, options.device(args), arch or None)
-        rec = reconstruction_error(cache_dir, teacher, args.samples)
-        print(
-            f"reconstruction on {rec['pairs_checked']} pairs: worst |decode(noise*sigma_f) - (x + eta*eps)| = "
-            f"{rec['worst_abs_error']:.3g} (mean of per-pair max {rec['mean_max_abs_error']:.3g}; "
-            f"noise stored as {index['dtypes']['noise']})"
-        )
-        if rec["worst_abs_error"] > args.tolerance:
-            raise NFMError(f"reconstruction error {rec['worst_abs_error']:.3g} exceeds --tolerance {args.tolerance}")
+        if is_foreign(cache_dir):
+            print(
+                f"pair cache {cache_dir.name}: bytes OK; FOREIGN (from {read_origin(cache_dir)['source']}), unchecked"
+            )
+        else:
+            print(f"pair cache {cache_dir.name}: bytes OK")
+        return 0
+    how = _check_against(args, cache_dir, index, kind)
+    mark_verified(cache_dir, how)
     print(f"pair cache {cache_dir.name}: OK")
     return 0
 
 
-def cmd_rm(args) -> int:
-    """delete a pair cache"""
-    import shutil
+def _check_against(args, cache_dir, index: dict, kind: str) -> dict:
+    """Check the pairs with the user's model; print and return what was checked."""
+    from nfm.teacher.protocol import load_teacher_spec
 
+    dev = options.device(args)
+    samples = None if args.all else args.samples
+    if kind == "reflow":
+        from nfm.pairs.reflow import check_regeneration
+        from nfm.student.reflow import StudentGenerator
+
+        solver, steps, guidance = _reflow_settings(index.get("provenance") or {})
+        gen = StudentGenerator(args.from_student, dev, solver, steps, guidance)
+        how = check_regeneration(cache_dir, gen, dev, None if args.all else 1, args.tolerance)
+        print(
+            f"regenerated {how['pairs_checked']} pairs through the student ({solver}): worst |x - stored| "
+            f"= {how['worst_abs_error']:.3g}, noise identical"
+        )
+    elif kind == "kt":
+        from nfm.pairs.kt import check_logits
+        from nfm.teacher.classifier import load_classifier
+
+        how = check_logits(cache_dir, load_classifier(args.teacher, dev)[0], samples, args.tolerance)
+        print(
+            f"teacher logits recomputed for {how['rows_checked']} rows: worst |difference| {how['worst_abs_error']:.3g}"
+        )
+    else:
+        from nfm.pairs.verify import check_reconstruction
+
+        teacher, _ = load_teacher_spec(args.teacher, dev, args.teacher_arch)
+        how = check_reconstruction(cache_dir, teacher, samples, args.tolerance)
+        print(
+            f"reconstruction on {how['pairs_checked']} pairs: worst |decode(noise*sigma_f) - (x + eta*eps)| = "
+            f"{how['worst_abs_error']:.3g} (mean of per-pair max {how['mean_max_abs_error']:.3g}; "
+            f"noise stored as {index['dtypes']['noise']})"
+        )
+    return how
+
+
+def _reflow_settings(prov: dict) -> tuple[str, int, float]:
+    """The solver settings a reflow cache records, checked as data (they only choose among our own solvers)."""
+    import math
+
+    solver, steps, guidance = prov.get("solver"), prov.get("steps") or 32, prov.get("guidance", 0.0)
+    if solver not in SOLVERS or not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise NFMError(f"the reflow cache records solver {solver!r} with steps {steps!r}: not settings nfm made")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise NFMError(f"the reflow cache records guidance {guidance!r}: not a setting nfm made")
+    return solver, steps, float(guidance)
+
+
+def cmd_rm(args) -> int:
+    """delete a pair cache (only a cache under the cache root, and only its own files)"""
     from filelock import FileLock, Timeout
 
-    from nfm.pairs.lookup import find_cache
+    from nfm.pairs.lookup import removable_cache, remove_cache
 
-    cache_dir = find_cache(args.key, options.cache_root(args))
+    cache_dir = removable_cache(args.key, options.cache_root(args))
     lock_path = cache_dir.parent / f".{cache_dir.name}.lock"
     lock = FileLock(str(lock_path))
     try:
@@ -186,11 +223,14 @@ def cmd_rm(args) -> int:
     except Timeout:
         raise NFMError(f"pair cache {cache_dir.name} is being built by another process; remove it afterwards") from None
     try:
-        shutil.rmtree(cache_dir)
+        left = remove_cache(cache_dir)
         lock_path.unlink(missing_ok=True)
     finally:
         lock.release()
-    print(f"removed {cache_dir}")
+    if left:
+        print(f"removed the cache files of {cache_dir}; left {len(left)} other entries there: {', '.join(left[:5])}")
+    else:
+        print(f"removed {cache_dir}")
     return 0
 
 
@@ -211,8 +251,14 @@ def cmd_pull(args) -> int:
 
     if not is_repo_id(args.repo_id):
         raise NFMError(f"{args.repo_id!r} is not a Hugging Face Hub repo id (owner/name)")
-    dst = install_cache(hub_snapshot(args.repo_id, args.revision, repo_type="dataset"), options.cache_root(args))
-    print(f"pair cache {dst.name} installed at {dst}; train on it with --pairs {dst.name[:8]}")
+    origin = f"hub:{args.repo_id}" + (f"@{args.revision}" if args.revision else "")
+    snapshot = hub_snapshot(args.repo_id, args.revision, repo_type="dataset")
+    dst = install_cache(snapshot, options.cache_root(args), origin)
+    print(
+        f"pair cache {dst.name} installed at {dst} (every byte matches its index). It is marked foreign until "
+        f"checked against its teacher: nfm pairs verify {dst.name[:8]} --teacher SPEC. Train on it with --pairs "
+        f"{dst.name[:8]}"
+    )
     return 0
 
 
@@ -229,9 +275,7 @@ def register(stages: argparse._SubParsersAction) -> None:
         dest="n",
         help="reflow: number of pairs (default 10000; --num-pairs under torchrun)",
     )
-    p.add_argument(
-        "--solver", choices=["euler", "midpoint", "heun", "rk4", "dopri5"], help="reflow solver (default heun)"
-    )
+    p.add_argument("--solver", choices=SOLVERS, help="reflow solver (default heun)")
     p.add_argument("--steps", type=int, help="reflow: steps of a fixed-step solver (default 8)")
     options.add_teacher_arch(p)
     p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
@@ -248,9 +292,12 @@ def register(stages: argparse._SubParsersAction) -> None:
 
     p = options.add_command(sub, "verify", cmd_verify)
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
-    p.add_argument("--samples", type=int, default=64, help="pairs decoded for the reconstruction check (0: skip)")
-    p.add_argument("--tolerance", type=float, default=0.1, help="worst reconstruction error allowed (default 0.1)")
-    p.add_argument("--teacher", metavar="SPEC", help="teacher to decode with (default: the one recorded in the cache)")
+    p.add_argument("--teacher", metavar="SPEC", help="the teacher to check teacher pairs with (or the classifier RUN)")
+    options.add_teacher_arch(p)
+    p.add_argument("--from-student", dest="from_student", metavar="RUN", help="the student to regenerate reflow pairs")
+    p.add_argument("--samples", type=int, default=64, help="pairs checked, spread over every shard (0: bytes only)")
+    p.add_argument("--all", action="store_true", help="check every pair (reflow: every build batch)")
+    p.add_argument("--tolerance", type=float, default=0.1, help="worst error allowed (default 0.1)")
     options.add_cache_dir(p)
     options.add_device(p)
 

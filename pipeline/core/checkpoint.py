@@ -3,7 +3,11 @@
     model.safetensors   the model's state dict
     ema.safetensors     the EMA shadow (float32)
     optimizer.pt        the optimizer's state dict in torch's format, read with torch.load(weights_only=True)
-    state.json          {"step": N, "sha256": {file: digest}}
+    state.json          {"step": N, "run": RUN_ID, "sha256": {file: digest}}
+
+RUN_ID is the identity of the run that wrote the checkpoint (rundir.run_identity: a hash of its resolved
+config, less the settings a resumed run may change): a checkpoint copied into another run is refused there,
+even when the architecture matches.
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a crash leaves
 either the previous checkpoint or the new one. Loading is all or nothing: every file is checked against
@@ -26,6 +30,7 @@ from nfm.pipeline.core.io import (
     atomic_dir,
     atomic_write,
     load_tensors,
+    load_torch_weights,
     read_json,
     save_tensors,
     sha256_file,
@@ -71,7 +76,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, keep: int
+    run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, keep: int, run: str | None = None
 ) -> Path:
     path = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     opt_state = opt.state_dict()
@@ -80,7 +85,7 @@ def save_checkpoint(
         save_tensors(tmp / "ema.safetensors", ema.shadow)
         atomic_write(tmp / "optimizer.pt", lambda p: torch.save(opt_state, p))
         digests = {f: sha256_file(tmp / f) for f in CHECKPOINT_FILES}
-        write_json(tmp / "state.json", {"step": step, "sha256": digests})
+        write_json(tmp / "state.json", {"step": step, **({"run": run} if run else {}), "sha256": digests})
     for old in list_checkpoints(run_dir)[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -106,12 +111,9 @@ def _legacy_optimizer_state(path: Path, meta: dict) -> dict:
 def _optimizer_state(path: Path, state: dict) -> dict:
     if not (path / "optimizer.pt").is_file() and "optimizer" in state:
         return _legacy_optimizer_state(path, state["optimizer"])
-    try:
-        return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise NFMError(f"checkpoint {path} has no optimizer.pt; it is incomplete") from e
-    except Exception as e:  # truncated / corrupt / not a state dict
-        raise NFMError(f"checkpoint optimizer {path / 'optimizer.pt'} cannot be read ({e}); it is corrupt") from e
+    if not (path / "optimizer.pt").is_file():
+        raise NFMError(f"checkpoint {path} has no optimizer.pt; it is incomplete")
+    return load_torch_weights(path / "optimizer.pt", "checkpoint optimizer")
 
 
 def _same_layout(what: str, path: Path, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -137,10 +139,18 @@ def _check_optimizer(path: Path, sd: dict, opt: torch.optim.Optimizer) -> None:
                 raise NFMError(f"checkpoint {path} optimizer state {k} of parameter {pid} has another shape")
 
 
-def load_checkpoint(path: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(path: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, run: str | None = None) -> int:
     """Restore (model, EMA, optimizer) from a checkpoint, all or nothing: on any problem an NFMError is raised
-    before anything was changed."""
+    before anything was changed. `run`: the identity of the run resuming; a checkpoint of another run is refused
+    (one written before checkpoints carried it loads)."""
     state = read_json(path / "state.json", "checkpoint state")
+    if not isinstance(state, dict):
+        raise NFMError(f"checkpoint {path} state.json is not a checkpoint state")
+    if run and state.get("run") not in (None, run):
+        raise NFMError(
+            f"checkpoint {path} belongs to another run (run {state['run']}, this run is {run}): it was copied here; "
+            "it is not used"
+        )
     for name, digest in state.get("sha256", {}).items():
         if name not in CHECKPOINT_FILES or not (path / name).is_file() or sha256_file(path / name) != digest:
             raise NFMError(f"checkpoint {path}: {name} is missing or does not match its checksum (corrupt)")

@@ -182,3 +182,32 @@ def read_export(
     if meta.get("format") != fmt:
         raise NFMError(f"{p} is not a {what} export (format {meta.get('format')!r}); train one with `{fix}`")
     return p, meta, load_tensors(p / "model.safetensors", f"{what} weights")
+
+
+def load_torch_weights(path: str | Path, what: str) -> Any:
+    """torch.load(path, weights_only=True): tensors and plain containers, never arbitrary pickled objects. A
+    refusal is one line: what the file holds that is not weights, and how to save weights instead."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise NFMError(f"{what} not found: {path}") from e
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global:\s*GLOBAL\s+([\w.]+)", str(e))
+        if not found:  # not a refused object: a damaged or foreign file
+            raise NFMError(
+                f"{what} {path} cannot be read with torch.load(weights_only=True): it is corrupt or not a torch file"
+            ) from None
+        names = f" ({found.group(1)})"  # weights_only refused a global: the file holds pickled Python objects
+        raise NFMError(
+            f"{what} {path} holds pickled Python objects{names}, not only tensors, and nfm reads weights with "
+            "torch.load(weights_only=True) only: save the weights alone (torch.save(model.state_dict(), path))"
+        ) from None
+    except Exception as e:  # truncated, corrupt, not a torch file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NFMError(
+            f"{what} {path} cannot be read with torch.load(weights_only=True) ({first}): it is corrupt or not a "
+            "torch file"
+        ) from None

@@ -45,7 +45,14 @@ from nfm.pipeline.core.config import AtLeast1, Fraction, NonNegative, Positive, 
 from nfm.pipeline.core.distributed import force_cpu, process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import atomic_dir
-from nfm.pipeline.core.rundir import append_metrics, prepare_run_dir, run_dir_lock, setup_logger, truncate_metrics
+from nfm.pipeline.core.rundir import (
+    append_metrics,
+    prepare_run_dir,
+    run_dir_lock,
+    run_identity,
+    setup_logger,
+    truncate_metrics,
+)
 from nfm.pipeline.core.seeding import BatchRandom
 
 LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
@@ -135,6 +142,7 @@ class _Session:
     ema: EMA
     log: logging.Logger
     autocast_dtype: torch.dtype | None
+    run_id: str  # rundir.run_identity of the resolved config: written into checkpoints, required of them
     step: int = 0
 
     @property
@@ -151,7 +159,9 @@ class _Session:
 
     def checkpoint(self) -> None:
         if self.acc.is_main_process:
-            save_checkpoint(self.run_dir, self.step, self.raw_model, self.ema, self.raw_opt, self.cfg.keep_ckpts)
+            save_checkpoint(
+                self.run_dir, self.step, self.raw_model, self.ema, self.raw_opt, self.cfg.keep_ckpts, self.run_id
+            )
         self.acc.wait_for_everyone()
 
     def resume(self) -> None:
@@ -159,7 +169,7 @@ class _Session:
         Loading is all or nothing, so if none loads the run starts exactly as a clean run (step 0)."""
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
-                self.step = load_checkpoint(ckpt, self.raw_model, self.ema, self.raw_opt)
+                self.step = load_checkpoint(ckpt, self.raw_model, self.ema, self.raw_opt, self.run_id)
                 self.log.info(f"resumed from {ckpt} (step {self.step})")
                 return
             except Exception as e:  # any failure: this checkpoint is not used, nothing of it was loaded
@@ -319,6 +329,7 @@ def _start(
         ema=EMA(raw_model, cfg.ema_decay),
         log=log,
         autocast_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
+        run_id=run_identity(resolved),
     )
 
 

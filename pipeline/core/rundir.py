@@ -78,6 +78,15 @@ def run_dir_lock(run_dir: Path, main: bool = True):
         lock.release()
 
 
+def run_identity(resolved: dict[str, Any]) -> str:
+    """A run's identity: a hash of its resolved config less the settings a resumed run may change
+    (RESUMABLE_CHANGES). Its checkpoints carry it, and a run resumes only from its own."""
+    import hashlib
+
+    flat = {k: v for k, v, _ in config_mod.diff(resolved, {}) if k not in RESUMABLE_CHANGES}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def prepare_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
     """Write RUN/config.json; refuse to resume a run dir whose config differs in a way that matters."""
     path = run_dir / "config.json"
