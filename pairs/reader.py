@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from nfm.pairs.format import FLOW_KINDS, ShardFile, check_index, read_index, require_kind, safe_member
+from nfm.pairs.format import (
+    FLOW_KINDS,
+    ShardFile,
+    check_index,
+    read_index,
+    read_origin,
+    require_kind,
+    safe_member,
+)
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.seeding import derive_seed
 
@@ -48,6 +56,13 @@ class PairCache:
     @property
     def key(self) -> str:
         return self.index["key"]
+
+    @property
+    def unchecked_origin(self) -> str | None:
+        """Where a pulled cache came from while it is not yet checked against its teacher (None: built here, or
+        checked): its bytes match its index, but nothing shows the pairs are the named teacher's."""
+        origin = read_origin(self.dir)
+        return None if origin is None or origin.get("verified") else str(origin.get("source"))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

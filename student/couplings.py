@@ -92,11 +92,18 @@ class PairCoupling(Coupling):
         return torch.where(independent, fresh, z), x, y
 
     def describe(self) -> str:
-        origin = self.cache.index.get("provenance", {}).get("kind", "teacher")
+        origin = "student" if self.cache.kind == "reflow" else "teacher"
         mix = f"; {self.mix:g} of each batch with fresh N(0, I) noise" if self.mix > 0 else ""
+        foreign = self.cache.unchecked_origin
+        warn = (
+            f". WARNING: this cache came from {foreign} and is not checked against its teacher "
+            f"(nfm pairs verify {self.cache.key[:8]} --teacher SPEC)"
+            if foreign
+            else ""
+        )
         return (
             f"{self.name}: pair cache {self.cache.key} ({len(self.cache)} pairs from a {origin}, "
-            f"sigma_f {self.cache.sigma_f:.4f}{mix})"
+            f"sigma_f {self.cache.sigma_f:.4f}{mix}){warn}"
         )
 
 

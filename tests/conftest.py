@@ -111,6 +111,23 @@ def make_teacher_export(path, seed=0, noise_std=0.1, width=32, blocks=2, data=No
     return path
 
 
+def make_student_export(path, data=None):
+    """A small random (non-trivial velocity) class-conditional digits student, saved as an export."""
+    from nfm.pipeline.core.data import DataConfig
+    from nfm.student.models import StudentModelConfig, build_student
+    from nfm.student.train import FlowConfig, StudentRunConfig, save_student
+
+    torch.manual_seed(0)
+    mc = StudentModelConfig(arch="mlp", width=64, depth=2, num_classes=10).resolved(1, 8, 10)
+    model = build_student(mc)
+    with torch.no_grad():  # the zero-initialised output layer made random
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    data = data or DataConfig(name="digits", held_out=0.9)
+    save_student(model, path, 0, StudentRunConfig(model=mc, flow=FlowConfig(coupling="independent"), data=data))
+    return path
+
+
 USER_FLOW = textwrap.dedent(
     '''
     import hashlib

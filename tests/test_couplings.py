@@ -28,12 +28,11 @@ from nfm.student.couplings import (
     plan_pairs,
     sinkhorn_plan,
 )
-from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import ProbPath
 from nfm.student.reflow import StudentGenerator
 from nfm.student.sampling import sample_ode
-from nfm.student.train import FlowConfig, StudentRunConfig, flow_matching_loss, save_student
-from tests.conftest import caches, run_nfm
+from nfm.student.train import FlowConfig, flow_matching_loss
+from tests.conftest import caches, make_student_export, run_nfm
 
 DATA = DataConfig(name="digits", held_out=0.9)
 F64 = torch.float64
@@ -270,15 +269,7 @@ def test_a_data_source_draws_training_images_of_the_source_and_checks_its_shape(
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    d = tmp_path_factory.mktemp("student")
-    torch.manual_seed(0)
-    mc = StudentModelConfig(arch="mlp", width=64, depth=2, num_classes=10).resolved(1, 8, 10)
-    model = build_student(mc)
-    with torch.no_grad():  # a non-trivial velocity: the zero-initialised output layer made random
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    save_student(model, d, 0, StudentRunConfig(model=mc, flow=FlowConfig(coupling="independent"), data=DATA))
-    return d
+    return make_student_export(tmp_path_factory.mktemp("student"), DATA)
 
 
 def _shards(cache_dir):
