@@ -306,11 +306,7 @@ def _complete_index(cache_dir: Path, content: bool = False) -> dict[str, Any] | 
     index = read_index(cache_dir)
     if not index.get("complete"):
         return None
-    if check_key(cache_dir, index) != cache_dir.name:
-        raise NFMError(
-            f"pair cache {cache_dir.name} holds an index for key {index['key']}: it was moved or copied under "
-            f"another key. Remove it (nfm pairs rm {cache_dir.name}) and build again"
-        )
+    check_key(cache_dir, index)  # named by its key, which its key fields hash to
     problems = check_index(cache_dir, index, content=content)
     if problems:
         raise NFMError(

@@ -100,7 +100,8 @@ def require_kind(cache_dir: Path, index: dict[str, Any], kinds: tuple[str, ...],
 
 def check_key(cache_dir: Path, index: dict[str, Any]) -> str:
     """The index's key, proven: a key's 20 hex characters are the hash of the index's own key fields (what
-    determined the pairs), so a cache cannot claim another cache's key without claiming its inputs too."""
+    determined the pairs), so a cache cannot claim another cache's key without claiming its inputs too; and a
+    directory named by a key holds that key's index."""
     key, fields = index.get("key"), index.get("key_fields")
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise NFMError(f"{Path(cache_dir) / INDEX_NAME} names key {key!r}, not a pair-cache key (20 hex characters)")
@@ -109,6 +110,13 @@ def check_key(cache_dir: Path, index: dict[str, Any]) -> str:
         raise NFMError(
             f"pair cache {Path(cache_dir).name} names key {key}, but its key fields hash to {got}: the index was "
             "edited after the build (or forged); nothing of it is used. Remove it (nfm pairs rm) and rebuild or pull it"
+        )
+    name = Path(cache_dir).name
+    if KEY_RE.match(name) and name != key:
+        raise NFMError(
+            f"pair cache {name} holds an index for key {key}: it was moved or copied under another key, and nothing "
+            f"of it is used. Rename the directory to {key}, or delete it yourself (nfm pairs rm removes only "
+            "directories named by their own key)"
         )
     # what the readers take from the index rather than the key fields must say the same
     same = [("views", index.get("views")), ("seed", index.get("seed")), ("eta", index.get("noise_std")),

@@ -19,6 +19,7 @@ from nfm.pairs.format import (
     FLOW_KINDS,
     ShardFile,
     check_index,
+    check_key,
     read_index,
     read_origin,
     require_kind,
@@ -36,6 +37,7 @@ class PairCache:
         self.dir = Path(cache_dir)
         self.index: dict[str, Any] = read_index(self.dir)
         self.kind = require_kind(self.dir, self.index, kinds, reader)
+        check_key(self.dir, self.index)  # its key is its key fields' hash, and its directory's name
         if not self.index.get("complete"):
             have, want = len(self.index.get("shards", [])), self.index.get("num_shards", "?")
             raise NFMError(

@@ -21,7 +21,7 @@ from nfm.pipeline.core.checkpoint import list_checkpoints
 from nfm.pipeline.core.config import build_config
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors
+from nfm.pipeline.core.io import load_tensors, sha256_file
 from nfm.pipeline.presets import TEACHER_PRESETS
 from nfm.teacher.export import load_teacher
 from nfm.teacher.train import TeacherRunConfig, run_teacher_training
@@ -208,8 +208,11 @@ def test_a_checkpoint_of_another_model_is_skipped(tmp_path):
     other = tmp_path / "other"
     run_teacher_training(replace(cfg, model=replace(cfg.model, width=16, head_dim=8)), other)
     newest = list_checkpoints(tmp_path)[-1]
-    for f in ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"):
+    for f in ("model.safetensors", "ema.safetensors", "optimizer.pt"):  # its files, under this run's identity
         (newest / f).write_bytes((list_checkpoints(other)[-1] / f).read_bytes())
+    state = json.loads((newest / "state.json").read_text())
+    state["sha256"] = {f: sha256_file(newest / f) for f in state["sha256"]}
+    (newest / "state.json").write_text(json.dumps(state))
     run_teacher_training(cfg, tmp_path)
     log = (tmp_path / "log.txt").read_text()
     assert f"skipping checkpoint {newest}" in log and "belongs to another model" in log

@@ -258,7 +258,8 @@ def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     # the same checkpoint named directly gives the same teacher, hence the same cache
     direct = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", "--data", "digits", *cache)
     assert f"key: {key}" in direct.stdout and "cache hit" in direct.stdout
-    assert "OK" in run_nfm_inline("pairs", "verify", key, *cache, cwd=tmp_path).stdout
+    verified = run_nfm_inline("pairs", "verify", key, "--teacher", f"ml-tarflow:{ckpt}", *cache, cwd=tmp_path)
+    assert f"pair cache {key}: OK" in verified.stdout and "worst |decode" in verified.stdout
     run = tmp_path / "student"
     nfm("student", "train", "--preset", "tiny", "--pairs", key, "--run-dir", str(run), *cache)
     assert (run / "export" / "model.safetensors").is_file()
@@ -278,8 +279,10 @@ def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
         *cache,
     ).stdout
     ukey = built.split("key: ")[1].split()[0]
-    verify = nfm("pairs", "verify", ukey, *cache).stdout
-    assert "OK" in verify
+    verify = nfm(
+        "pairs", "verify", ukey, "--teacher", "python:userflow:make", "--teacher-arch", "scale=0.6", *cache
+    ).stdout
+    assert f"pair cache {ukey}: OK" in verify
     err = float(verify.split("| = ")[1].split()[0])
     assert 0 < err < 1e-2  # float16 noise of an exact elementwise flow: rounding error, nothing more
     nfm("student", "train", "--preset", "tiny", "--pairs", ukey, "--run-dir", str(tmp_path / "s2"), *cache)
