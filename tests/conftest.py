@@ -111,6 +111,44 @@ def make_teacher_export(path, seed=0, noise_std=0.1, width=32, blocks=2, data=No
     return path
 
 
+def dies_on_call(monkeypatch, module, name: str, call: int = 3):
+    """Patch module.name so that its `call`-th call raises KeyboardInterrupt (a process killed mid-way);
+    returns the real function."""
+    real, calls = getattr(module, name), [0]
+
+    def dies(*a, **k):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, dies)
+    return real
+
+
+def reforge_shards(cache_dir, change, shards=None):
+    """Rewrite a cache's shards with `change(columns) -> columns` and recompute every checksum in the index:
+    damage that the bytes alone no longer show (what a forger who knows the file format does)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from nfm.pairs.format import INDEX_NAME, hash_file
+
+    index = json.loads((cache_dir / INDEX_NAME).read_text())
+    for i, entry in enumerate(index["shards"]):
+        if shards is not None and i not in shards:
+            continue
+        path = cache_dir / entry["file"]
+        with safe_open(str(path), "pt") as f:
+            cols, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        save_file(change(cols), str(path), metadata=meta)
+        sha, fast = hash_file(path)
+        entry.update(bytes=path.stat().st_size, sha256=sha, xxh3_128=fast)
+    (cache_dir / INDEX_NAME).write_text(json.dumps(index))
+
+
 def make_student_export(path, data=None):
     """A small random (non-trivial velocity) class-conditional digits student, saved as an export."""
     from nfm.pipeline.core.data import DataConfig

@@ -32,7 +32,7 @@ from nfm.student.paths import ProbPath
 from nfm.student.reflow import StudentGenerator
 from nfm.student.sampling import sample_ode
 from nfm.student.train import FlowConfig, flow_matching_loss
-from tests.conftest import caches, make_student_export, run_nfm
+from tests.conftest import caches, dies_on_call, make_student_export, run_nfm
 
 DATA = DataConfig(name="digits", held_out=0.9)
 F64 = torch.float64
@@ -87,15 +87,7 @@ def test_sdot_fit_on_digits_is_uniform_per_class_and_resumes_bit_identically(tmp
     assert s["tv"] < 1.25 * s["floor_tv"] and s["max_over_mass"] < 1.5 * s["floor_max_over_mass"]
     assert sdot.fit_sdot(images, labels, cfg, tmp_path / "a", log=lambda *a: None)["fit_seconds"] == meta["fit_seconds"]
 
-    calls, real = [0], sdot.ascend
-
-    def dies(*a, **k):  # the process dies in the third stretch of steps (after two saved states)
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(sdot, "ascend", dies)
+    real = dies_on_call(monkeypatch, sdot, "ascend", 3)  # dies in the third stretch (after two saved states)
     with pytest.raises(KeyboardInterrupt):
         sdot.fit_sdot(images, labels, cfg, tmp_path / "b", log=lambda *a: None)
     assert (tmp_path / "b" / sdot.PARTIAL_NAME).is_file() and not (tmp_path / "b" / sdot.META_NAME).exists()

@@ -10,12 +10,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from nfm.pairs.build import PairBuildConfig, build_pairs
-from nfm.pairs.format import INDEX_NAME, ORIGIN_NAME, hash_file, is_foreign, read_index
+from nfm.pairs.format import INDEX_NAME, ORIGIN_NAME, is_foreign, read_index
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.reader import PairCache
 from nfm.pairs.reflow import build_reflow_pairs, check_regeneration
@@ -30,7 +28,7 @@ from nfm.student import sdot
 from nfm.student.reflow import StudentGenerator
 from nfm.teacher.export import load_teacher
 from nfm.teacher.train import TeacherRunConfig, run_teacher_training
-from tests.conftest import make_student_export, make_teacher_export, run_nfm_inline
+from tests.conftest import dies_on_call, make_student_export, make_teacher_export, reforge_shards, run_nfm_inline
 
 DATA = DataConfig(name="digits", held_out=0.9)  # 180 training images
 
@@ -43,22 +41,6 @@ def export(tmp_path_factory):
 @pytest.fixture
 def cache(export, tmp_path):
     return build_pairs(load_teacher(export), load_data(DATA), PairBuildConfig(shard_rows=60), tmp_path / "built").path
-
-
-def _reforge(cache_dir, change, shards=None):
-    """Rewrite shards with `change(columns) -> columns` and recompute every checksum in the index: damage that
-    the bytes alone no longer show (what a forger with the file format does)."""
-    index = read_index(cache_dir)
-    for i, entry in enumerate(index["shards"]):
-        if shards is not None and i not in shards:
-            continue
-        path = cache_dir / entry["file"]
-        with safe_open(str(path), "pt") as f:
-            cols, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-        save_file(change(cols), str(path), metadata=meta)
-        sha, fast = hash_file(path)
-        entry.update(bytes=path.stat().st_size, sha256=sha, xxh3_128=fast)
-    (cache_dir / INDEX_NAME).write_text(json.dumps(index))
 
 
 def _snapshot(cache_dir, tmp_path, change_index=None):
@@ -157,7 +139,7 @@ def test_a_pulled_cache_whose_key_is_not_its_key_fields_hash_is_not_installed(ca
 
 
 def test_a_poisoned_pulled_cache_is_refused_by_a_build_with_the_teacher(export, cache, tmp_path, hub):
-    _reforge(cache, lambda cols: {**cols, "noise": torch.zeros_like(cols["noise"])})  # checksums recomputed
+    reforge_shards(cache, lambda cols: {**cols, "noise": torch.zeros_like(cols["noise"])})  # checksums recomputed
     hub["evil/poison"] = _snapshot(cache, tmp_path)
     root = tmp_path / "root"
     assert run_nfm_inline("pairs", "pull", "evil/poison", "--cache-dir", root).returncode == 0
@@ -267,7 +249,9 @@ def test_reflow_verify_regenerates_from_every_shard(reflow, tmp_path):
     assert len(read_index(cache)["shards"]) == 8
     gen = StudentGenerator(student, "cpu", "euler", 2)
     assert check_regeneration(cache, gen)["worst_abs_error"] == 0.0
-    _reforge(cache, lambda cols: {**cols, "data": -cols["data"]}, shards={5})  # shard 6 of 8, checksums recomputed
+    reforge_shards(
+        cache, lambda cols: {**cols, "data": -cols["data"]}, shards={5}
+    )  # shard 6 of 8, checksums recomputed
     with pytest.raises(NFMError, match="regenerated images differ"):
         check_regeneration(cache, gen)  # one seeded batch from every shard
     p = run_nfm_inline("pairs", "verify", cache, "--from-student", student, "--all")
@@ -356,15 +340,7 @@ def test_sdot_potentials_are_checked_for_shape_finiteness_and_size(fitted, tmp_p
 
 def test_a_flipped_byte_in_the_sdot_partial_state_restarts_the_fit_identically(fitted, tmp_path, monkeypatch):
     _, cfg, _, images, labels = fitted
-    real, calls = sdot.ascend, [0]
-
-    def dies(*a, **k):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(sdot, "ascend", dies)
+    real = dies_on_call(monkeypatch, sdot, "ascend", 3)
     with pytest.raises(KeyboardInterrupt):
         sdot.fit_sdot(images, labels, cfg, tmp_path / "b", log=print)
     monkeypatch.setattr(sdot, "ascend", real)

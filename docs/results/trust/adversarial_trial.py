@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root, for tests/
+from tests.conftest import reforge_shards  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 ROWS: list[tuple[str, str, str, bool]] = []
@@ -64,23 +65,6 @@ def err_line(p: subprocess.CompletedProcess) -> str:
 
 def one_line(p: subprocess.CompletedProcess) -> bool:
     return p.returncode == 2 and "Traceback" not in p.stderr and "probably a bug" not in p.stderr
-
-
-def reforge(cache_dir: Path, change, shards=None) -> None:
-    """Rewrite shards and recompute every checksum in the index (damage the bytes alone no longer show)."""
-    from nfm.pairs.format import INDEX_NAME, hash_file
-
-    index = json.loads((cache_dir / INDEX_NAME).read_text())
-    for i, entry in enumerate(index["shards"]):
-        if shards is not None and i not in shards:
-            continue
-        path = cache_dir / entry["file"]
-        with safe_open(str(path), "pt") as f:
-            cols, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-        save_file(change(cols), str(path), metadata=meta)
-        sha, fast = hash_file(path)
-        entry.update(bytes=path.stat().st_size, sha256=sha, xxh3_128=fast)
-    (cache_dir / INDEX_NAME).write_text(json.dumps(index))
 
 
 def edit_index(cache_dir: Path, change) -> None:
@@ -170,7 +154,7 @@ def main(work: Path) -> None:
          said.strip().splitlines()[-1], code == 2 and not (work / "root-3" / key).exists())  # fmt: skip
     snap4 = work / "snap-poison"
     shutil.copytree(cache, snap4)
-    reforge(snap4, lambda c: {**c, "noise": torch.zeros_like(c["noise"])})
+    reforge_shards(snap4, lambda c: {**c, "noise": torch.zeros_like(c["noise"])})
     code, said = pull("evil/poison", snap4, work / "root-4")
     p = nfm("pairs", "build", "--teacher", teacher, "--cache-dir", work / "root-4", "pairs.shard_rows=400")
     case("3b. poisoned cache (noise zeroed, checksums recomputed, key kept) pulled, then `pairs build --teacher`",
@@ -236,7 +220,7 @@ def main(work: Path) -> None:
     p = nfm("pairs", "build", "--from-student", student, "--n", "256", "--solver", "euler", "--steps", "2",
             "--cache-dir", root, "pairs.shard_rows=32", "--batch-size", "16")  # fmt: skip
     rkey = key_of(p)
-    reforge(root / rkey, lambda c: {**c, "data": -c["data"]}, shards={5})
+    reforge_shards(root / rkey, lambda c: {**c, "data": -c["data"]}, shards={5})
     p = nfm("pairs", "verify", rkey, "--cache-dir", root, "--from-student", student)
     case("6. reflow cache, shard 6 of 8 negated, checksums recomputed; verify --from-student", "fails",
          err_line(p), one_line(p))  # fmt: skip
