@@ -165,35 +165,75 @@ def progress_bar(total: int | None, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
+class FeatureScorer:
+    """FID and KID of image sets against one reference set, computed by torch-fidelity's own functions (feature
+    extraction, `fid_features_to_statistics` / `fid_statistics_to_metric`, `kid_features_to_metric`), so the
+    numbers are exactly `torch_fidelity.calculate_metrics`'s. What differs is the work: the feature network is
+    built once and the reference's features and FID statistics are computed once, not at every call (a run
+    scores dozens of sample sets against the same held-out images)."""
+
+    def __init__(self, reference: torch.Tensor, extractor: str, kid_subset_size: int = 1000, batch_size: int = 500):
+        from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
+
+        register_extractors()
+        if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+            raise NFMError(
+                f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
+            )
+        _check_finite(reference, "the reference images")
+        self.cuda = torch.cuda.is_available()
+        self.kid_subset_size, self.batch_size = kid_subset_size, batch_size
+        kw = {"feature_extractor": extractor, "fid": True, "kid": True, "verbose": False}
+        self.fid_layer = resolve_feature_layer_for_metric("fid", **kw)
+        self.kid_layer = resolve_feature_layer_for_metric("kid", **kw)
+        layers = list(dict.fromkeys([self.fid_layer, self.kid_layer]))
+        self.net = create_feature_extractor(extractor, layers, cuda=self.cuda, verbose=False)
+        self.reference = self.features(reference)
+        self._reference_stats = self._fid_statistics(self.reference)
+
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{layer: (n, d) features} of images in [-1, 1], passed to the network as uint8 in batches."""
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        return get_featuresdict_from_dataset(
+            _Uint8Images(images), self.net, self.batch_size, self.cuda, save_cpu_ram=True, verbose=False
+        )
+
+    def _fid_statistics(self, feats: dict[str, torch.Tensor]) -> dict[str, Any]:
+        from torch_fidelity.metric_fid import fid_features_to_statistics
+
+        return fid_features_to_statistics(feats[self.fid_layer])
+
+    def score(self, samples: torch.Tensor) -> dict[str, float]:
+        from torch_fidelity.metric_fid import fid_statistics_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+
+        _check_finite(samples, "samples")
+        feats = self.features(samples)
+        fid = fid_statistics_to_metric(self._fid_statistics(feats), self._reference_stats, False)
+        subset = min(self.kid_subset_size, len(samples), len(self.reference[self.kid_layer]))
+        kid = kid_features_to_metric(feats[self.kid_layer], self.reference[self.kid_layer], kid_subset_size=subset,
+                                     verbose=False)  # fmt: skip
+        return {
+            "fid": float(fid["frechet_inception_distance"]),
+            "kid": float(kid["kernel_inception_distance_mean"]),
+            "kid_std": float(kid["kernel_inception_distance_std"]),
+        }
+
+
+def _check_finite(images: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(images).all():
+        why = ": the model diverged" if what == "samples" else ""
+        raise NFMError(f"{what} contain NaN/Inf{why}; FID is undefined")
+
+
 def fid_kid(
     samples: torch.Tensor, reference: torch.Tensor, extractor: str, kid_subset_size: int = 1000, batch_size: int = 500
 ) -> dict[str, float]:
-    """FID and KID (mean, std) between two sets of images in [-1, 1], through torch-fidelity."""
-    register_extractors()
-    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise NFMError(
-            f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
-        )
-    if not (torch.isfinite(samples).all() and torch.isfinite(reference).all()):
-        raise NFMError("samples contain NaN/Inf: the model diverged; FID is undefined")
-    m = torch_fidelity.calculate_metrics(
-        input1=_Uint8Images(samples),
-        input2=_Uint8Images(reference),
-        fid=True,
-        kid=True,
-        feature_extractor=extractor,
-        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        save_cpu_ram=True,
-        verbose=False,
-        cache=False,
-    )
-    return {
-        "fid": float(m["frechet_inception_distance"]),
-        "kid": float(m["kernel_inception_distance_mean"]),
-        "kid_std": float(m["kernel_inception_distance_std"]),
-    }
+    """FID and KID (mean, std) between two sets of images in [-1, 1], through torch-fidelity (one call: to score
+    several sets against one reference, keep a FeatureScorer)."""
+    _check_finite(samples, "samples")
+    return FeatureScorer(reference, extractor, kid_subset_size, batch_size).score(samples)
 
 
 @torch.no_grad()
@@ -245,9 +285,13 @@ class EvalSet:
     extractor: str
     n: int
     seed: int
+    # the FeatureScorer of (reference, extractor), built on first use and shared by copies (dataclasses.replace)
+    scorers: dict[str, FeatureScorer] = field(default_factory=dict, repr=False, compare=False)
 
     def fid_kid(self, x: torch.Tensor) -> dict[str, float]:
-        return fid_kid(x, self.reference, self.extractor)
+        if self.extractor not in self.scorers:
+            self.scorers[self.extractor] = FeatureScorer(self.reference, self.extractor)
+        return self.scorers[self.extractor].score(x)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": dict(STUDENT_SIZES["SiT-tiny"]),
         "data": {"name": "digits"},
+        "flow": {"sdot": {"steps": 20, "batch_size": 128, "check": 8}},  # a toy fit: seconds, not minutes
         "train": _train(20, 32, 1e-3, 5, 5, 10, 10, 0.9),
         "sample": {"n": 20, "steps": 2},
     },

@@ -223,7 +223,7 @@ def _stage_teacher(
         return teacher, info, data_cfg
     tdir = run_dir / f"teacher-{config_hash(cfg.teacher)}"
     reused = (tdir / "export" / "config.json").is_file()
-    export = run_teacher_training(cfg.teacher, tdir)
+    export = run_teacher_training(cfg.teacher, tdir, echo_config=False)  # in tdir/log.txt; the run printed it
     teacher, info = load_teacher_spec(str(export), device)
     stages.done(f"{prefix}teacher", reused, t0)
     return teacher, info, cfg.teacher.data
@@ -277,7 +277,7 @@ def _train_student(
     t0 = time.perf_counter()
     sdir = run_dir / "students" / f"{kind}-{config_hash(scfg)}"
     reused = (sdir / "export" / "config.json").is_file()
-    export = run_student_training(scfg, sdir, cache_root)
+    export = run_student_training(scfg, sdir, cache_root, echo_config=False)
     stages.done(f"{prefix}student {name}", reused, t0)
     return export
 

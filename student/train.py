@@ -24,7 +24,7 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
 from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.rundir import log_config, setup_logger
 from nfm.pipeline.core.sampling import sample_and_save
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
@@ -225,14 +225,16 @@ def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, A
     return model.to(device).eval().requires_grad_(False), meta
 
 
-def run_student_training(cfg: StudentRunConfig, run_dir: Path, cache_root: Path | None = None) -> Path:
+def run_student_training(
+    cfg: StudentRunConfig, run_dir: Path, cache_root: Path | None = None, echo_config: bool = True
+) -> Path:
     """`nfm student train`: train (or resume) a student in run_dir; returns the export directory."""
     run_dir = Path(run_dir)
     check_choices(cfg)
     log = setup_logger(run_dir, main=process_state().is_main_process)
     coupling = open_coupling(cfg, cache_root, log=log.info)
     cfg = resolve(cfg, coupling)
-    log.info(format_table(cfg, f"nfm student train -> {run_dir}"))
+    log_config(log, format_table(cfg, f"nfm student train -> {run_dir}"), echo_config)
     log.info(coupling.describe())
     torch.manual_seed(cfg.train.seed)
     model = build_student(cfg.model)

@@ -21,7 +21,7 @@ from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.loop import TrainConfig, train
 from nfm.pipeline.core.metrics import nll_to_bpd
-from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.rundir import log_config, setup_logger
 from nfm.pipeline.core.sampling import sample_and_save, sample_inputs
 from nfm.pipeline.core.seeding import BatchRandom
 from nfm.teacher.export import save_export
@@ -118,14 +118,14 @@ def resolve(cfg: TeacherRunConfig, data: ImageDataset) -> TeacherRunConfig:
     return replace(cfg, model=model)
 
 
-def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path) -> Path:
+def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path, echo_config: bool = True) -> Path:
     """`nfm teacher train`: train (or resume) in run_dir; returns the export directory."""
     run_dir = Path(run_dir)
     check_choices(cfg)
     data = load_data(cfg.data, "train")
     cfg = resolve(cfg, data)
     log = setup_logger(run_dir, main=process_state().is_main_process)  # one log, by the main process
-    log.info(format_table(cfg, f"nfm teacher train -> {run_dir}"))
+    log_config(log, format_table(cfg, f"nfm teacher train -> {run_dir}"), echo_config)
     log.info(data.describe())
     torch.manual_seed(cfg.train.seed)
     model = TarFlow(cfg.model)

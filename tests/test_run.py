@@ -29,6 +29,27 @@ def test_registered_feature_extractor_fid_is_zero_on_itself_and_large_on_noise()
         fid_kid(test, test, "no-such-net")
 
 
+def test_a_feature_scorer_gives_torch_fidelitys_numbers_exactly():
+    """The reference's features computed once (FeatureScorer) score every set exactly as a fresh
+    torch_fidelity.calculate_metrics call does (which recomputes them each time)."""
+    import torch_fidelity
+
+    from nfm.pipeline.evaluate import FeatureScorer, _Uint8Images
+
+    test = load_data(DataConfig(name="digits"), "test").tensors()[0]
+    scorer = FeatureScorer(test, "nfm-digits")
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.rand(300, 1, 8, 8, generator=g) * 2 - 1, torch.nn.functional.avg_pool2d(test, 3, 1, 1)):
+        m = torch_fidelity.calculate_metrics(
+            input1=_Uint8Images(x), input2=_Uint8Images(test), fid=True, kid=True, feature_extractor="nfm-digits",
+            kid_subset_size=min(1000, len(x), len(test)), cuda=False, batch_size=500, save_cpu_ram=True,
+            verbose=False, cache=False,
+        )  # fmt: skip
+        want = {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
+                "kid_std": m["kernel_inception_distance_std"]}  # fmt: skip
+        assert scorer.score(x) == pytest.approx(want, rel=0, abs=0)
+
+
 def test_straightness_is_zero_for_straight_paths():
     x1 = torch.randn(6, 1, 2, 2)
 

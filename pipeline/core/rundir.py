@@ -55,6 +55,18 @@ def setup_logger(run_dir: Path | None, name: str = "nfm", main: bool = True) -> 
     return log
 
 
+def log_config(log: logging.Logger, table: str, echo: bool = True) -> None:
+    """A stage's resolved config table: on stdout and in RUN/log.txt, or (echo=False, a stage of `nfm run`, which
+    printed the whole config once) in RUN/log.txt only."""
+    if echo:
+        log.info(table)
+        return
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, table, None, None)
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 @contextmanager
 def run_dir_lock(run_dir: Path, main: bool = True):
     """One training per run directory: RUN/.lock, held for the whole run by the main process. A second
