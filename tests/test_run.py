@@ -74,6 +74,11 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     p = _run(tmp_path)
     run = tmp_path / "run"
     assert "report:" in p.stdout
+    # the resolved config is printed once; each stage's own table goes to its log.txt only
+    assert p.stdout.count("nfm run --preset tiny") == 1 and "nfm teacher train ->" not in p.stdout
+    assert "nfm student train ->" not in p.stdout
+    (teacher_log,) = run.glob("**/teacher-*/log.txt")
+    assert "nfm teacher train ->" in teacher_log.read_text()
     for f in ("config.json", "log.txt", "report.md", "report.json", "fid_vs_nfe.png"):
         assert (run / f).is_file(), f
     report = json.loads((run / "report.json").read_text())
