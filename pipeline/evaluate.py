@@ -374,6 +374,7 @@ def student_sweep(
     euler_nfes=(1, 2, 4, 8),
     higher=(("heun", 4),),
     dopri5: bool = True,
+    dopri5_tol: float = 1e-5,
     straightness_steps: int = 32,
     log=print,
 ) -> StudentEval:
@@ -393,8 +394,8 @@ def student_sweep(
             inputs.y,
             solver=solver,
             steps=steps or 1,
-            rtol=1e-5,
-            atol=1e-5,
+            rtol=dopri5_tol,
+            atol=dopri5_tol,
             num_classes=mc["num_classes"],
             progress=bar,
         )

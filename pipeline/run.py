@@ -48,6 +48,7 @@ from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, spread
 from nfm.pipeline.core.config import (
     AtLeast1,
     NonNegative,
+    Positive,
     Scale,
     added,
     check_choices,
@@ -99,6 +100,9 @@ class EvalConfig:
     noise_seeds: NonNegative = added(0)
     # the floor: this many draws of n held-out images (with replacement) scored against the held-out set
     floor_draws: AtLeast1 = added(10)
+    # rtol = atol of the dopri5 row (benchmarks/eval_bench.py: on digits 1e-4 costs 80 NFE against 260 at 1e-5 and
+    # moves FID by 0.014; the digits preset uses it)
+    dopri5_tol: Positive = added(1e-5)
 
 
 # the couplings of a run: every student coupling, plus nfm-reflow (reflow from the nfm student; `reflow` is
@@ -491,7 +495,7 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
     def compute() -> StudentEval:
         out = student_sweep(
             model, meta, on, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
-            dopri5=ev.dopri5, straightness_steps=ev.straightness_steps, log=ctx.log.info,
+            dopri5=ev.dopri5, dopri5_tol=ev.dopri5_tol, straightness_steps=ev.straightness_steps, log=ctx.log.info,
         )  # fmt: skip
         if ev.likelihood:
             from nfm.student.likelihood import student_bpd
