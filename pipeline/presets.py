@@ -126,7 +126,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the CPU demo: 8x8 digits
     # (reflow, nfm-reflow and sb add 3-7 minutes each on 2 cores: run.couplings=nfm,...,sb,reflow,nfm-reflow)
-    # (the dopri5 row at rtol = atol = 1e-4: 80 NFE where 1e-5 takes 260, FID within 0.014; benchmarks/eval_bench.py)
+    # (the dopri5 row at rtol = atol = 1e-4: 80-86 NFE where 1e-5 takes 230-260, FID within 0.016; eval_bench.py)
     "digits": _run(
         "digits",
         "digits",

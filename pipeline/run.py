@@ -100,8 +100,8 @@ class EvalConfig:
     noise_seeds: NonNegative = added(0)
     # the floor: this many draws of n held-out images (with replacement) scored against the held-out set
     floor_draws: AtLeast1 = added(10)
-    # rtol = atol of the dopri5 row (benchmarks/eval_bench.py: on digits 1e-4 costs 80 NFE against 260 at 1e-5 and
-    # moves FID by 0.014; the digits preset uses it)
+    # rtol = atol of the dopri5 row (benchmarks/eval_bench.py: on the digits students 1e-4 takes 80-86 NFE where 1e-5
+    # takes 230-260, and moves FID by at most 0.016; the digits preset uses it)
     dopri5_tol: Positive = added(1e-5)
 
 

@@ -117,7 +117,12 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
 
 def test_every_coupling_in_one_run_with_its_cost(tmp_path):
     couplings = "sd-ot,sb,reflow,nfm-reflow"
-    _run(tmp_path, f"run.couplings={couplings}", "student.flow.sdot.steps=30", "reflow.n=200", "reflow.steps=2")
+    sdot = [
+        "student.flow.sdot.steps=30",
+        "student.flow.sdot.batch_size=1024",
+        "student.flow.sdot.check=64",
+    ]  # a real fit
+    _run(tmp_path, f"run.couplings={couplings}", *sdot, "reflow.n=200", "reflow.steps=2")
     run = tmp_path / "run"
     report = json.loads((run / "report.json").read_text())
     assert list(report["students"]) == couplings.split(",")  # the sources of the reflows are trained, not evaluated
