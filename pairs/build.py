@@ -39,6 +39,7 @@ from nfm.pairs.format import (
     check_index,
     check_key,
     hash_file,
+    is_build_leftover,
     is_foreign,
     read_index,
     read_origin,
@@ -486,10 +487,10 @@ def _build_lock(plan: _Plan, main: bool, log):
 
 
 def _remove_leftovers(cache_dir: Path) -> None:
-    """Temp files of a build that was killed (ours: .NAME.XXXX.tmp; Python's tempfile: .tmpXXXX). Called only
-    under the key's lock, so no running build owns them."""
-    for stale in [*cache_dir.glob(".*.tmp"), *cache_dir.glob(".tmp*")]:
-        if stale.is_file() or stale.is_symlink():
+    """Temp files of a build that was killed (format.is_build_leftover). Called only under the key's lock, so no
+    running build owns them."""
+    for stale in cache_dir.iterdir():
+        if is_build_leftover(stale.name) and (stale.is_file() or stale.is_symlink()):
             stale.unlink(missing_ok=True)
 
 

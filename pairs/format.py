@@ -150,6 +150,11 @@ def is_foreign(cache_dir: Path) -> bool:
     return origin is not None and not origin.get("verified")
 
 
+def is_build_leftover(name: str) -> bool:
+    """A temp file a killed build leaves in a cache directory (ours: .NAME.XXXX.tmp; Python's tempfile: .tmpXXXX)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp"))
+
+
 def _name_problem(name: Any) -> str | None:
     if not isinstance(name, str) or not SHARD_RE.match(name) or Path(name).name != name:
         return (
@@ -376,12 +381,12 @@ def read_index(cache_dir: Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NFMError(f"{path} is corrupt ({e}); delete the cache (nfm pairs rm KEY) and rebuild it") from e
+    if not isinstance(index, dict) or not isinstance(index.get("shards", []), list):
+        raise NFMError(f"{path} is not a pair index; delete the cache (nfm pairs rm KEY) and rebuild it")
     if index.get("format_version", 0) > FORMAT_VERSION:
         raise NFMError(
             f"pair cache {cache_dir} has format {index.get('format_version')}, newer than this nfm; upgrade nfm"
         )
-    if not isinstance(index, dict) or not isinstance(index.get("shards", []), list):
-        raise NFMError(f"{path} is not a pair index; delete the cache (nfm pairs rm KEY) and rebuild it")
     for s in index.get("shards", []):
         problem = _name_problem(s.get("file") if isinstance(s, dict) else s)
         if problem:

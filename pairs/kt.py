@@ -136,13 +136,11 @@ def build_kt_pairs(
 def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 256, seed: int = 0) -> dict[str, Any]:
     """Recompute the teacher's logits of `samples` rows drawn (seeded) from every shard (None: every row) from the
     stored views: the worst absolute difference (0 for an intact cache and the same teacher on the same device)."""
-    from nfm.pairs.format import check_key
     from nfm.pairs.reader import PairCache
-    from nfm.pairs.verify import sampled_shards
+    from nfm.pairs.verify import read_rows, row_errors, sampled_shards
 
-    cache, worst, checked = PairCache(cache_dir, kinds=("kt",)), 0.0, 0
+    cache, worst, checked = PairCache(cache_dir, kinds=("kt",)), 0.0, 0  # kind and key checked on open
     fields = cache.index["key_fields"]
-    check_key(cache_dir, cache.index)
     if classifier.fingerprint() != fields["teacher"]:
         raise NFMError(
             f"the classifier's fingerprint {classifier.fingerprint()} is not the cache's ({fields['teacher']}): "
@@ -152,14 +150,11 @@ def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 25
     device = next(classifier.parameters()).device
     for shard, take in sampled_shards(cache.dir, cache.index, samples, seed):
         for a in range(0, len(take), 512):
-            rows = torch.tensor(take[a : a + 512])
-            x = cache.to_float(torch.stack([shard.read("data", r, r + 1)[0] for r in rows.tolist()]))
+            cols = read_rows(shard, take[a : a + 512], ("data", "noise"))
             with torch.no_grad():
-                got = classifier(x.to(device)).float().cpu()
-            stored = torch.stack([shard.read("noise", r, r + 1)[0] for r in rows.tolist()])
-            err = (got - stored).abs().flatten(1).max(1).values
-            worst = max(worst, float(torch.where(torch.isfinite(err), err, torch.inf).max()))
-            checked += len(rows)
+                got = classifier(cache.to_float(cols["data"]).to(device)).float().cpu()
+            worst = max(worst, float(row_errors(got, cols["noise"]).max()))
+            checked += len(cols["noise"])
     return {"rows_checked": checked, "worst_abs_error": worst}
 
 

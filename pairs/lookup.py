@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nfm.pairs.format import INDEX_NAME, KEY_RE, ORIGIN_NAME, SHARD_RE, read_index
+from nfm.pairs.format import INDEX_NAME, KEY_RE, ORIGIN_NAME, SHARD_RE, is_build_leftover, read_index
 from nfm.pipeline.core.errors import NFMError
 
 
@@ -45,11 +45,7 @@ def find_cache(key_or_path: str, root: Path | None = None) -> Path:
 
 def _cache_file(name: str) -> bool:
     """A file name a cache directory holds: its index, shards, origin record, or a killed build's temp file."""
-    return (
-        name in (INDEX_NAME, ORIGIN_NAME)
-        or bool(SHARD_RE.match(name))
-        or (name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp")))
-    )
+    return name in (INDEX_NAME, ORIGIN_NAME) or bool(SHARD_RE.match(name)) or is_build_leftover(name)
 
 
 def removable_cache(key_or_path: str, root: Path | None = None) -> Path:

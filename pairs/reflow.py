@@ -155,6 +155,7 @@ def regeneration_error(
     batch (None), each regenerated whole as the build made it (a pair's x depends on its batch): 0 on the
     device that built the cache. Pairs dropped as non-finite are regenerated with their batch and skipped."""
     from nfm.pairs.format import ShardFile, check_key, read_index, safe_member
+    from nfm.pairs.verify import row_errors
 
     index = read_index(cache_dir)
     check_key(cache_dir, index)
@@ -188,8 +189,7 @@ def regeneration_error(
             r0, r1 = int(rows[there][0]), int(rows[there][-1]) + 1
             stored_x, stored_z = sf.read("data", r0, r1).float(), sf.read("noise", r0, r1)
             noise_equal &= bool(torch.equal(stored_z, z[there]))
-            err = (x[there] - stored_x).abs().flatten(1).max(1).values
-            worst = max(worst, float(torch.where(torch.isfinite(err), err, torch.inf).max()))
+            worst = max(worst, float(row_errors(x[there], stored_x).max()))
             checked += int(there.sum())
     return {"pairs_checked": checked, "noise_equal": noise_equal, "worst_abs_error": worst}
 

@@ -75,7 +75,7 @@ def sampled_shards(
             yield sf, torch.randperm(sf.rows, generator=g)[: max(1, per_shard)].sort().values.tolist()
 
 
-def _rows(sf: ShardFile, take: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def read_rows(sf: ShardFile, take: list[int], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The given rows of a shard's columns, read in runs of consecutive rows."""
     out: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     i = 0
@@ -87,6 +87,12 @@ def _rows(sf: ShardFile, take: list[int], names: tuple[str, ...]) -> dict[str, t
             out[k].append(sf.read(k, take[i], take[j] + 1))
         i = j + 1
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def row_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Each row's worst |got - want| (n,), NaN/Inf counted as inf: a check can never pass on a NaN."""
+    err = (got.float() - want.float()).abs().flatten(1).max(1).values
+    return torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
 
 
 @torch.no_grad()
@@ -111,15 +117,14 @@ def reconstruction_error(
     sigma, eta, views = float(index["sigma_f"]), float(index["noise_std"]), int(index["views"])
     for sf, take in sampled_shards(cache_dir, index, per, seed):
         for a in range(0, len(take), batch_size):
-            cols = _rows(sf, take[a : a + batch_size], ("noise", "data", "label", "index", "view"))
+            cols = read_rows(sf, take[a : a + batch_size], ("noise", "data", "label", "index", "view"))
             x = cols["data"].float() * (2.0 / levels) - 1.0 if uint8 else cols["data"].float()
             eps = pair_noise(index["seed"], cols["index"] * views + cols["view"], tuple(x.shape[1:]))
             target = x + eta * eps
             z = cols["noise"].float() * sigma * prior
             y = cols["label"].to(device) if teacher.num_classes else None
             rec = teacher.decode(z.to(device), y).cpu()
-            err = (rec - target).abs().flatten(1).max(1).values
-            err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+            err = row_errors(rec, target)
             worst, mean, n = max(worst, float(err.max())), mean + float(err.sum()), n + len(err)
     return {"pairs_checked": n, "worst_abs_error": worst, "mean_max_abs_error": mean / max(n, 1)}
 

@@ -175,11 +175,7 @@ class FeatureScorer:
     def __init__(self, reference: torch.Tensor, extractor: str, kid_subset_size: int = 1000, batch_size: int = 500):
         from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
 
-        register_extractors()
-        if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-            raise NFMError(
-                f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
-            )
+        check_extractor(extractor)  # registered, and runnable here
         _check_finite(reference, "the reference images")
         self.cuda = torch.cuda.is_available()
         self.kid_subset_size, self.batch_size = kid_subset_size, batch_size
