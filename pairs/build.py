@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,7 +27,6 @@ from typing import Annotated, Any, Literal
 
 import torch
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
 
 from nfm.pairs.format import (
     FORMAT_VERSION,
@@ -51,6 +49,7 @@ from nfm.pipeline.core.data import DataConfig, ImageDataset
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import check_free_space, save_tensors, write_json
+from nfm.pipeline.core.rundir import progress
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.teacher.protocol import Teacher, check_teacher, prior_std
 
@@ -521,13 +520,8 @@ def _build_locked(plan: _Plan, cfg: PairBuildConfig, state, prepare, verify: boo
     mine = [s for s in range(plan.num_shards) if s % world == rank and not present(s)]
     allowed = int(cfg.max_nonfinite * plan.total)
     dropped_total = sum(s.get("dropped", 0) for s in read_index(plan.cache_dir).get("shards", []))
-    bar = tqdm(
-        total=sum(len(plan.shard_ids(s)) for s in mine),
-        desc=f"pairs {plan.key[:8]}",
-        unit="pair",
-        disable=not state.is_main_process,
-        mininterval=0.5 if os.isatty(2) else 30.0,
-    )
+    bar = progress(sum(len(plan.shard_ids(s)) for s in mine), f"pairs {plan.key[:8]}", "pair",
+                   main=state.is_main_process)  # fmt: skip
     t0 = time.perf_counter()
     for s in mine:
         shard = encode_shard(s, bar)

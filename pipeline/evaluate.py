@@ -26,6 +26,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import to_uint8
+from nfm.pipeline.core.rundir import progress
 from nfm.pipeline.core.sampling import sample_inputs
 from nfm.pipeline.featurenet import RECIPES, load_featurenet
 
@@ -154,15 +155,6 @@ class _Uint8Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i]
-
-
-def progress_bar(total: int | None, desc: str, unit: str = "it"):
-    """A tqdm bar on stderr: live on a terminal, a line every 30 s in a log file."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
 class FeatureScorer:
@@ -382,7 +374,7 @@ def student_sweep(
     inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels)
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
-    bar = progress_bar(len(plan), f"sweep ({on.n} samples)", "sampler")
+    bar = progress(len(plan), f"sweep ({on.n} samples)", "sampler")
     for solver, steps in plan:
         x, stats = sample_ode(
             model,
@@ -429,7 +421,7 @@ def teacher_sweep(teacher, on: EvalSet, *, batch: int = 500, log=print) -> Teach
     z, y = inputs.z, inputs.y
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     raw, den = [], []
-    bar = progress_bar(on.n, "teacher samples", "img")
+    bar = progress(on.n, "teacher samples", "img")
     for i in range(0, on.n, batch):
         yy = None if y is None else y[i : i + batch]
         x = teacher.decode(z[i : i + batch], yy)

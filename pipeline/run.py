@@ -61,7 +61,7 @@ from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.rundir import setup_logger
+from nfm.pipeline.core.rundir import progress, setup_logger
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.pipeline.evaluate import (
     EvalSet,
@@ -70,7 +70,6 @@ from nfm.pipeline.evaluate import (
     check_extractor,
     default_extractor,
     fid_size_warning,
-    progress_bar,
     student_sweep,
     teacher_sweep,
 )
@@ -502,7 +501,7 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
 
             m = ev.likelihood_n or len(on.reference)
             ctx.log.info(f"  bits/dim of the {coupling} student through the ODE ({m} held-out images)")
-            bar = progress_bar(m, "bits/dim", "img")
+            bar = progress(m, "bits/dim", "img")
             out.likelihood = student_bpd(
                 model, meta, on.reference[:m], on.reference_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
                 solver=ev.likelihood_solver, progress=lambda n: bar.update(n - bar.n),

@@ -30,7 +30,9 @@ class CountedVelocity(nn.Module):
         self.model, self.y, self.guidance = model, y, guidance
         self.nfe = 0
         self.forward_passes = 0
-        self.progress, self.label = progress, label  # a tqdm bar: its postfix shows the NFE so far and t
+        # a tqdm bar: its postfix shows the NFE so far and t (a disabled bar, --quiet, has no postfix to draw)
+        self.progress = None if getattr(progress, "disable", False) else progress
+        self.label = label
         self._drawn = time.monotonic()
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 from filelock import FileLock
-from tqdm.auto import tqdm
 
 from nfm.pipeline.core.config import AtLeast1, Positive
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.pipeline.core.rundir import progress
 from nfm.pipeline.core.seeding import derive_seed
 
 FORMAT_VERSION = 1
@@ -222,7 +222,7 @@ def _fit_locked(images, labels, cfg, directory, key_fields, masses, device, dtyp
                 p.avg.zero_()
                 p.step = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps * len(problems), initial=sum(p.step for p in problems), desc="sd-ot fit", unit="step")
+    bar = progress(cfg.steps * len(problems), "sd-ot fit", "step", initial=sum(p.step for p in problems))
     for i, p in enumerate(problems):
         while p.step < cfg.steps:
             ascend(p, cfg, i, min(cfg.steps, (p.step // cfg.save_every + 1) * cfg.save_every), bar)

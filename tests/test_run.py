@@ -109,8 +109,13 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     (run / "report.md").unlink()
     assert rerender(run).read_text() == md
 
-    again = _run(tmp_path)
-    log = again.stdout
+    # --quiet: the result line alone on stdout, no progress bars; RUN/log.txt still gets every line
+    again = _run(tmp_path, "--quiet")
+    *warnings, last = again.stdout.splitlines()
+    assert last.startswith("done in") and last.endswith(f"report: {run / 'report.md'}")
+    assert all(line.startswith("warning: FID with 100 samples") for line in warnings), warnings
+    assert "it/s" not in again.stderr and "step/s" not in again.stderr
+    log = (run / "log.txt").read_text()
     for stage in ("teacher", "pairs", "student nfm", "student independent", "student minibatch-ot", "evaluation"):
         assert f"[{stage}] reused" in log, stage
 

@@ -29,10 +29,11 @@ from nfm.pipeline.core.errors import NFMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nfm.pipeline.cli import kt, pairs, run, student, teacher
+    from nfm.pipeline.cli import kt, options, pairs, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
+    options.add_quiet(parser, default=False)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for group in (teacher, pairs, student, run, kt):
         group.register(stages)
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; settings are key=value overrides (train.steps=10, not --steps 10): see --help" if flags else ""
         own.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     debug = args.debug or os.environ.get("NFM_DEBUG", "") not in ("", "0")
+    if args.quiet:
+        from nfm.pipeline.core.rundir import QUIET_ENV
+
+        os.environ[QUIET_ENV] = "1"
     warning = launch_warning(os.environ)
     if warning:
         print(f"nfm: warning: {warning}", file=sys.stderr)

@@ -48,6 +48,19 @@ def add_sample_outputs(p: argparse.ArgumentParser, default_n: int = 100) -> None
     add_device(p)
 
 
+def add_quiet(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-q/--quiet, before or after the command (`nfm -q run`, `nfm run -q`): SUPPRESS keeps a command's parser
+    from resetting what the top level parsed."""
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars or config tables: warnings, errors and the result only (RUN/log.txt keeps "
+        "every line; or NFM_QUIET=1)",
+    )
+
+
 def add_group(stages: argparse._SubParsersAction, name: str, help: str) -> argparse._SubParsersAction:
     """`nfm NAME COMMAND`: the group's parser; returns its subcommand registry."""
     group = stages.add_parser(name, help=help)
@@ -59,6 +72,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, func) -> argparse.Ar
     first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
     p = sub.add_parser(name, help=" ".join(first.split()), description=" ".join(rest.split()) or None)
     p.set_defaults(func=func, parser=p)  # parser: the command's own, for its usage in errors
+    add_quiet(p)
     return p
 
 

@@ -21,7 +21,6 @@ import itertools
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -31,7 +30,6 @@ from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from nfm.pipeline.core.batches import BatchStream, dataset_batches
 from nfm.pipeline.core.checkpoint import (
@@ -48,6 +46,7 @@ from nfm.pipeline.core.io import atomic_dir
 from nfm.pipeline.core.rundir import (
     append_metrics,
     prepare_run_dir,
+    progress,
     run_dir_lock,
     run_identity,
     setup_logger,
@@ -394,15 +393,7 @@ def train(
 
         window: list[dict[str, float]] = []
         t_window = time.perf_counter()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=s.step,
-            desc=desc,
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-            unit="step",
-            mininterval=0.5 if sys.stderr.isatty() else 30.0,
-        )
+        bar = progress(cfg.steps, desc, "step", initial=s.step, main=acc.is_main_process)
         last_ckpt = s.step
         with _Stop() as stop:
             stop.step = s.step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,29 @@ RESUMABLE_CHANGES = {
 }
 
 
+QUIET_ENV = "NFM_QUIET"  # set by `nfm --quiet`; inherited by the processes torchrun starts
+
+
+def quiet() -> bool:
+    """`nfm --quiet` (or NFM_QUIET=1): no progress bars, and only warnings and errors on stdout (RUN/log.txt
+    still gets every line)."""
+    return os.environ.get(QUIET_ENV, "") not in ("", "0")
+
+
+def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0, main: bool = True):
+    """The one progress bar of every stage: tqdm on stderr, live on a terminal, a line every 30 s in a log
+    file, none on the other processes of a multi-process run or with --quiet."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=quiet() or not main,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+
+
 class _TqdmHandler(logging.Handler):
     """Writes through tqdm, so progress bars stay intact."""
 
@@ -45,6 +69,7 @@ def setup_logger(run_dir: Path | None, name: str = "nfm", main: bool = True) -> 
     log.propagate = False
     log.setLevel(logging.INFO if main else logging.WARNING)
     h = _TqdmHandler()
+    h.setLevel(logging.WARNING if quiet() else logging.NOTSET)
     h.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(h)
     if run_dir is not None and main:
