@@ -209,3 +209,25 @@ def test_checkpoint_restores_the_optimizer_bit_for_bit_and_reads_the_previous_fo
     old, old_opt = _adamw_after_two_steps(seed=2)
     assert load_checkpoint(path, old, EMA(old, 0.9), old_opt) == 2
     assert _same_optimizer_state(opt.state_dict(), old_opt.state_dict())
+
+
+def test_the_ema_update_is_the_per_tensor_lerp_exactly():
+    """EMA.update takes every tensor in one multi-tensor lerp: the same numbers as shadow + (1 - d)(p - shadow)
+    tensor by tensor, with the warm-up d = min(decay, (1 + s) / (10 + s)), bit for bit."""
+    from nfm.pipeline.core.checkpoint import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    ema = EMA(model, 0.99)
+    expected = {k: v.clone() for k, v in ema.shadow.items()}
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step)
+        d = min(0.99, (1 + step) / (10 + step))
+        for k, p in model.named_parameters():
+            expected[k].lerp_(p.detach().float(), 1.0 - d)
+    for k in expected:
+        assert ema.shadow[k].dtype == torch.float32 and torch.equal(ema.shadow[k], expected[k]), k
+    assert not torch.equal(ema.shadow["0.weight"], model[0].weight)  # a moving average, not a copy

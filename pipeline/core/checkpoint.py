@@ -47,9 +47,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
+        """shadow <- shadow + (1 - d) (param - shadow), every tensor in one multi-tensor lerp (one kernel launch
+        per device on a GPU; the same arithmetic as a per-tensor lerp_)."""
         d = min(self.decay, (1 + step) / (10 + step))
-        for k, p in model.named_parameters():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)
+        names, params = zip(*model.named_parameters(), strict=True)
+        torch._foreach_lerp_([self.shadow[k] for k in names], [p.detach().float() for p in params], 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> nn.Module:
