@@ -409,13 +409,15 @@ class TarFlow(nn.Module):
                     f"(rows {rows}); clean the data before encoding"
                 )
 
-    def check_labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    def check_labels(self, y: torch.Tensor | None, n: int, values: bool = True) -> torch.Tensor | None:
+        """Labels of n images: shape and dtype, and (values=True) the range [-1, classes), which reads the tensor
+        (a host sync on a GPU, a graph break under torch.compile): the training step's forward skips that."""
         if y is None or self.num_classes == 0:
             return None
         y = torch.as_tensor(y)
         if y.shape != (n,) or y.is_floating_point():
             raise NFMError(f"labels must be an int64 tensor of shape ({n},), got {tuple(y.shape)} {y.dtype}")
-        if ((y < -1) | (y >= self.num_classes)).any():
+        if values and ((y < -1) | (y >= self.num_classes)).any():
             raise NFMError(
                 f"labels must be in [-1, {self.num_classes - 1}] (-1: no label), got "
                 f"min {int(y.min())}, max {int(y.max())}"
@@ -424,9 +426,9 @@ class TarFlow(nn.Module):
 
     # ------------------------------------------------------------------ the flow
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training hot path: encode without the finiteness check. x: (b, c, H, W)."""
+        """The training hot path: encode without reading values (NaN, label range: no host sync). x: (b, c, H, W)."""
         self.check_images(x, finite=False)
-        y = self.check_labels(y, x.shape[0])
+        y = self.check_labels(y, x.shape[0], values=False)
         h = self.patchify(x)
         logdet = torch.zeros(x.shape[0], dtype=_affine_dtype(x), device=x.device)
         for block in self.blocks:
@@ -437,6 +439,7 @@ class TarFlow(nn.Module):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Data -> noise in one parallel pass: z (b, c, H, W). `self(x, y)` also returns log|det dz/dx|."""
         self.check_images(x, "encode")
+        self.check_labels(y, x.shape[0])
         return self(x, y)[0]
 
     @torch.no_grad()
@@ -488,6 +491,7 @@ class TarFlow(nn.Module):
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) in nats, (b,): log N(z; 0, diag(var)) + log|det dz/dx|."""
         self.check_images(x, "log_prob")
+        self.check_labels(y, x.shape[0])
         z, logdet = self(x, y)
         var = self.var.to(_affine_dtype(z))
         d = z[0].numel()

@@ -316,3 +316,23 @@ def test_fingerprints_of_existing_teachers_are_stable(flow_factory):
     assert flow_factory(seed=0).fingerprint() == "09381718484db9a0"
     assert flow_factory(seed=0, num_classes=10, channels=3).fingerprint() == "022ad4ea3a77cbb6"
     assert flow_factory(seed=0, scale="softplus").fingerprint() != "09381718484db9a0"
+
+
+def test_bf16_autocast_never_touches_the_affine_and_log_det_arithmetic(flow_factory, monkeypatch):
+    """Under bf16 autocast only the transformer trunk may run in bf16: with the trunk's output held fixed (float32
+    values that bf16 cannot represent), z and log|det| are bit-identical with and without autocast; a bf16
+    rounding anywhere in shift, scale, exp or the log-det sum would change them."""
+    model = flow_factory(dtype=torch.float32, num_classes=3)
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, -1])
+    gen = torch.Generator().manual_seed(0)
+    fixed = {id(b): 0.1 * torch.randn(4, model.cfg.num_patches, 2 * model.cfg.patch_dim, generator=gen)
+             for b in model.blocks}  # fmt: skip
+    for b in model.blocks:
+        monkeypatch.setattr(b, "trunk", lambda h, yy, *a, b=b, **k: fixed[id(b)].clone())
+    assert any((t.to(torch.bfloat16).float() != t).any() for t in fixed.values())
+    z32, ld32 = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z16, ld16 = model(x, y)
+    assert z16.dtype == ld16.dtype == torch.float32
+    assert torch.equal(z16, z32) and torch.equal(ld16, ld32)

@@ -231,3 +231,42 @@ def test_the_ema_update_is_the_per_tensor_lerp_exactly():
     for k in expected:
         assert ema.shadow[k].dtype == torch.float32 and torch.equal(ema.shadow[k], expected[k]), k
     assert not torch.equal(ema.shadow["0.weight"], model[0].weight)  # a moving average, not a copy
+
+
+def test_a_compiled_training_step_trains_the_same_weights_as_eager(tmp_path, monkeypatch):
+    """train.compile=true runs the step's model under torch.compile, traced into graphs (forward and backward);
+    the weights agree with eager to a tolerance (a compiler may reorder float arithmetic); the EMA export and the
+    checkpoints keep their plain names; auto is off on CPU. The graphs run through torch's aot_eager backend
+    here: inductor's C++ compile takes ~40 s even for the tiny teacher (benchmarks/mltarflow_bench.py --compile
+    runs it)."""
+    from safetensors.torch import load_file
+
+    import nfm.pipeline.core.loop as loop
+    from nfm.pipeline.core.loop import use_compile
+
+    monkeypatch.setattr(loop, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+
+    kw = dict(steps=3, sample_every=0, ckpt_every=0, log_every=1)
+    eager = run_teacher_training(tiny_cfg(**kw, compile="false"), tmp_path / "eager")
+    compiled = run_teacher_training(tiny_cfg(**kw, compile="true"), tmp_path / "compiled")
+    assert "torch.compile on (train.compile=true)" in (tmp_path / "compiled" / "log.txt").read_text()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step really ran compiled
+    we, wc = load_file(eager / "model.safetensors"), load_file(compiled / "model.safetensors")
+    assert we.keys() == wc.keys()
+    for k in we:
+        torch.testing.assert_close(wc[k], we[k], rtol=1e-4, atol=1e-5)
+    ckpt = load_file(next((tmp_path / "compiled" / "checkpoints").iterdir()) / "model.safetensors")
+    assert ckpt.keys() == we.keys()  # no _orig_mod. prefixes
+
+    cfg = tiny_cfg(compile="auto").train
+    assert not use_compile(cfg, torch.device("cpu"), 10**6)[0]
+    assert use_compile(cfg, torch.device("cuda"), 10**6)[0] and not use_compile(cfg, torch.device("cuda"), 100)[0]
+    assert use_compile(tiny_cfg(compile="true").train, torch.device("cpu"), 1)[0]
+    # a JSON / TOML boolean reads as the choice of the same name; anything else is refused
+    preset = TEACHER_PRESETS["tiny"]
+    as_bool = build_config(TeacherRunConfig, preset={**preset, "train": {**preset["train"], "compile": False}})
+    assert as_bool.train.compile == "false"
+    with pytest.raises(NFMError, match="'train.compile': 'yes' is not one of auto, true, false"):
+        build_config(TeacherRunConfig, preset=preset, overrides=["train.compile=yes"])

@@ -165,6 +165,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a value (possibly a string from the command line) to the annotated type."""
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
+        if isinstance(value, bool) and str(value).lower() in typing.get_args(tp):  # JSON/TOML true -> "true"
+            value = str(value).lower()
         return _check_choice(str(value) if isinstance(value, str) else value, tp, key)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]

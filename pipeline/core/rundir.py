@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = {
     "train.keep_ckpts",
     "train.num_workers",
     "train.log_with",
+    "train.compile",
 }
 
 
