@@ -23,7 +23,7 @@ from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
 from nfm.student.paths import ProbPath
-from nfm.student.sampling import SOLVERS, Solver
+from nfm.student.sampling import SOLVERS, Solver, inside
 
 
 class _Augmented(nn.Module):
@@ -93,7 +93,8 @@ def log_likelihood(
     with torch.autocast(device_type=x.device.type, enabled=False):
         if solver == "dopri5":
             t = torch.tensor([1.0, 0.0], dtype=x.dtype, device=x.device)
-            x0, a0 = (s[-1] for s in odeint(func, state, t, method="dopri5", rtol=rtol, atol=atol))
+            solve = odeint(func, state, t, method="dopri5", rtol=rtol, atol=atol, options=inside(t))
+            x0, a0 = (s[-1] for s in solve)
         else:
             t = torch.linspace(1.0, 0.0, steps + 1, dtype=x.dtype, device=x.device)
             x0, a0 = (s[-1] for s in odeint(func, state, t, method=SOLVERS[solver]))

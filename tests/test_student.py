@@ -139,6 +139,27 @@ def test_dopri5_reaches_the_exact_flow_and_counts_its_evaluations():
     assert stats["nfe"] >= 6 and stats["steps"] is None
 
 
+def test_adaptive_solves_never_evaluate_the_velocity_outside_0_1():
+    """torchdiffeq's dopri5 steps past the end of the interval and interpolates back; a student is trained on
+    t in [0, 1] only, so sampling (0 -> 1) and the likelihood ODE (1 -> 0) make their last step land on the end."""
+    from nfm.student.likelihood import log_likelihood
+
+    class Recording(_AffineField):
+        def forward(self, x, t, y=None):
+            seen.extend(t.flatten().tolist())
+            return super().forward(x, t, y)
+
+    for tol in (1e-3, 1e-5, 1e-7):
+        seen: list[float] = []
+        x, _ = sample_ode(Recording(0.7), torch.randn(4, 1, 3, 3, dtype=torch.float64), solver="dopri5",
+                          rtol=tol, atol=tol)  # fmt: skip
+        assert 0.0 <= min(seen) and max(seen) <= 1.0, (tol, max(seen))
+        assert max(seen) > 1 - 1e-6  # the last step ends at t = 1 (to float32 rounding of t0 + dt)
+        seen.clear()
+        log_likelihood(Recording(0.7), x, solver="dopri5", rtol=tol, atol=tol)
+        assert 0.0 <= min(seen) and max(seen) <= 1.0, (tol, min(seen))
+
+
 def test_euler_follows_a_straight_flow_exactly_in_one_step():
     x1 = torch.randn(3, 1, 2, 2)
 
