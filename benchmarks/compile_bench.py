@@ -102,7 +102,7 @@ def velocity_rows(device) -> list[dict]:
         base = base or s
         dev = (call() - ref).abs().max().item()
         rows.append({"benchmark": "conv-S velocity, 1000 samples", "variant": variant, "ms": round(s * 1e3, 1),
-                     "vs eager": f"{base / s:.2f}x", "max |v - v_float32|": f"{dev:.1e}"})  # fmt: skip
+                     "vs eager": f"{base / s:.2f}x", "max abs deviation from float32": f"{dev:.1e}"})  # fmt: skip
     return rows
 
 

@@ -29,6 +29,10 @@ step 120 nfm run --preset tiny --run-dir /tmp/runs/tiny
 step 90 python3 benchmarks/teacher_bench.py --quick
 step 90 python3 benchmarks/decode_bench.py --quick
 step 90 python3 benchmarks/student_bench.py
+# train.compile and bf16 on the GPU (what train.compile=auto assumes there), and the teacher against
+# ml-tarflow when its transformer_flow.py travels along (MLTARFLOW=path)
+step 150 python3 benchmarks/compile_bench.py --device cuda --steps 20
+[ -n "${MLTARFLOW:-}" ] && step 150 python3 benchmarks/mltarflow_bench.py "$MLTARFLOW" --quick --compile
 # the GPU presets' teacher speed (their size, batch and dtype) on synthetic RGB folders
 python3 - <<'PY' >>"$LOG" 2>&1
 import numpy as np

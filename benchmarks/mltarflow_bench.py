@@ -95,7 +95,7 @@ def check_same_flow(theirs, ours, c: int, s: int) -> float:
 
 def their_step(tf_model, opt, x, y, compute_loss):
     x = x + ETA * torch.randn_like(x)
-    mask = (torch.rand(y.size(0)) < LABEL_DROP).int()
+    mask = (torch.rand(y.size(0), device=y.device) < LABEL_DROP).int()
     y = (1 - mask) * y - mask
     opt.zero_grad()
     loss = compute_loss(x, y)
@@ -106,23 +106,26 @@ def their_step(tf_model, opt, x, y, compute_loss):
 def timed_rounds(steps: dict, rounds: int, per_round: int) -> dict[str, float]:
     """Median seconds per step of each callable, measured in interleaved rounds."""
     times: dict[str, list[float]] = {k: [] for k in steps}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(rounds):
         for k, fn in steps.items():
+            sync()
             t0 = time.perf_counter()
             for _ in range(per_round):
                 fn()
+            sync()
             times[k].append((time.perf_counter() - t0) / per_round)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def bench(tf, name: str, rounds: int, per_round: int, compile_: bool) -> list[dict]:
+def bench(tf, name: str, rounds: int, per_round: int, compile_: bool, device: torch.device) -> list[dict]:
     c, s, *_, batch = CONFIGS[name]
     theirs, ours = build_pair(tf, name)
-    dz = check_same_flow(theirs, ours, c, s)
-    theirs.train(), ours.train()
+    dz = check_same_flow(theirs, ours, c, s)  # on the CPU, before moving
+    theirs, ours = theirs.to(device).train(), ours.to(device).train()
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, c, s, s, generator=gen) * 2 - 1
-    y = torch.randint(0, CLASSES, (batch,), generator=gen)
+    x = (torch.rand(batch, c, s, s, generator=gen) * 2 - 1).to(device)
+    y = torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
 
     def their_loss(model):
         def compute_loss(xx, yy):
@@ -132,7 +135,7 @@ def bench(tf, name: str, rounds: int, per_round: int, compile_: bool) -> list[di
         return compute_loss
 
     their_opt = torch.optim.AdamW(theirs.parameters(), betas=(0.9, 0.95), lr=1e-4, weight_decay=1e-4)
-    theirs_fused = build_pair(tf, name)[0].train()
+    theirs_fused = build_pair(tf, name)[0].to(device).train()
     fused_opt = adamw(theirs_fused, TrainConfig(lr=1e-4))
     cfg = TrainConfig(lr=1e-4, grad_clip=1.0)
     our_opt, ema = adamw(ours, cfg), EMA(ours, 0.999)
@@ -146,7 +149,7 @@ def bench(tf, name: str, rounds: int, per_round: int, compile_: bool) -> list[di
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ema.update(ours, i)
+        ema.update(model, i)
 
     steps = {
         "ml-tarflow": lambda: their_step(theirs, their_opt, x, y, their_loss(theirs)),
@@ -155,10 +158,10 @@ def bench(tf, name: str, rounds: int, per_round: int, compile_: bool) -> list[di
     }
     compile_s: dict[str, float] = {}
     if compile_:
-        theirs_c = build_pair(tf, name)[0].train()
+        theirs_c = build_pair(tf, name)[0].to(device).train()
         opt_c = torch.optim.AdamW(theirs_c.parameters(), betas=(0.9, 0.95), lr=1e-4, weight_decay=1e-4)
         compiled_loss = torch.compile(their_loss(theirs_c), fullgraph=False, backend="inductor")
-        ours_c = build_pair(tf, name)[1].train()
+        ours_c = build_pair(tf, name)[1].to(device).train()
         ours_c.compile()
         opt_oc = adamw(ours_c, cfg)
         steps["ml-tarflow compiled"] = lambda: their_step(theirs_c, opt_c, x, y, compiled_loss)
@@ -193,18 +196,20 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (a smoke test of the benchmark)")
     ap.add_argument("--compile", action="store_true", help="also both models under torch.compile")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    device = torch.device(args.device)
     tf = load_module(args.transformer_flow)
     rounds, per_round = (3, 2) if args.quick else (7, 10)
     rows = []
     for name in args.configs.split(","):
-        rows += bench(tf, name, rounds, per_round, args.compile)
+        rows += bench(tf, name, rounds, per_round, args.compile, device)
     notes = (
         f"`python benchmarks/mltarflow_bench.py PATH/transformer_flow.py{' --compile' if args.compile else ''}` "
         f"(ml-tarflow at the path given; {rounds} interleaved rounds of {per_round} steps, median). Both models "
         "at head_dim 64 (ml-tarflow's Model fixes it), 10 classes, label drop 0.1, float32."
     )
-    write_results(f"mltarflow-{'cuda' if torch.cuda.is_available() else 'cpu'}", rows, notes)
+    write_results(f"mltarflow-{device.type}", rows, notes)
 
 
 if __name__ == "__main__":

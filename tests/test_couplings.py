@@ -214,7 +214,7 @@ class _MLP(torch.nn.Module):
         return self.net(torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)
 
 
-def _train_toy(coupling, steps=1500, batch=256):
+def _train_toy(coupling, steps=500, batch=128):
     torch.manual_seed(0)
     model = _MLP()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -238,8 +238,9 @@ def test_ot_cfm_from_a_gaussian_source_learns_the_closed_form_ot_map_in_one_step
     err = {}
     for cls in (MinibatchOTCoupling, IndependentCoupling):
         model = _train_toy(cls(data, source))
-        one_step = sample_ode(model, z, None, solver="euler", steps=1)[0]
-        err[cls.name] = float((one_step - truth).pow(2).sum(-1).mean())
+        with torch.no_grad():
+            one_step = sample_ode(model, z, None, solver="euler", steps=1)[0]
+        err[cls.name] = float((one_step - truth).pow(2).sum(-1).mean())  # 500 x 128: 0.10 vs 1.57 here
     assert err["minibatch-ot"] < 0.15 * s1**2  # close to T (the target's per-point variance is 2 s1^2 = 4.5)
     assert err["independent"] > 4 * err["minibatch-ot"]  # I-CFM's one-step map is far from it
 
