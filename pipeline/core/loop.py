@@ -343,9 +343,9 @@ def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> tupl
     """Whether the training step runs the model under torch.compile, and why (a line for the log).
 
     auto: on for a CUDA run of at least COMPILE_MIN_STEPS steps, where small models are launch-bound and
-    compilation fuses their kernels; off on CPUs, where it was measured not to pay (2-core Xeon, torch 2.14,
-    `make bench`): the digits teacher's step 1.21x faster after a 71 s compile, repaid only after ~6,000 steps,
-    and the conv-S student's step 1.3x slower compiled."""
+    compilation fuses their kernels (not measured yet); off on CPUs, where it was measured not to pay (2-core
+    Xeon, torch 2.14, benchmarks/results/compile-cpu.md and mltarflow-cpu.md): the teacher's step 1.06-1.15x
+    faster after a 30-56 s compile, the conv-S student's 1.06x."""
     if cfg.compile != "auto":
         return cfg.compile == "true", f"train.compile={cfg.compile}"
     if device.type != "cuda":
