@@ -48,7 +48,13 @@ for s in 32 64; do
   step 100 nfm teacher train --preset gpu$s --run-dir /tmp/runs/gpu$s data.name=/tmp/rgb$s \
     train.steps=60 train.log_every=20 train.sample_every=100000 train.ckpt_every=100000
 done
+# the fashion-mnist-gpu preset's teacher step (its img/s decides whether its 3-seed run fits ten minutes;
+# needs Fashion-MNIST on the machine); FASHION_GPU=1 runs the whole preset after the digits run
+step 120 nfm teacher train --preset fashion-mnist-gpu --run-dir /tmp/runs/fgpu-teacher \
+  train.steps=300 train.log_every=50 train.sample_every=0 train.ckpt_every=0
 step 120 python3 benchmarks/pairs_bench.py --reader-gb 1
 tar czf "$OUT/bench.tgz" benchmarks/results/*-cuda.* 2>>"$LOG"
 step 900 nfm run --preset digits --run-dir /tmp/runs/digits
 tar czf "$OUT/runs.tgz" -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' --exclude='*.npy' digits tiny/report.md 2>>"$LOG"
+[ -n "${FASHION_GPU:-}" ] && step 900 nfm run --preset fashion-mnist-gpu --run-dir /tmp/runs/fashion-gpu \
+  && tar czf "$OUT/fashion-gpu.tgz" -C /tmp/runs --exclude='*.safetensors' --exclude='*.pt' fashion-gpu 2>>"$LOG"

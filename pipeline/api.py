@@ -97,30 +97,38 @@ def _output(x: torch.Tensor, output: Output):
 
 class Student:
     """A trained flow-matching student: its velocity network and the settings it was trained with (the
-    export's config.json: model, flow path, data). Call it as v(x, t, y)."""
+    export's config.json: model, flow path, data) and the prior it samples from (`prior`: a Gaussian per class
+    fitted to its pair cache's noise, or None for N(0, I)). Call it as v(x, t, y)."""
 
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any]):
+    def __init__(self, model: torch.nn.Module, config: dict[str, Any], prior: Any = None):
         self.model = model
         self.config = config
+        self.prior = prior  # pipeline.core.prior.FittedPrior | None
 
     @classmethod
     def from_pretrained(
         cls, path_or_repo: str | Path, device: str | torch.device | None = None, revision: str | None = None
     ) -> Student:
         """A student run directory, its ``export/``, or a Hub repo holding an export."""
-        from nfm.student.train import load_student
+        from nfm.student.train import load_student, student_prior
 
-        model, meta = load_student(_local_or_hub(path_or_repo, revision), _device(device))
-        return cls(model, meta)
+        path = _local_or_hub(path_or_repo, revision)
+        model, meta = load_student(path, _device(device))
+        return cls(model, meta, student_prior(path, meta))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write model.safetensors + config.json (the format `nfm student sample` and `from_pretrained` read)."""
-        from nfm.pipeline.core.io import save_tensors, write_json
+        from nfm.pipeline.core.io import save_tensors, sha256_file, write_json
+        from nfm.student.train import PRIOR_NAME
 
         d = Path(directory)
         sd = {k: v.float() for k, v in self.model.state_dict().items()}
         save_tensors(d / "model.safetensors", sd, metadata={"format": "nfm-student"})
-        write_json(d / "config.json", self.config)
+        config = {k: v for k, v in self.config.items() if k != "prior"}
+        if self.prior is not None:
+            self.prior.save(d / PRIOR_NAME)
+            config["prior"] = {**self.config.get("prior", {}), "sha256": sha256_file(d / PRIOR_NAME)}
+        write_json(d / "config.json", config)
         return d
 
     def push_to_hub(self, repo_id: str, private: bool = False, commit_message: str = "nfm student") -> str:
@@ -152,16 +160,22 @@ class Student:
         guidance: float = 0.0,
         seed: int | None = None,
         output: Output = "tensor",
+        prior: str = "auto",
     ):
-        """n samples from the student's own prior (its path's scale; a data-source student starts from
-        held-out source images), integrated with `solver` (euler, midpoint, heun, rk4: `steps` steps;
-        dopri5: adaptive). labels: None cycles the classes, an int or a list picks them. seed: the noise
-        (None: a fresh one)."""
+        """n samples from the student's own prior (its fitted prior if it has one, else its path's N(0, I);
+        prior="gaussian" forces N(0, I); a data-source student starts from held-out source images), integrated
+        with `solver` (euler, midpoint, heun, rk4: `steps` steps; dopri5: adaptive). labels: None cycles the
+        classes, an int or a list picks them. seed: the noise (None: a fresh one)."""
         from nfm.student.sampling import sample_ode, student_inputs
 
+        if prior not in ("auto", "gaussian", "fitted"):
+            raise NFMError(f"prior={prior!r}: choose auto, gaussian or fitted")
+        if prior == "fitted" and self.prior is None:
+            raise NFMError("this student has no fitted prior (it was not trained on a teacher's pairs): prior=gaussian")
         seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
-        inputs = student_inputs(self.config, n, seed=seed, device=self.device)
         y = _labels(labels, n, self.num_classes, self.device)
+        fitted = None if prior == "gaussian" else self.prior
+        inputs = student_inputs(self.config, n, seed=seed, device=self.device, labels=y, prior=fitted)
         x, _ = sample_ode(
             self.model, inputs.z, y, solver=solver, steps=steps, guidance=guidance, num_classes=self.num_classes
         )

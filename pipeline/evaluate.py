@@ -300,7 +300,7 @@ class SweepRow:
 
 @dataclass(frozen=True)
 class TeacherRow:
-    sampler: str  # "decode" or "decode+denoise"
+    sampler: str  # "decode" or "decode+denoise", + FITTED from a fitted prior
     fid: float
     kid: float
     kid_std: float
@@ -364,14 +364,16 @@ def student_sweep(
     dopri5: bool = True,
     dopri5_tol: float = 1e-5,
     straightness_steps: int = 32,
+    prior=None,
     log=print,
 ) -> StudentEval:
-    """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation."""
+    """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation.
+    `prior`: the fitted prior to sample from (student.train.student_prior), None for the path's N(0, I)."""
     from nfm.student.sampling import sample_ode, student_inputs
 
     mc = meta["model"]
     device = next(model.parameters()).device
-    inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels)
+    inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels, prior=prior)
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
     bar = progress(len(plan), f"sweep ({on.n} samples)", "sampler")
@@ -404,39 +406,49 @@ def student_sweep(
     return result
 
 
-def teacher_sweep(teacher, on: EvalSet, *, batch: int = 500, log=print) -> TeacherEval:
+FITTED = "@fitted"  # the suffix of the rows sampled from a fitted prior (teacher: decode@fitted, ...)
+
+
+def teacher_sweep(teacher, on: EvalSet, *, fitted=None, batch: int = 500, log=print) -> TeacherEval:
     """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
-    teachers without `denoise` (a user's own flow) are scored on their decoded samples only."""
+    teachers without `denoise` (a user's own flow) are scored on their decoded samples only. `fitted`: a prior
+    fitted to the teacher's pair cache (pipeline.core.prior, scaled into the teacher's latent space by sigma_f):
+    the same rows again from it (sampler names + FITTED), on the same eps."""
     from nfm.teacher.protocol import prior_std, teacher_device
 
-    inputs = sample_inputs(
-        on.n,
-        tuple(teacher.image_shape),
-        teacher.num_classes,
-        seed=on.seed,
-        prior=prior_std(teacher),
-        labels_like=on.reference_labels,
-        device=teacher_device(teacher),
-    )
-    z, y = inputs.z, inputs.y
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
-    raw, den = [], []
-    bar = progress(on.n, "teacher samples", "img")
-    for i in range(0, on.n, batch):
-        yy = None if y is None else y[i : i + batch]
-        x = teacher.decode(z[i : i + batch], yy)
-        raw.append(x.cpu())
-        if can_denoise:
-            den.append(teacher.denoise(x, yy).cpu())
-        bar.update(len(x))
-    bar.close()
     out = TeacherEval(rows=[], memorisation={})
-    sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
-    for name, x in sets:
-        x = x.clamp(-1, 1)
-        row = TeacherRow(sampler=name, **on.fid_kid(x))
-        log(f"  teacher {name:15s} FID {row.fid:8.3f}  KID {row.kid:.5f}")
-        out.rows.append(row)
-        out.grids[name] = x
-    out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], on.train_images)
+    priors = [("", prior_std(teacher))] + (
+        [(FITTED, fitted.scaled(fitted.scale * prior_std(teacher)))] if fitted else []
+    )
+    for suffix, prior in priors:
+        inputs = sample_inputs(
+            on.n,
+            tuple(teacher.image_shape),
+            teacher.num_classes,
+            seed=on.seed,
+            prior=prior,
+            labels_like=on.reference_labels,
+            device=teacher_device(teacher),
+        )
+        z, y = inputs.z, inputs.y
+        raw, den = [], []
+        bar = progress(on.n, f"teacher samples{suffix}", "img")
+        for i in range(0, on.n, batch):
+            yy = None if y is None else y[i : i + batch]
+            x = teacher.decode(z[i : i + batch], yy)
+            raw.append(x.cpu())
+            if can_denoise:
+                den.append(teacher.denoise(x, yy).cpu())
+            bar.update(len(x))
+        bar.close()
+        sets = [("decode", torch.cat(raw))] + ([("decode+denoise", torch.cat(den))] if can_denoise else [])
+        for name, x in sets:
+            x = x.clamp(-1, 1)
+            row = TeacherRow(sampler=name + suffix, **on.fid_kid(x))
+            log(f"  teacher {row.sampler:22s} FID {row.fid:8.3f}  KID {row.kid:.5f}")
+            out.rows.append(row)
+            out.grids[row.sampler] = x
+        if not suffix:  # memorisation: the N(0, I) samples, as before fitted priors
+            out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], on.train_images)
     return out

@@ -75,6 +75,13 @@ TEACHER_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "fashion-mnist"},
         "train": _train(3000, 64, 2e-3, 200, 100, 1000, 500, 0.999),
     },
+    # the fashion-mnist preset on one GPU, 20x its training images (batch 8x, steps 2.5x), bf16. Sized from the
+    # H200 figures of benchmarks/results/*-cuda.md (a launch-bound step of 16-17 ms); not yet run on a GPU
+    "fashion-mnist-gpu": {
+        "model": {**TARFLOW_SIZES["mnist28-S"], "noise_std": 0.1},
+        "data": {"name": "fashion-mnist"},
+        "train": {**_train(7500, 512, 2e-3, 500, 250, 2500, 2500, 0.9995), "mixed_precision": "bf16"},
+    },
     # a user's own 32x32 / 64x64 RGB images on one GPU: nfm teacher train --preset gpu32 data.name=DIR
     "gpu32": _gpu_teacher(32),
     "gpu64": _gpu_teacher(64),
@@ -100,6 +107,12 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "fashion-mnist"},
         "flow": {"sdot": {"steps": 300, "batch_size": 512}},
         "train": _train(1500, 64, 1e-3, 100, 100, 500, 500, 0.999),
+    },
+    "fashion-mnist-gpu": {
+        "model": dict(STUDENT_SIZES["SiT-XS/4"]),
+        "data": {"name": "fashion-mnist"},
+        "flow": {"sdot": {"steps": 1500, "batch_size": 2048}},
+        "train": {**_train(3750, 512, 1e-3, 250, 250, 1250, 1250, 0.9995), "mixed_precision": "bf16"},
     },
     # unpaired translation MNIST (mnist-5k) -> Fashion-MNIST on a CPU budget: a small transformer, from a data source
     "mnist-to-fashion": {
@@ -137,6 +150,15 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     # 28x28 Fashion-MNIST: about an hour a seed on 2 CPU cores, evaluation included
     "fashion-mnist": _run(
         "fashion-mnist", "fashion-mnist", pairs={"views": 2}, couplings=("nfm", "independent", "minibatch-ot", "sd-ot")
+    ),
+    # the same on one GPU, three seeds, teacher and students on 20x the images (batch 512, bf16; not yet measured
+    # on a GPU: benchmarks/gpu_pass.sh runs it when a device is lent)
+    "fashion-mnist-gpu": _run(
+        "fashion-mnist-gpu",
+        "fashion-mnist-gpu",
+        pairs={"views": 4},
+        couplings=("nfm", "independent", "minibatch-ot", "sd-ot"),
+        seeds=3,
     ),
     # OT-CFM from a data source: MNIST digits -> Fashion-MNIST, no teacher (independent / minibatch-ot / sb)
     "mnist-to-fashion": {

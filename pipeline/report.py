@@ -81,6 +81,13 @@ def _errorbar(ax, xs, rows, metric, **kw):
     return ax.errorbar(xs, ys, yerr=err if any(err) else None, capsize=3, **kw)
 
 
+def _sampler_title(key: str) -> str:
+    """A sampler's name for people: euler-4 -> Euler 4, decode+denoise@fitted -> decode + denoise, fitted prior."""
+    base, fitted = key.removesuffix("@fitted"), key.endswith("@fitted")
+    title = base.replace("euler-", "Euler ").replace("+", " + ")
+    return f"{title}, fitted prior" if fitted else title
+
+
 def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") -> Path:
     """FID against NFE for every student of the comparison (Euler lines, higher-order solvers as points),
     the teacher's samplers and the finite-sample floor as horizontal lines; log-log axes, 95 % intervals."""
@@ -97,8 +104,11 @@ def plot_fid_vs_nfe(results: dict[str, Any], path: Path, metric: str = "fid") ->
             _errorbar(ax, [r["nfe"]], [r], metric, marker=markers.get(r["solver"], "d"), color=color, ms=7)
     teacher = results.get("teacher")
     if teacher:
-        for r, style in zip(teacher["rows"], (":", "--")):
-            ax.axhline(r[metric], color="grey", linestyle=style, label=f"teacher ({r['sampler']})")
+        for r in teacher["rows"]:  # decode dotted, decode+denoise dashed; grey from N(0, I), gold from the fitted prior
+            base, fitted = r["sampler"].removesuffix("@fitted"), r["sampler"].endswith("@fitted")
+            style = "--" if base == "decode+denoise" else ":"
+            ax.axhline(r[metric], color="darkgoldenrod" if fitted else "grey", linestyle=style,
+                       label=f"teacher ({_sampler_title(r['sampler'])})")  # fmt: skip
     floor = results.get("floor")
     if floor is not None:
         f = floor[metric]
@@ -203,6 +213,14 @@ def _intro(results: dict[str, Any]) -> list[str]:
     ]
     if results.get("fid_warning"):
         lines += [f"> **Warning.** {results['fid_warning']}.", ""]
+    fitted = [_label(m) for m, p in (results.get("priors") or {}).items() if p == "fitted"]
+    if fitted:
+        lines += [
+            f"Sampled from the Gaussian fitted per class to their pair cache's noise (the noise they were trained "
+            f"on; `student.sample.prior`): {', '.join(fitted)}. Every other student starts from N(0, I). The "
+            "teacher is scored from both.",
+            "",
+        ]
     if seeds > 1:
         lines += [
             f"Every model was trained {seeds} times (training seeds: teacher, pairs and students; seed k adds 1000 k "
@@ -262,12 +280,16 @@ def _fid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
         st = _cell(res, "straightness", 4)
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {st} |")
     if results.get("teacher"):
-        rows = results["teacher"]["rows"]
-        lines.append(
-            f"| teacher ({' / '.join(r['sampler'] for r in rows)}) | "
-            + " | ".join("" for _ in nfes)
-            + f" | {' / '.join(_cell(r) for r in rows)} | | |"
-        )
+        for fitted in (False, True):  # from N(0, I), then from the prior fitted to its pairs (if evaluated)
+            rows = [r for r in results["teacher"]["rows"] if r["sampler"].endswith("@fitted") == fitted]
+            if not rows:
+                continue
+            names = " / ".join(_sampler_title(r["sampler"].removesuffix("@fitted")) for r in rows)
+            lines.append(
+                f"| teacher{', fitted prior' if fitted else ''} ({names}) | "
+                + " | ".join("" for _ in nfes)
+                + f" | {' / '.join(_cell(r) for r in rows)} | | |"
+            )
     matched = results.get("matched")
     if matched:
         m = next(iter(matched.values()))
@@ -367,7 +389,8 @@ def _versus_teacher(results: dict[str, Any], t_best: dict[str, Any]) -> list[str
         who = "NFM's best sampler" if name == "nfm" else f"`{name[4:-1]}`'s best sampler"
         lines.append(
             f"{who} ({s_best['solver']}, NFE {s_best['nfe']}: {_cell(s_best)}) against its teacher's best "
-            f"({t_best['sampler']}: {_cell(t_best)}): {_compare(s_best, t_best)}{_paired_verdict(s_best, t_best)}."
+            f"({t_best['sampler'].replace('@fitted', ', fitted prior')}: {_cell(t_best)}): {_compare(s_best, t_best)}"
+            f"{_paired_verdict(s_best, t_best)}."
         )
     return [line for pair in zip(lines, [""] * len(lines), strict=True) for line in pair][:-1]
 
@@ -382,7 +405,8 @@ def _knob_table(results: dict[str, Any], nfes: list[int], frontier: Path | None)
         "",
         "NFM students that differ from the default `nfm` row in one setting (same teacher): `eta` scales the noise "
         "added before encoding (× the teacher's η), `views` the pairs per training image, `mix` the fraction of "
-        "each batch given fresh independent noise, `steps` the student's training steps. "
+        "each batch given fresh independent noise, `steps` the student's training steps; `prior=gaussian` is the "
+        "default student itself, sampled from N(0, I) instead of the Gaussian fitted to its pairs' noise. "
         f"Variants trained on {_knob_seeds(results)} seed(s) (`knob_seeds`); the default row on "
         f"{results['students']['nfm']['seeds'] if 'nfm' in results['students'] else 0}.",
         "",
@@ -588,8 +612,7 @@ def plot_side_by_side(
         if "source" in gs:
             rows.append((f"{_label(m)}: its source", [("source images", gs["source"][idx])]))
         keys = _panel_keys(m, [k for k in gs if k != "source"])
-        title = {"decode": "decode", "decode+denoise": "decode + denoise"}
-        rows.append((_label(m), [(title.get(k, k.replace("euler-", "Euler ")), gs[k][idx]) for k in keys]))
+        rows.append((_label(m), [(_sampler_title(k), gs[k][idx]) for k in keys]))
     ncols = max(len(r[1]) for r in rows)
     plt = _pyplot()
     half = (len(idx) + 1) // 2

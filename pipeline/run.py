@@ -44,6 +44,8 @@ import torch
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
+from nfm.pairs.prior import PriorConfig, prior_key, teacher_prior
+from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, spread
 from nfm.pipeline.core.config import (
     AtLeast1,
@@ -61,6 +63,7 @@ from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.pipeline.core.prior import FittedPrior
 from nfm.pipeline.core.rundir import progress, setup_logger
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.pipeline.evaluate import (
@@ -74,7 +77,7 @@ from nfm.pipeline.evaluate import (
     teacher_sweep,
 )
 from nfm.student.sampling import Solver
-from nfm.student.train import StudentRunConfig, load_student, run_student_training
+from nfm.student.train import StudentRunConfig, load_student, run_student_training, student_prior
 from nfm.teacher.protocol import Teacher, load_teacher_spec
 from nfm.teacher.train import TeacherRunConfig, evaluate_bpd, run_teacher_training
 
@@ -86,7 +89,7 @@ class EvalConfig:
     extractor: str = ""  # "" = nfm-DATA for built-in data, else inception-v3-fid-helper
     euler_nfes: tuple[int, ...] = (1, 2, 4, 8)
     higher_solver: Solver = "heun"  # a higher-order solver at a moderate NFE ...
-    higher_steps: int = 4  # ... (heun, 4 steps = NFE 8)
+    higher_steps: int = 4  # ... (heun, 4 steps = NFE 7: its last step is Euler)
     dopri5: bool = True  # adaptive, NFE measured
     straightness_steps: int = 32
     teacher: bool = True  # evaluate the teacher's samples too
@@ -134,6 +137,7 @@ KNOBS = {
     "batch": "student.train.batch_size",
     "width": "student.model.width",
     "time": "student.flow.time",
+    "prior": "student.sample.prior",  # prior=gaussian: the NFM student sampled from N(0, I), not its fitted prior
 }
 SEED_STRIDE = 1000  # seed k adds SEED_STRIDE * k to every training seed
 
@@ -323,18 +327,24 @@ def _stage_knobs(
     data_cfg: DataConfig,
     cache_root: Path,
     stages: _Stages,
+    nfm: Path,
     prefix: str = "",
-) -> dict[str, Path]:
-    """The NFM variants of `knobs`: each its own pair cache (when its pairs settings differ) and student."""
-    out = {}
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """The NFM variants of `knobs`: each its own pair cache (when its pairs settings differ) and student; a knob
+    of the prior alone (prior=gaussian) is the `nfm` student itself (`nfm`: its export), sampled from another
+    prior. Returns the exports and those priors."""
+    out, priors = {}, {}
     for knob in cfg.knobs:
         kc = knob_config(cfg, knob)
+        if kc.pairs == cfg.pairs and replace(kc.student, sample=cfg.student.sample) == cfg.student:
+            out[knob_name(knob)], priors[knob_name(knob)] = nfm, kc.student.sample.prior
+            continue
         t0 = time.perf_counter()
         pairs = build_pairs(teacher, train_data, kc.pairs, cache_root, log=stages.log.info, teacher_info=teacher_info)
         stages.done(f"{prefix}pairs {knob_name(knob)}", pairs.hit, t0)
         scfg = _student_cfg(kc, "nfm", data_cfg, str(pairs.path.resolve()))
         out[knob_name(knob)] = _train_student(scfg, knob_name(knob), "nfm", run_dir, cache_root, stages, prefix)
-    return out
+    return out, priors
 
 
 def budget_flops(cfg: RunConfig, teacher: Teacher, data: ImageDataset, teacher_trained: bool) -> dict[str, float]:
@@ -469,32 +479,48 @@ class _EvalContext:
             log.warning(f"warning: {warning}")
         # the sampling-spread and floor settings are not part of a sweep's inputs
         sweep = to_dict(replace(ev, noise_seeds=0, floor_draws=EvalConfig().floor_draws))
-        key = config_hash({"eval": sweep, "extractor": extractor, "reference": len(reference)})
+        # samplers: 2 since heun's last step is Euler (issue 25): results cached before are not reused
+        key = config_hash({"eval": sweep, "extractor": extractor, "reference": len(reference), "samplers": 2})
         return cls(ev, on, run_dir / "eval", key, log)
 
 
-def _evaluate_teacher(ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig) -> tuple[TeacherEval, bool]:
+def _teacher_prior(pairs: PairBuildResult | None, log) -> tuple[FittedPrior | None, str]:
+    """The prior fitted to the teacher's pair cache, scaled into its noise units (x sigma_f), and a tag for file
+    names ("" without a cache: a run whose couplings read no pairs)."""
+    if pairs is None:
+        return None, ""
+    cache = PairCache(pairs.path)
+    return teacher_prior(cache, log=log), f"-prior{prior_key(cache.key, PriorConfig())[:8]}"
+
+
+def _evaluate_teacher(
+    ctx: _EvalContext, teacher: Teacher, data_cfg: DataConfig, pairs: PairBuildResult | None
+) -> tuple[TeacherEval, bool]:
     ctx.log.info(f"evaluating the teacher ({ctx.ev.n} samples, {ctx.on.extractor})")
+    prior, tag = _teacher_prior(pairs, ctx.log.info)
 
     def compute() -> TeacherEval:
-        out = teacher_sweep(teacher, ctx.on, log=ctx.log.info)
+        out = teacher_sweep(teacher, ctx.on, fitted=prior, log=ctx.log.info)
         if callable(getattr(teacher, "log_prob", None)):
             out.test_bpd = evaluate_bpd(teacher, load_data(data_cfg, "test"))
         out.noise_std = teacher.noise_std
         return out
 
-    return _cached(ctx.eval_dir / f"teacher-{teacher.fingerprint()}-{ctx.key}.json", compute, TeacherEval)
+    return _cached(ctx.eval_dir / f"teacher-{teacher.fingerprint()}-{ctx.key}{tag}.json", compute, TeacherEval)
 
 
-def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float, device) -> tuple[StudentEval, bool]:
+def _evaluate_student(
+    ctx: _EvalContext, coupling: str, export: Path, eta: float, device, prior_choice: str = "auto"
+) -> tuple[StudentEval, bool]:
     ev, on = ctx.ev, ctx.on
-    ctx.log.info(f"evaluating the {coupling} student")
-    model, meta = load_student(export, device)
+    model, meta, prior, tag = _student_for_eval(export, device, prior_choice)
+    ctx.log.info(f"evaluating the {coupling} student (from {'its fitted prior' if prior else 'N(0, I)'})")
 
     def compute() -> StudentEval:
         out = student_sweep(
             model, meta, on, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
-            dopri5=ev.dopri5, dopri5_tol=ev.dopri5_tol, straightness_steps=ev.straightness_steps, log=ctx.log.info,
+            dopri5=ev.dopri5, dopri5_tol=ev.dopri5_tol, straightness_steps=ev.straightness_steps, prior=prior,
+            log=ctx.log.info,
         )  # fmt: skip
         if ev.likelihood:
             from nfm.student.likelihood import student_bpd
@@ -504,14 +530,28 @@ def _evaluate_student(ctx: _EvalContext, coupling: str, export: Path, eta: float
             bar = progress(m, "bits/dim", "img")
             out.likelihood = student_bpd(
                 model, meta, on.reference[:m], on.reference_labels[:m], eta=eta, hutchinson=ev.likelihood_hutchinson,
-                solver=ev.likelihood_solver, progress=lambda n: bar.update(n - bar.n),
+                solver=ev.likelihood_solver, progress=lambda n: bar.update(n - bar.n), prior=prior,
             )  # fmt: skip
             bar.close()
             ctx.log.info(f"  bits/dim {out.likelihood['bits_per_dim']:.4f} ({out.likelihood['divergence']})")
         return out
 
-    fp = sha256_file(export / "model.safetensors")[:16]
-    return _cached(ctx.eval_dir / f"student-{_slug(coupling)}-{fp}-{ctx.key}.json", compute, StudentEval)
+    return _cached(ctx.eval_dir / f"student-{_slug(coupling)}-{tag}-{ctx.key}.json", compute, StudentEval)
+
+
+def _student_for_eval(export: Path, device, prior_choice: str = "auto") -> tuple[Any, dict, FittedPrior | None, str]:
+    """(model, meta, the prior it samples from (student_prior's `prior_choice`), a tag naming both for cached
+    results: the weights' and the fitted prior's checksums)."""
+    model, meta = load_student(export, device)
+    prior = student_prior(export, meta, prior_choice)
+    tag = sha256_file(export / "model.safetensors")[:16] + (f"-prior{meta['prior']['sha256'][:8]}" if prior else "")
+    return model, meta, prior, tag
+
+
+def _prior_used(export: Path, choice: str) -> str:
+    """ "fitted" or "gaussian": what a student evaluated with prior `choice` starts from."""
+    recorded = read_json(Path(export) / "config.json", "student config").get("prior")
+    return "gaussian" if choice == "gaussian" or not recorded else "fitted"
 
 
 def _slug(name: str) -> str:
@@ -519,22 +559,24 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.@-]+", "_", name.replace("=", "")).strip("_")
 
 
-def _sampling_spread(ctx: _EvalContext, name: str, export: Path, base: dict[str, Any], device) -> dict[str, Any]:
+def _sampling_spread(
+    ctx: _EvalContext, name: str, export: Path, base: dict[str, Any], device, prior_choice: str = "auto"
+) -> dict[str, Any]:
     """FID of one trained student at each Euler NFE on eval.noise_seeds more noise seeds (eval.seed + j), with
     the main sweep's value: the spread that sampling noise alone gives at this sample count. Cached."""
     ev = ctx.ev
-    fp = sha256_file(export / "model.safetensors")[:16]
-    path = ctx.eval_dir / f"spread-{_slug(name)}-{fp}-{ctx.key}-{ev.noise_seeds}.json"
+    model, meta, prior, tag = _student_for_eval(export, device, prior_choice)
+    path = ctx.eval_dir / f"spread-{_slug(name)}-{tag}-{ctx.key}-{ev.noise_seeds}.json"
     if path.is_file():
         return read_json(path, "sampling spread")
     ctx.log.info(f"FID sampling spread of the {name} student ({ev.noise_seeds} more noise seeds)")
-    model, meta = load_student(export, device)
     fids = {r["nfe"]: [r["fid"]] for r in base["rows"] if r["solver"] == "euler"}
     for j in range(1, ev.noise_seeds + 1):
         on = replace(ctx.on, seed=ev.seed + j)
         sweep = student_sweep(
-            model, meta, on, euler_nfes=ev.euler_nfes, higher=(), dopri5=False, straightness_steps=1, log=ctx.log.info
-        )
+            model, meta, on, euler_nfes=ev.euler_nfes, higher=(), dopri5=False, straightness_steps=1, prior=prior,
+            log=ctx.log.info,
+        )  # fmt: skip
         for r in sweep.rows:
             fids[r.nfe].append(r.fid)
     out = {"noise_seeds": [ev.seed + j for j in range(ev.noise_seeds + 1)], "euler": {}}
@@ -565,13 +607,13 @@ def _evaluate_seed(
     out_grids: dict[str, dict[str, torch.Tensor]] = {}
     reused_all = True
     if ctx.ev.teacher and run.teacher is not None:
-        res, reused = _evaluate_teacher(ctx, run.teacher, run.data_cfg)
+        res, reused = _evaluate_teacher(ctx, run.teacher, run.data_cfg, run.pairs)
         results["teacher"], reused_all = res.to_json(), reused_all and reused
         if grids:
             out_grids["teacher"] = res.grids
     eta = run.teacher.noise_std if run.teacher else 0.0
     for name, export in run.evaluated.items():
-        res, reused = _evaluate_student(ctx, name, export, eta, device)
+        res, reused = _evaluate_student(ctx, name, export, eta, device, run.priors.get(name, "auto"))
         results["students"][name], reused_all = res.to_json(), reused_all and reused
         if not grids:
             continue
@@ -612,6 +654,7 @@ def _stage_evaluation(
         "data_floor": on.fid_kid(on.train_images[:floor_n]),
         "straightness_steps": ev.straightness_steps,
         "fid_warning": fid_size_warning(on.extractor, ev.n, len(on.reference)),
+        "priors": {name: _prior_used(e, runs[0].priors.get(name, "auto")) for name, e in runs[0].evaluated.items()},
         "knobs": [knob_name(k) for k in cfg.knobs],
         "knob_settings": {knob_name(k): k for k in cfg.knobs},
     }
@@ -620,7 +663,14 @@ def _stage_evaluation(
         results["teacher"] = aggregate_teacher(teachers)
     if ev.noise_seeds:
         results["sampling_spread"] = {
-            name: _sampling_spread(ctx, name, runs[0].evaluated[name], per_seed[0]["students"][name], device)
+            name: _sampling_spread(
+                ctx,
+                name,
+                runs[0].evaluated[name],
+                per_seed[0]["students"][name],
+                device,
+                runs[0].priors.get(name, "auto"),
+            )  # fmt: skip
             for name in names
             if name not in results["knobs"]
         }
@@ -700,6 +750,7 @@ class _SeedRun:
     pairs: PairBuildResult | None
     trained: dict[str, Path]  # every student trained (with the sources of reflow couplings)
     evaluated: dict[str, Path]  # couplings, compute-matched baselines, knob variants
+    priors: dict[str, str]  # the prior each evaluated student is sampled from, where not its own (student_prior)
     costs: _Costs
 
 
@@ -743,11 +794,14 @@ def _train_seed(
         matched = _stage_matched(cfg, run_dir, data_cfg, flops, trained, cache_root, stages, costs, prefix)
         trained.update(matched)
         evaluated.update(matched)
+    priors: dict[str, str] = {}
     if cfg.knobs and k < cfg.knob_seeds:
-        knobs = _stage_knobs(cfg, run_dir, teacher, teacher_info, train_data, data_cfg, cache_root, stages, prefix)
+        knobs, priors = _stage_knobs(
+            cfg, run_dir, teacher, teacher_info, train_data, data_cfg, cache_root, stages, trained["nfm"], prefix
+        )  # fmt: skip
         trained.update(knobs)
         evaluated.update(knobs)
-    return _SeedRun(cfg, teacher, data_cfg, train_data, pairs, trained, evaluated, costs)
+    return _SeedRun(cfg, teacher, data_cfg, train_data, pairs, trained, evaluated, priors, costs)
 
 
 def _check_pair_space(cfg: RunConfig, run_dir: Path, cache_root: Path) -> None:

@@ -20,6 +20,14 @@ SOLVERS = {
     "dopri5": "dopri5",
 }  # -> torchdiffeq
 EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+def fixed_nfe(solver: str, steps: int) -> int:
+    """Velocity evaluations of `steps` steps of a fixed-step solver: heun's last step is Euler (as in EDM's
+    sampler: its correction would evaluate the velocity at t = 1), so it takes 2 steps - 1."""
+    return 2 * steps - 1 if solver == "heun" else EVALS_PER_STEP[solver] * steps
+
+
 GRIDS: tuple[str, ...] = typing.get_args(Grid)
 
 # Named sizes (DiT-style); data-dependent fields come from the data.

@@ -17,7 +17,7 @@ import torch
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import sha256_file
 from nfm.student.paths import ProbPath
-from nfm.student.sampling import EVALS_PER_STEP, Solver, sample_ode
+from nfm.student.sampling import Solver, fixed_nfe, sample_ode
 from nfm.student.train import load_student
 
 
@@ -54,6 +54,8 @@ class StudentGenerator:
     def fingerprint(self) -> str:
         settings = {"solver": self.solver, "steps": None if self.solver == "dopri5" else self.steps,
                     "guidance": self.guidance, "model": self.meta["model"], "flow": self.meta["flow"]}  # fmt: skip
+        if self.solver == "heun":  # heun's last step became Euler (issue 25): its caches from before differ
+            settings["heun"] = "last-step-euler"
         h = hashlib.sha256(self._weights.encode())
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
@@ -66,7 +68,7 @@ class StudentGenerator:
             "coupling": self.meta["flow"].get("coupling"),
             "solver": self.solver,
             "steps": None if self.solver == "dopri5" else self.steps,
-            "nfe": "adaptive" if self.solver == "dopri5" else self.steps * EVALS_PER_STEP[self.solver],
+            "nfe": "adaptive" if self.solver == "dopri5" else fixed_nfe(self.solver, self.steps),
             "guidance": self.guidance,
             "data_name": data.get("name", "?"),
         }

@@ -18,8 +18,9 @@ from torchdiffeq import odeint
 
 from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
+from nfm.pipeline.core.prior import FittedPrior
 from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
-from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver  # noqa: F401 (re-exported)
+from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver, fixed_nfe  # noqa: F401 (re-exported)
 
 
 class CountedVelocity(nn.Module):
@@ -102,6 +103,10 @@ def sample_ode(
         if solver == "dopri5":
             t = torch.tensor([0.0, 1.0], device=x0.device)
             x = odeint(func, x0, t, method="dopri5", rtol=rtol, atol=atol, options=inside(t))[-1]
+        elif solver == "heun":  # EDM's Heun: the last step is Euler, so no evaluation at t = 1
+            t = time_grid(steps, grid, rho).to(x0.device)
+            x = odeint(func, x0, t[:-1], method=SOLVERS[solver])[-1] if steps > 1 else x0
+            x = x + (t[-1] - t[-2]) * func(t[-2], x)
         else:
             t = time_grid(steps, grid, rho).to(x0.device)
             x = odeint(func, x0, t, method=SOLVERS[solver])[-1]
@@ -123,21 +128,26 @@ def student_inputs(
     device: torch.device | str = "cpu",
     label: int | None = None,
     labels_like: torch.Tensor | None = None,
+    prior: FittedPrior | None = None,
+    labels: torch.Tensor | None = None,
 ) -> SampleInputs:
     """Fixed sample inputs for a student export (`meta`: its config.json): its image shape and classes, noise
-    through the prior of its path (pipeline.core.sampling); for a student trained from a data source
-    (flow.source=data:NAME), held-out images of the source instead of the noise, chosen by `seed`."""
+    through the prior of its path (pipeline.core.sampling), or through a fitted prior (train.student_prior) times
+    the path's scale; for a student trained from a data source (flow.source=data:NAME), held-out images of the
+    source instead of the noise, chosen by `seed`."""
     from nfm.student.paths import ProbPath
 
     mc = meta["model"]
+    scale = ProbPath.from_flow(meta["flow"]).prior_scale
     inputs = sample_inputs(
         n,
         (mc["in_channels"], mc["img_size"], mc["img_size"]),
         mc["num_classes"],
         seed=seed,
-        prior=ProbPath.from_flow(meta["flow"]).prior_scale,
+        prior=scale if prior is None else prior.scaled(scale),
         label=label,
         labels_like=labels_like,
+        labels=labels,
         device=device,
     )
     source = meta["flow"].get("source", "gaussian")

@@ -41,7 +41,7 @@ from filelock import FileLock
 
 from nfm.pipeline.core.config import AtLeast1, Positive
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.pipeline.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.rundir import progress
 from nfm.pipeline.core.seeding import derive_seed
 
@@ -268,37 +268,17 @@ def _fit_locked(images, labels, cfg, directory, key_fields, masses, device, dtyp
     return meta
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: the partial state's own checksum
-    (kept in the file's metadata, so the file and its checksum are written in one atomic rename)."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        v = state[k].detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()
-
-
 def _save_partial(path: Path, problems: list[_Problem]) -> None:
     state = {f"g{i}": p.g.cpu() for i, p in enumerate(problems)}
     state.update({f"avg{i}": p.avg.cpu() for i, p in enumerate(problems)})
     state["steps"] = torch.tensor([p.step for p in problems])
-    save_tensors(path, state, metadata={"format": "nfm-sdot-partial", "sha256": _digest(state)})
+    save_state(path, state, "nfm-sdot-partial")
 
 
 def _load_partial(path: Path, problems: list[_Problem], cfg: SDOTConfig) -> list[int]:
     """Restore every problem from a saved state, all or nothing: its checksum, names, shapes, finite values and
     steps in [0, cfg.steps] are checked before anything is copied. Returns the steps."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            digest = (f.metadata() or {}).get("sha256")
-    except Exception as e:  # a header damaged beyond parsing
-        raise NFMError(f"its saved state {path.name} is unreadable ({type(e).__name__})") from e
-    state = load_tensors(path, "semidiscrete OT state")
-    if digest is None or _digest(state) != digest:
-        raise NFMError(f"its saved state {path.name} does not match its checksum (corrupt)")
+    state = load_state(path)
     want = {f"{k}{i}": (len(p.b),) for i, p in enumerate(problems) for k in ("g", "avg")}
     want["steps"] = (len(problems),)
     if {k: tuple(v.shape) for k, v in state.items()} != want:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import nn
 
 from nfm.pairs.lookup import default_cache_root, find_cache
+from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.pipeline.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
 from nfm.pipeline.core.data import DataConfig, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.loop import TrainConfig, train
+from nfm.pipeline.core.prior import FittedPrior, describe
 from nfm.pipeline.core.rundir import log_config, setup_logger
 from nfm.pipeline.core.sampling import sample_and_save
 from nfm.pipeline.core.seeding import BatchRandom
@@ -64,6 +66,9 @@ class StudentSampleConfig:
     grid: Grid = "uniform"
     guidance: float = 0.0
     seed: int = 4321  # fixed preview noise
+    # the prior the student is sampled from, recorded in its export: auto (fitted for pairs of a teacher, N(0, I)
+    # otherwise) | gaussian (N(0, I)) | fitted (a Gaussian per class fitted to the pair cache's noise, pairs.prior)
+    prior: Literal["auto", "gaussian", "fitted"] = added("auto")
 
 
 @dataclass(frozen=True)
@@ -165,13 +170,29 @@ def _cache_data(data: DataConfig, coupling: Coupling) -> DataConfig:
     return data
 
 
-def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
-    """The preview grid: fixed noise through the path's prior (or held-out source images), `sample.steps`
+def training_prior(cfg: StudentRunConfig, coupling: Coupling, log=print) -> tuple[FittedPrior, dict[str, Any]] | None:
+    """The fitted prior this student will be sampled from (fitted to its pair cache once, pairs.prior), or None
+    for N(0, I): sample.prior=fitted, or auto on the pairs of a teacher."""
+    choice, cache = cfg.sample.prior, getattr(coupling, "cache", None)
+    if choice == "fitted" and cache is None:
+        raise NFMError(
+            f"sample.prior=fitted fits the noise of a pair cache, and the {coupling.name} coupling reads none: "
+            "leave sample.prior unset (N(0, I) for this coupling)"
+        )
+    if choice == "gaussian" or cache is None or (choice == "auto" and cache.kind != "teacher"):
+        return None
+    prior, meta = fit_prior(cache, PriorConfig(), log=log)
+    log(f"sampled from the prior fitted to the pair cache's noise ({describe(meta['components'])})")
+    return prior, meta
+
+
+def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path, prior: FittedPrior | None = None) -> None:
+    """The preview grid: fixed noise through the student's prior (or held-out source images), `sample.steps`
     steps of `sample.solver`. From a data source the grid shows (source, sample) side by side."""
     s, mc = cfg.sample, cfg.model
     device = next(model.parameters()).device
     meta = {"model": asdict(mc), "flow": asdict(cfg.flow), "data": asdict(cfg.data)}
-    inputs = student_inputs(meta, s.n, seed=s.seed, device=device)
+    inputs = student_inputs(meta, s.n, seed=s.seed, device=device, prior=prior)
 
     def sampler(z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         opts = dict(solver=s.solver, steps=s.steps, grid=s.grid, guidance=s.guidance, num_classes=mc.num_classes)
@@ -184,12 +205,32 @@ def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path) -> None:
         save_grid(torch.stack([inputs.z.to(x.device), x], 1).flatten(0, 1), path, nrow=10)
 
 
-def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunConfig, extra: dict | None = None):
+PRIOR_NAME = "prior.safetensors"
+
+
+def save_student(
+    model: nn.Module,
+    directory: Path,
+    step: int,
+    cfg: StudentRunConfig,
+    extra: dict | None = None,
+    prior: tuple[FittedPrior, dict[str, Any]] | None = None,
+):
+    """The export: model.safetensors and config.json; with a fitted prior, prior.safetensors beside them and its
+    description (and checksum) under config.json's "prior"."""
     save_tensors(
         Path(directory) / "model.safetensors",
         {k: v.float() for k, v in model.state_dict().items()},
         metadata={"format": "nfm-student"},
     )
+    if prior is not None:
+        prior[0].save(Path(directory) / PRIOR_NAME)
+        p = prior[1]
+        extra = {
+            **(extra or {}),
+            "prior": {"model": p["model"], "key": p["key"], "cache_key": p["cache_key"],
+                      "sha256": sha256_file(Path(directory) / PRIOR_NAME), "components": p["components"]},
+        }  # fmt: skip
     write_json(
         Path(directory) / "config.json",
         {
@@ -204,9 +245,38 @@ def save_student(model: nn.Module, directory: Path, step: int, cfg: StudentRunCo
     )
 
 
+def _export_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    return p / "export" if (p / "export" / "config.json").is_file() else p
+
+
+def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") -> FittedPrior | None:
+    """The prior to sample the student at `path` (meta: its config.json) from: auto (the fitted prior its export
+    records, else N(0, I)) | gaussian (None: N(0, I)) | fitted (its recorded prior, which must exist). The prior
+    file is checked against the checksum in config.json."""
+    if choice not in ("auto", "gaussian", "fitted"):
+        raise NFMError(f"prior={choice!r}: choose auto, gaussian or fitted")
+    info = meta.get("prior")
+    if choice == "gaussian" or (info is None and choice == "auto"):
+        return None
+    d = _export_dir(path)
+    if info is None:
+        raise NFMError(
+            f"the student in {d} records no fitted prior (trained before priors existed, or not on a teacher's "
+            "pairs): sample it with prior=gaussian, or retrain it on a pair cache (sample.prior=fitted)"
+        )
+    f = d / PRIOR_NAME
+    if not f.is_file() or sha256_file(f) != info.get("sha256"):
+        raise NFMError(
+            f"the student's prior {f} is missing or does not match the checksum in its config.json: copy the "
+            "export whole, or sample with prior=gaussian"
+        )
+    return FittedPrior.load(f, "the student's prior")
+
+
 def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, Any]]:
     p = Path(path).expanduser()
-    d = p / "export" if (p / "export" / "config.json").is_file() else p
+    d = _export_dir(p)
     if not (d / "config.json").is_file():
         if (p / "checkpoints").is_dir():
             raise NFMError(
@@ -239,6 +309,7 @@ def run_student_training(
     torch.manual_seed(cfg.train.seed)
     model = build_student(cfg.model)
     path = cfg.flow.make_path()
+    prior = training_prior(cfg, coupling, log=log.info)
     return train(
         run_dir=run_dir,
         cfg=cfg.train,
@@ -246,8 +317,8 @@ def run_student_training(
         batches=coupling.stream(cfg.train.seed, cfg.train.steps, cfg.train.num_workers),
         loss_fn=flow_matching_loss(coupling, path, cfg.flow, cfg.model.class_dropout if cfg.model.num_classes else 0),
         resolved_config=to_dict(cfg),
-        export_fn=lambda m, d, step: save_student(m, d, step, cfg),
-        sample_fn=lambda m, png: sample_grid(m, cfg, png),
+        export_fn=lambda m, d, step: save_student(m, d, step, cfg, prior=prior),
+        sample_fn=lambda m, png: sample_grid(m, cfg, png, prior[0] if prior else None),
         desc=f"student[{coupling.name}]",
         sample_shape=tuple(coupling.image_shape),
         log=log,

@@ -60,7 +60,7 @@ def teacher_loss(eta: float, label_drop: float):
         d = x[0].numel()
         nll = 0.5 * z.float().flatten(1).pow(2).sum(1) + 0.5 * d * math.log(2 * math.pi) - logdet
         loss = nll.mean() / d
-        return loss, {"bpd": float(nll_to_bpd(loss.detach()))}
+        return loss, {"bpd": nll_to_bpd(loss.detach())}
 
     return loss_fn
 

@@ -275,7 +275,8 @@ def test_reflow_cache_holds_the_students_ode_output_bit_for_bit(student, tmp_pat
     res = build_reflow_pairs(gen, 250, cfg, tmp_path, log=lambda *a: None)
     cache = PairCache(res.path)
     index = read_index(res.path)
-    assert len(cache) == 250 and index["provenance"]["solver"] == "heun" and index["provenance"]["nfe"] == 6
+    # heun, 3 steps: 2 x 3 - 1 evaluations (its last step is Euler)
+    assert len(cache) == 250 and index["provenance"]["solver"] == "heun" and index["provenance"]["nfe"] == 5
     assert index["key_fields"]["student"] == gen.fingerprint()
     shard = cache.shard(1)  # pairs 100..199, generated in batches 100..163 and 164..199
     ids = torch.arange(100, 164)

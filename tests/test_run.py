@@ -90,7 +90,11 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
         assert all(math.isfinite(r["fid"]) and r["fid"] > data_floor for r in res["rows"]), name
         # a 20-step student's velocity changes along its 4-step Euler path (exactly 0 only for a constant field)
         assert 0 < res["straightness"] < 10, name
-    assert {r["sampler"] for r in report["teacher"]["rows"]} == {"decode", "decode+denoise"}
+    # the teacher from N(0, I) and from the prior fitted to its pairs; the nfm student from its own (fitted) prior
+    samplers = {"decode", "decode+denoise", "decode@fitted", "decode+denoise@fitted"}
+    assert {r["sampler"] for r in report["teacher"]["rows"]} == samplers
+    assert report["priors"] == {"nfm": "fitted", "independent": "gaussian", "minibatch-ot": "gaussian"}
+    assert "| teacher, fitted prior (decode / decode + denoise) |" in (run / "report.md").read_text()
     for name in ("nfm", "independent", "minibatch-ot"):
         for k in (1, 2):
             assert (run / "samples" / f"{name}-euler-{k}.png").is_file()
@@ -118,6 +122,12 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     log = (run / "log.txt").read_text()
     for stage in ("teacher", "pairs", "student nfm", "student independent", "student minibatch-ot", "evaluation"):
         assert f"[{stage}] reused" in log, stage
+
+    # knobs=prior=gaussian: the nfm student itself, not trained again, scored from N(0, I)
+    _run(tmp_path, "--quiet", "knobs=prior=gaussian")
+    report = json.loads((run / "report.json").read_text())
+    assert report["priors"]["nfm[prior=gaussian]"] == "gaussian" and len(list((run / "students").iterdir())) == 3
+    assert report["students"]["nfm[prior=gaussian]"]["rows"] != report["students"]["nfm"]["rows"]
 
 
 def test_every_coupling_in_one_run_with_its_cost(tmp_path):
@@ -298,7 +308,8 @@ def test_nfm_run_from_a_users_own_flow(tmp_path, user_flow_dir):
     assert "[teacher (--from-teacher)] reused" in p.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert set(report["students"]) == {"nfm"}
-    assert [r["sampler"] for r in report["teacher"]["rows"]] == ["decode"]  # no denoise step: none offered
+    # no denoise step: none offered (from N(0, I) and from the prior fitted to its pairs)
+    assert [r["sampler"] for r in report["teacher"]["rows"]] == ["decode", "decode@fitted"]
     assert "test_bpd" not in report["teacher"]
     index = json.loads(next((tmp_path / "cache" / "pairs").glob("*/pairs.index.json")).read_text())
     assert index["teacher"]["kind"] == "python" and index["teacher"]["arch"] == {"scale": 0.6}
@@ -375,3 +386,19 @@ def test_the_side_by_side_figure_shows_the_class_it_says(tmp_path):
     assert "classes 3, 7, 9, in that order" in caption
     _, caption = plot_side_by_side({"nfm": {"euler-1": x}}, None, tmp_path / "uncond.png")
     assert "the first 10 samples" in caption
+
+
+def test_every_run_preset_is_a_valid_run_and_the_gpu_preset_trains_20x_the_cpu_one():
+    from nfm.pipeline.core.config import build_config
+    from nfm.pipeline.presets import RUN_PRESETS
+    from nfm.pipeline.run import RunConfig, check_run
+
+    cfgs = {name: build_config(RunConfig, preset=p) for name, p in RUN_PRESETS.items()}
+    for cfg in cfgs.values():
+        check_run(cfg)
+    cpu, gpu = cfgs["fashion-mnist"], cfgs["fashion-mnist-gpu"]
+    for stage in ("teacher", "student"):
+        a, b = getattr(cpu, stage).train, getattr(gpu, stage).train
+        assert b.steps * b.batch_size >= 20 * a.steps * a.batch_size, stage
+        assert getattr(gpu, stage).model == getattr(cpu, stage).model  # the same models, trained longer
+    assert gpu.seeds == 3 and gpu.couplings == cpu.couplings

@@ -270,3 +270,72 @@ def test_a_compiled_training_step_trains_the_same_weights_as_eager(tmp_path, mon
     assert as_bool.train.compile == "false"
     with pytest.raises(NFMError, match="'train.compile': 'yes' is not one of auto, true, false"):
         build_config(TeacherRunConfig, preset=preset, overrides=["train.compile=yes"])
+
+
+def _loss_nan_from(call: int):
+    """teacher_loss whose loss turns NaN from call number `call` (1-based) on."""
+    import nfm.teacher.train as tt
+
+    original, count = tt.teacher_loss, {"n": 0}
+
+    def wrapped(eta, label_drop):
+        fn = original(eta, label_drop)
+
+        def loss_fn(model, batch, rng):
+            count["n"] += 1
+            loss, logs = fn(model, batch, rng)
+            return (loss * float("nan") if count["n"] >= call else loss), logs
+
+        return loss_fn
+
+    return wrapped
+
+
+def test_a_diverged_step_is_named_and_no_checkpoint_or_export_carries_it(tmp_path, monkeypatch):
+    import nfm.teacher.train as tt
+
+    # the loss is read once per log window (here 100 steps), yet the error names the step and stops before
+    # the checkpoint at step 4 could save the NaN weights of step 3
+    monkeypatch.setattr(tt, "teacher_loss", _loss_nan_from(4))
+    cfg = tiny_cfg(steps=10, ckpt_every=2, sample_every=0, log_every=100)
+    with pytest.raises(NFMError, match=r"training diverged at step 3 \(loss nan"):
+        run_teacher_training(cfg, tmp_path / "run")
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000002"]
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_the_training_step_reads_nothing_back_from_the_device_between_log_lines(tmp_path, monkeypatch):
+    """Every tensor -> Python number made by the project's code (a host sync on a GPU) is counted: the count
+    depends on the log windows, not on the steps in them. The data pipeline (batches.py) is left out: it reads
+    and checks host tensors before they go to the device."""
+    import sys
+    from pathlib import Path
+
+    import nfm.pipeline
+    import nfm.student
+    import nfm.teacher
+
+    roots = tuple(str(Path(m.__file__).resolve().parent) for m in (nfm.pipeline, nfm.student, nfm.teacher))
+    tests = str(Path(__file__).resolve().parent)
+    counts = {"n": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *a, **k):
+            f = sys._getframe(1).f_code.co_filename
+            if f.startswith(roots) and not f.startswith(tests) and not f.endswith("batches.py"):
+                counts["n"] += 1
+            return original(self, *a, **k)
+
+        return method
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__format__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    seen = []
+    for steps in (4, 12):
+        counts["n"] = 0
+        cfg = tiny_cfg(steps=steps, ckpt_every=0, sample_every=0, log_every=steps)
+        run_teacher_training(cfg, tmp_path / f"run{steps}")
+        seen.append(counts["n"])
+    assert seen[0] == seen[1], f"host reads grow with the steps: {seen[0]} for 4 steps, {seen[1]} for 12"

@@ -1,8 +1,9 @@
-"""`nfm pairs build | ls | verify | rm`."""
+"""`nfm pairs build | ls | prior | verify | rm | push | pull`."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from nfm.pipeline.cli import options
@@ -97,12 +98,15 @@ def cmd_ls(args) -> int:
     from nfm.pairs.format import INDEX_NAME
 
     root = options.cache_root(args)
-    cols = ["key", "kind", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete", "origin"]
+    from nfm.pairs.prior import META_NAME, PriorConfig, prior_key, priors_root
+
+    cols = ["key", "kind", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete", "origin", "prior"]
     rows = []
     for d in sorted(root.glob("*")) if root.is_dir() else []:
         if (d / INDEX_NAME).is_file():
             try:
-                rows.append(cache_summary(d))
+                fitted = (priors_root(root) / prior_key(d.name, PriorConfig()) / META_NAME).is_file()
+                rows.append({**cache_summary(d), "prior": "fitted" if fitted else "-"})
             except NFMError as e:
                 rows.append({**dict.fromkeys(cols, ""), "key": d.name, "teacher": "?", "data": f"unreadable: {e}"})
                 rows[-1]["complete"] = False
@@ -209,6 +213,31 @@ def _reflow_settings(prov: dict) -> tuple[str, int, float]:
     return solver, steps, float(guidance)
 
 
+def cmd_prior(args) -> int:
+    """fit (once) and show the Gaussian prior of a cache's noise, per class
+
+    The prior a student of these pairs is sampled from (`student.sample.prior`, `nfm teacher sample --prior
+    fitted`): per class the mean and the OAS-shrunk covariance of the noise, and one component pooled over every
+    row. Fitted on first use and stored beside the cache (CACHE_ROOT/../priors/KEY); this command fits it ahead of
+    time and prints what it is against N(0, I): rows, mean norm, the range of the variances and of the covariance
+    eigenvalues, KL to N(0, I) in nats.
+    """
+    from nfm.pairs.lookup import find_cache
+    from nfm.pairs.prior import PriorConfig, fit_prior, prior_dir
+    from nfm.pairs.reader import FLOW_KINDS, PairCache
+
+    cache = PairCache(find_cache(args.key, options.cache_root(args)), kinds=FLOW_KINDS, reader="a fitted prior")
+    pcfg = PriorConfig(per_class=not args.pooled)
+    _, meta = fit_prior(cache, pcfg)
+    comps = meta["components"]
+    names = [f"class {c}" for c in range(len(comps) - 1)] + ["pooled"]
+    cols = ["component", "rows", "mean_norm", "var_min", "var_max", "eig_min", "eig_max", "kl_to_standard", "shrinkage"]
+    _print_table([{"component": n, **c} for n, c in zip(names, comps)], cols)
+    dim = math.prod(meta["shape"])
+    print(f"prior {meta['key']} of pair cache {cache.key} ({dim} dimensions): {prior_dir(cache, pcfg)}")
+    return 0
+
+
 def cmd_rm(args) -> int:
     """delete a pair cache (only a cache under the cache root, and only its own files)"""
     from filelock import FileLock, Timeout
@@ -288,6 +317,11 @@ def register(stages: argparse._SubParsersAction) -> None:
     options.add_config_layers(p, "pairs.shard_mb=64 data.held_out=0.1")
 
     p = options.add_command(sub, "ls", cmd_ls)
+    options.add_cache_dir(p)
+
+    p = options.add_command(sub, "prior", cmd_prior)
+    p.add_argument("key", help="cache key, unique key prefix, or cache directory")
+    p.add_argument("--pooled", action="store_true", help="one Gaussian over every row, not one per class")
     options.add_cache_dir(p)
 
     p = options.add_command(sub, "verify", cmd_verify)

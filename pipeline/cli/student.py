@@ -43,12 +43,13 @@ def cmd_sample(args) -> int:
     """sample a trained student with an ODE solver"""
     from nfm.pipeline.core.sampling import save_samples
     from nfm.student.sampling import sample_ode, student_inputs
-    from nfm.student.train import load_student
+    from nfm.student.train import load_student, student_prior
 
     device = options.device(args)
     model, meta = load_student(args.run, device)
     mc = meta["model"]
-    inputs = student_inputs(meta, args.n, seed=args.seed, device=device, label=args.label)
+    prior = student_prior(args.run, meta, args.prior)
+    inputs = student_inputs(meta, args.n, seed=args.seed, device=device, label=args.label, prior=prior)
     t0 = time.perf_counter()
     x, stats = sample_ode(
         model, inputs.z, inputs.y, solver=args.solver, steps=args.steps, grid=args.grid, guidance=args.guidance,
@@ -56,10 +57,11 @@ def cmd_sample(args) -> int:
     )  # fmt: skip
     dt = time.perf_counter() - t0
     base = options.samples_path(args, _run_dir(args.run), f"sample-{args.solver}-{stats['nfe']}")
-    meta_str = {k: str(v) for k, v in stats.items()}
+    meta_str = {**{k: str(v) for k, v in stats.items()}, "prior": "fitted" if prior else "gaussian"}
     png = save_samples(x, inputs, mc["num_classes"], base, tensors=True, metadata=meta_str)
     print(
-        f"{args.n} samples, solver {args.solver}, NFE {stats['nfe']} ({stats['forward_passes']} forward passes), "
+        f"{args.n} samples from {'the fitted prior' if prior else 'N(0, I)'}, solver {args.solver}, "
+        f"NFE {stats['nfe']} ({stats['forward_passes']} forward passes), "
         f"{dt:.2f}s ({args.n / dt:.0f} img/s) -> {png}"
     )
     return 0
@@ -75,7 +77,7 @@ def cmd_eval(args) -> int:
     from nfm.pipeline.core.config import from_dict
     from nfm.pipeline.core.data import DataConfig, load_data
     from nfm.student.likelihood import student_bpd
-    from nfm.student.train import load_student
+    from nfm.student.train import load_student, student_prior
 
     model, meta = load_student(args.run, options.device(args))
     data_cfg = from_dict(DataConfig, {**meta.get("data", {}), **({"name": args.data} if args.data else {})})
@@ -92,7 +94,7 @@ def cmd_eval(args) -> int:
     t0 = time.perf_counter()
     res = student_bpd(
         model, meta, x, y, eta=args.eta, hutchinson=args.hutchinson, solver=args.solver, batch=args.batch_size,
-        progress=lambda n: print(f"  {n}/{len(x)} images", flush=True),
+        progress=lambda n: print(f"  {n}/{len(x)} images", flush=True), prior=student_prior(args.run, meta, args.prior),
     )  # fmt: skip
     res = {"split": args.split, **res, "seconds": round(time.perf_counter() - t0, 1)}
     out = _run_dir(args.run) / f"eval-likelihood-{args.split}.json"
@@ -125,10 +127,19 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default 0)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    p.add_argument(
+        "--prior", default="auto", choices=("auto", "gaussian", "fitted"),
+        help="the noise to start from: auto (the prior the export records: fitted to its pair cache for a student "
+        "of a teacher's pairs, else N(0, I)), gaussian (N(0, I)), fitted (the recorded one, required)",
+    )  # fmt: skip
     options.add_sample_outputs(p)
 
     p = options.add_command(sub, "eval", cmd_eval)
     p.add_argument("run", help="student run directory or export directory")
+    p.add_argument(
+        "--prior", default="auto", choices=("auto", "gaussian", "fitted"),
+        help="the density at the noise end: auto (the export's fitted prior if it records one, else N(0, I))",
+    )  # fmt: skip
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--data", help="evaluate on another data source (default: the student's own)")
     p.add_argument("--n", type=int, default=0, help="first N images only (default: all)")

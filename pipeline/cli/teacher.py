@@ -37,12 +37,25 @@ def cmd_sample(args) -> int:
 
     device = options.device(args)
     model = load_teacher(args.run, device)
+    prior = args.temperature * model.prior_std.cpu()
+    if args.prior == "fitted":
+        if not args.pairs:
+            raise NFMError("--prior fitted: the Gaussian fitted to a pair cache of this teacher; add --pairs KEY")
+        from nfm.pairs.lookup import find_cache
+        from nfm.pairs.prior import teacher_prior
+        from nfm.pairs.reader import PairCache
+
+        cache = PairCache(find_cache(args.pairs, options.cache_root(args)), kinds=("teacher",), reader="--prior fitted")
+        fitted = teacher_prior(cache, model.fingerprint())
+        prior = fitted.scaled(fitted.scale * prior)
+    elif args.pairs:
+        raise NFMError("--pairs names the cache whose fitted prior --prior fitted samples from: add --prior fitted")
     inputs = sample_inputs(
         args.n,
         model.image_shape,
         model.num_classes,
         seed=args.seed,
-        prior=args.temperature * model.prior_std.cpu(),
+        prior=prior,
         label=args.label,
         device=device,
     )
@@ -149,6 +162,13 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--annealed", action="store_true", help="anneal guidance linearly over the patches")
     p.add_argument("--attn-temp", type=float, default=1.0, help="attention temperature of the unguided branch")
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature (default 1)")
+    p.add_argument(
+        "--prior", choices=("gaussian", "fitted"), default="gaussian",
+        help="gaussian: N(0, I) (default); fitted: the Gaussian fitted per class to the noise of --pairs KEY (a pair "
+        "cache of this teacher: the encodings a student of it trains on)",
+    )  # fmt: skip
+    p.add_argument("--pairs", help="with --prior fitted: the pair cache (key, prefix or directory) to fit it to")
+    options.add_cache_dir(p)
     p.add_argument("--no-denoise", action="store_true", help="skip the score denoising step")
     p.add_argument(
         "--decoder",

@@ -211,3 +211,36 @@ def load_torch_weights(path: str | Path, what: str) -> Any:
             f"{what} {path} cannot be read with torch.load(weights_only=True) ({first}): it is corrupt or not a "
             "torch file"
         ) from None
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_state(path: str | Path, state: dict[str, torch.Tensor], fmt: str) -> None:
+    """Save the saved state of interrupted work (a fit's partial sums, iterates) with its own checksum in the
+    file's metadata, so the file and its checksum are written in one atomic rename."""
+    save_tensors(path, state, metadata={"format": fmt, "sha256": tensors_digest(state)})
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state saved by `save_state`, whole or not at all: NFMError (the reason, naming the file) when the file is
+    unreadable or does not match its checksum. The caller checks names, shapes and values."""
+    from safetensors import safe_open
+
+    name = Path(path).name
+    try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get("sha256")
+    except Exception as e:  # a header damaged beyond parsing
+        raise NFMError(f"its saved state {name} is unreadable ({type(e).__name__})") from e
+    state = load_tensors(path, "saved state")
+    if digest is None or tensors_digest(state) != digest:
+        raise NFMError(f"its saved state {name} does not match its checksum (corrupt)")
+    return state

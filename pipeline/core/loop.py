@@ -54,7 +54,9 @@ from nfm.pipeline.core.rundir import (
 )
 from nfm.pipeline.core.seeding import BatchRandom
 
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[
+    [nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, torch.Tensor | float]]
+]
 
 
 @dataclass(frozen=True)
@@ -177,13 +179,16 @@ class _Session:
             except Exception as e:  # any failure: this checkpoint is not used, nothing of it was loaded
                 self.log.warning(f"skipping checkpoint {ckpt}: {e} ({type(e).__name__})")
 
-    def optimizer_step(self, batch: tuple[torch.Tensor, ...], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step on this process's part of the global batch, in grad_accum micro-batches."""
+    def optimizer_step(self, batch: tuple[torch.Tensor, ...], loss_fn: LossFn) -> dict[str, Any]:
+        """One optimizer step on this process's part of the global batch, in grad_accum micro-batches.
+
+        The logged values stay on the device (a float per step would wait for the device every step): `settle`
+        brings a window of them to the host at once and stops at a non-finite one."""
         acc, cfg, micro = self.acc, self.cfg, self.micro
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        logs: dict[str, float] = {}
+        logs: dict[str, Any] = {}
         for m in range(cfg.grad_accum):
             part = tuple(t[m * micro : (m + 1) * micro].to(acc.device, non_blocking=True) for t in batch)
             sync = m == cfg.grad_accum - 1
@@ -197,27 +202,43 @@ class _Session:
                     rng = BatchRandom(cfg.seed, self.step, offset, micro, cfg.batch_size, acc.device)
                     loss, extra = loss_fn(self.model, part, rng)
                 acc.backward(loss / cfg.grad_accum)
-            for k, v in {"loss": float(loss.detach()), **extra}.items():
+            for k, v in {"loss": loss, **extra}.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else v
                 logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm) or not math.isfinite(logs["loss"]):
-            raise NFMError(
-                f"training diverged at step {self.step} (loss {logs['loss']}, grad norm {grad_norm}). "
-                f"The newest checkpoint under {self.run_dir / 'checkpoints'} is intact: lower train.lr or raise "
-                "train.warmup_steps, and rerun"
-            )
+        logs["grad_norm"] = self._grad_norm()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.raw_model, self.step)
         self.step += 1
-        return {**logs, "grad_norm": grad_norm, "lr": lr}
+        return {**logs, "lr": lr}
 
-    def _grad_norm(self) -> float:
+    def _grad_norm(self) -> torch.Tensor:
         """Clip to cfg.grad_clip (when > 0) and return the global gradient norm before clipping."""
         params = self.model.parameters()
         if self.cfg.grad_clip > 0:
-            return float(self.acc.clip_grad_norm_(params, self.cfg.grad_clip))
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            return self.acc.clip_grad_norm_(params, self.cfg.grad_clip).detach().float()
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).float()
+
+    def settle(self, window: list[dict[str, Any]]) -> None:
+        """Bring the window's logged values to the host in one transfer (in place), and stop at the first step
+        whose loss or gradient norm is not finite: called before anything (a log line, a checkpoint, a preview,
+        the export) could carry that step's weights. window[-1] is the step just taken."""
+        todo = [i for i, w in enumerate(window) if any(isinstance(v, torch.Tensor) for v in w.values())]
+        if not todo:
+            return
+        keys = list(window[todo[0]])
+        device = self.acc.device
+        values = torch.stack([torch.stack([torch.as_tensor(window[i][k], dtype=torch.float32, device=device)
+                                           for k in keys]) for i in todo]).tolist()  # fmt: skip
+        for i, row in zip(todo, values):
+            window[i] = dict(zip(keys, row))
+            if not (math.isfinite(window[i]["loss"]) and math.isfinite(window[i]["grad_norm"])):
+                step = self.step - len(window) + i
+                raise NFMError(
+                    f"training diverged at step {step} (loss {window[i]['loss']}, grad norm "
+                    f"{window[i]['grad_norm']}). The newest checkpoint under {self.run_dir / 'checkpoints'} is "
+                    "intact: lower train.lr or raise train.warmup_steps, and rerun"
+                )
 
     def log_window(self, window: list[dict[str, float]], seconds: float, lr: float, metrics_path: Path) -> None:
         """Mean of the logged values over the window (across processes), to metrics.jsonl and the log."""
@@ -450,14 +471,18 @@ def train(
                 lr = logs.pop("lr")
                 window.append(logs)
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "grad_norm"}, refresh=False)
+                ckpt = cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps
+                show = cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps
+                if s.step % cfg.log_every == 0 or s.step == cfg.steps or ckpt or show or stop.requested:
+                    s.settle(window)  # the only wait for the device between log lines
                 if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in window[-1].items() if k != "grad_norm"}, refresh=False)
                     s.log_window(window, time.perf_counter() - t_window, lr, metrics_path)
                     window, t_window = [], time.perf_counter()
-                if cfg.ckpt_every and s.step % cfg.ckpt_every == 0 and s.step < cfg.steps:
+                if ckpt:
                     s.checkpoint()
                     last_ckpt = s.step
-                if cfg.sample_every and s.step % cfg.sample_every == 0 and s.step < cfg.steps:
+                if show:
                     preview()
                 if stop.requested:
                     if last_ckpt != s.step:
@@ -468,6 +493,7 @@ def train(
                     s.log.info(f"interrupted at step {s.step}; checkpoint saved. Rerun the same command to resume.")
                     raise Interrupted(f"interrupted at step {s.step}")
         bar.close()
+        s.settle(window)
         if last_ckpt != s.step:
             s.checkpoint()
         preview()

@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = {
     "train.num_workers",
     "train.log_with",
     "train.compile",
+    "sample.prior",  # the prior a student is sampled from: previews and its export, not its weights
 }
 
 

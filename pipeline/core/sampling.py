@@ -2,7 +2,8 @@
 
     eps ~ N(0, I) from a generator seeded by `seed` (on the CPU: the same on every device)
     z   = prior * eps                 the model's prior: the teacher's per-pixel std x temperature,
-                                      the student path's prior scale (20 for ve), 1 otherwise
+                                      the student path's prior scale (20 for ve), 1 otherwise;
+        = prior.transform(eps, y)     or a Gaussian fitted per class to a pair cache's noise (core.prior)
     y   = label | labels like a reference set | 0, 1, ..., K-1, 0, 1, ... (column k of a grid = class k)
     x   = sampler(z, y)               the teacher's decode, the student's ODE solve
     grid: K columns when the labels cycle through the K classes
@@ -21,6 +22,7 @@ import torch
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import save_tensors
+from nfm.pipeline.core.prior import FittedPrior
 
 Sampler = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (z, y) on the device -> x
 
@@ -60,21 +62,24 @@ def sample_inputs(
     num_classes: int,
     *,
     seed: int,
-    prior: torch.Tensor | float = 1.0,
+    prior: torch.Tensor | float | FittedPrior = 1.0,
     label: int | None = None,
     labels_like: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> SampleInputs:
+    """`labels`: each sample's label as given (-1: none), else `sample_labels(label, labels_like)`."""
     if n <= 0:
         raise NFMError(f"the number of samples must be positive, got {n}")
     eps = torch.randn(n, *image_shape, generator=torch.Generator().manual_seed(seed))
-    y = sample_labels(n, num_classes, label, labels_like)
+    y = labels.cpu().long() if labels is not None else sample_labels(n, num_classes, label, labels_like)
+    z = prior.transform(eps, y) if isinstance(prior, FittedPrior) else eps * prior
     return SampleInputs(
         eps=eps,
-        z=(eps * prior).to(device),
+        z=z.to(device),
         labels=y,
         y=None if y is None else y.to(device),
-        cycled=y is not None and label is None and labels_like is None,
+        cycled=y is not None and label is None and labels_like is None and labels is None,
     )
 
 

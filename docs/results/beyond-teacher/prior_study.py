@@ -1,0 +1,156 @@
+"""The prior ceiling (issue 25): where the NFM student of an `nfm run` starts from, and what that is worth.
+
+For every training seed of a finished `nfm run` directory, the NFM student and its teacher are scored (FID of
+eval.n samples against the held-out split, the run's own feature network, noise seed and labels) when started
+from
+
+    N(0, I)                 what every report did before the fitted prior
+    fitted                  the Gaussian fitted per class to the pair cache's noise (pairs.prior): the default now
+    held-out encodings      the teacher's encodings of the held-out images themselves (x + eta eps, the pairs'
+                            recipe): the noise the student was trained on, for images it never saw. A ceiling for
+                            any prior: it needs the held-out images
+
+and, as a control with no teacher and no student, the same Gaussian fitted per class to the training *pixels*
+(mean + OAS-shrunk covariance): what the Gaussian alone is worth. It also prints each cache's per-class noise
+statistics (prior.json).
+
+    python docs/results/beyond-teacher/prior_study.py RUN_DIR [--out FILE.json] [--nfes 1,2,4,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from nfm.pairs.prior import PriorConfig, fit_prior, teacher_prior
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.core.config import from_dict
+from nfm.pipeline.core.data import load_data
+from nfm.pipeline.core.io import read_json
+from nfm.pipeline.core.prior import FittedPrior, Moments
+from nfm.pipeline.core.sampling import sample_inputs
+from nfm.pipeline.evaluate import EvalSet, default_extractor
+from nfm.pipeline.run import RunConfig, seeded
+from nfm.student.sampling import sample_ode, student_inputs
+from nfm.student.train import load_student, student_prior
+from nfm.teacher.export import load_teacher
+from nfm.teacher.protocol import prior_std
+
+
+def _students(run: Path) -> dict[int, Path]:
+    """The NFM student export of each training seed (by its train.seed)."""
+    out = {}
+    for cfg_path in sorted((run / "students").glob("nfm-*/config.json")):
+        c = read_json(cfg_path, "student config")
+        if c["flow"]["coupling"] == "nfm" and (cfg_path.parent / "export" / "config.json").is_file():
+            out[c["train"]["seed"]] = cfg_path.parent / "export"
+    return out
+
+
+def _teachers(run: Path) -> dict[str, Path]:
+    return {load_teacher(d).fingerprint(): d for d in sorted(run.glob("teacher-*/export"))}
+
+
+def _held_out_noise(teacher, cache: PairCache, images: torch.Tensor, labels: torch.Tensor, n: int, seed: int):
+    """n held-out images (cycled), noised as the pairs were (x + eta eps), encoded: z / (prior_std sigma_f)."""
+    idx = torch.arange(n) % len(images)
+    g = torch.Generator().manual_seed(seed)
+    x = images[idx] + cache.index["noise_std"] * torch.randn(images[idx].shape, generator=g)
+    y = labels[idx]
+    z = torch.cat([teacher.encode(x[i : i + 500], y[i : i + 500]) for i in range(0, n, 500)])
+    return (z.float() / (prior_std(teacher) * cache.sigma_f)), y
+
+
+def _pixel_gaussian(images: torch.Tensor, labels: torch.Tensor, classes: int) -> FittedPrior:
+    m = Moments.zeros(classes + 1, images[0].numel())
+    m.add(images, labels)
+    m.count[-1], m.s1[-1], m.s2[-1] = m.count[:-1].sum(), m.s1[:-1].sum(0), m.s2[:-1].sum(0)
+    return FittedPrior.from_moments(m, tuple(images.shape[1:]))[0]
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--nfes", default="1,2,4,8")
+    args = ap.parse_args()
+    nfes = [int(k) for k in args.nfes.split(",")]
+    saved = read_json(args.run / "config.json", "run config")  # the run's config, with the preset and teacher
+    cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k not in ("preset", "from_teacher")})
+    ev = cfg.eval
+    data_cfg = cfg.teacher.data
+    reference, ref_labels = load_data(data_cfg, "test").tensors()
+    train_images, train_labels = load_data(data_cfg, "train").tensors()
+    on = EvalSet(reference, ref_labels, train_images, ev.extractor or default_extractor(data_cfg.name), ev.n, ev.seed)
+    students, teachers = _students(args.run), _teachers(args.run)
+    results: dict = {"run": str(args.run), "n": ev.n, "extractor": on.extractor, "nfes": nfes, "seeds": []}
+
+    classes = int(ref_labels.max()) + 1
+    pixel = _pixel_gaussian(train_images, train_labels, classes)
+    x = sample_inputs(ev.n, tuple(reference.shape[1:]), classes, seed=ev.seed, prior=pixel,
+                      labels_like=ref_labels).z.clamp(-1, 1)  # fmt: skip
+    results["pixel_gaussian"] = on.fid_kid(x)["fid"]
+    print(f"per-class Gaussian of the training pixels: FID {results['pixel_gaussian']:.3f}", flush=True)
+
+    for k in range(cfg.seeds):
+        sc = seeded(cfg, k)
+        export = students[sc.student.train.seed]
+        model, meta = load_student(export)
+        cache = PairCache(meta["flow"]["pairs"])
+        teacher = load_teacher(teachers[cache.index["key_fields"]["teacher"]])
+        _, prior_meta = fit_prior(cache, PriorConfig(), log=lambda *a: None)
+        row: dict = {"seed": k, "student": str(export), "cache": cache.key, "prior": prior_meta["components"]}
+        fitted = student_prior(export, meta, "fitted")
+        noise, y = _held_out_noise(teacher, cache, reference, ref_labels, ev.n, ev.seed)
+        starts = {
+            "N(0, I)": student_inputs(meta, ev.n, seed=ev.seed, labels_like=ref_labels),
+            "fitted": student_inputs(meta, ev.n, seed=ev.seed, labels_like=ref_labels, prior=fitted),
+        }
+        starts = {name: (i.z, i.y) for name, i in starts.items()} | {"held-out encodings": (noise, y)}
+        for name, (z, yy) in starts.items():
+            row[name] = {}
+            for steps in nfes:
+                xs = sample_ode(model, z, yy, solver="euler", steps=steps, num_classes=meta["model"]["num_classes"])[0]
+                row[name][steps] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+            print(f"seed {k} NFM from {name:20s} " + " ".join(f"E{s} {f:7.3f}" for s, f in row[name].items()),
+                  flush=True)  # fmt: skip
+        tp = teacher_prior(cache, teacher.fingerprint(), log=lambda *a: None)
+        for name, p in (("N(0, I)", prior_std(teacher)), ("fitted", tp.scaled(tp.scale * prior_std(teacher)))):
+            inputs = sample_inputs(ev.n, tuple(reference.shape[1:]), classes, seed=ev.seed, prior=p,
+                                   labels_like=ref_labels)  # fmt: skip
+            xs = torch.cat([teacher.denoise(teacher.decode(inputs.z[i : i + 500], inputs.y[i : i + 500]),
+                                            inputs.y[i : i + 500]) for i in range(0, ev.n, 500)])  # fmt: skip
+            row[f"teacher {name}"] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+            print(f"seed {k} teacher (decode + denoise) from {name}: FID {row[f'teacher {name}']:.3f}", flush=True)
+        results["seeds"].append(row)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+    _table(results)
+
+
+def _table(r: dict) -> None:
+    def cell(values: list[float]) -> str:
+        m = sum(values) / len(values)
+        if len(values) < 2:
+            return f"{m:.2f}"
+        sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+        t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
+        return f"{m:.2f} ± {t * sd / math.sqrt(len(values)):.2f}"
+
+    print("\n| NFM student started from | " + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")
+    print("|---|" + "---|" * len(r["nfes"]))
+    for name in ("N(0, I)", "fitted", "held-out encodings"):
+        cells = [cell([s[name][steps] for s in r["seeds"]]) for steps in r["nfes"]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for name in ("N(0, I)", "fitted"):
+        print(f"| teacher decode + denoise from {name} | {cell([s[f'teacher {name}'] for s in r['seeds']])} |")
+    print(f"| per-class Gaussian of the training pixels (no teacher, no student) | {r['pixel_gaussian']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
