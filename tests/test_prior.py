@@ -261,6 +261,8 @@ def test_pairs_prior_prints_each_class_against_n01_and_ls_says_which_caches_have
     assert f"of pair cache {cache.name} (64 dimensions)" in lines[12]
     ls = run_nfm_inline("pairs", "ls", "--cache-dir", cache.parent).stdout.splitlines()
     assert ls[0].split()[-1] == "prior" and ls[1].split()[-1] == "fitted"
+    v = run_nfm_inline("pairs", "verify", cache.name, "--cache-dir", cache.parent, "--samples", 0)
+    assert v.returncode == 0 and "fitted prior" in v.stdout and "checksum ok; 10 class component(s): KL" in v.stdout
 
 
 def test_the_fitted_priors_density_is_the_multivariate_normals():

@@ -138,6 +138,7 @@ def cmd_verify(args) -> int:
     kind = cache_kind(index)
     took = time.perf_counter() - t0
     print(f"{len(index['shards'])} shards, {index['total_rows']} rows: checksums and key ok ({took:.1f}s)")
+    _verify_prior(cache_dir)
     model = args.from_student if kind == "reflow" else args.teacher
     if args.from_student and kind != "reflow":
         raise NFMError(f"--from-student checks reflow pairs; {cache_dir.name} holds {kind} rows: use --teacher")
@@ -161,6 +162,17 @@ def cmd_verify(args) -> int:
     mark_verified(cache_dir, how)
     print(f"pair cache {cache_dir.name}: OK")
     return 0
+
+
+def _verify_prior(cache_dir) -> None:
+    """The cache's fitted prior, if it has one: its checksum and its cache key checked, its statistics in a line."""
+    from nfm.pairs.prior import META_NAME, PriorConfig, load_prior, prior_key, priors_root
+    from nfm.pipeline.core.prior import describe
+
+    d = priors_root(cache_dir.parent) / prior_key(cache_dir.name, PriorConfig())
+    if (d / META_NAME).is_file():
+        _, meta = load_prior(d, cache_dir.name)
+        print(f"fitted prior {meta['key']}: checksum ok; {describe(meta['components'])}")
 
 
 def _check_against(args, cache_dir, index: dict, kind: str) -> dict:

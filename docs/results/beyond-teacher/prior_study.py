@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from nfm.pairs.prior import PriorConfig, fit_prior, teacher_prior
 from nfm.pairs.reader import PairCache
+from nfm.pipeline.aggregate import interval
 from nfm.pipeline.core.config import from_dict
 from nfm.pipeline.core.data import load_data
 from nfm.pipeline.core.io import read_json
@@ -41,13 +41,35 @@ from nfm.teacher.export import load_teacher
 from nfm.teacher.protocol import prior_std
 
 
-def _students(run: Path) -> dict[int, Path]:
-    """The NFM student export of each training seed (by its train.seed)."""
+def _students(run: Path, steps: int) -> dict[tuple[str, int], Path]:
+    """The student export of each coupling and training seed (its train.seed) trained the run's `steps`."""
     out = {}
-    for cfg_path in sorted((run / "students").glob("nfm-*/config.json")):
+    for cfg_path in sorted((run / "students").glob("*/config.json")):
         c = read_json(cfg_path, "student config")
-        if c["flow"]["coupling"] == "nfm" and (cfg_path.parent / "export" / "config.json").is_file():
-            out[c["train"]["seed"]] = cfg_path.parent / "export"
+        if c["train"]["steps"] == steps and (cfg_path.parent / "export" / "config.json").is_file():
+            out[(c["flow"]["coupling"], c["train"]["seed"])] = cfg_path.parent / "export"
+    return out
+
+
+def _pairwise(teacher, cache: PairCache, exports: dict[str, Path], on: EvalSet, nfes: list[int]) -> dict:
+    """For the same noise, the RMS per-pixel distance between a student's sample and its teacher's decode +
+    denoise of that noise (in the teacher's latent units: noise x sigma_f x prior_std), per Euler count: does the
+    student reproduce the teacher's coupling, or only its distribution?"""
+    out: dict = {}
+    scale = prior_std(teacher) * cache.sigma_f
+    for name, export in exports.items():
+        model, meta = load_student(export)
+        fitted = student_prior(export, meta)
+        for prior_name, prior in [("N(0, I)", None)] + ([("fitted", fitted)] if fitted is not None else []):
+            inputs = student_inputs(meta, on.n, seed=on.seed, labels_like=on.reference_labels, prior=prior)
+            z, y = inputs.z, inputs.y
+            xt = torch.cat([teacher.denoise(teacher.decode(z[i : i + 500] * scale, y[i : i + 500]), y[i : i + 500])
+                            for i in range(0, on.n, 500)]).clamp(-1, 1)  # fmt: skip
+            row = out.setdefault(f"{name} from {prior_name}", {})
+            for steps in nfes:
+                xs = sample_ode(model, z, y, steps=steps, num_classes=meta["model"]["num_classes"])[0].clamp(-1, 1)
+                row[steps] = float((xs - xt).flatten(1).pow(2).mean(1).sqrt().mean())
+            print(f"  pairwise {name} from {prior_name}: " + " ".join(f"E{s} {d:.3f}" for s, d in row.items()))
     return out
 
 
@@ -87,7 +109,7 @@ def main() -> None:
     reference, ref_labels = load_data(data_cfg, "test").tensors()
     train_images, train_labels = load_data(data_cfg, "train").tensors()
     on = EvalSet(reference, ref_labels, train_images, ev.extractor or default_extractor(data_cfg.name), ev.n, ev.seed)
-    students, teachers = _students(args.run), _teachers(args.run)
+    students, teachers = _students(args.run, cfg.student.train.steps), _teachers(args.run)
     results: dict = {"run": str(args.run), "n": ev.n, "extractor": on.extractor, "nfes": nfes, "seeds": []}
 
     classes = int(ref_labels.max()) + 1
@@ -99,7 +121,7 @@ def main() -> None:
 
     for k in range(cfg.seeds):
         sc = seeded(cfg, k)
-        export = students[sc.student.train.seed]
+        export = students[("nfm", sc.student.train.seed)]
         model, meta = load_student(export)
         cache = PairCache(meta["flow"]["pairs"])
         teacher = load_teacher(teachers[cache.index["key_fields"]["teacher"]])
@@ -127,6 +149,10 @@ def main() -> None:
                                             inputs.y[i : i + 500]) for i in range(0, ev.n, 500)])  # fmt: skip
             row[f"teacher {name}"] = on.fid_kid(xs.clamp(-1, 1))["fid"]
             print(f"seed {k} teacher (decode + denoise) from {name}: FID {row[f'teacher {name}']:.3f}", flush=True)
+        seed = sc.student.train.seed
+        exports = {c: students[(c, seed)] for c in ("nfm", "independent", "minibatch-ot", "sd-ot")
+                   if (c, seed) in students}  # fmt: skip
+        row["pairwise"] = _pairwise(teacher, cache, exports, on, nfes)
         results["seeds"].append(row)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -134,13 +160,9 @@ def main() -> None:
 
 
 def _table(r: dict) -> None:
-    def cell(values: list[float]) -> str:
-        m = sum(values) / len(values)
-        if len(values) < 2:
-            return f"{m:.2f}"
-        sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-        t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 2.0)
-        return f"{m:.2f} ± {t * sd / math.sqrt(len(values)):.2f}"
+    def cell(values: list[float], digits: int = 2) -> str:
+        mean, ci = interval(values)
+        return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
     print("\n| NFM student started from | " + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")
     print("|---|" + "---|" * len(r["nfes"]))
@@ -150,6 +172,12 @@ def _table(r: dict) -> None:
     for name in ("N(0, I)", "fitted"):
         print(f"| teacher decode + denoise from {name} | {cell([s[f'teacher {name}'] for s in r['seeds']])} |")
     print(f"| per-class Gaussian of the training pixels (no teacher, no student) | {r['pixel_gaussian']:.2f} |")
+    print("\n| RMS per pixel, student sample vs teacher decode + denoise of the same noise | "
+          + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")  # fmt: skip
+    print("|---|" + "---|" * len(r["nfes"]))
+    for name in r["seeds"][0]["pairwise"]:
+        cells = [cell([s["pairwise"][name][steps] for s in r["seeds"]], 3) for steps in r["nfes"]]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
