@@ -62,6 +62,10 @@ class Moments:
             self.s1[g] += rows.sum(0)
             self.s2[g] += rows.T @ rows
 
+    def pool_last(self) -> None:
+        """Make the last group every row of the others (the pooled component of a per-class fit)."""
+        self.count[-1], self.s1[-1], self.s2[-1] = self.count[:-1].sum(), self.s1[:-1].sum(0), self.s2[:-1].sum(0)
+
     def state(self) -> dict[str, torch.Tensor]:
         return {"count": self.count, "s1": self.s1, "s2": self.s2}
 

@@ -90,7 +90,7 @@ def _held_out_noise(teacher, cache: PairCache, images: torch.Tensor, labels: tor
 def _pixel_gaussian(images: torch.Tensor, labels: torch.Tensor, classes: int) -> FittedPrior:
     m = Moments.zeros(classes + 1, images[0].numel())
     m.add(images, labels)
-    m.count[-1], m.s1[-1], m.s2[-1] = m.count[:-1].sum(), m.s1[:-1].sum(0), m.s2[:-1].sum(0)
+    m.pool_last()
     return FittedPrior.from_moments(m, tuple(images.shape[1:]))[0]
 
 
