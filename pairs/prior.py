@@ -1,33 +1,47 @@
 """The prior fitted to a pair cache's noise: an artifact of the cache, fitted once and reused.
 
     PRIORS_ROOT/KEY/            PRIORS_ROOT = CACHE_ROOT/../priors, CACHE_ROOT the folder holding the cache
-      prior.safetensors         mean (K+1, D), chol (K+1, D, D) float64, shape   (pipeline.core.prior)
-      prior.json                kind, key, cache_key, config, sha256 of prior.safetensors, each component's
-                                statistics (rows, mean norm, variance and eigenvalue range, KL to N(0, I))
-      partial.safetensors       while fitting: the moments of the shards read so far (checksummed)
+      prior.safetensors         full: mean (K+1, D), chol (K+1, D, D); low-rank: mean, sqrt_psi (K+1, D), basis
+                                (K+1, D, r), s (K+1, r); float64, and shape   (pipeline.core.prior)
+      prior.json                kind, model, key, cache_key, config, sha256 of prior.safetensors, each
+                                component's statistics (rows, mean norm, variance and eigenvalue range, KL to N(0, I))
+      partial.safetensors       while fitting: the sums of the shards read so far (checksummed)
 
-KEY hashes the cache's key and the fit's settings, so a cache has one artifact per setting. The fit streams
-the shards in index order, each checked against its checksum as it is read, adding every pair's noise to
-the moments of its class; after each shard the moments are saved, so a killed fit resumes where it stopped
-and ends with the same bits as an uninterrupted one. prior.json is written last: its presence marks the
-artifact complete. A lock makes two processes fitting the same prior wait for one another.
+The model: `full` (mean + OAS-shrunk covariance a class), `lowrank` (top `rank` directions + a diagonal, for
+images whose D x D matrices a class would not fit in memory), or `auto` (full where it fits in
+pipeline.core.prior.MAX_FULL_BYTES, else lowrank; resolved against the cache before anything else). KEY hashes
+the cache's key and the resolved settings, so a cache has one artifact per setting. The fit streams the shards in
+index order (twice for lowrank: a sketch pass, then a projection pass), each checked against its checksum as it is
+read, adding every pair's noise to the sums of its class; after each shard the sums are saved, so a killed fit
+resumes where it stopped and ends with the same bits as an uninterrupted one. prior.json is written last: its
+presence marks the artifact complete. A lock makes two processes fitting the same prior wait for one another.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from filelock import FileLock
 
+from nfm.pairs.format import read_index
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import load_state, read_json, save_state, sha256_file, write_json
-from nfm.pipeline.core.prior import FittedPrior, Moments, describe
+from nfm.pipeline.core.prior import (
+    FittedPrior,
+    LowRankPrior,
+    Moments,
+    Prior,
+    Sketch,
+    describe,
+    full_fits,
+    load_prior_file,
+)
 from nfm.pipeline.core.rundir import progress
 
 PRIOR_VERSION = 1
@@ -39,6 +53,24 @@ PARTIAL_NAME = "partial.safetensors"
 @dataclass(frozen=True)
 class PriorConfig:
     per_class: bool = True  # one Gaussian per class (and one pooled); false: the pooled one only
+    model: str = "auto"  # full | lowrank | auto: full where its D x D matrices fit in memory, else lowrank
+    rank: int = 64  # lowrank: the number of principal directions kept (the rest is diagonal)
+
+
+MODELS = ("auto", "full", "lowrank")
+MODEL_NAMES = {"full": "gaussian-oas", "lowrank": "gaussian-lowrank"}
+
+
+def resolve(cfg: PriorConfig, shape: tuple[int, ...], num_classes: int) -> PriorConfig:
+    """`cfg` with its model decided for samples of `shape` and `num_classes` classes (auto -> full | lowrank)."""
+    if cfg.model not in MODELS:
+        raise NFMError(f"prior model {cfg.model!r} is not one of {', '.join(MODELS)}")
+    if cfg.model == "lowrank" and cfg.rank < 1:
+        raise NFMError(f"a low-rank prior needs rank >= 1, got {cfg.rank}")
+    if cfg.model != "auto":
+        return cfg
+    groups = num_classes + 1 if cfg.per_class and num_classes else 1
+    return replace(cfg, model="full" if full_fits(groups, int(torch.Size(shape).numel())) else "lowrank")
 
 
 def priors_root(cache_root: Path) -> Path:
@@ -46,16 +78,29 @@ def priors_root(cache_root: Path) -> Path:
 
 
 def prior_key(cache_key: str, cfg: PriorConfig) -> str:
-    fields = {"version": PRIOR_VERSION, "kind": "gaussian-oas", "cache": cache_key, **asdict(cfg)}
+    """The artifact's key: the cache's key and the resolved settings (a full fit's fields are those it always had)."""
+    if cfg.model not in MODEL_NAMES:
+        raise NFMError(f"prior model {cfg.model!r} must be resolved (full or lowrank) before it has a key")
+    fields = {"version": PRIOR_VERSION, "kind": MODEL_NAMES[cfg.model], "cache": cache_key, "per_class": cfg.per_class}
+    if cfg.model == "lowrank":
+        fields["rank"] = cfg.rank
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def prior_dir(cache: PairCache, cfg: PriorConfig) -> Path:
-    return priors_root(cache.dir.parent) / prior_key(cache.key, cfg)
+    return priors_root(cache.dir.parent) / prior_key(cache.key, resolve(cfg, cache.image_shape, cache.num_classes))
 
 
-def fit_prior(cache: PairCache, cfg: PriorConfig, log=print) -> tuple[FittedPrior, dict[str, Any]]:
+def default_prior_dir(cache_dir: Path) -> Path:
+    """Where the default prior of the cache at `cache_dir` is (fitted or not), from its index alone."""
+    index = read_index(cache_dir)
+    shape, classes = tuple(index["shapes"]["data"]), int(index["data"].get("num_classes", 0))
+    return priors_root(cache_dir.parent) / prior_key(cache_dir.name, resolve(PriorConfig(), shape, classes))
+
+
+def fit_prior(cache: PairCache, cfg: PriorConfig, log=print) -> tuple[Prior, dict[str, Any]]:
     """(prior, prior.json) of `cache` under `cfg`: fitted once (resuming a killed fit), then loaded and checked."""
+    cfg = resolve(cfg, cache.image_shape, cache.num_classes)
     d = prior_dir(cache, cfg)
     d.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(d.parent / f".{d.name}.lock")):
@@ -68,46 +113,71 @@ def _groups(cache: PairCache, cfg: PriorConfig) -> int:
     return cache.num_classes + 1 if cfg.per_class and cache.num_classes else 1
 
 
+def _read_noise(cache: PairCache, i: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard i's noise (float64) and labels, the shard checked against its checksum before any row is used."""
+    sf = cache.shard(i)
+    cols = {"noise": sf.empty("noise"), "label": sf.empty("label")}
+    sf.read_verified(cache.shards[i], cols)
+    noise = cols["noise"].double()
+    if not torch.isfinite(noise).all():
+        raise NFMError(f"pair shard {sf.path} holds NaN/Inf noise; run `nfm pairs verify {cache.key}`")
+    label = cols["label"].long()
+    if groups > 1 and int(label.max()) >= groups - 1:
+        raise NFMError(f"pair shard {sf.path} holds label {int(label.max())} of {groups - 1} classes; rebuild it")
+    return noise, label
+
+
 def _fit_locked(cache: PairCache, cfg: PriorConfig, d: Path, log) -> None:
-    groups, dim = _groups(cache, cfg), int(torch.Size(cache.image_shape).numel())
-    moments, done = Moments.zeros(groups, dim), 0
+    groups, dim, shards = _groups(cache, cfg), int(torch.Size(cache.image_shape).numel()), len(cache.shards)
+    lowrank = cfg.model == "lowrank"
+
+    def fresh() -> Moments | Sketch:
+        return Sketch.zeros(groups, dim, cfg.rank) if lowrank else Moments.zeros(groups, dim)
+
+    sums, stage, done = fresh(), 0, 0
     partial = d / PARTIAL_NAME
     if partial.is_file():
         try:
-            done = _restore(partial, moments, len(cache.shards))
-            log(f"prior fit: resuming after {done} of {len(cache.shards)} shards")
+            stage, done = _restore(partial, sums, shards)
+            log(f"prior fit: resuming after {done} of {shards} shards" + (f" (pass {stage + 1})" if lowrank else ""))
         except NFMError as e:
             log(f"prior fit: {e}; fitting from the start (the result is the same, only slower)")
-            moments, done = Moments.zeros(groups, dim), 0
-    bar = progress(len(cache.shards), "prior fit", "shard", initial=done)
-    for i in range(done, len(cache.shards)):
-        sf = cache.shard(i)
-        cols = {"noise": sf.empty("noise"), "label": sf.empty("label")}
-        sf.read_verified(cache.shards[i], cols)  # no row is used before the shard's checksum matched
-        noise = cols["noise"].double()
-        if not torch.isfinite(noise).all():
-            raise NFMError(f"pair shard {sf.path} holds NaN/Inf noise; run `nfm pairs verify {cache.key}`")
-        label = cols["label"].long()
-        if groups > 1 and int(label.max()) >= groups - 1:
-            raise NFMError(f"pair shard {sf.path} holds label {int(label.max())} of {groups - 1} classes; rebuild it")
-        if groups > 1:
+            sums, stage, done = fresh(), 0, 0
+    passes = 2 if lowrank else 1
+    for p in range(stage, passes):
+        if p == 1 and int(sums.stage) == 0:
+            sums.start_second_pass()
+        name = f"prior fit, pass {p + 1} of {passes}" if lowrank else "prior fit"
+        bar = progress(shards, name, "shard", initial=done)
+        for i in range(done, shards):
+            noise, label = _read_noise(cache, i, groups)
             pooled = torch.full_like(label, groups - 1)
-            moments.add(noise, torch.where(label >= 0, label, pooled))
-        else:
-            moments.add(noise, torch.zeros_like(label))
-        d.mkdir(parents=True, exist_ok=True)
-        save_state(partial, {**moments.state(), "shards": torch.tensor(i + 1)}, "nfm-prior-partial")
-        bar.update(1)
-    bar.close()
-    if groups > 1:  # the pooled component: every row, labelled or not
-        moments.count[-1] = moments.count.sum()
-        moments.s1[-1] = moments.s1.sum(0)
-        moments.s2[-1] = moments.s2.sum(0)
-    prior, stats = FittedPrior.from_moments(moments, cache.image_shape)
+            if lowrank and groups > 1:  # each labelled row to its class and to the pooled component
+                sums.add(noise[label >= 0], label[label >= 0])
+                sums.add(noise, pooled)
+            else:  # the full fit pools its classes after the pass (below)
+                sums.add(noise, torch.where(label >= 0, label, pooled) if groups > 1 else pooled)
+            d.mkdir(parents=True, exist_ok=True)
+            state = {**sums.state(), "shards": torch.tensor(i + 1)}
+            if lowrank and p == 0 and i + 1 == shards:  # the first pass complete: the second starts from nothing
+                sums.start_second_pass()
+                state = {**sums.state(), "shards": torch.tensor(0)}
+            save_state(partial, state, "nfm-prior-partial")
+            bar.update(1)
+        bar.close()
+        done = 0
+    if lowrank:
+        prior, stats = LowRankPrior.from_sketch(sums, cache.image_shape, cfg.rank)
+    else:
+        if groups > 1:  # the pooled component: every row, labelled or not
+            sums.count[-1] = sums.count.sum()
+            sums.s1[-1] = sums.s1.sum(0)
+            sums.s2[-1] = sums.s2.sum(0)
+        prior, stats = FittedPrior.from_moments(sums, cache.image_shape)
     prior.save(d / TENSORS_NAME)
     meta = {
         "kind": "prior",
-        "model": "gaussian-oas",
+        "model": MODEL_NAMES[cfg.model],
         "version": PRIOR_VERSION,
         "key": d.name,
         "cache_key": cache.key,
@@ -122,21 +192,20 @@ def _fit_locked(cache: PairCache, cfg: PriorConfig, d: Path, log) -> None:
     log(f"prior fitted to pair cache {cache.key}: {describe(stats)}")
 
 
-def _restore(path: Path, moments: Moments, shards: int) -> int:
-    """The moments after the saved number of shards, all or nothing; returns that number."""
+def _restore(path: Path, sums: Moments | Sketch, shards: int) -> tuple[int, int]:
+    """The sums after the saved pass and number of shards, all or nothing; returns (pass, shards)."""
     state = load_state(path)
-    want = {k: tuple(v.shape) for k, v in moments.state().items()} | {"shards": ()}
+    want = {k: tuple(v.shape) for k, v in sums.state().items()} | {"shards": ()}
     if {k: tuple(v.shape) for k, v in state.items()} != want:
         raise NFMError(f"its saved state {path.name} is of another fit (other tensors or shapes)")
-    done = int(state["shards"])
-    if not 0 <= done <= shards or not all(torch.isfinite(state[k]).all() for k in ("count", "s1", "s2")):
+    done, stage = int(state["shards"]), int(state.get("stage", 0))
+    if not 0 <= done <= shards or stage not in (0, 1) or not all(torch.isfinite(v).all() for v in state.values()):
         raise NFMError(f"its saved state {path.name} holds NaN/Inf or {done} shards of {shards}")
-    for k, v in moments.state().items():
-        v.copy_(state[k])
-    return done
+    sums.restore(state)
+    return stage, done
 
 
-def load_prior(d: Path, cache_key: str | None = None) -> tuple[FittedPrior, dict[str, Any]]:
+def load_prior(d: Path, cache_key: str | None = None) -> tuple[Prior, dict[str, Any]]:
     """A fitted prior, refused in one line when its files do not match their checksum or it is of another cache."""
     meta = read_json(d / META_NAME, "prior metadata")
     fix = f"delete {d} and it is fitted again"
@@ -147,10 +216,10 @@ def load_prior(d: Path, cache_key: str | None = None) -> tuple[FittedPrior, dict
     path = d / TENSORS_NAME
     if not path.is_file() or sha256_file(path) != meta["sha256"]:
         raise NFMError(f"fitted prior {path} is missing or does not match its checksum; {fix}")
-    return FittedPrior.load(path), meta
+    return load_prior_file(path), meta
 
 
-def teacher_prior(cache: PairCache, teacher_fingerprint: str | None = None, log=print) -> FittedPrior:
+def teacher_prior(cache: PairCache, teacher_fingerprint: str | None = None, log=print) -> Prior:
     """The prior fitted to a teacher's pair cache, scaled into that teacher's latent units (noise = z / (prior_std
     sigma_f): times sigma_f here, the caller multiplies by the teacher's prior_std). With `teacher_fingerprint`,
     a cache of another teacher is refused: its noise is another latent space."""

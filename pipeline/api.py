@@ -103,7 +103,7 @@ class Student:
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], prior: Any = None):
         self.model = model
         self.config = config
-        self.prior = prior  # pipeline.core.prior.FittedPrior | None
+        self.prior = prior  # pipeline.core.prior.Prior | None
 
     @classmethod
     def from_pretrained(

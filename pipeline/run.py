@@ -63,7 +63,7 @@ from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
 from nfm.pipeline.core.distributed import process_state
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.prior import FittedPrior
+from nfm.pipeline.core.prior import Prior
 from nfm.pipeline.core.rundir import progress, setup_logger
 from nfm.pipeline.core.seeding import derive_seed
 from nfm.pipeline.evaluate import (
@@ -484,7 +484,7 @@ class _EvalContext:
         return cls(ev, on, run_dir / "eval", key, log)
 
 
-def _teacher_prior(pairs: PairBuildResult | None, log) -> tuple[FittedPrior | None, str]:
+def _teacher_prior(pairs: PairBuildResult | None, log) -> tuple[Prior | None, str]:
     """The prior fitted to the teacher's pair cache, scaled into its noise units (x sigma_f), and a tag for file
     names ("" without a cache: a run whose couplings read no pairs)."""
     if pairs is None:
@@ -539,7 +539,7 @@ def _evaluate_student(
     return _cached(ctx.eval_dir / f"student-{_slug(coupling)}-{tag}-{ctx.key}.json", compute, StudentEval)
 
 
-def _student_for_eval(export: Path, device, prior_choice: str = "auto") -> tuple[Any, dict, FittedPrior | None, str]:
+def _student_for_eval(export: Path, device, prior_choice: str = "auto") -> tuple[Any, dict, Prior | None, str]:
     """(model, meta, the prior it samples from (student_prior's `prior_choice`), a tag naming both for cached
     results: the weights' and the fitted prior's checksums)."""
     model, meta = load_student(export, device)

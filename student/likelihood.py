@@ -22,7 +22,7 @@ from torchdiffeq import odeint
 from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.metrics import nll_to_bpd
-from nfm.pipeline.core.prior import FittedPrior
+from nfm.pipeline.core.prior import Prior
 from nfm.student.paths import ProbPath
 from nfm.student.sampling import SOLVERS, Solver, inside
 
@@ -78,7 +78,7 @@ def log_likelihood(
     atol: float = 1e-5,
     hutchinson: int = 0,
     seed: int = 0,
-    prior: FittedPrior | None = None,
+    prior: Prior | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """log p(x) in nats per image (b,) under the student's flow, and {"nfe": ...}. The noise end's density is
     N(0, prior_scale^2 I), or `prior` (a fitted prior, its component chosen by y).
@@ -122,7 +122,7 @@ def student_bpd(
     batch: int = 256,
     seed: int = 0,
     progress=None,
-    prior: FittedPrior | None = None,
+    prior: Prior | None = None,
 ) -> dict:
     """Mean bits/dim (8-bit scale) of images + eta * eps under a student export (with the density of `prior` at
     the noise end, when given: the student's fitted prior); hutchinson=-1 picks exact divergence for images of at

@@ -18,7 +18,7 @@ from torchdiffeq import odeint
 
 from nfm.pipeline.core.config import one_of
 from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.prior import FittedPrior
+from nfm.pipeline.core.prior import Prior
 from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
 from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver, fixed_nfe  # noqa: F401 (re-exported)
 
@@ -128,7 +128,7 @@ def student_inputs(
     device: torch.device | str = "cpu",
     label: int | None = None,
     labels_like: torch.Tensor | None = None,
-    prior: FittedPrior | None = None,
+    prior: Prior | None = None,
     labels: torch.Tensor | None = None,
 ) -> SampleInputs:
     """Fixed sample inputs for a student export (`meta`: its config.json): its image shape and classes, noise

@@ -25,7 +25,7 @@ from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.prior import FittedPrior, describe
+from nfm.pipeline.core.prior import Prior, describe, load_prior_file
 from nfm.pipeline.core.rundir import log_config, setup_logger
 from nfm.pipeline.core.sampling import sample_and_save
 from nfm.pipeline.core.seeding import BatchRandom
@@ -170,7 +170,7 @@ def _cache_data(data: DataConfig, coupling: Coupling) -> DataConfig:
     return data
 
 
-def training_prior(cfg: StudentRunConfig, coupling: Coupling, log=print) -> tuple[FittedPrior, dict[str, Any]] | None:
+def training_prior(cfg: StudentRunConfig, coupling: Coupling, log=print) -> tuple[Prior, dict[str, Any]] | None:
     """The fitted prior this student will be sampled from (fitted to its pair cache once, pairs.prior), or None
     for N(0, I): sample.prior=fitted, or auto on the pairs of a teacher."""
     choice, cache = cfg.sample.prior, getattr(coupling, "cache", None)
@@ -186,7 +186,7 @@ def training_prior(cfg: StudentRunConfig, coupling: Coupling, log=print) -> tupl
     return prior, meta
 
 
-def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path, prior: FittedPrior | None = None) -> None:
+def sample_grid(model: nn.Module, cfg: StudentRunConfig, path: Path, prior: Prior | None = None) -> None:
     """The preview grid: fixed noise through the student's prior (or held-out source images), `sample.steps`
     steps of `sample.solver`. From a data source the grid shows (source, sample) side by side."""
     s, mc = cfg.sample, cfg.model
@@ -214,7 +214,7 @@ def save_student(
     step: int,
     cfg: StudentRunConfig,
     extra: dict | None = None,
-    prior: tuple[FittedPrior, dict[str, Any]] | None = None,
+    prior: tuple[Prior, dict[str, Any]] | None = None,
 ):
     """The export: model.safetensors and config.json; with a fitted prior, prior.safetensors beside them and its
     description (and checksum) under config.json's "prior"."""
@@ -250,7 +250,7 @@ def _export_dir(path: str | Path) -> Path:
     return p / "export" if (p / "export" / "config.json").is_file() else p
 
 
-def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") -> FittedPrior | None:
+def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") -> Prior | None:
     """The prior to sample the student at `path` (meta: its config.json) from: auto (the fitted prior its export
     records, else N(0, I)) | gaussian (None: N(0, I)) | fitted (its recorded prior, which must exist). The prior
     file is checked against the checksum in config.json."""
@@ -271,7 +271,7 @@ def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") 
             f"the student's prior {f} is missing or does not match the checksum in its config.json: copy the "
             "export whole, or sample with prior=gaussian"
         )
-    return FittedPrior.load(f, "the student's prior")
+    return load_prior_file(f, "the student's prior")
 
 
 def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -263,6 +263,12 @@ def test_pairs_prior_prints_each_class_against_n01_and_ls_says_which_caches_have
     assert ls[0].split()[-1] == "prior" and ls[1].split()[-1] == "fitted"
     v = run_nfm_inline("pairs", "verify", cache.name, "--cache-dir", cache.parent, "--samples", 0)
     assert v.returncode == 0 and "fitted prior" in v.stdout and "checksum ok; 10 class component(s): KL" in v.stdout
+    lr = run_nfm_inline("pairs", "prior", cache.name, "--cache-dir", cache.parent, "--model", "lowrank", "--rank", 4)
+    assert lr.returncode == 0, lr.stderr
+    lines = lr.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("component"))
+    assert lines[head].split()[-1] == "rank" and lines[head + 1].split()[-1] == "4"
+    assert "gaussian-lowrank prior" in lines[head + 12]
 
 
 def test_the_fitted_priors_density_is_the_multivariate_normals():
@@ -309,3 +315,94 @@ def test_the_likelihood_through_the_ode_uses_the_fitted_prior_at_the_noise_end()
     assert torch.allclose(lp, prior.log_prob(x, y), atol=1e-12)
     lp0, _ = log_likelihood(Still(), x, y, solver="euler", steps=2)
     assert torch.allclose(lp0, torch.distributions.Normal(0.0, 1.0).log_prob(x).flatten(1).sum(1), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the low-rank + diagonal model
+
+
+def _lowrank_fit(x: torch.Tensor, labels: torch.Tensor, groups: int, rank: int):
+    """Both passes of a low-rank fit over rows streamed in pieces (the last group: every row)."""
+    from nfm.pipeline.core.prior import LowRankPrior, Sketch
+
+    sk = Sketch.zeros(groups, x.shape[1], rank)
+    for stage in range(2):
+        if stage == 1:
+            sk.start_second_pass()
+        for part, lab in zip(x.split(7_000), labels.split(7_000)):
+            sk.add(part, lab)
+            sk.add(part, torch.full_like(lab, groups - 1))
+    return LowRankPrior.from_sketch(sk, (x.shape[1],), rank)
+
+
+def test_the_low_rank_prior_recovers_a_known_low_rank_plus_diagonal_covariance():
+    d, r, n = 30, 3, 40_000
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(d, r, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.5], dtype=torch.float64)
+    psi = 0.2 + torch.rand(d, generator=g, dtype=torch.float64)
+    cov, mu = w @ w.T + torch.diag(psi), torch.randn(d, generator=g, dtype=torch.float64)
+    x = mu + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+    prior, stats = _lowrank_fit(x, torch.zeros(n, dtype=torch.long), 2, r)
+    # the sampling transform is a square root of the fitted covariance: its columns are z(e_i) - mean
+    root = prior.transform(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.long)) - prior.mean[0]
+    fitted = root.T @ root
+    assert ((prior.mean[0] - mu).abs() < 4 * (torch.diagonal(cov) / n).sqrt()).all()
+    assert torch.allclose(torch.diagonal(fitted), x.var(0, correction=0), atol=1e-8)  # every variance kept
+    # what the streamed sketch approximates: the sample covariance's top r eigenpairs + the rest of its diagonal
+    sample = torch.cov(x.T, correction=0)
+    lam, u = torch.linalg.eigh(sample)
+    lam, u = lam.flip(0)[:r], u.flip(1)[:, :r]
+    exact = u @ torch.diag(lam) @ u.T + torch.diag(torch.diagonal(sample) - (u**2 * lam).sum(1))
+    assert (fitted - exact).abs().max() < 1e-2 * exact.abs().max()
+    # and the truth, as closely as the sample covariance itself is
+    assert (fitted - cov).norm() < 1.3 * (sample - cov).norm()
+    assert stats[0]["rank"] == r and stats[0]["rows"] == n
+    # its density is the multivariate normal of that covariance (Woodbury), scaled or not
+    z = torch.randn(5, d, generator=g, dtype=torch.float64) * 2
+    mvn = torch.distributions.MultivariateNormal(prior.mean[0], fitted)
+    assert torch.allclose(prior.log_prob(z, torch.zeros(5, dtype=torch.long)), mvn.log_prob(z), atol=1e-9)
+    s = 0.7
+    mvn_s = torch.distributions.MultivariateNormal(prior.mean[0] * s, fitted * s * s)
+    assert torch.allclose(prior.scaled(s).log_prob(z, torch.zeros(5, dtype=torch.long)), mvn_s.log_prob(z), atol=1e-9)
+
+
+@pytest.mark.parametrize("call", [2, 8])  # killed in the first pass / in the second
+def test_a_killed_low_rank_fit_resumes_to_the_same_bits_in_either_pass(cache, tmp_path, monkeypatch, call):
+    import shutil
+
+    import nfm.pairs.prior as pp
+
+    cfg = PriorConfig(model="lowrank", rank=4)
+    copies = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        copies.append(PairCache(shutil.copytree(cache, tmp_path / name / "pairs" / cache.name)))
+    straight, meta = fit_prior(copies[0], cfg, log=lambda *a: None)
+    assert meta["model"] == "gaussian-lowrank" and meta["config"]["rank"] == 4 and straight.rank == 4
+    shards = len(copies[0].shards)
+    assert shards == 5  # call 2 stops pass 1 (after 1 shard); call 8 stops pass 2 (after 2)
+    real = dies_on_call(monkeypatch, pp, "save_state", call=call)
+    with pytest.raises(KeyboardInterrupt):
+        fit_prior(copies[1], cfg, log=lambda *a: None)
+    monkeypatch.setattr(pp, "save_state", real)
+    logs = []
+    resumed, _ = fit_prior(copies[1], cfg, log=logs.append)
+    assert any(f"(pass {1 if call <= shards else 2})" in line for line in logs), logs
+    for name, t in straight.tensors().items():
+        assert torch.equal(resumed.tensors()[name], t), name
+    # another rank is another artifact; auto is full at 64 dimensions
+    assert prior_dir(copies[0], PriorConfig(model="lowrank", rank=5)) != prior_dir(copies[0], cfg)
+    assert prior_dir(copies[0], PriorConfig()) == prior_dir(copies[0], PriorConfig(model="full"))
+
+
+def test_auto_fits_the_low_rank_model_where_a_full_covariance_per_class_would_not_fit(monkeypatch):
+    import nfm.pipeline.core.prior as core
+    from nfm.pairs.prior import resolve
+
+    assert resolve(PriorConfig(), (3, 8, 8), 10).model == "full"
+    monkeypatch.setattr(core, "MAX_FULL_BYTES", 11 * 192 * 192 * 8 - 1)  # one byte short of 11 classes of 192^2
+    assert resolve(PriorConfig(), (3, 8, 8), 10).model == "lowrank"
+    assert resolve(PriorConfig(per_class=False), (3, 8, 8), 10).model == "full"
+    with pytest.raises(NFMError, match="low-rank \\+ diagonal model"):
+        Moments.zeros(11, 192)
+    with pytest.raises(NFMError, match="prior model 'pca' is not one of auto, full, lowrank"):
+        resolve(PriorConfig(model="pca"), (3, 8, 8), 10)

@@ -98,14 +98,14 @@ def cmd_ls(args) -> int:
     from nfm.pairs.format import INDEX_NAME
 
     root = options.cache_root(args)
-    from nfm.pairs.prior import META_NAME, PriorConfig, prior_key, priors_root
+    from nfm.pairs.prior import META_NAME, default_prior_dir
 
     cols = ["key", "kind", "teacher", "data", "rows", "views", "dtype", "size_mb", "complete", "origin", "prior"]
     rows = []
     for d in sorted(root.glob("*")) if root.is_dir() else []:
         if (d / INDEX_NAME).is_file():
             try:
-                fitted = (priors_root(root) / prior_key(d.name, PriorConfig()) / META_NAME).is_file()
+                fitted = (default_prior_dir(d) / META_NAME).is_file()
                 rows.append({**cache_summary(d), "prior": "fitted" if fitted else "-"})
             except NFMError as e:
                 rows.append({**dict.fromkeys(cols, ""), "key": d.name, "teacher": "?", "data": f"unreadable: {e}"})
@@ -166,10 +166,10 @@ def cmd_verify(args) -> int:
 
 def _verify_prior(cache_dir) -> None:
     """The cache's fitted prior, if it has one: its checksum and its cache key checked, its statistics in a line."""
-    from nfm.pairs.prior import META_NAME, PriorConfig, load_prior, prior_key, priors_root
+    from nfm.pairs.prior import META_NAME, default_prior_dir, load_prior
     from nfm.pipeline.core.prior import describe
 
-    d = priors_root(cache_dir.parent) / prior_key(cache_dir.name, PriorConfig())
+    d = default_prior_dir(cache_dir)
     if (d / META_NAME).is_file():
         _, meta = load_prior(d, cache_dir.name)
         print(f"fitted prior {meta['key']}: checksum ok; {describe(meta['components'])}")
@@ -229,24 +229,27 @@ def cmd_prior(args) -> int:
     """fit (once) and show the Gaussian prior of a cache's noise, per class
 
     The prior a student of these pairs is sampled from (`student.sample.prior`, `nfm teacher sample --prior
-    fitted`): per class the mean and the OAS-shrunk covariance of the noise, and one component pooled over every
-    row. Fitted on first use and stored beside the cache (CACHE_ROOT/../priors/KEY); this command fits it ahead of
-    time and prints what it is against N(0, I): rows, mean norm, the range of the variances and of the covariance
-    eigenvalues, KL to N(0, I) in nats.
+    fitted`): per class the mean and the OAS-shrunk covariance of the noise (--model full), or its top --rank
+    principal directions plus a diagonal (--model lowrank, for images whose covariance a class would not fit in
+    memory; auto, the default, chooses), and one component pooled over every row. Fitted on first use and stored
+    beside the cache (CACHE_ROOT/../priors/KEY); this command fits it ahead of time and prints what it is against
+    N(0, I): rows, mean norm, the range of the variances and of the covariance eigenvalues, KL to N(0, I) in nats.
+    Students and teachers sample from the default (auto) fit.
     """
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.prior import PriorConfig, fit_prior, prior_dir
     from nfm.pairs.reader import FLOW_KINDS, PairCache
 
     cache = PairCache(find_cache(args.key, options.cache_root(args)), kinds=FLOW_KINDS, reader="a fitted prior")
-    pcfg = PriorConfig(per_class=not args.pooled)
+    pcfg = PriorConfig(per_class=not args.pooled, model=args.model, rank=args.rank)
     _, meta = fit_prior(cache, pcfg)
     comps = meta["components"]
     names = [f"class {c}" for c in range(len(comps) - 1)] + ["pooled"]
-    cols = ["component", "rows", "mean_norm", "var_min", "var_max", "eig_min", "eig_max", "kl_to_standard", "shrinkage"]
+    last = "shrinkage" if meta["model"] == "gaussian-oas" else "rank"
+    cols = ["component", "rows", "mean_norm", "var_min", "var_max", "eig_min", "eig_max", "kl_to_standard", last]
     _print_table([{"component": n, **c} for n, c in zip(names, comps)], cols)
     dim = math.prod(meta["shape"])
-    print(f"prior {meta['key']} of pair cache {cache.key} ({dim} dimensions): {prior_dir(cache, pcfg)}")
+    print(f"{meta['model']} prior {meta['key']} of pair cache {cache.key} ({dim} dimensions): {prior_dir(cache, pcfg)}")
     return 0
 
 
@@ -334,6 +337,13 @@ def register(stages: argparse._SubParsersAction) -> None:
     p = options.add_command(sub, "prior", cmd_prior)
     p.add_argument("key", help="cache key, unique key prefix, or cache directory")
     p.add_argument("--pooled", action="store_true", help="one Gaussian over every row, not one per class")
+    p.add_argument(
+        "--model",
+        choices=("auto", "full", "lowrank"),
+        default="auto",
+        help="full covariance, low-rank + diagonal, or auto: full where it fits in memory (default)",
+    )
+    p.add_argument("--rank", type=int, default=64, help="lowrank: principal directions kept (default 64)")  # fmt: skip
     options.add_cache_dir(p)
 
     p = options.add_command(sub, "verify", cmd_verify)

@@ -22,7 +22,7 @@ import torch
 from nfm.pipeline.core.errors import NFMError
 from nfm.pipeline.core.images import save_grid
 from nfm.pipeline.core.io import save_tensors
-from nfm.pipeline.core.prior import FittedPrior
+from nfm.pipeline.core.prior import Prior, PriorBase
 
 Sampler = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (z, y) on the device -> x
 
@@ -62,7 +62,7 @@ def sample_inputs(
     num_classes: int,
     *,
     seed: int,
-    prior: torch.Tensor | float | FittedPrior = 1.0,
+    prior: torch.Tensor | float | Prior = 1.0,
     label: int | None = None,
     labels_like: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -73,7 +73,7 @@ def sample_inputs(
         raise NFMError(f"the number of samples must be positive, got {n}")
     eps = torch.randn(n, *image_shape, generator=torch.Generator().manual_seed(seed))
     y = labels.cpu().long() if labels is not None else sample_labels(n, num_classes, label, labels_like)
-    z = prior.transform(eps, y) if isinstance(prior, FittedPrior) else eps * prior
+    z = prior.transform(eps, y) if isinstance(prior, PriorBase) else eps * prior
     return SampleInputs(
         eps=eps,
         z=z.to(device),

@@ -41,7 +41,7 @@ from nfm.teacher.export import load_teacher
 from nfm.teacher.protocol import prior_std
 
 
-def _students(run: Path, steps: int) -> dict[tuple[str, int], Path]:
+def students_of(run: Path, steps: int) -> dict[tuple[str, int], Path]:
     """The student export of each coupling and training seed (its train.seed) trained the run's `steps`."""
     out = {}
     for cfg_path in sorted((run / "students").glob("*/config.json")):
@@ -73,7 +73,19 @@ def _pairwise(teacher, cache: PairCache, exports: dict[str, Path], on: EvalSet, 
     return out
 
 
-def _teachers(run: Path) -> dict[str, Path]:
+def load_run(run: Path) -> tuple[RunConfig, EvalSet, tuple[torch.Tensor, torch.Tensor]]:
+    """A finished `nfm run` directory's config, the evaluation set its report used and the training images
+    with their labels."""
+    saved = read_json(run / "config.json", "run config")  # the run's config, with the preset and teacher
+    cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k not in ("preset", "from_teacher")})
+    ev, data_cfg = cfg.eval, cfg.teacher.data
+    reference, ref_labels = load_data(data_cfg, "test").tensors()
+    train_images, train_labels = load_data(data_cfg, "train").tensors()
+    on = EvalSet(reference, ref_labels, train_images, ev.extractor or default_extractor(data_cfg.name), ev.n, ev.seed)
+    return cfg, on, (train_images, train_labels)
+
+
+def teachers_of(run: Path) -> dict[str, Path]:
     return {load_teacher(d).fingerprint(): d for d in sorted(run.glob("teacher-*/export"))}
 
 
@@ -102,14 +114,9 @@ def main() -> None:
     ap.add_argument("--nfes", default="1,2,4,8")
     args = ap.parse_args()
     nfes = [int(k) for k in args.nfes.split(",")]
-    saved = read_json(args.run / "config.json", "run config")  # the run's config, with the preset and teacher
-    cfg = from_dict(RunConfig, {k: v for k, v in saved.items() if k not in ("preset", "from_teacher")})
-    ev = cfg.eval
-    data_cfg = cfg.teacher.data
-    reference, ref_labels = load_data(data_cfg, "test").tensors()
-    train_images, train_labels = load_data(data_cfg, "train").tensors()
-    on = EvalSet(reference, ref_labels, train_images, ev.extractor or default_extractor(data_cfg.name), ev.n, ev.seed)
-    students, teachers = _students(args.run, cfg.student.train.steps), _teachers(args.run)
+    cfg, on, (train_images, train_labels) = load_run(args.run)
+    ev, reference, ref_labels = cfg.eval, on.reference, on.reference_labels
+    students, teachers = students_of(args.run, cfg.student.train.steps), teachers_of(args.run)
     results: dict = {"run": str(args.run), "n": ev.n, "extractor": on.extractor, "nfes": nfes, "seeds": []}
 
     classes = int(ref_labels.max()) + 1

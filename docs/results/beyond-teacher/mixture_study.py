@@ -1,0 +1,171 @@
+"""A richer prior (issue 25): does a Gaussian *mixture* per class, fitted to the pair cache's noise, close the gap
+between the fitted Gaussian and the teacher's encodings of held-out images?
+
+For every training seed of a finished `nfm run` directory: each class's noise rows of the NFM student's pair
+cache are split 90 / 10 (a fixed permutation); mixtures of k = 1, 2, 4, ... full-covariance Gaussians (k-means
+start, EM in float64, every component's covariance OAS-shrunk as the fitted prior's is) are fitted on the 90 %
+and scored by their log-likelihood of the held-out 10 % (nats per dimension; k = 1 is the fitted Gaussian). The
+k with the best held-out likelihood is kept per class, and the NFM student is sampled from that mixture (the
+component drawn per sample from a fixed generator) and, with the same eps, from the k = 1 fit: FID at each Euler
+count, as in prior_study.py.
+
+    python docs/results/beyond-teacher/mixture_study.py RUN_DIR [--out FILE.json] [--ks 1,2,4] [--iters 20]
+        [--nfes 1,2,4,8] [--seeds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prior_study import load_run, students_of  # noqa: E402
+
+from nfm.pairs.reader import PairCache  # noqa: E402
+from nfm.pipeline.aggregate import interval  # noqa: E402
+from nfm.pipeline.core.prior import oas  # noqa: E402
+from nfm.pipeline.run import seeded  # noqa: E402
+from nfm.student.paths import ProbPath  # noqa: E402
+from nfm.student.sampling import sample_ode, student_inputs  # noqa: E402
+from nfm.student.train import load_student  # noqa: E402
+
+
+class Mixture:
+    """A mixture of full-covariance Gaussians: weights (k,), means (k, D), Cholesky factors (k, D, D)."""
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, chols: torch.Tensor):
+        self.weights, self.means, self.chols = weights, means, chols
+
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, k): log w_j + log N(x | mean_j, L_j L_j^T)."""
+        d = x.shape[1]
+        out = []
+        for w, m, chol in zip(self.weights, self.means, self.chols):
+            sol = torch.linalg.solve_triangular(chol, (x - m).T, upper=False)
+            logdet = torch.log(torch.diagonal(chol)).sum()
+            out.append(math.log(float(w)) - 0.5 * sol.pow(2).sum(0) - logdet - 0.5 * d * math.log(2 * math.pi))
+        return torch.stack(out, 1)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.component_log_prob(x), 1)
+
+    def transform(self, eps: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """eps (n, D) standard normal -> mixture samples; the component of each row drawn from g."""
+        j = torch.multinomial(self.weights.float(), len(eps), replacement=True, generator=g)
+        return self.means[j] + torch.einsum("nij,nj->ni", self.chols[j], eps.double())
+
+
+def fit_mixture(x: torch.Tensor, k: int, iters: int, seed: int) -> Mixture:
+    """EM from a k-means start; each component's covariance OAS-shrunk with its own effective row count."""
+    n, d = x.shape
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randperm(n, generator=g)[:k]].clone()
+    for _ in range(10):  # k-means (Lloyd) for the start
+        a = torch.cdist(x, means).argmin(1)
+        means = torch.stack([x[a == j].mean(0) if (a == j).any() else means[j] for j in range(k)])
+    resp = torch.nn.functional.one_hot(a, k).double()
+    mix = None
+    for _ in range(iters if k > 1 else 1):
+        counts = resp.sum(0).clamp_min(1e-9)
+        means = (resp.T @ x) / counts[:, None]
+        chols = []
+        for j in range(k):
+            xc = x - means[j]
+            cov, _ = oas((xc * resp[:, j : j + 1]).T @ xc / counts[j], float(counts[j]))
+            chols.append(torch.linalg.cholesky(cov))
+        mix = Mixture(counts / counts.sum(), means, torch.stack(chols))
+        resp = torch.softmax(mix.component_log_prob(x), 1)
+    return mix
+
+
+def _noise_by_class(cache: PairCache) -> dict[int, torch.Tensor]:
+    rows: dict[int, list[torch.Tensor]] = {}
+    for i in range(len(cache.shards)):
+        sf = cache.shard(i)
+        cols = {"noise": sf.empty("noise"), "label": sf.empty("label")}
+        sf.read_verified(cache.shards[i], cols)
+        noise, label = cols["noise"].double().flatten(1), cols["label"].long()
+        for c in label.unique().tolist():
+            rows.setdefault(int(c), []).append(noise[label == c])
+    return {c: torch.cat(v) for c, v in sorted(rows.items())}
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--ks", default="1,2,4")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--nfes", default="1,2,4,8")
+    ap.add_argument("--seeds", type=int, help="only the first SEEDS training seeds (default: all the run's)")
+    args = ap.parse_args()
+    ks, nfes = [int(k) for k in args.ks.split(",")], [int(k) for k in args.nfes.split(",")]
+    cfg, on, _ = load_run(args.run)
+    students = students_of(args.run, cfg.student.train.steps)
+    results: dict = {"run": str(args.run), "n": on.n, "ks": ks, "iters": args.iters, "nfes": nfes, "seeds": []}
+    for s in range(min(cfg.seeds, args.seeds or cfg.seeds)):
+        export = students[("nfm", seeded(cfg, s).student.train.seed)]
+        model, meta = load_student(export)
+        cache = PairCache(meta["flow"]["pairs"])
+        row: dict = {"seed": s, "cache": cache.key, "heldout_nats_per_dim": {}, "k": {}}
+        fits: dict[int, dict[int, Mixture]] = {}
+        for c, x in _noise_by_class(cache).items():
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(c))
+            cut = len(x) // 10
+            held, fit = x[perm[:cut]], x[perm[cut:]]
+            fits[c] = {k: fit_mixture(fit, k, args.iters, seed=c) for k in ks}
+            ll = {k: float(m.log_prob(held).mean()) / x.shape[1] for k, m in fits[c].items()}
+            row["heldout_nats_per_dim"][c] = ll
+            row["k"][c] = max(ll, key=ll.get)
+            print(f"seed {s} class {c:3d} ({len(x)} rows) held-out nats/dim "
+                  + " ".join(f"k{k} {v:.4f}" for k, v in ll.items()) + f" -> k {row['k'][c]}", flush=True)  # fmt: skip
+        inputs = student_inputs(meta, on.n, seed=on.seed, labels_like=on.reference_labels)
+        eps, y = inputs.eps.flatten(1), inputs.y
+        scale = ProbPath.from_flow(meta["flow"]).prior_scale
+        chosen = row["k"]
+        for name, ks_used in (("gaussian (k = 1)", dict.fromkeys(chosen, 1)), ("mixture (k chosen per class)", chosen)):
+            z = torch.empty_like(eps, dtype=torch.float64)
+            g = torch.Generator().manual_seed(on.seed)
+            for c in y.unique().tolist():
+                z[y == c] = fits[c][ks_used[c]].transform(eps[y == c], g)
+            z = (z * scale).float().view_as(inputs.eps)
+            row[name] = {}
+            for steps in nfes:
+                xs = sample_ode(model, z, y, solver="euler", steps=steps, num_classes=meta["model"]["num_classes"])[0]
+                row[name][steps] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+            print(f"seed {s} NFM from {name:30s} " + " ".join(f"E{k} {f:7.3f}" for k, f in row[name].items()),
+                  flush=True)  # fmt: skip
+        results["seeds"].append(row)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
+    _table(results)
+
+
+def _table(r: dict) -> None:
+    def cell(values: list[float], digits: int = 2) -> str:
+        mean, ci = interval(values)
+        return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+    print("\n| NFM student started from | " + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")
+    print("|---|" + "---|" * len(r["nfes"]))
+    for name in ("gaussian (k = 1)", "mixture (k chosen per class)"):
+        print(f"| {name} | " + " | ".join(cell([s[name][k] for s in r["seeds"]]) for k in r["nfes"]) + " |")
+    print("\n| held-out log-likelihood, nats per dimension (mean over classes) | "
+          + " | ".join(f"k = {k}" for k in r["ks"]) + " | k chosen (classes) |")  # fmt: skip
+    print("|---|" + "---|" * (len(r["ks"]) + 1))
+    for s in r["seeds"]:
+        ll = s["heldout_nats_per_dim"]
+        means = [sum(v[k] for v in ll.values()) / len(ll) for k in r["ks"]]
+        chosen = {k: sum(1 for v in s["k"].values() if v == k) for k in r["ks"]}
+        print(f"| seed {s['seed']} | " + " | ".join(f"{m:.4f}" for m in means) + " | "
+              + ", ".join(f"k={k}: {n}" for k, n in chosen.items()) + " |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
