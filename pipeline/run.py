@@ -44,7 +44,7 @@ import torch
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
-from nfm.pairs.prior import PriorConfig, prior_key, teacher_prior
+from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, spread
 from nfm.pipeline.core.config import (
@@ -490,7 +490,7 @@ def _teacher_prior(pairs: PairBuildResult | None, log) -> tuple[Prior | None, st
     if pairs is None:
         return None, ""
     cache = PairCache(pairs.path)
-    return teacher_prior(cache, log=log), f"-prior{prior_key(cache.key, PriorConfig())[:8]}"
+    return teacher_prior(cache, log=log), f"-prior{prior_dir(cache, PriorConfig()).name[:8]}"
 
 
 def _evaluate_teacher(

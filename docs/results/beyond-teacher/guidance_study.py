@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prior_study import load_run, students_of, teachers_of  # noqa: E402
+from prior_study import cell, load_run, students_of, teachers_of  # noqa: E402
 
 from nfm.pairs.prior import teacher_prior  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
-from nfm.pipeline.aggregate import interval  # noqa: E402
 from nfm.pipeline.core.sampling import sample_inputs  # noqa: E402
 from nfm.pipeline.evaluate import EvalSet  # noqa: E402
 from nfm.pipeline.run import seeded  # noqa: E402
@@ -144,10 +143,6 @@ def main() -> None:
 
 
 def _table(r: dict) -> None:
-    def cell(values: list[float]) -> str:
-        mean, ci = interval(values)
-        return f"{mean:.2f}" if ci is None else f"{mean:.2f} ± {ci:.2f}"
-
     print(f"\n| model, sampler (test half: {r['halves'][1]} images) | unguided | guided | weight chosen per seed |")
     print("|---|---|---|---|")
     for key in r["seeds"][0]:

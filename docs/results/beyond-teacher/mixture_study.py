@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prior_study import load_run, students_of  # noqa: E402
+from prior_study import cell, euler_fids, euler_head, load_run, students_of  # noqa: E402
 
 from nfm.pairs.reader import PairCache  # noqa: E402
-from nfm.pipeline.aggregate import interval  # noqa: E402
 from nfm.pipeline.core.prior import oas  # noqa: E402
 from nfm.pipeline.run import seeded  # noqa: E402
 from nfm.student.paths import ProbPath  # noqa: E402
-from nfm.student.sampling import sample_ode, student_inputs  # noqa: E402
+from nfm.student.sampling import student_inputs  # noqa: E402
 from nfm.student.train import load_student  # noqa: E402
 
 
@@ -135,10 +134,7 @@ def main() -> None:
             for c in y.unique().tolist():
                 z[y == c] = fits[c][ks_used[c]].transform(eps[y == c], g)
             z = (z * scale).float().view_as(inputs.eps)
-            row[name] = {}
-            for steps in nfes:
-                xs = sample_ode(model, z, y, solver="euler", steps=steps, num_classes=meta["model"]["num_classes"])[0]
-                row[name][steps] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+            row[name] = euler_fids(model, meta, z, y, nfes, on)
             print(f"seed {s} NFM from {name:30s} " + " ".join(f"E{k} {f:7.3f}" for k, f in row[name].items()),
                   flush=True)  # fmt: skip
         results["seeds"].append(row)
@@ -148,12 +144,7 @@ def main() -> None:
 
 
 def _table(r: dict) -> None:
-    def cell(values: list[float], digits: int = 2) -> str:
-        mean, ci = interval(values)
-        return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
-
-    print("\n| NFM student started from | " + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")
-    print("|---|" + "---|" * len(r["nfes"]))
+    euler_head("NFM student started from", r["nfes"])
     for name in ("gaussian (k = 1)", "mixture (k chosen per class)"):
         print(f"| {name} | " + " | ".join(cell([s[name][k] for s in r["seeds"]]) for k in r["nfes"]) + " |")
     print("\n| held-out log-likelihood, nats per dimension (mean over classes) | "

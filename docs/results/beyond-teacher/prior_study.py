@@ -41,6 +41,27 @@ from nfm.teacher.export import load_teacher
 from nfm.teacher.protocol import prior_std
 
 
+def cell(values: list[float], digits: int = 2) -> str:
+    """mean ± the half-width of its 95 % interval over the seeds (the mean alone for one seed)."""
+    mean, ci = interval(values)
+    return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def euler_head(first: str, nfes: list[int]) -> None:
+    """A markdown table's head: `first`, then a column an Euler count."""
+    print(f"\n| {first} | " + " | ".join(f"Euler {s}" for s in nfes) + " |")
+    print("|---|" + "---|" * len(nfes))
+
+
+def euler_fids(model, meta: dict, z: torch.Tensor, y: torch.Tensor, nfes: list[int], on: EvalSet) -> dict[int, float]:
+    """FID of a student's Euler samples from (z, y) at each step count."""
+    out = {}
+    for steps in nfes:
+        xs = sample_ode(model, z, y, solver="euler", steps=steps, num_classes=meta["model"]["num_classes"])[0]
+        out[steps] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+    return out
+
+
 def students_of(run: Path, steps: int) -> dict[tuple[str, int], Path]:
     """The student export of each coupling and training seed (its train.seed) trained the run's `steps`."""
     out = {}
@@ -142,10 +163,7 @@ def main() -> None:
         }
         starts = {name: (i.z, i.y) for name, i in starts.items()} | {"held-out encodings": (noise, y)}
         for name, (z, yy) in starts.items():
-            row[name] = {}
-            for steps in nfes:
-                xs = sample_ode(model, z, yy, solver="euler", steps=steps, num_classes=meta["model"]["num_classes"])[0]
-                row[name][steps] = on.fid_kid(xs.clamp(-1, 1))["fid"]
+            row[name] = euler_fids(model, meta, z, yy, nfes, on)
             print(f"seed {k} NFM from {name:20s} " + " ".join(f"E{s} {f:7.3f}" for s, f in row[name].items()),
                   flush=True)  # fmt: skip
         tp = teacher_prior(cache, teacher.fingerprint(), log=lambda *a: None)
@@ -167,12 +185,7 @@ def main() -> None:
 
 
 def _table(r: dict) -> None:
-    def cell(values: list[float], digits: int = 2) -> str:
-        mean, ci = interval(values)
-        return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
-
-    print("\n| NFM student started from | " + " | ".join(f"Euler {s}" for s in r["nfes"]) + " |")
-    print("|---|" + "---|" * len(r["nfes"]))
+    euler_head("NFM student started from", r["nfes"])
     for name in ("N(0, I)", "fitted", "held-out encodings"):
         cells = [cell([s[name][steps] for s in r["seeds"]]) for steps in r["nfes"]]
         print(f"| {name} | " + " | ".join(cells) + " |")
