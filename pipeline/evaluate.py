@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -451,4 +452,89 @@ def teacher_sweep(teacher, on: EvalSet, *, fitted=None, batch: int = 500, log=pr
             out.grids[row.sampler] = x
         if not suffix:  # memorisation: the N(0, I) samples, as before fitted priors
             out.memorisation = nearest_train_distance(out.grids[sets[-1][0]], on.train_images)
+    return out
+
+
+# ----------------------------------------------------------------------------- classifier-free guidance
+
+
+def held_out_halves(on: EvalSet, seed: int = 0) -> tuple[EvalSet, EvalSet]:
+    """The held-out split cut in two by a fixed permutation: (validation, test). Each half is scored with its own
+    noise seed (on.seed + 1, + 2), so no sample scored on the test half was drawn while a weight was chosen."""
+    perm = torch.randperm(len(on.reference), generator=torch.Generator().manual_seed(seed))
+    cut = len(perm) // 2
+
+    def half(idx: torch.Tensor, k: int) -> EvalSet:
+        return replace(on, reference=on.reference[idx], reference_labels=on.reference_labels[idx], seed=on.seed + k,
+                       scorers={})  # fmt: skip
+
+    return half(perm[:cut], 1), half(perm[cut:], 2)
+
+
+Sampler = Callable[[EvalSet, float], torch.Tensor]  # (where, guidance weight) -> samples in [-1, 1]
+
+
+def choose_guidance(sample: Sampler, val: EvalSet, test: EvalSet, weights: tuple[float, ...]) -> dict[str, Any]:
+    """The weight with the lowest FID on the validation half (0 always among them), then FID of it and of w = 0
+    on the test half: {"val": {w: fid}, "best", "unguided", "guided"} (test-half FIDs)."""
+    on_val = {float(w): val.fid_kid(sample(val, float(w)))["fid"] for w in sorted({0.0, *weights})}
+    best = min(on_val, key=on_val.get)
+    unguided = test.fid_kid(sample(test, 0.0))["fid"]
+    guided = unguided if best == 0.0 else test.fid_kid(sample(test, best))["fid"]
+    return {"val": {str(w): f for w, f in on_val.items()}, "best": best, "unguided": unguided, "guided": guided}
+
+
+def student_guidance(model, meta: dict[str, Any], on: EvalSet, weights, nfes, *, prior=None, log=print) -> dict:
+    """choose_guidance for a class-conditional student at each Euler count of `nfes`: {"euler-N": choice}."""
+    from nfm.student.sampling import sample_ode, student_inputs
+
+    classes, device = meta["model"]["num_classes"], next(model.parameters()).device
+    val, test = held_out_halves(on)
+    out = {}
+    for steps in nfes:
+
+        def sample(where: EvalSet, w: float, steps: int = steps) -> torch.Tensor:
+            i = student_inputs(meta, where.n, seed=where.seed, device=device, labels_like=where.reference_labels,
+                               prior=prior)  # fmt: skip
+            x = sample_ode(model, i.z, i.y, solver="euler", steps=steps, guidance=w, num_classes=classes)[0]
+            return x.clamp(-1, 1).cpu()
+
+        out[f"euler-{steps}"] = c = choose_guidance(sample, val, test, tuple(weights))
+        log(f"  guidance, euler {steps}: w = {c['best']:g} on validation; test FID {c['unguided']:.3f} -> "
+            f"{c['guided']:.3f}")  # fmt: skip
+    return out
+
+
+def teacher_guidance(teacher, on: EvalSet, weights, *, fitted=None, batch: int = 500, log=print) -> dict:
+    """choose_guidance for the teacher's decode + denoise, from N(0, I) and (with `fitted`, as in teacher_sweep)
+    from its fitted prior: {"decode+denoise": choice, "decode+denoise@fitted": choice}. {} for a teacher whose
+    decode takes no guidance (a user's own flow) or that cannot denoise."""
+    import inspect
+
+    from nfm.teacher.model import Guidance
+    from nfm.teacher.protocol import prior_std, teacher_device
+
+    if "guidance" not in inspect.signature(teacher.decode).parameters or not callable(
+        getattr(teacher, "denoise", None)
+    ):
+        return {}
+    val, test = held_out_halves(on)
+    priors = [("", prior_std(teacher))] + (
+        [(FITTED, fitted.scaled(fitted.scale * prior_std(teacher)))] if fitted else []
+    )
+    out = {}
+    for suffix, prior in priors:
+
+        def sample(where: EvalSet, w: float, prior=prior) -> torch.Tensor:
+            i = sample_inputs(where.n, tuple(teacher.image_shape), teacher.num_classes, seed=where.seed, prior=prior,
+                              labels_like=where.reference_labels, device=teacher_device(teacher))  # fmt: skip
+            xs = []
+            for k in range(0, where.n, batch):
+                z, y = i.z[k : k + batch], i.y[k : k + batch]
+                xs.append(teacher.denoise(teacher.decode(z, y, guidance=Guidance(weight=w)), y).cpu())
+            return torch.cat(xs).clamp(-1, 1)
+
+        out["decode+denoise" + suffix] = c = choose_guidance(sample, val, test, tuple(weights))
+        log(f"  teacher guidance{suffix}: w = {c['best']:g} on validation; test FID {c['unguided']:.3f} -> "
+            f"{c['guided']:.3f}")  # fmt: skip
     return out

@@ -457,6 +457,33 @@ def _spread_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
     return lines + [""]
 
 
+def _guidance_table(results: dict[str, Any]) -> list[str]:
+    g = results.get("guidance")
+    if not g or not g["rows"]:
+        return []
+    val, test = g["halves"]
+    lines = [
+        "## Classifier-free guidance",
+        "",
+        f"Guidance weights {', '.join(f'{w:g}' for w in g['weights'])} tried for every class-conditional model "
+        f"(students: v = (1 + w) v(x, t, y) − w v(x, t, ∅) at Euler {', '.join(map(str, g['nfes']))}; the teacher: "
+        "its affine parameters guided the same way, decode + denoise). Each model's weight is chosen per sampler "
+        f"and training seed on half the held-out split (validation, {val} images, noise seed + 1) and scored on "
+        f"the other half (test, {test} images, noise seed + 2) beside the same model unguided. FID against the "
+        "test half: compare the rows of this table with each other, not with the tables above (other reference "
+        "images).",
+        "",
+        "| model | sampler | unguided | guided | weight chosen (per seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, samplers in g["rows"].items():
+        for sampler, row in samplers.items():
+            cells = [_cell(row, k) for k in ("unguided", "guided")]
+            chosen = ", ".join(f"{w:g}" for w in row["best"])
+            lines.append(f"| {_label(model)} | {_sampler_title(sampler)} | {cells[0]} | {cells[1]} | {chosen} |")
+    return lines + [""]
+
+
 def _kid_table(results: dict[str, Any], nfes: list[int]) -> list[str]:
     lines = [
         "",
@@ -693,7 +720,7 @@ def write_report(
     side_md = (side[0].name, side[1]) if side else None
     nfes = sorted({r["nfe"] for res in results["students"].values() for r in res["rows"] if r["solver"] == "euler"})
     lines = _intro(results) + _headline(results, nfes) + _fid_table(results, nfes) + _kid_table(results, nfes)
-    lines += _spread_table(results, nfes)
+    lines += _guidance_table(results) + _spread_table(results, nfes)
     lines += _knob_table(results, nfes, frontier) + _likelihood_table(results) + _cost_table(results)
     lines += _memorisation_table(results) + _pictures(plot, side_md, grid_files) + _timings(results)
     report = out_dir / "report.md"

@@ -36,6 +36,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ from nfm.pairs.format import INDEX_NAME
 from nfm.pairs.lookup import default_cache_root
 from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, spread
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
 from nfm.pipeline.core.config import (
     AtLeast1,
     NonNegative,
@@ -105,6 +106,11 @@ class EvalConfig:
     # rtol = atol of the dopri5 row (benchmarks/eval_bench.py: on the digits students 1e-4 takes 80-86 NFE where 1e-5
     # takes 230-260, and moves FID by at most 0.016; the digits preset uses it)
     dopri5_tol: Positive = added(1e-5)
+    # classifier-free guidance: these weights (and 0) tried for the teacher and every class-conditional student at
+    # each of guidance_nfes, each model's weight chosen on half the held-out split, scored on the other half
+    # (evaluate.choose_guidance); () = no guided rows
+    guidance: tuple[float, ...] = added(())
+    guidance_nfes: tuple[int, ...] = added((1, 2, 8))
 
 
 # the couplings of a run: every student coupling, plus nfm-reflow (reflow from the nfm student; `reflow` is
@@ -477,8 +483,9 @@ class _EvalContext:
         warning = fid_size_warning(extractor, ev.n, len(reference))
         if warning:
             log.warning(f"warning: {warning}")
-        # the sampling-spread and floor settings are not part of a sweep's inputs
-        sweep = to_dict(replace(ev, noise_seeds=0, floor_draws=EvalConfig().floor_draws))
+        # the sampling-spread, floor and guidance settings are not part of a sweep's inputs
+        sweep = to_dict(replace(ev, noise_seeds=0, floor_draws=EvalConfig().floor_draws, guidance=(),
+                                guidance_nfes=EvalConfig().guidance_nfes))  # fmt: skip
         # samplers: 2 since heun's last step is Euler (issue 25): results cached before are not reused
         key = config_hash({"eval": sweep, "extractor": extractor, "reference": len(reference), "samplers": 2})
         return cls(ev, on, run_dir / "eval", key, log)
@@ -586,6 +593,38 @@ def _sampling_spread(
     return out
 
 
+def _guided(ctx: _EvalContext, name: str, tag: str, compute: Callable[[], dict]) -> dict:
+    """Guided rows of one model (evaluate.student_guidance / teacher_guidance), cached beside its sweep."""
+    ev = ctx.ev
+    gkey = config_hash({"weights": list(ev.guidance), "nfes": list(ev.guidance_nfes)})
+    path = ctx.eval_dir / f"guided-{_slug(name)}-{tag}-{ctx.key}-{gkey}.json"
+    if path.is_file():
+        return read_json(path, "guided evaluation")
+    ctx.log.info(f"classifier-free guidance of the {name} (weights 0, {', '.join(map(str, ev.guidance))})")
+    out = compute()
+    write_json(path, out)
+    return out
+
+
+def _guidance_rows(ctx: _EvalContext, run: _SeedRun, device) -> dict[str, dict]:
+    """{model: {sampler: choice}} for the teacher and every class-conditional student of one seed."""
+    from nfm.pipeline.evaluate import student_guidance, teacher_guidance
+
+    ev, on, out = ctx.ev, ctx.on, {}
+    if ctx.ev.teacher and run.teacher is not None and run.teacher.num_classes:
+        prior, tag = _teacher_prior(run.pairs, ctx.log.info)
+        compute = partial(teacher_guidance, run.teacher, on, ev.guidance, fitted=prior, log=ctx.log.info)
+        out["teacher"] = _guided(ctx, "teacher", run.teacher.fingerprint() + tag, compute)
+    for name, export in run.evaluated.items():
+        model, meta, prior, tag = _student_for_eval(export, device, run.priors.get(name, "auto"))
+        if not meta["model"]["num_classes"]:
+            continue
+        compute = partial(student_guidance, model, meta, on, ev.guidance, ev.guidance_nfes, prior=prior,
+                          log=ctx.log.info)  # fmt: skip
+        out[name] = _guided(ctx, name, tag, compute)
+    return out
+
+
 def _floor(ctx: _EvalContext) -> dict[str, Any]:
     """What a model that reproduces the held-out set exactly scores at this sample count: n held-out images
     drawn with replacement, scored against the held-out set, floor_draws times (FID's finite-sample floor)."""
@@ -623,6 +662,8 @@ def _evaluate_seed(
             from nfm.student.sampling import student_inputs
 
             out_grids[name]["source"] = student_inputs(meta, min(ctx.ev.n, 100), seed=ctx.on.seed).eps
+    if ctx.ev.guidance:
+        results["guided"] = _guidance_rows(ctx, run, device)
     return results, out_grids, reused_all
 
 
@@ -674,9 +715,27 @@ def _stage_evaluation(
             for name in names
             if name not in results["knobs"]
         }
+    if ev.guidance:
+        results["guidance"] = _aggregate_guidance(ev, per_seed, len(on.reference))
     results["per_seed"] = per_seed
     stages.done("evaluation", reused_all, t0)
     return results, grids
+
+
+def _aggregate_guidance(ev: EvalConfig, per_seed: list[dict[str, Any]], reference: int) -> dict[str, Any]:
+    """The guided rows over the seeds: per model and sampler, the test-half FID unguided and guided (mean and
+    interval) and the weight each seed chose."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for model, samplers in per_seed[0]["guided"].items():
+        for sampler in samplers:
+            seeds = [ps["guided"][model][sampler] for ps in per_seed if sampler in ps["guided"].get(model, {})]
+            row = {"best": [c["best"] for c in seeds]}
+            for k in ("unguided", "guided"):
+                row[k], row[f"{k}_ci"] = interval([c[k] for c in seeds])
+                row[f"{k}_seeds"] = [c[k] for c in seeds]
+            rows.setdefault(model, {})[sampler] = row
+    return {"weights": [0.0, *ev.guidance], "nfes": list(ev.guidance_nfes), "halves": [reference // 2,
+            reference - reference // 2], "rows": rows}  # fmt: skip
 
 
 def _seconds_per_step(run: Path) -> float | None:

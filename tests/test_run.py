@@ -64,6 +64,36 @@ def test_straightness_is_zero_for_straight_paths():
     assert straightness(lambda x, t, y: x, z, None, steps=8) == pytest.approx(expected, rel=1e-6)  # float32 inside
 
 
+def test_the_guidance_weight_is_chosen_on_the_validation_half_and_scored_on_the_test_half():
+    from nfm.pipeline.evaluate import EvalSet, choose_guidance, held_out_halves
+
+    reference = torch.linspace(-1, 1, 10).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    on = EvalSet(reference, torch.arange(10) % 2, reference, "nfm-digits", n=4, seed=7)
+    val, test = held_out_halves(on)
+    # the halves are a partition of the held-out images, each scored with its own noise seed
+    halves = torch.cat([val.reference, test.reference])[:, 0, 0, 0]
+    assert torch.equal(halves.sort().values, reference[:, 0, 0, 0]) and (val.seed, test.seed) == (8, 9)
+    assert torch.equal(val.reference_labels, ((val.reference[:, 0, 0, 0] + 1) * 4.5).round().long() % 2)
+
+    class Scored:  # FID by weight: the validation half prefers w = 2, the test half w = 1
+        def __init__(self, fids):
+            self.fids = fids
+
+        def fid_kid(self, x):
+            return {"fid": self.fids[float(x[0])]}
+
+    val_fids, test_fids = {0.0: 5.0, 1.0: 4.0, 2.0: 3.0}, {0.0: 9.0, 1.0: 1.0, 2.0: 6.0}
+    val, test, calls = Scored(val_fids), Scored(test_fids), []
+
+    def sample(where, w):
+        calls.append((where, w))
+        return torch.full((1,), w)
+
+    out = choose_guidance(sample, val, test, (1.0, 2.0))
+    assert out["best"] == 2.0 and out["unguided"] == 9.0 and out["guided"] == 6.0  # not the test half's best, 1
+    assert calls == [(val, 0.0), (val, 1.0), (val, 2.0), (test, 0.0), (test, 2.0)]
+
+
 def _run(tmp_path, *extra, check=True, background=False):
     env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
     args = ["run", "--preset", "tiny", "--run-dir", tmp_path / "run", *extra]
@@ -128,6 +158,22 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert report["priors"]["nfm[prior=gaussian]"] == "gaussian" and len(list((run / "students").iterdir())) == 3
     assert report["students"]["nfm[prior=gaussian]"]["rows"] != report["students"]["nfm"]["rows"]
+
+    # eval.guidance: guided rows for the teacher and every class-conditional student, each weight chosen on the
+    # validation half; the sweeps above are reused, not recomputed (guidance is not part of their key)
+    _run(tmp_path, "--quiet", "eval.guidance=1", "eval.guidance_nfes=1")
+    guided = json.loads((run / "report.json").read_text())
+    for name in ("nfm", "independent", "minibatch-ot"):
+        assert guided["students"][name]["rows"] == report["students"][name]["rows"], name
+    rows = guided["guidance"]["rows"]
+    assert set(rows) == {"teacher", "nfm", "independent", "minibatch-ot"}
+    assert set(rows["teacher"]) == {"decode+denoise", "decode+denoise@fitted"} and set(rows["nfm"]) == {"euler-1"}
+    for model, samplers in rows.items():
+        for row in samplers.values():
+            assert row["best"][0] in (0.0, 1.0) and math.isfinite(row["guided"]), model
+            assert row["best"][0] == 1.0 or row["guided"] == row["unguided"], model
+    assert guided["guidance"]["halves"] == [179, 180]
+    assert "## Classifier-free guidance" in (run / "report.md").read_text()
 
 
 def test_every_coupling_in_one_run_with_its_cost(tmp_path):
