@@ -23,6 +23,8 @@ over the seeds. Beside them:
     knobs=eta=0,views=1,mix=0.25   NFM variants (KNOBS): other pairs or student settings, same teacher
     compute_matched=independent    baselines trained again for NFM's total compute (teacher + pairs + student)
     eval.noise_seeds=M             FID's own sampling noise: seed 0's students scored on M more noise seeds
+    eval.guidance=0.5,1,2          classifier-free guidance: each model's weight chosen on half the held-out split,
+                                   scored on the other half (evaluate.choose_guidance)
 """
 
 from __future__ import annotations
