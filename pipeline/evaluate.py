@@ -352,7 +352,9 @@ class TeacherEval:
     @classmethod
     def from_json(cls, d: dict[str, Any], grids: dict[str, torch.Tensor] | None = None) -> TeacherEval:
         rows = [TeacherRow(**r) for r in d["rows"]]
-        return cls(rows, d["memorisation"], d.get("test_bpd"), d.get("noise_std"), grids or {})
+        grids = grids or {}  # in the rows' order (a safetensors file gives its keys sorted)
+        grids = {r.sampler: grids[r.sampler] for r in rows if r.sampler in grids}
+        return cls(rows, d["memorisation"], d.get("test_bpd"), d.get("noise_std"), grids)
 
 
 def student_sweep(

@@ -94,6 +94,16 @@ def test_the_guidance_weight_is_chosen_on_the_validation_half_and_scored_on_the_
     assert calls == [(val, 0.0), (val, 1.0), (val, 2.0), (test, 0.0), (test, 2.0)]
 
 
+def test_a_cached_teacher_evaluation_keeps_its_samplers_in_the_order_they_were_scored():
+    from nfm.pipeline.evaluate import TeacherEval, TeacherRow
+
+    order = ["decode", "decode+denoise", "decode@fitted", "decode+denoise@fitted"]
+    rows = [TeacherRow(sampler=k, fid=1.0, kid=0.0, kid_std=0.0) for k in order]
+    saved = TeacherEval(rows, {}).to_json()
+    loaded = TeacherEval.from_json(saved, {k: torch.zeros(1) for k in sorted(order)})  # as safetensors gives them
+    assert list(loaded.grids) == order
+
+
 def _run(tmp_path, *extra, check=True, background=False):
     env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
     args = ["run", "--preset", "tiny", "--run-dir", tmp_path / "run", *extra]
