@@ -113,8 +113,9 @@ def _groups(cache: PairCache, cfg: PriorConfig) -> int:
     return cache.num_classes + 1 if cfg.per_class and cache.num_classes else 1
 
 
-def _read_noise(cache: PairCache, i: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shard i's noise (float64) and labels, the shard checked against its checksum before any row is used."""
+def read_noise(cache: PairCache, i: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard i's noise (float64) and labels, the shard checked against its checksum before any row is used
+    (`groups` > 1: labels must be below groups - 1)."""
     sf = cache.shard(i)
     cols = {"noise": sf.empty("noise"), "label": sf.empty("label")}
     sf.read_verified(cache.shards[i], cols)
@@ -150,7 +151,7 @@ def _fit_locked(cache: PairCache, cfg: PriorConfig, d: Path, log) -> None:
         name = f"prior fit, pass {p + 1} of {passes}" if lowrank else "prior fit"
         bar = progress(shards, name, "shard", initial=done)
         for i in range(done, shards):
-            noise, label = _read_noise(cache, i, groups)
+            noise, label = read_noise(cache, i, groups)
             pooled = torch.full_like(label, groups - 1)
             if lowrank and groups > 1:  # each labelled row to its class and to the pooled component
                 sums.add(noise[label >= 0], label[label >= 0])
@@ -170,9 +171,7 @@ def _fit_locked(cache: PairCache, cfg: PriorConfig, d: Path, log) -> None:
         prior, stats = LowRankPrior.from_sketch(sums, cache.image_shape, cfg.rank)
     else:
         if groups > 1:  # the pooled component: every row, labelled or not
-            sums.count[-1] = sums.count.sum()
-            sums.s1[-1] = sums.s1.sum(0)
-            sums.s2[-1] = sums.s2.sum(0)
+            sums.pool_last()
         prior, stats = FittedPrior.from_moments(sums, cache.image_shape)
     prior.save(d / TENSORS_NAME)
     meta = {

@@ -412,18 +412,24 @@ def student_sweep(
 FITTED = "@fitted"  # the suffix of the rows sampled from a fitted prior (teacher: decode@fitted, ...)
 
 
+def _teacher_priors(teacher, fitted) -> list[tuple[str, Any]]:
+    """(row suffix, prior in the teacher's latent units): N(0, prior_std^2), and the fitted prior when given."""
+    from nfm.teacher.protocol import prior_std
+
+    std = prior_std(teacher)
+    return [("", std)] + ([(FITTED, fitted.scaled(fitted.scale * std))] if fitted else [])
+
+
 def teacher_sweep(teacher, on: EvalSet, *, fitted=None, batch: int = 500, log=print) -> TeacherEval:
     """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
     teachers without `denoise` (a user's own flow) are scored on their decoded samples only. `fitted`: a prior
     fitted to the teacher's pair cache (pipeline.core.prior, scaled into the teacher's latent space by sigma_f):
     the same rows again from it (sampler names + FITTED), on the same eps."""
-    from nfm.teacher.protocol import prior_std, teacher_device
+    from nfm.teacher.protocol import teacher_device
 
     can_denoise = callable(getattr(teacher, "denoise", None)) and teacher.noise_std > 0
     out = TeacherEval(rows=[], memorisation={})
-    priors = [("", prior_std(teacher))] + (
-        [(FITTED, fitted.scaled(fitted.scale * prior_std(teacher)))] if fitted else []
-    )
+    priors = _teacher_priors(teacher, fitted)
     for suffix, prior in priors:
         inputs = sample_inputs(
             on.n,
@@ -514,16 +520,14 @@ def teacher_guidance(teacher, on: EvalSet, weights, *, fitted=None, batch: int =
     import inspect
 
     from nfm.teacher.model import Guidance
-    from nfm.teacher.protocol import prior_std, teacher_device
+    from nfm.teacher.protocol import teacher_device
 
     if "guidance" not in inspect.signature(teacher.decode).parameters or not callable(
         getattr(teacher, "denoise", None)
     ):
         return {}
     val, test = held_out_halves(on)
-    priors = [("", prior_std(teacher))] + (
-        [(FITTED, fitted.scaled(fitted.scale * prior_std(teacher)))] if fitted else []
-    )
+    priors = _teacher_priors(teacher, fitted)
     out = {}
     for suffix, prior in priors:
 

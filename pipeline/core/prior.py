@@ -83,8 +83,11 @@ class Moments:
             self.s2[g] += rows.T @ rows
 
     def pool_last(self) -> None:
-        """Make the last group every row of the others (the pooled component of a per-class fit)."""
-        self.count[-1], self.s1[-1], self.s2[-1] = self.count[:-1].sum(), self.s1[:-1].sum(0), self.s2[:-1].sum(0)
+        """Add every other group's rows to the last one (the pooled component of a per-class fit: its own rows,
+        those of no class, and every class's). Call it once, after the last `add`."""
+        self.count[-1] += self.count[:-1].sum()
+        self.s1[-1] += self.s1[:-1].sum(0)
+        self.s2[-1] += self.s2[:-1].sum(0)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"count": self.count, "s1": self.s1, "s2": self.s2}
@@ -316,6 +319,8 @@ class LowRankPrior(PriorBase):
                 raise NFMError(f"prior component {g} has {int(n)} row(s); a Gaussian needs at least 2")
             mean = sk.s1[g] / n
             var = (sk.sq[g] / n - mean.pow(2)).clamp_min(0)
+            if not float(var.mean()) > 0:
+                raise NFMError(f"prior component {g}: the rows are all equal (zero variance)")
             f = sk.f[g] / n - torch.outer(mean, q[g].T @ mean)  # C Q
             b = q[g].T @ f  # Q^T C Q
             ev, v = torch.linalg.eigh(0.5 * (b + b.T))
@@ -323,8 +328,6 @@ class LowRankPrior(PriorBase):
             u, sv, _ = torch.linalg.svd(f @ (v[:, keep] / ev[keep].sqrt()), full_matrices=False)
             lam, u = sv[:rank].pow(2), u[:, :rank]  # (r,), (D, r): C's leading eigenpairs
             psi = (var - (u.pow(2) * lam).sum(1)).clamp_min(PSI_FLOOR * float(var.mean()))
-            if not float(var.mean()) > 0:
-                raise NFMError(f"prior component {g}: the rows are all equal (zero variance)")
             w_tilde = u * lam.sqrt() / psi.sqrt()[:, None]
             basis, sv, _ = torch.linalg.svd(w_tilde, full_matrices=False)
             means.append(mean), roots.append(psi.sqrt()), bases.append(basis), ss.append(sv)

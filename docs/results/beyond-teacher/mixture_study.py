@@ -16,7 +16,6 @@ count, as in prior_study.py.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -24,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prior_study import cell, euler_fids, euler_head, load_run, students_of  # noqa: E402
+from prior_study import cell, euler_fids, euler_head, load_run, save, students_of  # noqa: E402
 
+from nfm.pairs.prior import read_noise  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
 from nfm.pipeline.core.prior import oas  # noqa: E402
 from nfm.pipeline.run import seeded  # noqa: E402
@@ -85,10 +85,8 @@ def fit_mixture(x: torch.Tensor, k: int, iters: int, seed: int) -> Mixture:
 def _noise_by_class(cache: PairCache) -> dict[int, torch.Tensor]:
     rows: dict[int, list[torch.Tensor]] = {}
     for i in range(len(cache.shards)):
-        sf = cache.shard(i)
-        cols = {"noise": sf.empty("noise"), "label": sf.empty("label")}
-        sf.read_verified(cache.shards[i], cols)
-        noise, label = cols["noise"].double().flatten(1), cols["label"].long()
+        noise, label = read_noise(cache, i, cache.num_classes + 1)
+        noise = noise.flatten(1)
         for c in label.unique().tolist():
             rows.setdefault(int(c), []).append(noise[label == c])
     return {c: torch.cat(v) for c, v in sorted(rows.items())}
@@ -138,8 +136,7 @@ def main() -> None:
             print(f"seed {s} NFM from {name:30s} " + " ".join(f"E{k} {f:7.3f}" for k, f in row[name].items()),
                   flush=True)  # fmt: skip
         results["seeds"].append(row)
-        if args.out:
-            args.out.write_text(json.dumps(results, indent=1) + "\n")
+        save(results, args.out)
     _table(results)
 
 

@@ -47,6 +47,12 @@ def cell(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f}" if ci is None else f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
+def save(results: dict, out: Path | None) -> None:
+    """The study's results as JSON at `out` (after every seed: a long study keeps what it measured)."""
+    if out:
+        out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def euler_head(first: str, nfes: list[int]) -> None:
     """A markdown table's head: `first`, then a column an Euler count."""
     print(f"\n| {first} | " + " | ".join(f"Euler {s}" for s in nfes) + " |")
@@ -179,8 +185,7 @@ def main() -> None:
                    if (c, seed) in students}  # fmt: skip
         row["pairwise"] = _pairwise(teacher, cache, exports, on, nfes)
         results["seeds"].append(row)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        save(results, args.out)
     _table(results)
 
 
