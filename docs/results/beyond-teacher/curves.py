@@ -88,63 +88,94 @@ def _print_teacher(r: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def _plot_length(r: dict, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _log_axis(ax, values: list[float]) -> None:
+    """A log y axis labelled with plain numbers at round values inside the data's range."""
+    lo, hi = min(values), max(values)
+    ticks = [
+        t
+        for t in (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30, 40, 50, 60, 80, 100, 150, 200, 300)
+        if lo * 0.9 <= t <= hi * 1.1
+    ]
+    ax.set_yscale("log")
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+
+
+def _plot_length(r: dict, path: Path) -> None:
+    plt = _pyplot()
     nfes = sorted({k for row in r.values() for m in row.values() for k in m})
-    fig, axes = plt.subplots(1, len(nfes), figsize=(4.2 * len(nfes), 4.0), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(nfes), figsize=(3.6 * len(nfes), 3.9), dpi=120, squeeze=False)
     for ax, steps in zip(axes[0], nfes, strict=True):
-        for name, label in LABELS.items():
+        values = []
+        for k, (name, label) in enumerate(LABELS.items()):
             pts = [(n, row[name][steps]) for n, row in r.items() if name in row]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label, ls="--" if name == NFM_N01 else "-")
-        ax.set(xscale="log", yscale="log", title=f"Euler {steps}", xlabel="student training steps")
+            values += [v for _, v in pts]
+            ax.plot(*zip(*pts, strict=True), marker="o", color="C0" if name == NFM_N01 else f"C{k}", label=label,
+                    ls="--" if name == NFM_N01 else "-")  # fmt: skip
+        ax.set(xscale="log", title=f"Euler {steps}", xlabel="student training steps")
+        _log_axis(ax, values)
         ax.set_xticks(list(r), [f"{n:,}" for n in r])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("FID (seed 0)")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def _plot_teacher(r: dict, path: Path) -> None:
-    import matplotlib
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = list(r)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.2), dpi=120)
+    nfes = sorted(r[steps[0]]["nfm"]["fitted prior"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 4.4), dpi=120)
+    values: list[float] = []
     for prior, ls in (("N(0, I)", "--"), ("fitted prior", "-")):
-        left.plot(steps, [r[s]["teacher"][prior] for s in steps], "k", ls=ls, marker="s",
-                  label=f"teacher, decode + denoise, {prior}")  # fmt: skip
-        for k, nfe in enumerate(sorted(r[steps[0]]["nfm"]["fitted prior"])):
+        ys = [r[s]["teacher"][prior] for s in steps]
+        left.plot(steps, ys, "k", ls=ls, marker="s")
+        values += ys
+        for k, nfe in enumerate(nfes):
             if prior in r[steps[0]]["nfm"]:
-                left.plot(steps, [r[s]["nfm"][prior][nfe] for s in steps], color=f"C{k}", ls=ls, marker="o",
-                          label=f"NFM student, Euler {nfe}, {prior}")  # fmt: skip
-    left.set(xscale="log", yscale="log", xlabel="teacher training steps", ylabel="FID (seed 0)",
-             title="teacher and student against the teacher's budget")  # fmt: skip
+                ys = [r[s]["nfm"][prior][nfe] for s in steps]
+                left.plot(steps, ys, color=f"C{k}", ls=ls, marker="o")
+                values += ys
+    left.set(xscale="log", xlabel="teacher training steps", ylabel="FID (seed 0)",
+             title="teacher and NFM student against the teacher's steps")  # fmt: skip
+    _log_axis(left, values)
     left.set_xticks(steps, [f"{s:,}" for s in steps])
-    left.minorticks_off()
-    left.grid(alpha=0.3)
-    left.legend(fontsize=7)
     bpd = [r[s]["bpd"] for s in steps]
-    for k, nfe in enumerate(sorted(r[steps[0]]["nfm"]["fitted prior"])):
-        right.plot(bpd, [r[s]["nfm"]["fitted prior"][nfe] for s in steps], color=f"C{k}", marker="o",
-                   label=f"NFM student, Euler {nfe}, fitted prior")  # fmt: skip
-    right.plot(bpd, [r[s]["teacher"]["fitted prior"] for s in steps], "k", marker="s",
-               label="teacher, decode + denoise, fitted prior")  # fmt: skip
+    values = []
+    for k, nfe in enumerate(nfes):
+        ys = [r[s]["nfm"]["fitted prior"][nfe] for s in steps]
+        right.plot(bpd, ys, color=f"C{k}", marker="o")
+        values += ys
+    ys = [r[s]["teacher"]["fitted prior"] for s in steps]
+    right.plot(bpd, ys, "k", marker="s")
+    values += ys
     for s, b in zip(steps, bpd, strict=True):
-        right.annotate(f"{s:,}", (b, r[s]["teacher"]["fitted prior"]), fontsize=7, xytext=(3, -10),
+        right.annotate(f"{s:,} steps", (b, r[s]["teacher"]["fitted prior"]), fontsize=7, xytext=(3, -11),
                        textcoords="offset points")  # fmt: skip
-    right.set(yscale="log", xlabel="teacher bits/dim on held-out images (lower is better)", ylabel="FID (seed 0)",
-              title="student against its teacher's likelihood")  # fmt: skip
-    right.grid(alpha=0.3)
-    right.legend(fontsize=7)
-    fig.tight_layout()
+    right.set(xlabel="teacher bits/dim on held-out images (lower is better)",
+              title="from the fitted prior, against the teacher's likelihood")  # fmt: skip
+    _log_axis(right, values)
+    handles = [Line2D([], [], color="k", marker="s", label="teacher, decode + denoise")]
+    handles += [
+        Line2D([], [], color=f"C{k}", marker="o", label=f"NFM student, Euler {nfe}") for k, nfe in enumerate(nfes)
+    ]
+    handles += [Line2D([], [], color="grey", ls="-", label="from the fitted prior"),
+                Line2D([], [], color="grey", ls="--", label="from N(0, I)")]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
     atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
