@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
+from nfm.core.data import DataConfig, load_data  # noqa: E402
+from nfm.core.io import save_tensors  # noqa: E402
 from nfm.pairs.build import PairBuildConfig, _assemble_index, build_pairs, pair_noise  # noqa: E402
 from nfm.pairs.format import FORMAT_VERSION, shard_name  # noqa: E402
 from nfm.pairs.reader import PairCache, PairReader  # noqa: E402
-from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
-from nfm.pipeline.core.io import save_tensors  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 

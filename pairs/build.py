@@ -28,6 +28,13 @@ from typing import Annotated, Any, Literal
 import torch
 from filelock import FileLock, Timeout
 
+from nfm.core.config import AtLeast1, NonNegative, Range, Scale, added, check_choices
+from nfm.core.data import DataConfig, ImageDataset
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import check_free_space, save_tensors, write_json
+from nfm.core.rundir import progress
+from nfm.core.seeding import derive_seed
 from nfm.pairs.format import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -44,13 +51,6 @@ from nfm.pairs.format import (
     shard_name,
 )
 from nfm.pairs.lookup import default_cache_root
-from nfm.pipeline.core.config import AtLeast1, NonNegative, Range, Scale, added, check_choices
-from nfm.pipeline.core.data import DataConfig, ImageDataset
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import check_free_space, save_tensors, write_json
-from nfm.pipeline.core.rundir import progress
-from nfm.pipeline.core.seeding import derive_seed
 from nfm.teacher.protocol import Teacher, check_teacher, prior_std
 
 

@@ -21,6 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from nfm.core import augment as views_
+from nfm.core.augment import AugmentConfig, draw_views
+from nfm.core.data import ImageDataset
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
 from nfm.pairs.build import (
     FORMAT_VERSION,
     PairBuildConfig,
@@ -30,11 +35,6 @@ from nfm.pairs.build import (
     _shard_rows_for,
     pair_bytes,
 )
-from nfm.pipeline.core import augment as views_
-from nfm.pipeline.core.augment import AugmentConfig, draw_views
-from nfm.pipeline.core.data import ImageDataset
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
 
 
 @dataclass(frozen=True)

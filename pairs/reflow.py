@@ -20,6 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from nfm.core.config import check_choices
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
 from nfm.pairs.build import (
     FORMAT_VERSION,
     PairBuildConfig,
@@ -30,9 +33,6 @@ from nfm.pairs.build import (
     pair_bytes,
     pair_noise,
 )
-from nfm.pipeline.core.config import check_choices
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
 
 
 @runtime_checkable

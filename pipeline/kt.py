@@ -27,15 +27,15 @@ from typing import Any
 
 import torch
 
+from nfm.core.config import AtLeast1, check_choices, format_table, to_dict, with_overrides
+from nfm.core.data import load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import atomic_write, write_json
+from nfm.core.rundir import setup_logger
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.lookup import default_cache_root
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval, paired
-from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, to_dict, with_overrides
-from nfm.pipeline.core.data import load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import atomic_write, write_json
-from nfm.pipeline.core.rundir import setup_logger
 from nfm.student.kt import (
     FLOW_METHODS,
     KTConfig,
@@ -356,8 +356,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 def rerender(run_dir: Path) -> Path:
     """report.md and the plot again from RUN/report.json; the means, intervals and differences recomputed from its
     per-seed accuracies when RUN/config.json (the run's config) is there."""
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.io import read_json
+    from nfm.core.config import from_dict
+    from nfm.core.io import read_json
 
     run_dir = Path(run_dir)
     report = read_json(run_dir / "report.json", "kt report")

@@ -44,13 +44,7 @@ from typing import Any, Literal
 
 import torch
 
-from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
-from nfm.pairs.format import INDEX_NAME
-from nfm.pairs.lookup import default_cache_root
-from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
-from nfm.pairs.reader import PairCache
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
-from nfm.pipeline.core.config import (
+from nfm.core.config import (
     AtLeast1,
     NonNegative,
     Positive,
@@ -62,13 +56,19 @@ from nfm.pipeline.core.config import (
     to_dict,
     with_overrides,
 )
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.prior import Prior
-from nfm.pipeline.core.rundir import progress, setup_logger
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.core.prior import Prior
+from nfm.core.rundir import progress, setup_logger
+from nfm.core.seeding import derive_seed
+from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
+from nfm.pairs.format import INDEX_NAME
+from nfm.pairs.lookup import default_cache_root
+from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
 from nfm.pipeline.evaluate import (
     EvalSet,
     StudentEval,
@@ -926,7 +926,7 @@ def run_pipeline(
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
         results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
-    from nfm.pipeline.core.sampling import sample_labels
+    from nfm.core.sampling import sample_labels
     from nfm.pipeline.report import write_report
 
     # the labels of the grids' samples: every model sampled the same fixed inputs (student_inputs)

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from nfm.core.batches import BatchStream, dataset_batches
+from nfm.core.config import one_of
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.errors import NFMError
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.reader import PairCache, PairReader
-from nfm.pipeline.core.batches import BatchStream, dataset_batches
-from nfm.pipeline.core.config import one_of
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.names import COUPLINGS, PAIRED, CouplingName  # noqa: F401 (re-exported)
 
 

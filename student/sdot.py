@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from nfm.pipeline.core.config import AtLeast1, Positive
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.rundir import progress
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.config import AtLeast1, Positive
+from nfm.core.errors import NFMError
+from nfm.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
+from nfm.core.rundir import progress
+from nfm.core.seeding import derive_seed
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "potentials.safetensors"

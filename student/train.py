@@ -15,20 +15,20 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
+from nfm.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
+from nfm.core.data import DataConfig, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.images import save_grid
+from nfm.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.core.loop import TrainConfig, train
+from nfm.core.prior import Prior, describe, load_prior_file
+from nfm.core.rundir import log_config, setup_logger
+from nfm.core.sampling import sample_and_save
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.lookup import default_cache_root, find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
-from nfm.pipeline.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.images import save_grid
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.prior import Prior, describe, load_prior_file
-from nfm.pipeline.core.rundir import log_config, setup_logger
-from nfm.pipeline.core.sampling import sample_and_save
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time

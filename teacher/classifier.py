@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm.pipeline.core.augment import AugmentConfig, augment, draw_augment
-from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, from_dict, to_dict
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import read_export, write_export
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.core.seeding import BatchRandom
+from nfm.core.augment import AugmentConfig, augment, draw_augment
+from nfm.core.config import AtLeast1, check_choices, format_table, from_dict, to_dict
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import read_export, write_export
+from nfm.core.loop import TrainConfig, train
+from nfm.core.rundir import setup_logger
+from nfm.core.seeding import BatchRandom
 
 FORMAT = "nfm-classifier"
 

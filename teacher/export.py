@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.core.config import from_dict
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.core.config import from_dict
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, read_json, save_tensors, write_json
 from nfm.teacher.model import TarFlow, TarFlowConfig
 
 FORMAT_VERSION = 1

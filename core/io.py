@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

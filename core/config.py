@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 T = TypeVar("T")
 
