@@ -251,3 +251,51 @@ def test_unknown_choices_are_refused_where_the_config_is_loaded():
     for override, message in cases.items():
         with pytest.raises(NFMError, match=re.escape(message)):
             build_config(RunConfig, overrides=[override])
+
+
+# ----------------------------------------------------------------------------- the README's map of the house
+
+
+def _leading_names(segment: str) -> set[str]:
+    """The module / folder names a segment of the map starts with: "models.py, sampling.py   ...",
+    "featurenet.py + weights/: ..."."""
+    out = set()
+    for word in segment.split():
+        name = word.rstrip(",:")
+        if word == "+":
+            continue
+        if not re.fullmatch(r"\w+(\.py|/)", name):
+            break
+        out.add(name)
+    return out
+
+
+def _readme_map() -> dict[str, set[str]]:
+    """{folder: the modules and subfolders the README's map names in it} (the code block after 'The house'):
+    a folder starts at column 0; an indented line names modules in its first column and at the start of each
+    later ";  "-separated segment."""
+    block = (REPO / "README.md").read_text().split("### The house", 1)[1].split("```", 2)[1]
+    out: dict[str, set[str]] = {}
+    folder = None
+    for line in block.splitlines():
+        if line[:1].strip() and line.split()[0].endswith("/"):
+            folder = line.split()[0].rstrip("/")
+            out[folder] = set()
+        elif folder and line.startswith("  "):
+            first, *rest = line.strip().split(";  ")
+            out[folder] |= _leading_names(re.split(r"\s{2,}", first)[0])
+            for segment in rest:
+                out[folder] |= _leading_names(segment)
+    return out
+
+
+def test_the_readme_map_names_every_module_and_nothing_else():
+    """Every module and subpackage of each folder is on the map, and the map names nothing that is gone."""
+    named = _readme_map()
+    assert set(named) == set(STAGES), sorted(named)
+    for folder in STAGES:
+        tree = {p.name for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
+        tree |= {p.name + "/" for p in (REPO / folder).iterdir() if p.is_dir() and p.name != "__pycache__"}
+        assert named[folder] == tree, (
+            f"{folder}/: missing {sorted(tree - named[folder])}, gone {sorted(named[folder] - tree)}"
+        )
