@@ -103,9 +103,6 @@ class TarFlowConfig(ShapedByData):
 SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(a + shift) = 1 at a = 0
 
 
-# Named sizes, DiT-style. The data-dependent fields come from the data set.
-
-
 def _affine_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
