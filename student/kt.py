@@ -49,7 +49,6 @@ from nfm.core.seeding import BatchRandom
 from nfm.pairs.reader import PairCache, require_kind
 from nfm.student.paths import ProbPath
 
-FORMAT = "nfm-kt-student"
 SCHEDULES = {"rf": "linear", "vp": "vp", "ve": "ve"}
 FLOW_METHODS = ("fm-kt", "ofm-kt")  # the methods with a meta-encoder and a K-step sampler
 
@@ -297,12 +296,12 @@ def resolve(cfg: KTStudentRunConfig, rows: KTPairs | KTViews) -> KTStudentRunCon
 
 
 def save_kt_student(model: KTStudent, directory: Path, extra: dict[str, Any]) -> Path:
-    config = {"kind": "kt-student", "model": asdict(model.cfg), "kt": asdict(model.kt), **extra}
-    return write_export(directory, model.state_dict(), FORMAT, config)
+    config = {"model": asdict(model.cfg), "kt": asdict(model.kt), **extra}
+    return write_export(directory, model.state_dict(), "kt-student", config)
 
 
 def load_kt_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[KTStudent, dict[str, Any]]:
-    _, meta, state = read_export(path, FORMAT, "KT student", "nfm kt student train")
+    _, meta, state = read_export(path, "kt-student", "KT student", "nfm kt student train")
     model = KTStudent(from_dict(KTModelConfig, meta["model"]), from_dict(KTConfig, meta["kt"]))
     model.load_state_dict(state)
     return model.to(device).eval(), meta

@@ -29,8 +29,6 @@ from nfm.core.loop import TrainConfig, train
 from nfm.core.rundir import setup_logger
 from nfm.core.seeding import BatchRandom
 
-FORMAT = "nfm-classifier"
-
 
 @dataclass(frozen=True)
 class ClassifierConfig:
@@ -136,13 +134,13 @@ def resolve(cfg: ClassifierRunConfig, data: ImageDataset) -> ClassifierRunConfig
 
 
 def save_classifier(model: ResNetClassifier, directory: Path, extra: dict[str, Any]) -> Path:
-    config = {"kind": "classifier", "model": asdict(model.cfg), "fingerprint": model.fingerprint(), **extra}
-    return write_export(directory, model.state_dict(), FORMAT, config)
+    config = {"model": asdict(model.cfg), "fingerprint": model.fingerprint(), **extra}
+    return write_export(directory, model.state_dict(), "classifier", config)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ResNetClassifier, dict[str, Any]]:
     """A classifier export (or its run directory): the model in eval mode and its config.json."""
-    p, meta, state = read_export(path, FORMAT, "classifier", "nfm kt teacher train")
+    p, meta, state = read_export(path, "classifier", "classifier", "nfm kt teacher train")
     model = ResNetClassifier(from_dict(ClassifierConfig, meta["model"]))
     try:
         model.load_state_dict(state)
