@@ -458,6 +458,7 @@ class _EvalContext:
     eval_dir: Path
     key: str  # hash of the evaluation settings: part of every cached result's name
     log: logging.Logger
+    computed: bool = False  # a result beside the sweeps (guided rows, sampling spread) was computed, not read
 
     @classmethod
     def make(cls, ev: EvalConfig, data_cfg: DataConfig, train_data: ImageDataset, run_dir: Path, log) -> _EvalContext:
@@ -565,6 +566,7 @@ def _sampling_spread(
     if path.is_file():
         return read_json(path, "sampling spread")
     ctx.log.info(f"FID sampling spread of the {name} student ({ev.noise_seeds} more noise seeds)")
+    ctx.computed = True
     fids = {r["nfe"]: [r["fid"]] for r in base["rows"] if r["solver"] == "euler"}
     for j in range(1, ev.noise_seeds + 1):
         on = replace(ctx.on, seed=ev.seed + j)
@@ -589,6 +591,7 @@ def _guided(ctx: _EvalContext, name: str, tag: str, compute: Callable[[], dict])
     if path.is_file():
         return read_json(path, "guided evaluation")
     ctx.log.info(f"classifier-free guidance of the {name} (weights 0, {', '.join(map(str, ev.guidance))})")
+    ctx.computed = True
     out = compute()
     write_json(path, out)
     return out
@@ -706,7 +709,7 @@ def _stage_evaluation(
     if ev.guidance:
         results["guidance"] = _aggregate_guidance(ev, per_seed, len(on.reference))
     results["per_seed"] = per_seed
-    stages.done("evaluation", reused_all, t0)
+    stages.done("evaluation", reused_all and not ctx.computed, t0)
     return results, grids
 
 

@@ -184,6 +184,8 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
             assert row["best"][0] == 1.0 or row["guided"] == row["unguided"], model
     assert guided["guidance"]["halves"] == [179, 180]
     assert "## Classifier-free guidance" in (run / "report.md").read_text()
+    # the guided rows were computed: the evaluation stage did work, and its timing says so
+    assert [t["reused"] for t in guided["timings"] if t["stage"] == "evaluation"] == [False]
 
 
 def test_every_coupling_in_one_run_with_its_cost(tmp_path):
