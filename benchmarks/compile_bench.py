@@ -8,7 +8,7 @@ The teacher is the digits preset's (digits8-S, batch 64), the student its `conv-
 fused AdamW of the training loop. A compiled row's first two steps (the compile) are timed apart. The bf16
 velocity's largest deviation from float32 is reported beside its speed: bf16 changes the evaluation's numbers.
 
-Writes benchmarks/results/compile-<device>.{json,md}; `train.compile=auto` (pipeline/core/loop.py) follows
+Writes benchmarks/results/compile-<device>.{json,md}; `train.compile=auto` (core/loop.py) follows
 these figures.
 """
 
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results  # noqa: E402
-from nfm.pipeline.core.loop import TrainConfig, adamw  # noqa: E402
-from nfm.pipeline.core.seeding import BatchRandom  # noqa: E402
+from nfm.core.loop import TrainConfig, adamw  # noqa: E402
+from nfm.core.seeding import BatchRandom  # noqa: E402
 from nfm.student.models import STUDENT_SIZES, StudentModelConfig, build_student  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 from nfm.teacher.train import teacher_loss  # noqa: E402

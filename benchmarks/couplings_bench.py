@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results  # noqa: E402
+from nfm.core.config import from_dict  # noqa: E402
+from nfm.core.data import DataConfig, load_data  # noqa: E402
 from nfm.pairs.build import PairBuildConfig, build_pairs  # noqa: E402
 from nfm.pairs.reflow import build_reflow_pairs  # noqa: E402
-from nfm.pipeline.core.config import from_dict  # noqa: E402
-from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
 from nfm.student import sdot  # noqa: E402
 from nfm.student.reflow import StudentGenerator  # noqa: E402
 from nfm.teacher.protocol import load_teacher_spec  # noqa: E402

@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results  # noqa: E402
-from nfm.pipeline.core.config import from_dict  # noqa: E402
-from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
-from nfm.pipeline.core.io import read_json  # noqa: E402
+from nfm.core.config import from_dict  # noqa: E402
+from nfm.core.data import DataConfig, load_data  # noqa: E402
+from nfm.core.io import read_json  # noqa: E402
 from nfm.pipeline.evaluate import EvalSet, default_extractor  # noqa: E402
 from nfm.student.sampling import sample_ode, student_inputs  # noqa: E402
 from nfm.student.train import load_student  # noqa: E402

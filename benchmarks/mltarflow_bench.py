@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
-from nfm.pipeline.core.checkpoint import EMA  # noqa: E402
-from nfm.pipeline.core.loop import TrainConfig, adamw  # noqa: E402
-from nfm.pipeline.core.seeding import BatchRandom  # noqa: E402
+from nfm.core.checkpoint import EMA  # noqa: E402
+from nfm.core.loop import TrainConfig, adamw  # noqa: E402
+from nfm.core.seeding import BatchRandom  # noqa: E402
 from nfm.teacher.mltarflow import map_state_dict  # noqa: E402
 from nfm.teacher.model import TarFlow, TarFlowConfig  # noqa: E402
 from nfm.teacher.train import teacher_loss  # noqa: E402

@@ -19,11 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
-from nfm.pairs.build import PairBuildConfig, _assemble_index, build_pairs, pair_noise  # noqa: E402
+from nfm.core.data import DataConfig, load_data  # noqa: E402
+from nfm.core.io import save_tensors  # noqa: E402
+from nfm.pairs.build import PairBuildConfig, build_pairs, pair_noise  # noqa: E402
 from nfm.pairs.format import FORMAT_VERSION, shard_name  # noqa: E402
 from nfm.pairs.reader import PairCache, PairReader  # noqa: E402
-from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
-from nfm.pipeline.core.io import save_tensors  # noqa: E402
+from nfm.pairs.writer import assemble_index  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 
 
@@ -148,7 +149,7 @@ def synthetic_cache(root: Path, gb: float, shape=(3, 32, 32), shard_rows: int = 
         "num_shards": n_shards,
         "expected_rows": total,
     }
-    _assemble_index(cache_dir, base, n_shards, complete=True)
+    assemble_index(cache_dir, base, n_shards, complete=True)
     return cache_dir
 
 

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results  # noqa: E402
+from nfm.core.data import DataConfig, load_data  # noqa: E402
+from nfm.core.seeding import BatchRandom  # noqa: E402
 from nfm.pairs.build import PairBuildConfig, build_pairs  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
-from nfm.pipeline.core.data import DataConfig, load_data  # noqa: E402
-from nfm.pipeline.core.seeding import BatchRandom  # noqa: E402
 from nfm.student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation  # noqa: E402
 from nfm.student.models import STUDENT_SIZES, StudentModelConfig, build_student  # noqa: E402
 from nfm.student.paths import ProbPath  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import timeit, write_results  # noqa: E402
-from nfm.pipeline.core.seeding import BatchRandom  # noqa: E402
+from nfm.core.seeding import BatchRandom  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 from nfm.teacher.train import teacher_loss  # noqa: E402
 

@@ -1,9 +1,9 @@
 """NFM — Normalized Flow Matching. The namespace root of the installed package.
 
-The code lives in the four stage folders at the top of the repository, installed beneath this
-namespace (pyproject.toml maps them):
+The code lives in the folders at the top of the repository, installed beneath this namespace
+(pyproject.toml maps them):
 
-    nfm.pipeline.core   the foundation: errors, I/O, config, data, seeding, batches, the training loop
+    nfm.core            the foundation: errors, I/O, config, data, seeding, batches, the training loop
     nfm.teacher         stage one: the TarFlow teacher (imports the foundation only)
     nfm.pairs           stage two: the pair cache (foundation + the teacher *protocol*)
     nfm.student         stage three: flow matching (foundation + the pair reader and cache lookup)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import xxhash
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 FORMAT_VERSION = 1
 INDEX_NAME = "pairs.index.json"

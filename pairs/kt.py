@@ -21,20 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm.pairs.build import (
-    FORMAT_VERSION,
-    PairBuildConfig,
-    PairBuildResult,
-    _build,
-    _Plan,
-    _shard_rows_for,
-    pair_bytes,
-)
-from nfm.pipeline.core import augment as views_
-from nfm.pipeline.core.augment import AugmentConfig, draw_views
-from nfm.pipeline.core.data import ImageDataset
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
+from nfm.core import augment as views_
+from nfm.core.augment import AugmentConfig, draw_views
+from nfm.core.data import ImageDataset
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.pairs.build import PairBuildConfig, limits, pair_bytes, shard_rows_of
+from nfm.pairs.format import FORMAT_VERSION
+from nfm.pairs.writer import CachePlan, PairBuildResult, data_header, write_cache
 
 
 @dataclass(frozen=True)
@@ -79,7 +73,7 @@ def build_kt_pairs(
     if k != data.num_classes:
         raise NFMError(f"the classifier has {k} classes, {data.name} has {data.num_classes}: build on its own data")
     build = PairBuildConfig(views=cfg.views, dtype="float32", batch_size=cfg.batch_size, shard_mb=cfg.shard_mb)
-    shard_rows = _shard_rows_for(data.image_shape, build, uint8=True)
+    shard_rows = shard_rows_of(data.image_shape, build, uint8=True)
     fields = {
         "format_version": FORMAT_VERSION,
         "kind": "kt",
@@ -92,45 +86,46 @@ def build_kt_pairs(
         "shard_rows": shard_rows,
     }
     row_bytes = pair_bytes(data.image_shape, build, uint8=True)
-    plan = _Plan.make(fields, len(data) * cfg.views, shard_rows, cache_root, row_bytes)
-    c, h, w = data.image_shape
-    header = {
-        "format_version": FORMAT_VERSION,
-        "kind": "kt",
-        "key": plan.key,
-        "key_fields": plan.fields,
-        "teacher": {"fingerprint": plan.fields["teacher"], **(teacher_info or {})},
-        "data": {
-            "name": data.name,
-            **({"config": asdict(data.data_config)} if getattr(data, "data_config", None) is not None else {}),
-            "split": "train",
-            "fingerprint": data.fingerprint,
-            "rows": len(data),
-            "levels": data.levels,
-            "num_classes": data.num_classes,
-        },
-        "noise_std": 0.0,
-        "sigma_f": 1.0,
-        "prior_std": "unit",
-        "views": cfg.views,
-        "seed": cfg.seed,
-        "augment": asdict(cfg.augment),
-        "dtypes": {"noise": "float32", "data": "uint8", "label": "int64", "index": "int64"},
-        "shapes": {"noise": [k], "data": [c, h, w]},
-        "shard_rows": plan.shard_rows,
-        "num_shards": plan.num_shards,
-        "expected_rows": plan.total,
-    }
+    plan = CachePlan.make(fields, len(data) * cfg.views, shard_rows, cache_root, row_bytes)
+    source = _LogitShards(classifier, data, cfg, plan, device, teacher_info or {})
+    vet = lambda d: check_logits(d, classifier)  # noqa: E731
+    return write_cache(plan, source, limits(build), state, log, vet=vet)
 
-    def encode_shard(s: int, bar) -> dict[str, torch.Tensor]:
-        ids_all, parts = plan.shard_ids(s), []
-        for i in range(0, len(ids_all), cfg.batch_size):
-            parts.append(kt_rows(classifier, data, ids_all[i : i + cfg.batch_size], cfg, device))
+
+@dataclass
+class _LogitShards:
+    """The ShardSource of a logit cache: each view of each image and the classifier's logits of it."""
+
+    classifier: nn.Module
+    data: ImageDataset
+    cfg: KTPairConfig
+    plan: CachePlan
+    device: Any
+    teacher_info: dict[str, Any]
+
+    def header(self) -> dict[str, Any]:
+        c, h, w = self.data.image_shape
+        own = {
+            "kind": "kt",
+            "teacher": {"fingerprint": self.plan.fields["teacher"], **self.teacher_info},
+            "data": data_header(self.data, "train"),
+            "noise_std": 0.0,
+            "sigma_f": 1.0,
+            "prior_std": "unit",
+            "views": self.cfg.views,
+            "seed": self.cfg.seed,
+            "augment": asdict(self.cfg.augment),
+        }
+        shapes = {"noise": [int(self.data.num_classes)], "data": [c, h, w]}
+        return self.plan.header(own, shapes=shapes, dtypes={"noise": "float32", "data": "uint8"})
+
+    def encode(self, s: int, bar) -> dict[str, torch.Tensor]:
+        ids_all, parts = self.plan.shard_ids(s), []
+        for i in range(0, len(ids_all), self.cfg.batch_size):
+            parts.append(kt_rows(self.classifier, self.data, ids_all[i : i + self.cfg.batch_size], self.cfg,
+                                 self.device))  # fmt: skip
             bar.update(len(parts[-1]["label"]))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-    vet = lambda d: check_logits(d, classifier)  # noqa: E731
-    return _build(plan, build, state, lambda: (header, encode_shard), False, log, vet)
 
 
 def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 256, seed: int = 0) -> dict[str, Any]:

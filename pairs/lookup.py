@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nfm.core.errors import NFMError
 from nfm.pairs.format import INDEX_NAME, KEY_RE, ORIGIN_NAME, SHARD_RE, is_build_leftover, read_index
-from nfm.pipeline.core.errors import NFMError
 
 
 def default_cache_root() -> Path:

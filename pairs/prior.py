@@ -2,14 +2,14 @@
 
     PRIORS_ROOT/KEY/            PRIORS_ROOT = CACHE_ROOT/../priors, CACHE_ROOT the folder holding the cache
       prior.safetensors         full: mean (K+1, D), chol (K+1, D, D); low-rank: mean, sqrt_psi (K+1, D), basis
-                                (K+1, D, r), s (K+1, r); float64, and shape   (pipeline.core.prior)
+                                (K+1, D, r), s (K+1, r); float64, and shape   (core.prior)
       prior.json                kind, model, key, cache_key, config, sha256 of prior.safetensors, each
                                 component's statistics (rows, mean norm, variance and eigenvalue range, KL to N(0, I))
       partial.safetensors       while fitting: the sums of the shards read so far (checksummed)
 
 The model: `full` (mean + OAS-shrunk covariance a class), `lowrank` (top `rank` directions + a diagonal, for
 images whose D x D matrices a class would not fit in memory), or `auto` (full where it fits in
-pipeline.core.prior.MAX_FULL_BYTES, else lowrank; resolved against the cache before anything else). KEY hashes
+core.prior.MAX_FULL_BYTES, else lowrank; resolved against the cache before anything else). KEY hashes
 the cache's key and the resolved settings, so a cache has one artifact per setting. The fit streams the shards in
 index order (twice for lowrank: a sketch pass, then a projection pass), each checked against its checksum as it is
 read, adding every pair's noise to the sums of its class; after each shard the sums are saved, so a killed fit
@@ -28,11 +28,9 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from nfm.pairs.format import read_index
-from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_state, read_json, save_state, sha256_file, write_json
-from nfm.pipeline.core.prior import (
+from nfm.core.errors import NFMError
+from nfm.core.io import load_state, read_json, save_state, sha256_file, write_json
+from nfm.core.prior import (
     FittedPrior,
     LowRankPrior,
     Moments,
@@ -42,7 +40,9 @@ from nfm.pipeline.core.prior import (
     full_fits,
     load_prior_file,
 )
-from nfm.pipeline.core.rundir import progress
+from nfm.core.rundir import progress
+from nfm.pairs.format import read_index
+from nfm.pairs.reader import PairCache
 
 PRIOR_VERSION = 1
 TENSORS_NAME = "prior.safetensors"

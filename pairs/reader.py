@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nfm.core.errors import NFMError
+from nfm.core.seeding import derive_seed
 from nfm.pairs.format import (
     FLOW_KINDS,
     ShardFile,
@@ -25,8 +27,6 @@ from nfm.pairs.format import (
     require_kind,
     safe_member,
 )
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import derive_seed
 
 
 class PairCache:

@@ -15,24 +15,18 @@ byte-identical to an uninterrupted one on the same device. sigma_f = 1: the nois
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from nfm.pairs.build import (
-    FORMAT_VERSION,
-    PairBuildConfig,
-    PairBuildResult,
-    _build,
-    _Plan,
-    _shard_rows_for,
-    pair_bytes,
-    pair_noise,
-)
-from nfm.pipeline.core.config import check_choices
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.config import check_choices
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.pairs.build import PairBuildConfig, limits, pair_bytes, pair_noise, shard_rows_of
+from nfm.pairs.format import FORMAT_VERSION
+from nfm.pairs.writer import CachePlan, PairBuildResult, write_cache
 
 
 @runtime_checkable
@@ -71,19 +65,16 @@ def reflow_key_fields(gen: Generator, n: int, cfg: PairBuildConfig, shard_rows: 
     }
 
 
-def _plan(gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None) -> _Plan:
-    shard_rows = _shard_rows_for(gen.image_shape, cfg, uint8=False)
+def _plan(gen: Generator, n: int, cfg: PairBuildConfig, cache_root: Path | None) -> CachePlan:
+    shard_rows = shard_rows_of(gen.image_shape, cfg, uint8=False)
     row_bytes = pair_bytes(gen.image_shape, cfg, uint8=False)
-    return _Plan.make(reflow_key_fields(gen, n, cfg, shard_rows), n, shard_rows, cache_root, row_bytes)
+    return CachePlan.make(reflow_key_fields(gen, n, cfg, shard_rows), n, shard_rows, cache_root, row_bytes)
 
 
-def _header(plan: _Plan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]:
+def _header(plan: CachePlan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]:
     c, h, w = gen.image_shape
     prov = gen.provenance()
-    return {
-        "format_version": FORMAT_VERSION,
-        "key": plan.key,
-        "key_fields": plan.fields,
+    own = {
         "provenance": {"kind": "student", "fingerprint": plan.fields["student"], **prov},
         "teacher": {"fingerprint": f"student:{plan.fields['student']}", "source": prov.get("path", "")},
         "data": {
@@ -99,12 +90,10 @@ def _header(plan: _Plan, gen: Generator, cfg: PairBuildConfig) -> dict[str, Any]
         "prior_std": "unit",
         "views": 1,
         "seed": cfg.seed,
-        "dtypes": {"noise": cfg.dtype, "data": "float32", "label": "int64", "index": "int64"},
-        "shapes": {"noise": [c, h, w], "data": [c, h, w]},
-        "shard_rows": plan.shard_rows,
-        "num_shards": plan.num_shards,
-        "expected_rows": plan.total,
     }
+    return plan.header(
+        own, shapes={"noise": [c, h, w], "data": [c, h, w]}, dtypes={"noise": cfg.dtype, "data": "float32"}
+    )
 
 
 def reflow_inputs(ids: torch.Tensor, cfg: PairBuildConfig, gen: Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +105,9 @@ def reflow_inputs(ids: torch.Tensor, cfg: PairBuildConfig, gen: Generator) -> tu
 
 
 @torch.no_grad()
-def _generate_shard(gen: Generator, cfg: PairBuildConfig, plan: _Plan, s: int, device, bar) -> dict[str, torch.Tensor]:
+def _generate_shard(
+    gen: Generator, cfg: PairBuildConfig, plan: CachePlan, s: int, device, bar
+) -> dict[str, torch.Tensor]:
     ids_all = plan.shard_ids(s)
     parts = []
     for i in range(0, len(ids_all), cfg.batch_size):
@@ -140,11 +131,29 @@ def build_reflow_pairs(
     state = process_state()
     plan = _plan(gen, n, cfg, cache_root)
 
-    def prepare():
-        log(f"reflow pairs from {gen.provenance().get('path', 'a student')}: {n} ODE solves ({plan.key})")
-        return _header(plan, gen, cfg), lambda s, bar: _generate_shard(gen, cfg, plan, s, state.device, bar)
+    source = _ReflowShards(gen, cfg, plan, state.device, log)
+    return write_cache(
+        plan, source, limits(cfg), state, log, verify, lambda d: check_regeneration(d, gen, state.device)
+    )
 
-    return _build(plan, cfg, state, prepare, verify, log, lambda d: check_regeneration(d, gen, state.device))
+
+@dataclass
+class _ReflowShards:
+    """The ShardSource of a reflow cache: ODE solves of the generator from the pairs' noise."""
+
+    gen: Generator
+    cfg: PairBuildConfig
+    plan: CachePlan
+    device: Any
+    log: Any
+
+    def header(self) -> dict[str, Any]:
+        where = self.gen.provenance().get("path", "a student")
+        self.log(f"reflow pairs from {where}: {self.plan.total} ODE solves ({self.plan.key})")
+        return _header(self.plan, self.gen, self.cfg)
+
+    def encode(self, s: int, bar) -> dict[str, torch.Tensor]:
+        return _generate_shard(self.gen, self.cfg, self.plan, s, self.device, bar)
 
 
 @torch.no_grad()

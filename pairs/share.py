@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nfm.core.errors import NFMError
+from nfm.core.io import write_json
 from nfm.pairs.format import (
     INDEX_NAME,
     KINDS,
@@ -25,8 +27,6 @@ from nfm.pairs.format import (
     require_kind,
     safe_member,
 )
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import write_json
 
 
 def dataset_card(index: dict[str, Any], repo_id: str) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from nfm.core.errors import NFMError
+from nfm.core.io import write_json
 from nfm.pairs.build import pair_noise
 from nfm.pairs.format import (
     ORIGIN_NAME,
@@ -32,8 +34,6 @@ from nfm.pairs.format import (
     read_origin,
     safe_member,
 )
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import write_json
 from nfm.teacher.protocol import Teacher, prior_std, teacher_device
 
 TOLERANCE = 0.1  # worst |decode(noise) - (x + eta * eps)| a verified teacher cache may show (float16 noise)

@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 import torch
 
+from nfm.core.errors import NFMError
+from nfm.core.hub import hub_snapshot, is_repo_id
+from nfm.core.images import to_uint8
 from nfm.pairs.lookup import find_cache
 from nfm.pairs.reader import FLOW_KINDS
 from nfm.pairs.reader import PairCache as _PairCache
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.hub import hub_snapshot, is_repo_id
-from nfm.pipeline.core.images import to_uint8
 
 Output = Literal["tensor", "pil", "uint8"]
 
@@ -103,7 +103,7 @@ class Student:
     def __init__(self, model: torch.nn.Module, config: dict[str, Any], prior: Any = None):
         self.model = model
         self.config = config
-        self.prior = prior  # pipeline.core.prior.Prior | None
+        self.prior = prior  # core.prior.Prior | None
 
     @classmethod
     def from_pretrained(
@@ -118,7 +118,7 @@ class Student:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write model.safetensors + config.json (the format `nfm student sample` and `from_pretrained` read)."""
-        from nfm.pipeline.core.io import save_tensors, sha256_file, write_json
+        from nfm.core.io import save_tensors, sha256_file, write_json
         from nfm.student.train import PRIOR_NAME
 
         d = Path(directory)
@@ -411,8 +411,8 @@ def run(
     report; returns report.json's content. Overrides as keyword arguments with "__" for dots:
     ``nfm.run("digits", couplings="nfm,sd-ot", student__train__steps=3000)``. cache_dir: the pair caches'
     root (as `nfm run --cache-dir`; default $NFM_CACHE_DIR/pairs, else ~/.cache/nfm/pairs)."""
-    from nfm.pipeline.core.config import build_config
-    from nfm.pipeline.core.io import read_json
+    from nfm.core.config import build_config
+    from nfm.core.io import read_json
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
 

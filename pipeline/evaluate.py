@@ -25,10 +25,10 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.images import to_uint8
-from nfm.pipeline.core.rundir import progress
-from nfm.pipeline.core.sampling import sample_inputs
+from nfm.core.errors import NFMError
+from nfm.core.images import to_uint8
+from nfm.core.rundir import progress
+from nfm.core.sampling import sample_inputs
 from nfm.pipeline.featurenet import RECIPES, load_featurenet
 
 INCEPTION = "inception-v3-fid-helper"
@@ -423,7 +423,7 @@ def _teacher_priors(teacher, fitted) -> list[tuple[str, Any]]:
 def teacher_sweep(teacher, on: EvalSet, *, fitted=None, batch: int = 500, log=print) -> TeacherEval:
     """FID/KID of the teacher's samples with and without the denoising step (same noise and labels);
     teachers without `denoise` (a user's own flow) are scored on their decoded samples only. `fitted`: a prior
-    fitted to the teacher's pair cache (pipeline.core.prior, scaled into the teacher's latent space by sigma_f):
+    fitted to the teacher's pair cache (core.prior, scaled into the teacher's latent space by sigma_f):
     the same rows again from it (sampler names + FITTED), on the same eps."""
     from nfm.teacher.protocol import teacher_device
 

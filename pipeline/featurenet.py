@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, save_tensors, write_json
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, save_tensors, write_json
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FEATURE_DIM = 128

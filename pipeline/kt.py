@@ -17,8 +17,6 @@ their seed's teacher and logit cache, and a row's student is reused by every run
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -27,15 +25,16 @@ from typing import Any
 
 import torch
 
+from nfm.core.config import AtLeast1, check_choices, config_hash, format_table, to_dict, with_overrides
+from nfm.core.data import load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import atomic_write, write_json
+from nfm.core.rundir import setup_logger
+from nfm.core.seeding import seeded_config
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.lookup import default_cache_root
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval, paired
-from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, to_dict, with_overrides
-from nfm.pipeline.core.data import load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import atomic_write, write_json
-from nfm.pipeline.core.rundir import setup_logger
 from nfm.student.kt import (
     FLOW_METHODS,
     KTConfig,
@@ -48,7 +47,7 @@ from nfm.student.kt import (
 )
 from nfm.teacher.classifier import ClassifierRunConfig, accuracy, load_classifier, run_classifier_training
 
-SEED_STRIDE = 1000
+KT_SEEDS = ("teacher.train.seed", "pairs.seed", "student.train.seed")  # seeded: + SEED_STRIDE * k each
 LABELS = {
     "none": "student alone (cross-entropy)",
     "kd": "student + vanilla KD",
@@ -68,20 +67,7 @@ class KTRunConfig:
 
 
 def seeded(cfg: KTRunConfig, k: int) -> KTRunConfig:
-    if k == 0:
-        return cfg
-    d = SEED_STRIDE * k
-    t, s = cfg.teacher, cfg.student
-    return replace(
-        cfg,
-        teacher=replace(t, train=replace(t.train, seed=t.train.seed + d)),
-        pairs=replace(cfg.pairs, seed=cfg.pairs.seed + d),
-        student=replace(s, train=replace(s.train, seed=s.train.seed + d)),
-    )
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:10]
+    return seeded_config(cfg, k, KT_SEEDS)
 
 
 def method_config(kt: KTConfig, spec: str) -> KTConfig:
@@ -153,7 +139,7 @@ def run_kt(cfg: KTRunConfig, run_dir: Path, preset: str = "custom", cache_root: 
             kt = method_config(c.student.kt, spec)
             scfg = replace(c.student, kt=kt, pairs=str(built.path))
             t0 = time.perf_counter()
-            sdir_m = sdir / "students" / f"{kt.method}-{_hash(scfg)}"
+            sdir_m = sdir / "students" / f"{kt.method}-{config_hash(scfg)}"
             sexp = run_kt_student_training(
                 scfg, sdir_m, PairCache(built.path, kinds=("kt",), reader="a KT student"), log=log
             )
@@ -356,8 +342,8 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 def rerender(run_dir: Path) -> Path:
     """report.md and the plot again from RUN/report.json; the means, intervals and differences recomputed from its
     per-seed accuracies when RUN/config.json (the run's config) is there."""
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.io import read_json
+    from nfm.core.config import from_dict
+    from nfm.core.io import read_json
 
     run_dir = Path(run_dir)
     report = read_json(run_dir / "report.json", "kt report")

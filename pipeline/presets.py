@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 from nfm.student.names import STUDENT_SIZES
 from nfm.teacher.sizes import TARFLOW_SIZES
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from nfm.core.images import grid_image, save_grid
+from nfm.core.io import atomic_write, write_json
 from nfm.pipeline.aggregate import paired, winner
-from nfm.pipeline.core.images import grid_image, save_grid
-from nfm.pipeline.core.io import atomic_write, write_json
 
 LABELS = {
     "independent@matched": "independent (I-CFM), NFM's total compute",
@@ -731,7 +731,7 @@ def write_report(
 def rerender(out_dir: Path) -> Path:
     """Write report.md and the plots of a finished run again from its report.json and samples/ (after a
     change to the report's code): the numbers are read, not recomputed."""
-    from nfm.pipeline.core.io import read_json
+    from nfm.core.io import read_json
 
     out_dir = Path(out_dir)
     results = read_json(out_dir / "report.json", "run report")

@@ -29,7 +29,6 @@ over the seeds. Beside them:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,31 +43,32 @@ from typing import Any, Literal
 
 import torch
 
-from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
-from nfm.pairs.format import INDEX_NAME
-from nfm.pairs.lookup import default_cache_root
-from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
-from nfm.pairs.reader import PairCache
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
-from nfm.pipeline.core.config import (
+from nfm.core.config import (
     AtLeast1,
     NonNegative,
     Positive,
     Scale,
     added,
     check_choices,
+    config_hash,
     format_table,
     from_dict,
     to_dict,
     with_overrides,
 )
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.prior import Prior
-from nfm.pipeline.core.rundir import progress, setup_logger
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import check_free_space, load_tensors, read_json, save_tensors, sha256_file, write_json
+from nfm.core.prior import Prior
+from nfm.core.rundir import progress, setup_logger
+from nfm.core.seeding import derive_seed, seeded_config
+from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
+from nfm.pairs.format import INDEX_NAME
+from nfm.pairs.lookup import default_cache_root
+from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
+from nfm.pairs.reader import PairCache
+from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
 from nfm.pipeline.evaluate import (
     EvalSet,
     StudentEval,
@@ -147,7 +147,8 @@ KNOBS = {
     "time": "student.flow.time",
     "prior": "student.sample.prior",  # prior=gaussian: the NFM student sampled from N(0, I), not its fitted prior
 }
-SEED_STRIDE = 1000  # seed k adds SEED_STRIDE * k to every training seed
+# the training seeds of a run (seeded): seed k adds SEED_STRIDE * k to each
+RUN_SEEDS = ("teacher.train.seed", "pairs.seed", "student.train.seed", "student.flow.sdot.seed", "reflow.seed")
 
 
 @dataclass(frozen=True)
@@ -168,17 +169,7 @@ class RunConfig:
 
 def seeded(cfg: RunConfig, k: int) -> RunConfig:
     """The config of training seed k: every training seed + SEED_STRIDE * k (k = 0: cfg itself)."""
-    if k == 0:
-        return cfg
-    d = SEED_STRIDE * k
-    t, st, fl = cfg.teacher, cfg.student, cfg.student.flow
-    teacher = replace(t, train=replace(t.train, seed=t.train.seed + d))
-    flow = replace(fl, sdot=replace(fl.sdot, seed=fl.sdot.seed + d))
-    student = replace(st, train=replace(st.train, seed=st.train.seed + d), flow=flow)
-    return replace(
-        cfg, teacher=teacher, pairs=replace(cfg.pairs, seed=cfg.pairs.seed + d), student=student,
-        reflow=replace(cfg.reflow, seed=cfg.reflow.seed + d),
-    )  # fmt: skip
+    return seeded_config(cfg, k, RUN_SEEDS)
 
 
 def knob_config(cfg: RunConfig, knob: str) -> RunConfig:
@@ -198,11 +189,6 @@ def knob_config(cfg: RunConfig, knob: str) -> RunConfig:
 
 def knob_name(knob: str) -> str:
     return f"nfm[{knob}]"
-
-
-def config_hash(obj: Any) -> str:
-    d = to_dict(obj) if hasattr(obj, "__dataclass_fields__") else obj
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _peak_rss_mb() -> float:
@@ -929,7 +915,7 @@ def run_pipeline(
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
         results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
-    from nfm.pipeline.core.sampling import sample_labels
+    from nfm.core.sampling import sample_labels
     from nfm.pipeline.report import write_report
 
     # the labels of the grids' samples: every model sampled the same fixed inputs (student_inputs)

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from nfm.core.batches import BatchStream, dataset_batches
+from nfm.core.config import one_of
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.errors import NFMError
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.reader import PairCache, PairReader
-from nfm.pipeline.core.batches import BatchStream, dataset_batches
-from nfm.pipeline.core.config import one_of
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.names import COUPLINGS, PAIRED, CouplingName  # noqa: F401 (re-exported)
+from nfm.student.sdot import class_groups
 
 
 class Coupling:
@@ -181,10 +182,6 @@ class IndependentCoupling(Coupling):
         return f"{self.name}: {self.data.describe()}; {self.source.describe()}"
 
 
-def _class_groups(n: int, y: torch.Tensor | None) -> list[torch.Tensor]:
-    return [torch.arange(n)] if y is None else [(y.cpu() == c).nonzero().flatten() for c in torch.unique(y.cpu())]
-
-
 def _sq_cost(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.cdist(x.detach().flatten(1).double().cpu(), z.detach().flatten(1).double().cpu()).pow(2)
 
@@ -194,7 +191,7 @@ def ot_permutation(x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = No
     assignment is made within each class, so the noise each class is trained on stays N(0, I)."""
     cost = _sq_cost(x, z)
     n = cost.shape[0]
-    groups = _class_groups(n, y)
+    groups = class_groups(n, y)
     perm = np.empty(n, dtype=np.int64)
     for idx in groups:
         rows, cols = linear_sum_assignment(cost[idx][:, idx].numpy())
@@ -260,7 +257,7 @@ class SchrodingerBridgeCoupling(IndependentCoupling):
         z, x, y = super().couple(batch, rng)
         u = rng.rand()  # one uniform per row picks its pair from the plan
         zi, xi = torch.empty(len(x), dtype=torch.long), torch.empty(len(x), dtype=torch.long)
-        for idx in _class_groups(len(x), y if self.per_class else None):
+        for idx in class_groups(len(x), y if self.per_class else None):
             plan = sinkhorn_plan(x[idx.to(x.device)], z[idx.to(z.device)], 2 * self.sigma**2)
             r, c = plan_pairs(plan, u[idx.to(u.device)])
             xi[idx], zi[idx] = idx[r], idx[c]
@@ -288,7 +285,7 @@ class SemidiscreteOTCoupling(IndependentCoupling):
             int(c): idx
             for c, idx in zip(
                 torch.unique(labels).tolist() if self.per_class else [-1],
-                _class_groups(len(labels), labels if self.per_class else None),
+                class_groups(len(labels), labels if self.per_class else None),
             )
         }
         self.meta, self.chunk = meta, chunk

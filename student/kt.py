@@ -39,17 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nfm.core.augment import AugmentConfig, draw_views
+from nfm.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
+from nfm.core.data import ImageDataset
+from nfm.core.errors import NFMError
+from nfm.core.io import read_export, write_export
+from nfm.core.loop import TrainConfig, train
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.reader import PairCache, require_kind
-from nfm.pipeline.core.augment import AugmentConfig, draw_views
-from nfm.pipeline.core.config import AtLeast1, Fraction, Positive, Scale, added, check_choices, from_dict, to_dict
-from nfm.pipeline.core.data import ImageDataset
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import read_export, write_export
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.paths import ProbPath
 
-FORMAT = "nfm-kt-student"
 SCHEDULES = {"rf": "linear", "vp": "vp", "ve": "ve"}
 FLOW_METHODS = ("fm-kt", "ofm-kt")  # the methods with a meta-encoder and a K-step sampler
 
@@ -297,12 +296,12 @@ def resolve(cfg: KTStudentRunConfig, rows: KTPairs | KTViews) -> KTStudentRunCon
 
 
 def save_kt_student(model: KTStudent, directory: Path, extra: dict[str, Any]) -> Path:
-    config = {"kind": "kt-student", "model": asdict(model.cfg), "kt": asdict(model.kt), **extra}
-    return write_export(directory, model.state_dict(), FORMAT, config)
+    config = {"model": asdict(model.cfg), "kt": asdict(model.kt), **extra}
+    return write_export(directory, model.state_dict(), "kt-student", config)
 
 
 def load_kt_student(path: str | Path, device: str | torch.device = "cpu") -> tuple[KTStudent, dict[str, Any]]:
-    _, meta, state = read_export(path, FORMAT, "KT student", "nfm kt student train")
+    _, meta, state = read_export(path, "kt-student", "KT student", "nfm kt student train")
     model = KTStudent(from_dict(KTModelConfig, meta["model"]), from_dict(KTConfig, meta["kt"]))
     model.load_state_dict(state)
     return model.to(device).eval(), meta
@@ -317,9 +316,9 @@ def run_kt_student_training(
 ) -> Path:
     """`nfm kt student train`: train (or resume) a KT student on a logit cache, or, for the methods that need
     no teacher (none, ofm-kt), on the same views drawn on the fly (KTViews); returns its export."""
-    from nfm.pipeline.core.config import format_table
-    from nfm.pipeline.core.distributed import process_state
-    from nfm.pipeline.core.rundir import setup_logger
+    from nfm.core.config import format_table
+    from nfm.core.distributed import process_state
+    from nfm.core.rundir import setup_logger
 
     check_choices(cfg)
     if isinstance(pairs, KTViews) and cfg.kt.method not in TEACHERLESS:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from nfm.pipeline.core.config import one_of
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.metrics import nll_to_bpd
-from nfm.pipeline.core.prior import Prior
+from nfm.core.config import one_of
+from nfm.core.errors import NFMError
+from nfm.core.metrics import nll_to_bpd
+from nfm.core.prior import Prior
 from nfm.student.paths import ProbPath
 from nfm.student.sampling import SOLVERS, Solver, inside
 

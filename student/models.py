@@ -17,8 +17,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nfm.pipeline.core.config import ShapedByData, check_choices
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.config import ShapedByData, check_choices
+from nfm.core.errors import NFMError
 from nfm.student.names import STUDENT_SIZES  # noqa: F401 (re-exported)
 
 Arch = Literal["dit", "mlp", "conv"]

@@ -25,8 +25,8 @@ from typing import Literal
 
 import torch
 
-from nfm.pipeline.core.config import one_of
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.config import one_of
+from nfm.core.errors import NFMError
 
 PathName = Literal["linear", "vp", "ve", "bridge"]
 TimeSampler = Literal["uniform", "logit-normal"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import sha256_file
+from nfm.core.errors import NFMError
+from nfm.core.io import sha256_file
 from nfm.student.paths import ProbPath
 from nfm.student.sampling import Solver, fixed_nfe, sample_ode
 from nfm.student.train import load_student

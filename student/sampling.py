@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from nfm.pipeline.core.config import one_of
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.prior import Prior
-from nfm.pipeline.core.sampling import SampleInputs, sample_inputs
+from nfm.core.config import one_of
+from nfm.core.errors import NFMError
+from nfm.core.prior import Prior
+from nfm.core.sampling import SampleInputs, sample_inputs
 from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver, fixed_nfe  # noqa: F401 (re-exported)
 
 
@@ -132,7 +132,7 @@ def student_inputs(
     labels: torch.Tensor | None = None,
 ) -> SampleInputs:
     """Fixed sample inputs for a student export (`meta`: its config.json): its image shape and classes, noise
-    through the prior of its path (pipeline.core.sampling), or through a fitted prior (train.student_prior) times
+    through the prior of its path (core.sampling), or through a fitted prior (train.student_prior) times
     the path's scale; for a student trained from a data source (flow.source=data:NAME), held-out images of the
     source instead of the noise, chosen by `seed`."""
     from nfm.student.paths import ProbPath
@@ -159,8 +159,8 @@ def student_inputs(
 
 def source_images(source: str, data: dict, n: int, seed: int) -> torch.Tensor:
     """n held-out images of a `data:NAME` source (cycled if it has fewer), in an order seeded by `seed`."""
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.core.config import from_dict
+    from nfm.core.data import DataConfig, load_data
     from nfm.student.couplings import source_data_config
 
     held_out = load_data(source_data_config(source, from_dict(DataConfig, data)), "test")

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from nfm.pipeline.core.config import AtLeast1, Positive
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.rundir import progress
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.config import AtLeast1, Positive
+from nfm.core.errors import NFMError
+from nfm.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
+from nfm.core.rundir import progress
+from nfm.core.seeding import derive_seed
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "potentials.safetensors"
@@ -164,11 +164,13 @@ def sdot_key(data_fingerprint: str, num_images: int, cfg: SDOTConfig, labelled: 
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20], fields
 
 
-def groups_of(labels: torch.Tensor | None, n: int, per_class: bool) -> list[torch.Tensor]:
-    """Row indices of each problem: one per class (sorted by class), or all rows."""
-    if labels is None or not per_class:
+def class_groups(n: int, labels: torch.Tensor | None) -> list[torch.Tensor]:
+    """Row indices (on the CPU) of each class, sorted by class; all n rows in one group without labels. One OT
+    problem per group: the semidiscrete fit, and the minibatch and Schrodinger-bridge couplings."""
+    if labels is None:
         return [torch.arange(n)]
-    return [(labels == c).nonzero().flatten() for c in torch.unique(labels).tolist()]
+    labels = labels.cpu()
+    return [(labels == c).nonzero().flatten() for c in torch.unique(labels)]
 
 
 def fit_sdot(
@@ -198,7 +200,7 @@ def _fit_locked(images, labels, cfg, directory, key_fields, masses, device, dtyp
     x_all = images.reshape(n, -1).to(device=device, dtype=dtype)
     if not torch.isfinite(x_all).all():
         raise NFMError("semidiscrete OT: the images hold NaN/Inf; clean the data set")
-    groups = groups_of(labels, n, cfg.per_class)
+    groups = class_groups(n, labels if cfg.per_class else None)
     problems = []
     for idx in groups:
         b = masses[idx].double() if masses is not None else torch.full((len(idx),), 1.0 / len(idx))

@@ -15,27 +15,31 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
+from nfm.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
+from nfm.core.data import DataConfig, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.images import save_grid
+from nfm.core.io import (
+    export_dir,
+    load_tensors,
+    read_export_config,
+    sha256_file,
+    write_export,
+)
+from nfm.core.loop import TrainConfig, train
+from nfm.core.prior import Prior, describe, load_prior_file
+from nfm.core.rundir import log_config, setup_logger
+from nfm.core.sampling import sample_and_save
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.lookup import default_cache_root, find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
-from nfm.pipeline.core.config import Range, Scale, added, check_choices, format_table, from_dict, to_dict
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.images import save_grid
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, sha256_file, write_json
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.prior import Prior, describe, load_prior_file
-from nfm.pipeline.core.rundir import log_config, setup_logger
-from nfm.pipeline.core.sampling import sample_and_save
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
 from nfm.student.sampling import Grid, Solver, sample_ode, student_inputs
 from nfm.student.sdot import SDOTConfig, fit_sdot, load_sdot, sdot_key
-
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -218,11 +222,6 @@ def save_student(
 ):
     """The export: model.safetensors and config.json; with a fitted prior, prior.safetensors beside them and its
     description (and checksum) under config.json's "prior"."""
-    save_tensors(
-        Path(directory) / "model.safetensors",
-        {k: v.float() for k, v in model.state_dict().items()},
-        metadata={"format": "nfm-student"},
-    )
     if prior is not None:
         prior[0].save(Path(directory) / PRIOR_NAME)
         p = prior[1]
@@ -231,23 +230,19 @@ def save_student(
             "prior": {"model": p["model"], "key": p["key"], "cache_key": p["cache_key"],
                       "sha256": sha256_file(Path(directory) / PRIOR_NAME), "components": p["components"]},
         }  # fmt: skip
-    write_json(
-        Path(directory) / "config.json",
-        {
-            "kind": "student",
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "model": asdict(cfg.model),
-            "flow": asdict(cfg.flow),
-            "data": asdict(cfg.data),
-            **(extra or {}),
-        },
-    )
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    config = {
+        "step": step,
+        "model": asdict(cfg.model),
+        "flow": asdict(cfg.flow),
+        "data": asdict(cfg.data),
+        **(extra or {}),
+    }
+    write_export(directory, state, "student", config)
 
 
 def _export_dir(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    return p / "export" if (p / "export" / "config.json").is_file() else p
+    return export_dir(path, "student", "nfm student train")
 
 
 def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") -> Prior | None:
@@ -275,18 +270,7 @@ def student_prior(path: str | Path, meta: dict[str, Any], choice: str = "auto") 
 
 
 def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, Any]]:
-    p = Path(path).expanduser()
-    d = _export_dir(p)
-    if not (d / "config.json").is_file():
-        if (p / "checkpoints").is_dir():
-            raise NFMError(
-                f"{p} is a student run that has not finished (no export yet): rerun its "
-                "`nfm student train` command to resume it"
-            )
-        raise NFMError(f"student not found: {p} is neither a student run directory nor a student export")
-    meta = read_json(d / "config.json", "student config")
-    if meta.get("kind") != "student":
-        raise NFMError(f"{d / 'config.json'} describes a {meta.get('kind')!r}, not a student export")
+    d, meta = read_export_config(path, "student", "student", "nfm student train")
     model = build_student(from_dict(StudentModelConfig, meta["model"]))
     try:
         model.load_state_dict(load_tensors(d / "model.safetensors", "student weights"))

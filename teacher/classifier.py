@@ -19,17 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nfm.pipeline.core.augment import AugmentConfig, augment, draw_augment
-from nfm.pipeline.core.config import AtLeast1, check_choices, format_table, from_dict, to_dict
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import read_export, write_export
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.rundir import setup_logger
-from nfm.pipeline.core.seeding import BatchRandom
-
-FORMAT = "nfm-classifier"
+from nfm.core.augment import AugmentConfig, augment, draw_augment
+from nfm.core.config import AtLeast1, check_choices, format_table, from_dict, to_dict
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import read_export, write_export
+from nfm.core.loop import TrainConfig, train
+from nfm.core.rundir import setup_logger
+from nfm.core.seeding import BatchRandom
 
 
 @dataclass(frozen=True)
@@ -136,13 +134,13 @@ def resolve(cfg: ClassifierRunConfig, data: ImageDataset) -> ClassifierRunConfig
 
 
 def save_classifier(model: ResNetClassifier, directory: Path, extra: dict[str, Any]) -> Path:
-    config = {"kind": "classifier", "model": asdict(model.cfg), "fingerprint": model.fingerprint(), **extra}
-    return write_export(directory, model.state_dict(), FORMAT, config)
+    config = {"model": asdict(model.cfg), "fingerprint": model.fingerprint(), **extra}
+    return write_export(directory, model.state_dict(), "classifier", config)
 
 
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[ResNetClassifier, dict[str, Any]]:
     """A classifier export (or its run directory): the model in eval mode and its config.json."""
-    p, meta, state = read_export(path, FORMAT, "classifier", "nfm kt teacher train")
+    p, meta, state = read_export(path, "classifier", "classifier", "nfm kt teacher train")
     model = ResNetClassifier(from_dict(ClassifierConfig, meta["model"]))
     try:
         model.load_state_dict(state)

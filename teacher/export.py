@@ -13,60 +13,26 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.core.config import from_dict
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json, save_tensors, write_json
+from nfm.core.config import from_dict
+from nfm.core.errors import NFMError
+from nfm.core.io import export_dir, load_tensors, read_export_config, read_json, write_export
 from nfm.teacher.model import TarFlow, TarFlowConfig
-
-FORMAT_VERSION = 1
 
 
 def save_export(model: TarFlow, directory: Path, step: int, extra: dict[str, Any] | None = None) -> None:
-    directory = Path(directory)
     sd = {k: v.float() for k, v in model.state_dict().items()}
-    save_tensors(directory / "model.safetensors", sd, metadata={"format": "nfm-tarflow", "step": str(step)})
-    write_json(
-        directory / "config.json",
-        {
-            "kind": "tarflow",
-            "format_version": FORMAT_VERSION,
-            "model": asdict(model.cfg),
-            "step": step,
-            "fingerprint": model.fingerprint(),
-            **(extra or {}),
-        },
-    )
+    config = {"model": asdict(model.cfg), "step": step, "fingerprint": model.fingerprint(), **(extra or {})}
+    write_export(directory, sd, "tarflow", config, metadata={"step": str(step)})
 
 
 def resolve_export_dir(path: str | Path) -> Path:
     """A run directory, its export directory, or the export's config.json -> the export directory."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if (p / "export" / "config.json").is_file():
-        return p / "export"
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    if not p.exists():
-        raise NFMError(f"teacher not found: {p} does not exist")
-    if (p / "checkpoints").is_dir():
-        raise NFMError(
-            f"{p} is a teacher run that has not finished (no export yet): rerun its "
-            "`nfm teacher train` command to resume and complete it"
-        )
-    raise NFMError(
-        f"{p} is neither a teacher run directory nor a teacher export (expected config.json + model.safetensors)"
-    )
+    return export_dir(path, "teacher", "nfm teacher train")
 
 
 def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> TarFlow:
     """Load a teacher export (or the export of a run directory) in eval mode."""
-    d = resolve_export_dir(path)
-    meta = read_json(d / "config.json", "teacher config")
-    if meta.get("kind") != "tarflow":
-        raise NFMError(f"{d / 'config.json'} describes a {meta.get('kind')!r}, not a TarFlow teacher export")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise NFMError(f"{d} was written by a newer nfm (format {meta['format_version']}); upgrade nfm")
+    d, meta = read_export_config(path, "tarflow", "TarFlow teacher", "nfm teacher train")
     cfg = from_dict(TarFlowConfig, meta["model"])
     model = TarFlow(cfg)
     sd = load_tensors(d / "model.safetensors", "teacher weights")

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_torch_weights
+from nfm.core.errors import NFMError
+from nfm.core.io import load_torch_weights
 from nfm.teacher.model import TarFlow, TarFlowConfig
 
 FILENAME = re.compile(r"_model_(\d+)_(\d+)_(\d+)_(\d+)_([0-9.]+?)\.pth?$")

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from nfm.pipeline.core.config import ShapedByData, check_choices, one_of
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.metrics import nll_to_bpd
+from nfm.core.config import ShapedByData, check_choices, one_of
+from nfm.core.errors import NFMError
+from nfm.core.metrics import nll_to_bpd
 from nfm.teacher.sizes import DECODERS, TARFLOW_SIZES, Decoder  # noqa: F401 (re-exported)
 
 Scale = Literal["exp", "softplus"]
@@ -101,9 +101,6 @@ class TarFlowConfig(ShapedByData):
 
 
 SOFTPLUS_SHIFT = math.log(math.e - 1.0)  # softplus(a + shift) = 1 at a = 0
-
-
-# Named sizes, DiT-style. The data-dependent fields come from the data set.
 
 
 def _affine_dtype(x: torch.Tensor) -> torch.dtype:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 
 @runtime_checkable

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nfm.pipeline.core.config import check_choices, format_table, to_dict
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.distributed import process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.loop import TrainConfig, train
-from nfm.pipeline.core.metrics import nll_to_bpd
-from nfm.pipeline.core.rundir import log_config, setup_logger
-from nfm.pipeline.core.sampling import sample_and_save, sample_inputs
-from nfm.pipeline.core.seeding import BatchRandom
+from nfm.core.config import check_choices, format_table, to_dict
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.distributed import process_state
+from nfm.core.errors import NFMError
+from nfm.core.loop import TrainConfig, train
+from nfm.core.metrics import nll_to_bpd
+from nfm.core.rundir import log_config, setup_logger
+from nfm.core.sampling import sample_and_save, sample_inputs
+from nfm.core.seeding import BatchRandom
 from nfm.teacher.export import save_export
 from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
 from nfm.teacher.protocol import prior_std, teacher_device

@@ -86,7 +86,7 @@ def flow_factory():
 
 def make_teacher_export(path, seed=0, noise_std=0.1, width=32, blocks=2, data=None):
     """A small random (non-trivial) class-conditional digits teacher, saved as an export."""
-    from nfm.pipeline.core.data import DataConfig
+    from nfm.core.data import DataConfig
     from nfm.teacher.export import save_export
 
     data = data or DataConfig(name="digits", held_out=0.9)
@@ -151,7 +151,7 @@ def reforge_shards(cache_dir, change, shards=None):
 
 def make_student_export(path, data=None):
     """A small random (non-trivial velocity) class-conditional digits student, saved as an export."""
-    from nfm.pipeline.core.data import DataConfig
+    from nfm.core.data import DataConfig
     from nfm.student.models import StudentModelConfig, build_student
     from nfm.student.train import FlowConfig, StudentRunConfig, save_student
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("teacher", "pairs", "student", "pipeline")
+STAGES = ("core", "teacher", "pairs", "student", "pipeline")
 
 
 def installed_layout(dest: Path) -> Path:

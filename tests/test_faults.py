@@ -13,15 +13,15 @@ import pytest
 import torch
 from filelock import FileLock
 
+from nfm.core.checkpoint import list_checkpoints
+from nfm.core.config import build_config
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, sha256_file
 from nfm.pairs.build import PairBuildConfig, build_pairs
 from nfm.pairs.format import INDEX_NAME, check_index, read_index
 from nfm.pairs.reader import PairCache, PairReader
 from nfm.pairs.verify import check_shards
-from nfm.pipeline.core.checkpoint import list_checkpoints
-from nfm.pipeline.core.config import build_config
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, sha256_file
 from nfm.pipeline.presets import TEACHER_PRESETS
 from nfm.teacher.export import load_teacher
 from nfm.teacher.train import TeacherRunConfig, run_teacher_training
@@ -279,7 +279,7 @@ def test_pairs_rm_needs_an_unambiguous_key(cache, key):
 
 def test_a_full_disk_is_one_line_and_the_cache_resumes(export, tmp_path, monkeypatch, capsys):
     """ENOSPC during a shard write (simulated by patching the writer): one line, the partial cache resumes."""
-    import nfm.pairs.build as pb
+    import nfm.pairs.writer as pb
     from nfm.pipeline.cli import main
 
     real, calls = pb.save_tensors, {"n": 0}
@@ -303,7 +303,7 @@ def test_a_full_disk_is_one_line_and_the_cache_resumes(export, tmp_path, monkeyp
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(export, tmp_path, monkeypatch, capsys):
-    import nfm.pairs.build as pb
+    import nfm.pairs.writer as pb
     from nfm.pipeline.cli import main
 
     def broken(*a, **k):
@@ -352,7 +352,7 @@ def test_an_unreadable_image_is_named(tmp_path):
 def test_a_new_config_field_at_its_default_changes_no_hash_or_run_config():
     """data.skip_bad came after runs were hashed: at its default it is not in to_dict (run-directory hashes
     and config.json of older runs stay valid); set, it is."""
-    from nfm.pipeline.core.config import to_dict
+    from nfm.core.config import to_dict
 
     assert "skip_bad" not in to_dict(DataConfig()) and to_dict(DataConfig(skip_bad=True))["skip_bad"] is True
     cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["digits"])
@@ -366,7 +366,7 @@ def test_the_first_signal_stops_a_step_that_never_ends(tmp_path, monkeypatch):
     import signal
 
     import nfm.teacher.train as tt
-    from nfm.pipeline.core.loop import Interrupted
+    from nfm.core.loop import Interrupted
 
     reached = {"end of step": False}
     original = tt.teacher_loss

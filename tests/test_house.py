@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 from tests.conftest import caches, run_nfm
 from tests.layers import REPO, STAGES, lint_imports
 
@@ -31,8 +31,9 @@ def test_the_import_contract_is_kept():
     [
         ("teacher/export.py", "import nfm.pipeline.run", "nfm.teacher.export -> nfm.pipeline.run"),  # stage -> top
         ("pairs/build.py", "import nfm.teacher.model", "nfm.pairs.build -> nfm.teacher.model"),  # past the protocol
-        ("pipeline/core/io.py", "import nfm.student.paths", "nfm.pipeline.core.io -> nfm.student.paths"),  # up
-        ("student/paths.py", "import pipeline.core.errors", "nfm.student.paths -> pipeline"),  # bare name
+        ("core/io.py", "import nfm.student.paths", "nfm.core.io -> nfm.student.paths"),  # up
+        ("student/paths.py", "import core.errors", "nfm.student.paths -> core"),  # bare name
+        ("core/loop.py", "import nfm.pipeline.run", "nfm.core.loop -> nfm.pipeline.run"),  # foundation -> top
     ],
 )
 def test_a_wrong_import_breaks_the_contract(module, line, broken):
@@ -48,13 +49,13 @@ def test_a_wrong_import_breaks_the_contract(module, line, broken):
 def test_the_stage_folders_import_only_as_nfm(tmp_path):
     """From outside the repository the bare names do not exist; everything is beneath `nfm`."""
     code = (
-        "import importlib.util as u, nfm.pipeline.core.loop as l, nfm.teacher.model as m;"
-        "print([u.find_spec(n) is None for n in ('pipeline', 'teacher', 'student', 'pairs')], l.__name__)"
+        "import importlib.util as u, nfm.core.loop as l, nfm.teacher.model as m;"
+        "print([u.find_spec(n) is None for n in ('core', 'pipeline', 'teacher', 'student', 'pairs')], l.__name__)"
     )
     import subprocess
 
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert p.stdout.split() == ["[True,", "True,", "True,", "True]", "nfm.pipeline.core.loop"], p.stderr
+    assert p.stdout.split() == ["[True,", "True,", "True,", "True,", "True]", "nfm.core.loop"], p.stderr
 
 
 def test_a_wheel_holds_only_the_nfm_package(tmp_path):
@@ -76,7 +77,7 @@ def test_a_wheel_holds_only_the_nfm_package(tmp_path):
     assert tops == {"nfm", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for stage in STAGES:
         assert f"nfm/{stage}/__init__.py" in names
-    assert "nfm/pipeline/core/loop.py" in names and "nfm/pipeline/weights/featurenet-digits.safetensors" in names
+    assert "nfm/core/loop.py" in names and "nfm/pipeline/weights/featurenet-digits.safetensors" in names
     assert not any(n.startswith("nfm/tests") or n.startswith("nfm/benchmarks") for n in names)
 
 
@@ -107,8 +108,8 @@ def test_requires_python_admits_no_release_without_a_module_we_import():
 def test_data_loader_workers_started_by_spawn(tmp_path):
     """num_workers=2 under the spawn start method (macOS, Windows, Python 3.14): the collate function and
     the data set must pickle."""
-    from nfm.pipeline.core.batches import dataset_batches
-    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.core.batches import dataset_batches
+    from nfm.core.data import DataConfig, load_data
 
     data = load_data(DataConfig(name="digits"), "train")
     inline = list(dataset_batches(data, seed=3, end=4)(0, 1, 16, 0))
@@ -163,8 +164,8 @@ def make():
 @pytest.mark.slow
 def test_two_process_build_counts_non_finite_pairs_over_all_processes(tmp_path, user_flow_dir):
     """pairs.max_nonfinite bounds the total: two processes each under the limit, together over it, refuse."""
+    from nfm.core.data import DataConfig, load_data
     from nfm.pairs.format import read_index
-    from nfm.pipeline.core.data import DataConfig, load_data
 
     (user_flow_dir / "nanflow.py").write_text(NAN_FLOW)
     train = load_data(DataConfig(name="digits"), "train")
@@ -185,7 +186,7 @@ def test_two_process_build_counts_non_finite_pairs_over_all_processes(tmp_path, 
 
 
 def test_setup_logger_closes_the_handlers_it_replaces(tmp_path):
-    from nfm.pipeline.core.rundir import setup_logger
+    from nfm.core.rundir import setup_logger
 
     first = setup_logger(tmp_path, name="nfm.test")
     (fh,) = [h for h in first.handlers if isinstance(h, logging.FileHandler)]
@@ -235,7 +236,7 @@ def test_the_teacher_preview_samples_through_the_prior(flow_factory, tmp_path):
 
 
 def test_unknown_choices_are_refused_where_the_config_is_loaded():
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.run import RunConfig
 
     cases = {
@@ -250,3 +251,51 @@ def test_unknown_choices_are_refused_where_the_config_is_loaded():
     for override, message in cases.items():
         with pytest.raises(NFMError, match=re.escape(message)):
             build_config(RunConfig, overrides=[override])
+
+
+# ----------------------------------------------------------------------------- the README's map of the house
+
+
+def _leading_names(segment: str) -> set[str]:
+    """The module / folder names a segment of the map starts with: "models.py, sampling.py   ...",
+    "featurenet.py + weights/: ..."."""
+    out = set()
+    for word in segment.split():
+        name = word.rstrip(",:")
+        if word == "+":
+            continue
+        if not re.fullmatch(r"\w+(\.py|/)", name):
+            break
+        out.add(name)
+    return out
+
+
+def _readme_map() -> dict[str, set[str]]:
+    """{folder: the modules and subfolders the README's map names in it} (the code block after 'The house'):
+    a folder starts at column 0; an indented line names modules in its first column and at the start of each
+    later ";  "-separated segment."""
+    block = (REPO / "README.md").read_text().split("### The house", 1)[1].split("```", 2)[1]
+    out: dict[str, set[str]] = {}
+    folder = None
+    for line in block.splitlines():
+        if line[:1].strip() and line.split()[0].endswith("/"):
+            folder = line.split()[0].rstrip("/")
+            out[folder] = set()
+        elif folder and line.startswith("  "):
+            first, *rest = line.strip().split(";  ")
+            out[folder] |= _leading_names(re.split(r"\s{2,}", first)[0])
+            for segment in rest:
+                out[folder] |= _leading_names(segment)
+    return out
+
+
+def test_the_readme_map_names_every_module_and_nothing_else():
+    """Every module and subpackage of each folder is on the map, and the map names nothing that is gone."""
+    named = _readme_map()
+    assert set(named) == set(STAGES), sorted(named)
+    for folder in STAGES:
+        tree = {p.name for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
+        tree |= {p.name + "/" for p in (REPO / folder).iterdir() if p.is_dir() and p.name != "__pycache__"}
+        assert named[folder] == tree, (
+            f"{folder}/: missing {sorted(tree - named[folder])}, gone {sorted(named[folder] - tree)}"
+        )

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from nfm.core.augment import AugmentConfig, augment
+from nfm.core.data import TensorImages
+from nfm.core.errors import NFMError
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs, logit_error, view_params
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.augment import AugmentConfig, augment
-from nfm.pipeline.core.data import TensorImages
-from nfm.pipeline.core.errors import NFMError
 from nfm.student.kt import (
     KTConfig,
     KTModelConfig,
@@ -224,7 +224,7 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
 
 
 def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
 
     teacher = LinearTeacher().eval()
@@ -241,7 +241,7 @@ def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
 
 
 def test_ofmkt_learns_the_labels_without_a_teacher_and_kd_needs_one(tmp_path):
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.student.kt import KTStudentRunConfig, accuracy_at, load_kt_student, run_kt_student_training
 
     views = KTViews(_toy(2000, 0), 1, 0, AugmentConfig())
@@ -259,8 +259,8 @@ def test_ofmkt_learns_the_labels_without_a_teacher_and_kd_needs_one(tmp_path):
 
 
 def test_a_flow_pair_cache_is_refused_by_a_kt_student(tmp_path):
+    from nfm.core.data import DataConfig, load_data
     from nfm.pairs.build import PairBuildConfig, build_pairs
-    from nfm.pipeline.core.data import DataConfig, load_data
     from nfm.student.kt import KTPairs
     from nfm.teacher.export import load_teacher
     from tests.conftest import make_teacher_export
@@ -360,8 +360,8 @@ def test_the_students_compute_is_counted_by_hand():
 
 
 def test_a_kt_report_is_reaggregated_from_its_per_seed_accuracies(tmp_path):
-    from nfm.pipeline.core.config import to_dict
-    from nfm.pipeline.core.io import write_json
+    from nfm.core.config import to_dict
+    from nfm.core.io import write_json
     from nfm.pipeline.kt import KTRunConfig, aggregate, rerender
 
     cfg = KTRunConfig(methods=("kd", "fm-kt", "ofm-kt+label_smoothing=0.1"), eval_steps=(1, 2))

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
 from nfm.pairs.build import PairBuildConfig, build_pairs, pair_noise
 from nfm.pairs.format import INDEX_NAME, ShardFile, read_index
 from nfm.pairs.reader import PairCache, PairReader
 from nfm.pairs.verify import check_shards, reconstruction_error
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
 from nfm.teacher.export import load_teacher
 from tests.conftest import caches, make_teacher_export, run_nfm
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
+from nfm.core.prior import FittedPrior, Moments, oas
 from nfm.pairs.build import PairBuildConfig, build_pairs
 from nfm.pairs.prior import PARTIAL_NAME, TENSORS_NAME, PriorConfig, fit_prior, load_prior, prior_dir
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.prior import FittedPrior, Moments, oas
 from nfm.teacher.export import load_teacher
 from tests.conftest import dies_on_call, make_teacher_export
 
@@ -142,7 +142,7 @@ def test_a_killed_fit_resumes_to_the_same_bits(cache, tmp_path, monkeypatch):
 def _student_cfg(cache, steps, **sample):
     from dataclasses import replace
 
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.presets import STUDENT_PRESETS
     from nfm.student.train import StudentRunConfig
 
@@ -153,8 +153,8 @@ def _student_cfg(cache, steps, **sample):
 
 
 def test_a_student_of_a_teachers_pairs_samples_from_its_fitted_prior_and_old_exports_from_n01(cache, tmp_path):
+    from nfm.core.io import read_json, write_json
     from nfm.pipeline.api import Student
-    from nfm.pipeline.core.io import read_json, write_json
     from nfm.student.sampling import student_inputs
     from nfm.student.train import load_student, run_student_training, student_prior
 
@@ -193,7 +193,7 @@ def test_a_student_trained_on_a_known_non_isotropic_noise_maps_its_own_prior_bet
     noise, so its samples from the fitted prior land near the data and its samples from N(0, I) do not."""
     import shutil
 
-    from nfm.pipeline.core.data import load_data
+    from nfm.core.data import load_data
     from nfm.student.sampling import sample_ode, student_inputs
     from nfm.student.train import load_student, run_student_training, student_prior
     from tests.conftest import reforge_shards
@@ -322,7 +322,7 @@ def test_the_likelihood_through_the_ode_uses_the_fitted_prior_at_the_noise_end()
 
 def _lowrank_fit(x: torch.Tensor, labels: torch.Tensor, groups: int, rank: int):
     """Both passes of a low-rank fit over rows streamed in pieces (the last group: every row)."""
-    from nfm.pipeline.core.prior import LowRankPrior, Sketch
+    from nfm.core.prior import LowRankPrior, Sketch
 
     sk = Sketch.zeros(groups, x.shape[1], rank)
     for stage in range(2):
@@ -395,7 +395,7 @@ def test_a_killed_low_rank_fit_resumes_to_the_same_bits_in_either_pass(cache, tm
 
 
 def test_auto_fits_the_low_rank_model_where_a_full_covariance_per_class_would_not_fit(monkeypatch):
-    import nfm.pipeline.core.prior as core
+    import nfm.core.prior as core
     from nfm.pairs.prior import resolve
 
     assert resolve(PriorConfig(), (3, 8, 8), 10).model == "full"

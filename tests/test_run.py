@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
 from nfm.pipeline.evaluate import fid_kid, straightness
 from tests.conftest import caches, run_nfm
 
@@ -332,8 +332,8 @@ def test_a_run_without_room_for_its_pair_caches_stops_before_training(tmp_path, 
     assert "10.0 MB free" in line[0] and "--cache-dir, or NFM_CACHE_DIR" in line[0]
     assert not list((tmp_path / "run").glob("teacher-*"))  # nothing was trained
 
+    from nfm.core.data import DataConfig, load_data
     from nfm.pairs.build import PairBuildConfig, build_pairs, estimate_cache_bytes
-    from nfm.pipeline.core.data import DataConfig, load_data
     from nfm.teacher.export import load_teacher
     from tests.conftest import make_teacher_export
 
@@ -447,7 +447,7 @@ def test_the_side_by_side_figure_shows_the_class_it_says(tmp_path):
 
 
 def test_every_run_preset_is_a_valid_run_and_the_gpu_preset_trains_20x_the_cpu_one():
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.presets import RUN_PRESETS
     from nfm.pipeline.run import RunConfig, check_run
 

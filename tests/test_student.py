@@ -10,15 +10,15 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from nfm.core.checkpoint import list_checkpoints
+from nfm.core.config import build_config
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, read_json
+from nfm.core.loop import Interrupted
+from nfm.core.seeding import BatchRandom
 from nfm.pairs.build import PairBuildConfig, build_pairs
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.core.checkpoint import list_checkpoints
-from nfm.pipeline.core.config import build_config
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, read_json
-from nfm.pipeline.core.loop import Interrupted
-from nfm.pipeline.core.seeding import BatchRandom
 from nfm.pipeline.presets import STUDENT_PRESETS
 from nfm.student.couplings import IndependentCoupling, MinibatchOTCoupling, PairCoupling, ot_permutation
 from nfm.student.models import StudentModelConfig, build_student

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 from nfm.teacher.mltarflow import arch_from_filename, load_ml_tarflow
 from nfm.teacher.protocol import Teacher, check_teacher, load_teacher_spec, parse_arch, parse_spec
 from tests.conftest import run_nfm, run_nfm_inline

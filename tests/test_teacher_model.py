@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 from nfm.teacher.model import Guidance, TarFlow, TarFlowConfig
 
 torch.set_default_dtype(torch.float32)

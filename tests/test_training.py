@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nfm.pipeline.core.batches import StepBatchSampler
-from nfm.pipeline.core.checkpoint import list_checkpoints
-from nfm.pipeline.core.config import build_config
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors
-from nfm.pipeline.core.loop import Interrupted, TrainConfig, lr_at, train
+from nfm.core.batches import StepBatchSampler
+from nfm.core.checkpoint import list_checkpoints
+from nfm.core.config import build_config
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors
+from nfm.core.loop import Interrupted, TrainConfig, lr_at, train
 from nfm.pipeline.presets import TEACHER_PRESETS
 from nfm.teacher.train import TeacherRunConfig, run_teacher_training, teacher_loss
 
@@ -154,7 +154,7 @@ def test_nan_in_training_batch_names_the_rows(tmp_path, flow_factory):
 
 
 def test_batch_random_gives_each_row_the_same_noise_however_the_batch_is_split():
-    from nfm.pipeline.core.seeding import BatchRandom
+    from nfm.core.seeding import BatchRandom
 
     whole = BatchRandom(7, 3, 0, 8, 8)
     a, b = whole.randn(2, 2), whole.rand()
@@ -190,8 +190,8 @@ def _same_optimizer_state(a: dict, b: dict) -> bool:
 def test_checkpoint_restores_the_optimizer_bit_for_bit_and_reads_the_previous_format(tmp_path):
     """optimizer.pt (torch's format, read with weights_only=True) restores AdamW exactly; a checkpoint of the
     previous format (optimizer tensors in optimizer.safetensors, the rest in state.json) still loads."""
-    from nfm.pipeline.core.checkpoint import EMA, load_checkpoint, save_checkpoint
-    from nfm.pipeline.core.io import save_tensors, write_json
+    from nfm.core.checkpoint import EMA, load_checkpoint, save_checkpoint
+    from nfm.core.io import save_tensors, write_json
 
     model, opt = _adamw_after_two_steps()
     path = save_checkpoint(tmp_path, 2, model, EMA(model, 0.9), opt, keep=2)
@@ -214,7 +214,7 @@ def test_checkpoint_restores_the_optimizer_bit_for_bit_and_reads_the_previous_fo
 def test_the_ema_update_is_the_per_tensor_lerp_exactly():
     """EMA.update takes every tensor in one multi-tensor lerp: the same numbers as shadow + (1 - d)(p - shadow)
     tensor by tensor, with the warm-up d = min(decay, (1 + s) / (10 + s)), bit for bit."""
-    from nfm.pipeline.core.checkpoint import EMA
+    from nfm.core.checkpoint import EMA
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
@@ -241,8 +241,8 @@ def test_a_compiled_training_step_trains_the_same_weights_as_eager(tmp_path, mon
     runs it)."""
     from safetensors.torch import load_file
 
-    import nfm.pipeline.core.loop as loop
-    from nfm.pipeline.core.loop import use_compile
+    import nfm.core.loop as loop
+    from nfm.core.loop import use_compile
 
     monkeypatch.setattr(loop, "COMPILE_OPTIONS", {"backend": "aot_eager"})
     torch._dynamo.reset()

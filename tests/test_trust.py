@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
+from nfm.core.checkpoint import list_checkpoints
+from nfm.core.config import build_config
+from nfm.core.data import DataConfig, load_data
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, save_tensors, sha256_file, write_json
 from nfm.pairs.build import PairBuildConfig, build_pairs
 from nfm.pairs.format import INDEX_NAME, ORIGIN_NAME, is_foreign, read_index
 from nfm.pairs.kt import KTPairConfig, build_kt_pairs
 from nfm.pairs.reader import PairCache
 from nfm.pairs.reflow import build_reflow_pairs, check_regeneration
 from nfm.pairs.share import install_cache
-from nfm.pipeline.core.checkpoint import list_checkpoints
-from nfm.pipeline.core.config import build_config
-from nfm.pipeline.core.data import DataConfig, load_data
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, save_tensors, sha256_file, write_json
 from nfm.pipeline.presets import TEACHER_PRESETS
 from nfm.student import sdot
 from nfm.student.reflow import StudentGenerator
@@ -199,7 +199,7 @@ class _Classifier(nn.Module):
 
 
 def test_a_logit_cache_is_refused_by_the_flow_student(tmp_path):
-    from nfm.pipeline.core.data import TensorImages
+    from nfm.core.data import TensorImages
 
     data = load_data(DATA)
     u, y = data.raw(list(range(len(data))))

@@ -25,7 +25,7 @@ import errno
 import os
 import sys
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         own.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     debug = args.debug or os.environ.get("NFM_DEBUG", "") not in ("", "0")
     if args.quiet:
-        from nfm.pipeline.core.rundir import QUIET_ENV
+        from nfm.core.rundir import QUIET_ENV
 
         os.environ[QUIET_ENV] = "1"
     warning = launch_warning(os.environ)
     if warning:
         print(f"nfm: warning: {warning}", file=sys.stderr)
-    from nfm.pipeline.core.loop import Interrupted
+    from nfm.core.loop import Interrupted
 
     try:
         return args.func(args)

@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from nfm.core.errors import NFMError
 from nfm.pipeline.cli import options
-from nfm.pipeline.core.errors import NFMError
 
 
 def _preset(name: str, section: str) -> dict:
@@ -18,7 +18,7 @@ def _preset(name: str, section: str) -> dict:
 
 def cmd_teacher_train(args) -> int:
     """train (or resume) a classifier teacher (a small ResNet) for knowledge transfer"""
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.teacher.classifier import ClassifierRunConfig, run_classifier_training
 
     cfg = build_config(ClassifierRunConfig, preset=_preset(args.preset, "teacher"), file=args.config,
@@ -34,9 +34,9 @@ def cmd_pairs_build(args) -> int:
     The views are pure functions of (seed, image, view); the cache is the pair-cache format (noise column = the
     teacher's logits, data = the view), keyed by the teacher's and the data's fingerprints, resumable.
     """
+    from nfm.core.config import build_config, from_dict
+    from nfm.core.data import DataConfig, load_data
     from nfm.pairs.kt import KTPairConfig, build_kt_pairs
-    from nfm.pipeline.core.config import build_config, from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
     from nfm.teacher.classifier import load_classifier
 
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
@@ -56,11 +56,11 @@ def cmd_student_train(args) -> int:
     ensemble. The authors smooth its labels: kt.label_smoothing=0.1. Without --pairs, `none` and `ofm-kt`
     train on the preset's data and views (those a logit cache of the preset holds), drawn on the fly.
     """
+    from nfm.core.config import build_config, from_dict
+    from nfm.core.data import DataConfig, load_data
     from nfm.pairs.kt import KTPairConfig
     from nfm.pairs.lookup import find_cache
     from nfm.pairs.reader import PairCache
-    from nfm.pipeline.core.config import build_config, from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
     from nfm.student.kt import KTStudentRunConfig, KTViews, run_kt_student_training
 
     flags = {"method": args.method, "schedule": args.schedule, "steps": args.steps, "kd_loss": args.kd_loss}
@@ -85,9 +85,9 @@ def cmd_student_train(args) -> int:
 
 def cmd_eval(args) -> int:
     """held-out accuracy of a KT student (at K = 1, 2, 4, 8 sampler steps) or of a classifier teacher"""
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
-    from nfm.pipeline.core.io import read_json
+    from nfm.core.config import from_dict
+    from nfm.core.data import DataConfig, load_data
+    from nfm.core.io import read_json
     from nfm.student.kt import accuracy_at, load_kt_student
     from nfm.teacher.classifier import accuracy, load_classifier
 
@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
     cache and students per seed and reports 95 % intervals. Rows are METHOD[+KEY=VALUE...]: e.g.
     methods=none,kd,fm-kt,fm-kt+schedule=vp,fm-kt+kd_loss=dist,ofm-kt+label_smoothing=0.1
     """
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.kt import KTRunConfig, run_kt
     from nfm.pipeline.presets import kt_preset
 

@@ -80,7 +80,7 @@ def write_result(path: Path, result: dict) -> int:
     """An evaluation command's result: written as JSON, echoed, and where it went."""
     import json
 
-    from nfm.pipeline.core.io import write_json
+    from nfm.core.io import write_json
 
     write_json(path, result)
     print(json.dumps(result, indent=2))
@@ -89,7 +89,7 @@ def write_result(path: Path, result: dict) -> int:
 
 
 def device(args: argparse.Namespace):
-    from nfm.pipeline.core.distributed import default_device
+    from nfm.core.distributed import default_device
 
     return default_device(getattr(args, "device", None))
 
@@ -102,7 +102,7 @@ def cache_root(args: argparse.Namespace) -> Path:
 
 def finished(kind: str, t0: float, run_dir: Path, export: Path) -> int:
     """Where a training command left its export and newest sample grid (main process only)."""
-    from nfm.pipeline.core.distributed import process_state
+    from nfm.core.distributed import process_state
 
     if process_state().is_main_process:
         print(f"done in {time.perf_counter() - t0:.0f}s. {kind} export: {export}")

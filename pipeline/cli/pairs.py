@@ -6,8 +6,8 @@ import argparse
 import math
 import time
 
+from nfm.core.errors import NFMError
 from nfm.pipeline.cli import options
-from nfm.pipeline.core.errors import NFMError
 
 SOLVERS = ["euler", "midpoint", "heun", "rk4", "dopri5"]
 
@@ -20,10 +20,10 @@ def cmd_build(args) -> int:
     format; a second build with the same inputs is a cache hit; an interrupted build resumes. Under
     `accelerate launch`/torchrun each process builds its own shards.
     """
+    from nfm.core.config import build_config, format_table
+    from nfm.core.data import load_data
+    from nfm.core.distributed import process_state
     from nfm.pairs.build import PairsRunConfig, build_pairs
-    from nfm.pipeline.core.config import build_config, format_table
-    from nfm.pipeline.core.data import load_data
-    from nfm.pipeline.core.distributed import process_state
     from nfm.teacher.protocol import load_teacher_spec
 
     if bool(args.teacher) == bool(args.from_student):
@@ -58,10 +58,10 @@ def cmd_build(args) -> int:
 
 
 def _build_reflow(args) -> int:
+    from nfm.core.config import build_config, format_table
+    from nfm.core.distributed import process_state
     from nfm.pairs.build import PairBuildConfig
     from nfm.pairs.reflow import build_reflow_pairs
-    from nfm.pipeline.core.config import build_config, format_table
-    from nfm.pipeline.core.distributed import process_state
     from nfm.student.reflow import StudentGenerator
 
     if args.data or args.views:
@@ -166,8 +166,8 @@ def cmd_verify(args) -> int:
 
 def _verify_prior(cache_dir) -> None:
     """The cache's fitted prior, if it has one: its checksum and its cache key checked, its statistics in a line."""
+    from nfm.core.prior import describe
     from nfm.pairs.prior import META_NAME, default_prior_dir, load_prior
-    from nfm.pipeline.core.prior import describe
 
     d = default_prior_dir(cache_dir)
     if (d / META_NAME).is_file():
@@ -290,8 +290,8 @@ def cmd_push(args) -> int:
 
 def cmd_pull(args) -> int:
     """download a pair cache from a Hugging Face Hub dataset repo, check every byte, install it under its key"""
+    from nfm.core.hub import hub_snapshot, is_repo_id
     from nfm.pairs.share import install_cache
-    from nfm.pipeline.core.hub import hub_snapshot, is_repo_id
 
     if not is_repo_id(args.repo_id):
         raise NFMError(f"{args.repo_id!r} is not a Hugging Face Hub repo id (owner/name)")

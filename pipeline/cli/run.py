@@ -18,7 +18,7 @@ def cmd_run(args) -> int:
     `--seeds 3` (intervals), `knobs=eta=0,views=1,mix=0.25` (NFM variants), `compute_matched=independent`
     (baselines at NFM's total compute), `eval.noise_seeds=5` (FID's own sampling spread).
     """
-    from nfm.pipeline.core.config import build_config
+    from nfm.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
 

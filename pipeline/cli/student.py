@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from nfm.core.errors import NFMError
 from nfm.pipeline.cli import options
-from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_train(args) -> int:
@@ -18,7 +18,7 @@ def cmd_train(args) -> int:
     same network, steps and batch; flow.source=data:NAME starts from a data set instead of N(0, I). Rerunning the
     same command resumes, data position included.
     """
-    from nfm.pipeline.core.config import _merge, build_config
+    from nfm.core.config import _merge, build_config
     from nfm.pipeline.presets import student_preset, student_size_overrides
     from nfm.student.train import StudentRunConfig, run_student_training
 
@@ -41,7 +41,7 @@ def _run_dir(run: str) -> Path:
 
 def cmd_sample(args) -> int:
     """sample a trained student with an ODE solver"""
-    from nfm.pipeline.core.sampling import save_samples
+    from nfm.core.sampling import save_samples
     from nfm.student.sampling import sample_ode, student_inputs
     from nfm.student.train import load_student, student_prior
 
@@ -74,8 +74,8 @@ def cmd_eval(args) -> int:
     divergence for small images, Hutchinson's estimator for large ones. Pass the teacher's eta (--eta) to compare
     with `nfm teacher eval`.
     """
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.core.config import from_dict
+    from nfm.core.data import DataConfig, load_data
     from nfm.student.likelihood import student_bpd
     from nfm.student.train import load_student, student_prior
 

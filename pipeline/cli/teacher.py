@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from nfm.core.errors import NFMError
 from nfm.pipeline.cli import options
-from nfm.pipeline.core.errors import NFMError
 
 
 def cmd_train(args) -> int:
@@ -16,7 +16,7 @@ def cmd_train(args) -> int:
     Train a TarFlow teacher by maximum likelihood on x + eta * eps. Rerunning the same command resumes from the
     newest checkpoint.
     """
-    from nfm.pipeline.core.config import _merge, build_config
+    from nfm.core.config import _merge, build_config
     from nfm.pipeline.presets import size_overrides, teacher_preset
     from nfm.teacher.train import TeacherRunConfig, run_teacher_training
 
@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     """sample images from a trained teacher"""
-    from nfm.pipeline.core.sampling import sample_inputs, save_samples
+    from nfm.core.sampling import sample_inputs, save_samples
     from nfm.teacher.export import load_teacher, resolve_export_dir
     from nfm.teacher.model import Guidance
 
@@ -86,8 +86,8 @@ def cmd_import(args) -> int:
     """
     from dataclasses import asdict
 
-    from nfm.pipeline.core.config import build_config
-    from nfm.pipeline.core.data import DataConfig
+    from nfm.core.config import build_config
+    from nfm.core.data import DataConfig
     from nfm.teacher.export import save_export
     from nfm.teacher.protocol import load_teacher_spec, parse_spec
 
@@ -117,8 +117,8 @@ def cmd_import(args) -> int:
 
 def cmd_eval(args) -> int:
     """bits/dim of a trained teacher on held-out data"""
-    from nfm.pipeline.core.config import from_dict
-    from nfm.pipeline.core.data import DataConfig, load_data
+    from nfm.core.config import from_dict
+    from nfm.core.data import DataConfig, load_data
     from nfm.teacher.export import export_info, load_teacher, resolve_export_dir
     from nfm.teacher.train import evaluate_bpd
 

@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nfm.pipeline.core.io import atomic_write, read_json
+from nfm.core.io import atomic_write, read_json
 
 NFM_N01 = "nfm[prior=gaussian]"  # the knob variant: the same NFM student sampled from N(0, I)
 LABELS = {"nfm": "NFM, fitted prior", NFM_N01: "NFM, N(0, I)", "independent": "I-CFM", "minibatch-ot": "OT-CFM",

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from prior_study import cell, euler_fids, euler_head, load_run, save, students_of  # noqa: E402
 
+from nfm.core.prior import oas  # noqa: E402
 from nfm.pairs.prior import read_noise  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
-from nfm.pipeline.core.prior import oas  # noqa: E402
 from nfm.pipeline.run import seeded  # noqa: E402
 from nfm.student.paths import ProbPath  # noqa: E402
 from nfm.student.sampling import student_inputs  # noqa: E402

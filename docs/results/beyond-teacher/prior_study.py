@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 
+from nfm.core.config import from_dict
+from nfm.core.data import load_data
+from nfm.core.io import read_json
+from nfm.core.prior import FittedPrior, Moments
+from nfm.core.sampling import sample_inputs
 from nfm.pairs.prior import PriorConfig, fit_prior, teacher_prior
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval
-from nfm.pipeline.core.config import from_dict
-from nfm.pipeline.core.data import load_data
-from nfm.pipeline.core.io import read_json
-from nfm.pipeline.core.prior import FittedPrior, Moments
-from nfm.pipeline.core.sampling import sample_inputs
 from nfm.pipeline.evaluate import EvalSet, default_extractor
 from nfm.pipeline.run import RunConfig, seeded
 from nfm.student.sampling import sample_ode, student_inputs

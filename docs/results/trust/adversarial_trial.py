@@ -252,7 +252,7 @@ def main(work: Path) -> None:
     nfm(*sd_run, "--run-dir", work / "sd0")
     (sd_dir,) = [d for d in (root.parent / "sdot").iterdir() if d.is_dir()]
     good_meta, good_w = (sd_dir / "sdot.json").read_text(), (sd_dir / "potentials.safetensors").read_bytes()
-    from nfm.pipeline.core.io import save_tensors, sha256_file
+    from nfm.core.io import save_tensors, sha256_file
 
     def potentials(g):
         save_tensors(sd_dir / "potentials.safetensors", {"g": g, "share": torch.zeros(len(g))})

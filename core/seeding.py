@@ -3,9 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+SEED_STRIDE = 1000  # training seed k of a multi-seed run adds SEED_STRIDE * k to each of its training seeds
+
+
+def seeded_config(cfg: T, k: int, fields: tuple[str, ...]) -> T:
+    """The config of training seed k of a multi-seed run: each dotted field (`teacher.train.seed`, ...) +
+    SEED_STRIDE * k; k = 0 is cfg itself. Only the training seeds named move: an evaluation's noise seed stays,
+    so every training seed is scored on the same noise."""
+    if k == 0:
+        return cfg
+
+    def shifted(obj: Any, path: list[str]) -> Any:
+        head, *rest = path
+        value = getattr(obj, head)
+        return replace(obj, **{head: shifted(value, rest) if rest else value + SEED_STRIDE * k})
+
+    for f in fields:
+        cfg = shifted(cfg, f.split("."))
+    return cfg
 
 
 def derive_seed(*parts: Any) -> int:

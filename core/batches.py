@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.errors import NFMError
+from nfm.core.seeding import derive_seed
 
 # (rank, world, per-process batch, first step) -> this process's batches for that step and the next ones
 BatchStream = Callable[[int, int, int, int], Iterator[tuple[torch.Tensor, ...]]]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import (
+from nfm.core.errors import NFMError
+from nfm.core.io import (
     atomic_dir,
     atomic_write,
     load_tensors,

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nfm.pipeline.core.config import added
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.config import added
+from nfm.core.errors import NFMError
 
 BUILTIN = ("digits", "fashion-mnist", "mnist-5k")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

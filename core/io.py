@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -162,26 +162,59 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_export(directory: str | Path, state: dict[str, torch.Tensor], fmt: str, config: dict[str, Any]) -> Path:
-    """An export directory: model.safetensors (tagged with its format) + config.json (format included)."""
+EXPORT_VERSION = 1  # config.json's format_version: an export of a newer version is refused, not misread
+
+
+def write_export(
+    directory: str | Path, state: dict[str, torch.Tensor], kind: str, config: dict[str, Any],
+    metadata: dict[str, str] | None = None,
+) -> Path:  # fmt: skip
+    """The one export format (teacher, student, classifier, KT student): model.safetensors (its metadata's
+    format: nfm-KIND) + config.json ({"kind": KIND, "format_version": EXPORT_VERSION, **config})."""
     directory = Path(directory)
-    save_tensors(directory / "model.safetensors", state, metadata={"format": fmt})
-    write_json(directory / "config.json", {"format": fmt, **config})
+    save_tensors(directory / "model.safetensors", state, metadata={"format": f"nfm-{kind}", **(metadata or {})})
+    write_json(directory / "config.json", {"kind": kind, "format_version": EXPORT_VERSION, **config})
     return directory
 
 
-def read_export(
-    path: str | Path, fmt: str, what: str, fix: str
-) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """(export directory, its config.json, its weights) from a run directory or its export/; a directory of
-    another format is refused in one line naming `fix`, the command that makes the right one."""
-    p = Path(path)
+def export_dir(path: str | Path, what: str, train: str) -> Path:
+    """A run directory, its export/ or the export's config.json -> the export directory; one line where there is
+    none (a run that has not finished: rerun `train` to resume it)."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == "config.json":
+        p = p.parent
     if (p / "export" / "config.json").is_file():
-        p = p / "export"
-    meta = read_json(p / "config.json", f"{what} config")
-    if meta.get("format") != fmt:
-        raise NFMError(f"{p} is not a {what} export (format {meta.get('format')!r}); train one with `{fix}`")
-    return p, meta, load_tensors(p / "model.safetensors", f"{what} weights")
+        return p / "export"
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return p
+    if not p.exists():
+        raise NFMError(f"{what} not found: {p} does not exist")
+    if (p / "checkpoints").is_dir():
+        raise NFMError(f"{p} is a {what} run that has not finished (no export yet): rerun its `{train}` to resume it")
+    raise NFMError(
+        f"{p} is neither a {what} run directory nor a {what} export (expected config.json + model.safetensors)"
+    )
+
+
+def read_export_config(path: str | Path, kind: str, what: str, train: str) -> tuple[Path, dict[str, Any]]:
+    """(export directory, its config.json) of an export of `kind`; another kind, or a newer format, is refused in
+    one line."""
+    d = export_dir(path, what, train)
+    meta = read_json(d / "config.json", f"{what} config")
+    if meta.get("kind") != kind:
+        got = meta.get("kind") or meta.get("format") or "nothing nfm wrote"
+        raise NFMError(f"{d} holds a {got} export, not a {what} export; train one with `{train}`")
+    if meta.get("format_version", 0) > EXPORT_VERSION:
+        raise NFMError(f"{d} was written by a newer nfm (format {meta['format_version']}); upgrade nfm")
+    return d, meta
+
+
+def read_export(
+    path: str | Path, kind: str, what: str, train: str
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(export directory, its config.json, its weights) of an export of `kind` (read_export_config)."""
+    d, meta = read_export_config(path, kind, what, train)
+    return d, meta, load_tensors(d / "model.safetensors", f"{what} weights")
 
 
 def load_torch_weights(path: str | Path, what: str) -> Any:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nfm.pipeline.core.seeding import derive_seed
+from nfm.core.seeding import derive_seed
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.images import save_grid
-from nfm.pipeline.core.io import save_tensors
-from nfm.pipeline.core.prior import Prior, PriorBase
+from nfm.core.errors import NFMError
+from nfm.core.images import save_grid
+from nfm.core.io import save_tensors
+from nfm.core.prior import Prior, PriorBase
 
 Sampler = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (z, y) on the device -> x
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import tomllib
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 T = TypeVar("T")
 
@@ -57,6 +58,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             continue
         out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
     return out
+
+
+def config_hash(obj: Any) -> str:
+    """Ten hex digits of a config (a dataclass or a plain dict): the name of what it trains (RUN/teacher-HASH,
+    RUN/students/KIND-HASH), so a rerun of the same settings finds it."""
+    d = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _merge(base: dict, update: dict) -> dict:

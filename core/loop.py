@@ -31,19 +31,19 @@ from typing import Annotated, Any, Literal
 import torch
 from torch import nn
 
-from nfm.pipeline.core.batches import BatchStream, dataset_batches
-from nfm.pipeline.core.checkpoint import (
+from nfm.core.batches import BatchStream, dataset_batches
+from nfm.core.checkpoint import (
     EMA,
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from nfm.pipeline.core.config import AtLeast1, Fraction, NonNegative, Positive, Range, added, check_choices
-from nfm.pipeline.core.distributed import force_cpu, process_state
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import atomic_dir
-from nfm.pipeline.core.rundir import (
+from nfm.core.config import AtLeast1, Fraction, NonNegative, Positive, Range, added, check_choices
+from nfm.core.distributed import force_cpu, process_state
+from nfm.core.errors import NFMError
+from nfm.core.io import atomic_dir
+from nfm.core.rundir import (
     append_metrics,
     prepare_run_dir,
     progress,
@@ -52,7 +52,7 @@ from nfm.pipeline.core.rundir import (
     setup_logger,
     truncate_metrics,
 )
-from nfm.pipeline.core.seeding import BatchRandom
+from nfm.core.seeding import BatchRandom
 
 LossFn = Callable[
     [nn.Module, tuple[torch.Tensor, ...], BatchRandom], tuple[torch.Tensor, dict[str, torch.Tensor | float]]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from nfm.pipeline.core.io import atomic_write
+from nfm.core.io import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

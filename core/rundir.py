@@ -13,9 +13,9 @@ from typing import Any
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from nfm.pipeline.core import config as config_mod
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import read_json, write_bytes, write_json
+from nfm.core import config as config_mod
+from nfm.core.errors import NFMError
+from nfm.core.io import read_json, write_bytes, write_json
 
 # Keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nfm.pipeline.core.errors import NFMError
+from nfm.core.errors import NFMError
 
 
 def is_repo_id(text: str) -> bool:

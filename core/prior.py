@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from nfm.pipeline.core.errors import NFMError
-from nfm.pipeline.core.io import load_tensors, save_tensors
+from nfm.core.errors import NFMError
+from nfm.core.io import load_tensors, save_tensors
 
 PRIOR_FORMAT = "nfm-prior"
 MAX_FULL_BYTES = 2 << 30  # float64 second moments of every class above this: refuse (one D x D matrix a class)
