@@ -303,7 +303,7 @@ def test_a_full_disk_is_one_line_and_the_cache_resumes(export, tmp_path, monkeyp
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(export, tmp_path, monkeypatch, capsys):
-    import nfm.pairs.writer as pb
+    import nfm.pairs.build as pb
     from nfm.pipeline.cli import main
 
     def broken(*a, **k):
