@@ -6,12 +6,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nfm.core.config import build_config, to_dict
+from nfm.core.config import build_config, config_hash, to_dict
 from nfm.core.errors import NFMError
 from nfm.core.seeding import BatchRandom
 from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, paired, spread, winner
 from nfm.pipeline.presets import run_preset
-from nfm.pipeline.run import RunConfig, _Costs, _matched_steps, check_run, config_hash, knob_config, seeded
+from nfm.pipeline.run import RunConfig, check_run, knob_config, seeded
+from nfm.pipeline.run.budget import matched_steps
+from nfm.pipeline.run.context import Costs
 from nfm.student.couplings import PairCoupling, make_coupling
 
 
@@ -107,14 +109,14 @@ def test_run_settings_that_cannot_work_are_refused_before_any_stage():
 def test_matched_steps_add_nfms_preparation_in_student_steps_and_are_kept(tmp_path):
     cfg = _digits()  # 1000 student steps
     flops = {"teacher_training": 3.0e12, "pairs": 0.05e12, "student_step": 2.0e9}
-    costs = _Costs(tmp_path, main=True)
-    m = _matched_steps(cfg, "independent", flops, {}, costs)
+    costs = Costs(tmp_path, main=True)
+    m = matched_steps(cfg, "independent", flops, {}, costs)
     # 3.05e12 / 2e9 = 1525 steps of preparation: 1000 + 1600 (rounded up to a multiple of 100)
     assert m["steps"] == 2600 and m["base_steps"] == 1000 and m["by"] == "flops"
-    again = _Costs(tmp_path, main=True)  # a rerun reads the decision back, whatever the counts say now
-    assert _matched_steps(cfg, "independent", {**flops, "pairs": 9e12}, {}, again)["steps"] == 2600
+    again = Costs(tmp_path, main=True)  # a rerun reads the decision back, whatever the counts say now
+    assert matched_steps(cfg, "independent", {**flops, "pairs": 9e12}, {}, again)["steps"] == 2600
     with pytest.raises(NFMError, match="matched_by=flops"):
-        _matched_steps(replace(cfg, matched_by="seconds"), "minibatch-ot", None, {}, _Costs(tmp_path / "x", True))
+        matched_steps(replace(cfg, matched_by="seconds"), "minibatch-ot", None, {}, Costs(tmp_path / "x", True))
 
 
 class _Cache:
