@@ -30,7 +30,7 @@ from nfm.core.data import DataConfig, ImageDataset
 from nfm.core.distributed import process_state
 from nfm.core.errors import NFMError
 from nfm.core.seeding import derive_seed
-from nfm.pairs.format import FORMAT_VERSION, INDEX_NAME, cache_kind, read_index, read_origin
+from nfm.pairs.format import FORMAT_VERSION, INDEX_NAME, cache_kind, columns_of, read_index, read_origin
 from nfm.pairs.writer import (  # noqa: F401 (PairBuildResult: re-exported for the callers of build_pairs)
     CachePlan,
     PairBuildResult,
@@ -200,7 +200,7 @@ def _index_header(
         "seed": cfg.seed,
     }
     dtypes = {"noise": cfg.dtype, "data": plan.fields["data_dtype"]}
-    return plan.header(own, shapes={"noise": [c, h, w], "data": [c, h, w]}, dtypes=dtypes)
+    return plan.header("teacher", own, shapes={"noise": [c, h, w], "data": [c, h, w]}, dtypes=dtypes)
 
 
 def _encode_shard(
@@ -294,7 +294,7 @@ def cache_summary(cache_dir: Path) -> dict[str, Any]:
         "data": f"{index['data']['name']}[{index['data']['split']}]",
         "rows": index["total_rows"],
         "views": index["views"],
-        "dtype": index["dtypes"]["noise"],
+        "dtype": index["dtypes"][columns_of(index)[0]],  # the noise's, or a logit cache's logits'
         "size_mb": round(sum(s["bytes"] for s in index["shards"]) / 2**20, 2),
         "complete": bool(index.get("complete")),
         "origin": "built here"

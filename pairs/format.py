@@ -1,10 +1,15 @@
 """The pair-cache format: sharded safetensors plus one JSON index, Hugging Face naming.
 
     CACHE_ROOT/KEY/
-      pairs.index.json                   format, key, provenance, sigma_f, shapes, dtypes, shards
+      pairs.index.json                   format, kind, columns, key, provenance, sigma_f, shapes, dtypes, shards
       pairs-00001-of-00008.safetensors   noise (n, C, H, W) float16|float32   z / sigma_f
                                          data  (n, C, H, W) uint8 (0..levels) | float32 in [-1, 1]
                                          label (n,) int64;  index (n,) int64 (dataset row);  view (n,) int64
+
+Every index declares its `kind` and the `columns` its shards hold, with what each means (KIND_COLUMNS): a
+teacher's or a reflow cache holds the five above; a logit cache (kt) holds `logits` (n, classes) float32 where
+the others hold `noise`, and records no sigma_f. Caches written before the declaration keep their keys and keep
+reading: their kind follows from their key fields, and a logit cache of then keeps its logits under `noise`.
 
 Shard s holds the pairs with ids [s * shard_rows, (s + 1) * shard_rows), pair id = row * views + view,
 minus rows dropped as non-finite. A shard appears under its final name only when complete
@@ -33,13 +38,34 @@ INDEX_NAME = "pairs.index.json"
 ORIGIN_NAME = "origin.json"  # a cache that came from elsewhere (a pull): where from, and whether it was checked
 SHARD_RE = re.compile(r"^pairs-(\d{5})-of-(\d{5})\.safetensors$")
 KEY_RE = re.compile(r"^[0-9a-f]{20}$")
-# The kinds of cache, from what their index says (cache_kind):
-#   teacher  (noise, data) pairs of a normalizing-flow teacher: z = encode(x + eta * eps) / sigma_f
-#   reflow   (noise, data) pairs of a trained student: x = ODE(z)
-#   kt       a classifier's logits per image view (the `noise` column holds logits)
-KINDS = ("teacher", "reflow", "kt")
+_ROWS = {
+    "label": "the class (int64; 0 for unlabelled data)",
+    "index": "the training image's row in its data set (int64)",
+    "view": "the draw of this row: 0 .. views - 1 (int64)",
+}
+# The kinds of cache and the columns of each, as the index declares them (`kind`, `columns`):
+KIND_COLUMNS: dict[str, dict[str, str]] = {
+    "teacher": {  # (noise, data) pairs of a normalizing-flow teacher
+        "noise": "z = encode(x + eta * eps) / sigma_f (the teacher's latent, in units of sigma_f)",
+        "data": "x: the training image (grey levels 0..levels as uint8, else float32 in [-1, 1])",
+        **_ROWS,
+    },
+    "reflow": {  # (noise, data) pairs of a trained student
+        "noise": "z ~ N(0, I): the student's starting noise",
+        "data": "x = ODE(z): the student's sample (float32)",
+        **_ROWS,
+    },
+    "kt": {  # a classifier's logits per image view (FM-KT)
+        "logits": "the classifier's logits of the view (float32, one per class)",
+        "data": "the view: the training image shifted and flipped as augment drew it (grey levels, uint8)",
+        "label": _ROWS["label"],
+        "index": _ROWS["index"],
+        "view": "0: the image itself; v >= 1: an augmented view (int64)",
+    },
+}
+KINDS = tuple(KIND_COLUMNS)
 FLOW_KINDS = ("teacher", "reflow")  # what a flow-matching student trains on
-COLUMNS = ("noise", "data", "label", "index", "view")
+COLUMNS = tuple(KIND_COLUMNS["teacher"])  # the columns of a flow cache; a logit cache of before the declaration too
 _ST_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64, "BF16": None}
 
 
@@ -64,15 +90,26 @@ def hash_file(path: Path, chunk: int = 1 << 22) -> tuple[str, str]:
 
 
 def cache_kind(index: dict[str, Any]) -> str:
-    """What a cache holds (KINDS), from its index: `kind` (kt), `key_fields.kind` (reflow), else teacher pairs."""
+    """What a cache holds (KINDS). The key fields name it (`kind`: reflow, kt; none: teacher pairs), so it is as
+    certain as the key; the index's declared `kind` (absent before the declaration) must say the same."""
     fields = index.get("key_fields")
-    if index.get("kind") == "kt":
-        return "kt"
-    if isinstance(fields, dict) and fields.get("kind") == "reflow":
-        return "reflow"
-    if index.get("kind") not in (None, "teacher") or (isinstance(fields, dict) and "kind" in fields):
-        return f"unknown ({index.get('kind') or fields.get('kind')!r})"
-    return "teacher"
+    fields = fields if isinstance(fields, dict) else {}
+    implied, declared = fields.get("kind", "teacher"), index.get("kind")
+    if implied not in KINDS or declared not in (None, implied):
+        return f"unknown ({declared or implied!r})"
+    return implied
+
+
+def columns_of(index: dict[str, Any]) -> tuple[str, ...]:
+    """The columns a cache's shards hold: as its index declares them; a cache written before the declaration
+    holds the five of a flow cache (a logit cache of then: its logits under `noise`)."""
+    declared = index.get("columns")
+    return tuple(declared) if isinstance(declared, dict) and declared else COLUMNS
+
+
+def logits_column(index: dict[str, Any]) -> str:
+    """Where a logit cache keeps its logits: `logits`, or `noise` in a cache written before the declaration."""
+    return "logits" if "logits" in columns_of(index) else "noise"
 
 
 _KIND_WORDS = {
@@ -329,7 +366,8 @@ def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -
     names = [s.get("file") for s in shards]
     if index.get("complete") and (len(shards) != n or names != [shard_name(i, n) for i in range(n or 0)]):
         problems.append(f"the index lists {len(shards)} shards for num_shards={n} (or out of order)")
-    want = {k: (index["dtypes"][k], tuple(index["shapes"][k])) for k in ("noise", "data")}
+    columns = columns_of(index)
+    want = {k: (index["dtypes"][k], tuple(index["shapes"][k])) for k in columns[:2]}  # the pair's two ends
     for s in shards:
         problem = member_problem(cache_dir, s.get("file"))
         if problem:
@@ -349,8 +387,8 @@ def check_index(cache_dir: Path, index: dict[str, Any], content: bool = False) -
             problems.append(str(e))
             continue
         rows = {k: v[1][0] if v[1] else None for k, v in sf.tensors.items()}
-        if set(rows) != set(COLUMNS) or len(set(rows.values())) != 1:
-            problems.append(f"{s['file']}: columns {rows} are not {COLUMNS} of equal length")
+        if set(rows) != set(columns) or len(set(rows.values())) != 1:
+            problems.append(f"{s['file']}: columns {rows} are not {columns} of equal length")
             continue
         if sf.rows != s.get("rows"):
             problems.append(f"{s['file']}: holds {sf.rows} pairs, the index says {s.get('rows')}")

@@ -1,9 +1,10 @@
 """Stage two for knowledge transfer (FM-KT): the classifier teacher's outputs, cached per image and view.
 
-The same sharded, content-addressed, resumable cache as the flow pairs (pairs/format.py, built by the same
-`_build`), with the columns read as:
+The same sharded, content-addressed, resumable cache as the flow pairs (pairs/format.py, written by the same
+pairs.writer), of kind `kt`, with the columns:
 
-    noise   the teacher's logits for the row's view (float32, (num_classes,)): the target end of the transfer
+    logits  the teacher's logits for the row's view (float32, (num_classes,)): the target end of the transfer
+            (a cache written before the format declared its columns keeps them under `noise`: logits_column)
     data    the view itself: the training image shifted and flipped as `augment` drew it (stored grey levels)
     label   the true class; index: the training image; view: 0 = the image itself, v >= 1 an augmented view
 
@@ -27,7 +28,7 @@ from nfm.core.data import ImageDataset
 from nfm.core.distributed import process_state
 from nfm.core.errors import NFMError
 from nfm.pairs.build import PairBuildConfig, limits, pair_bytes, shard_rows_of
-from nfm.pairs.format import FORMAT_VERSION
+from nfm.pairs.format import FORMAT_VERSION, logits_column
 from nfm.pairs.writer import CachePlan, PairBuildResult, data_header, write_cache
 
 
@@ -50,7 +51,7 @@ def kt_rows(classifier: nn.Module, data: ImageDataset, ids: torch.Tensor, cfg: K
     """The cache columns of pair ids `ids`."""
     out = draw_views(data, ids, cfg.views, cfg.augment, cfg.seed)
     x = out["data"].float() * (2.0 / data.levels) - 1.0
-    return {"noise": classifier(x.to(device)).float().cpu(), **out}
+    return {"logits": classifier(x.to(device)).float().cpu(), **out}
 
 
 def build_kt_pairs(
@@ -106,18 +107,14 @@ class _LogitShards:
     def header(self) -> dict[str, Any]:
         c, h, w = self.data.image_shape
         own = {
-            "kind": "kt",
             "teacher": {"fingerprint": self.plan.fields["teacher"], **self.teacher_info},
             "data": data_header(self.data, "train"),
-            "noise_std": 0.0,
-            "sigma_f": 1.0,
-            "prior_std": "unit",
             "views": self.cfg.views,
             "seed": self.cfg.seed,
             "augment": asdict(self.cfg.augment),
         }
-        shapes = {"noise": [int(self.data.num_classes)], "data": [c, h, w]}
-        return self.plan.header(own, shapes=shapes, dtypes={"noise": "float32", "data": "uint8"})
+        shapes = {"logits": [int(self.data.num_classes)], "data": [c, h, w]}
+        return self.plan.header("kt", own, shapes=shapes, dtypes={"logits": "float32", "data": "uint8"})
 
     def encode(self, s: int, bar) -> dict[str, torch.Tensor]:
         ids_all, parts = self.plan.shard_ids(s), []
@@ -143,13 +140,14 @@ def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 25
         )
     classifier = classifier.eval()
     device = next(classifier.parameters()).device
+    logits = logits_column(cache.index)
     for shard, take in sampled_shards(cache.dir, cache.index, samples, seed):
         for a in range(0, len(take), 512):
-            cols = read_rows(shard, take[a : a + 512], ("data", "noise"))
+            cols = read_rows(shard, take[a : a + 512], ("data", logits))
             with torch.no_grad():
                 got = classifier(cache.to_float(cols["data"]).to(device)).float().cpu()
-            worst = max(worst, float(row_errors(got, cols["noise"]).max()))
-            checked += len(cols["noise"])
+            worst = max(worst, float(row_errors(got, cols[logits]).max()))
+            checked += len(cols[logits])
     return {"rows_checked": checked, "worst_abs_error": worst}
 
 

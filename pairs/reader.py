@@ -22,11 +22,13 @@ from nfm.pairs.format import (
     ShardFile,
     check_index,
     check_key,
+    columns_of,
     read_index,
     read_origin,
     require_kind,
     safe_member,
 )
+from nfm.pairs.format import logits_column as logits_column  # the student's door to a logit cache's column
 
 
 class PairCache:
@@ -51,7 +53,7 @@ class PairCache:
                 f"pair cache {self.dir} does not match its index: {'; '.join(problems[:3])}. Run `nfm pairs "
                 f"verify {self.key}`, or rebuild it (`nfm pairs rm {self.key}`, then `nfm pairs build`)"
             )
-        self.sigma_f = float(self.index["sigma_f"])
+        self.sigma_f = float(self.index["sigma_f"]) if "sigma_f" in self.index else None  # a logit cache: none
         self.levels = int(self.index["data"]["levels"])
         self.data_uint8 = self.index["dtypes"]["data"] == "uint8"
 
@@ -65,6 +67,12 @@ class PairCache:
         checked): its bytes match its index, but nothing shows the pairs are the named teacher's."""
         origin = read_origin(self.dir)
         return None if origin is None or origin.get("verified") else str(origin.get("source"))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns of its shards (pairs.format.KIND_COLUMNS): noise, data, label, index, view; a logit
+        cache's logits first where a flow cache has its noise."""
+        return columns_of(self.index)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -91,9 +91,8 @@ def _header(plan: CachePlan, gen: Generator, cfg: PairBuildConfig) -> dict[str, 
         "views": 1,
         "seed": cfg.seed,
     }
-    return plan.header(
-        own, shapes={"noise": [c, h, w], "data": [c, h, w]}, dtypes={"noise": cfg.dtype, "data": "float32"}
-    )
+    shapes = {"noise": [c, h, w], "data": [c, h, w]}
+    return plan.header("reflow", own, shapes=shapes, dtypes={"noise": cfg.dtype, "data": "float32"})
 
 
 def reflow_inputs(ids: torch.Tensor, cfg: PairBuildConfig, gen: Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from nfm.pairs.format import (
     KINDS,
     ORIGIN_NAME,
     cache_files,
+    cache_kind,
     check_index,
     check_key,
     read_index,
@@ -28,9 +29,22 @@ from nfm.pairs.format import (
     safe_member,
 )
 
+_CARD_WORDS = {
+    "teacher": "Noise/data pairs of a normalizing-flow teacher",
+    "reflow": "Noise/data pairs of a flow-matching student (reflow)",
+    "kt": "A classifier's logits per image view (FM-KT)",
+}
+
 
 def dataset_card(index: dict[str, Any], repo_id: str) -> str:
     teacher, data = index.get("teacher") or {}, index.get("data") or {}
+    kind = cache_kind(index)
+    sigma = f"; σ_f = {index['sigma_f']}" if "sigma_f" in index else ""
+    train = (
+        f"nfm kt student train --pairs {index['key'][:8]}"
+        if kind == "kt"
+        else f"nfm student train --pairs {index['key'][:8]}"
+    )
     shape = "×".join(str(s) for s in (index.get("shapes") or {}).get("data", []))
     return f"""---
 tags:
@@ -39,19 +53,19 @@ tags:
 ---
 # NFM pair cache `{index["key"]}`
 
-Noise/data pairs of a normalizing-flow teacher, in NFM's sharded safetensors format
-(`pairs.index.json` describes every shard, with its sha256 and xxh3-128).
+{_CARD_WORDS.get(kind, kind)}, in NFM's sharded safetensors format
+(`pairs.index.json` declares the kind and columns and describes every shard, with its sha256 and xxh3-128).
 
 - pairs: {index.get("total_rows")} ({len(index["shards"])} shards), images {shape or "?"}
 - teacher: `{teacher.get("fingerprint", teacher.get("source", "?"))}`
-- data: `{data.get("name", "?")}`; σ_f = {index.get("sigma_f")}
+- data: `{data.get("name", "?")}`{sigma}
 
 ```python
 import nfm
 pairs = nfm.PairCache.from_pretrained("{repo_id}")   # checked byte for byte, installed under its key
 ds = pairs.to_dataset()
 ```
-or `nfm pairs pull {repo_id}`, then `nfm student train --pairs {index["key"][:8]}`.
+or `nfm pairs pull {repo_id}`, then `{train}`.
 """
 
 

@@ -33,6 +33,7 @@ from nfm.core.rundir import progress
 from nfm.pairs.format import (
     FORMAT_VERSION,
     INDEX_NAME,
+    KIND_COLUMNS,
     ShardFile,
     cache_key,
     check_index,
@@ -109,10 +110,15 @@ class CachePlan:
     def shard_ids(self, s: int) -> torch.Tensor:
         return torch.arange(s * self.shard_rows, min((s + 1) * self.shard_rows, self.total))
 
-    def header(self, kind_fields: dict[str, Any], shapes: dict[str, list[int]], dtypes: dict[str, str]) -> dict:
-        """The index header every kind of cache has (format, key, layout), around the kind's own fields."""
+    def header(
+        self, kind: str, kind_fields: dict[str, Any], shapes: dict[str, list[int]], dtypes: dict[str, str]
+    ) -> dict:
+        """The index header every kind of cache has (format, kind, columns, key, layout), around the kind's own
+        fields."""
         return {
             "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "columns": KIND_COLUMNS[kind],
             "key": self.key,
             "key_fields": self.fields,
             **kind_fields,
@@ -141,11 +147,11 @@ class ShardSource(Protocol):
     """A builder's side of `write_cache`, asked only when the cache must be (re)built."""
 
     def header(self) -> dict[str, Any]:
-        """The index header (CachePlan.header + what the kind records; `sigma_f` among it). Called once, first."""
+        """The index header (CachePlan.header + what the kind records). Called once, first."""
         ...
 
     def encode(self, s: int, bar) -> dict[str, torch.Tensor]:
-        """Shard s's columns (noise, data, label, index, view; non-finite rows included), `bar` updated per row."""
+        """Shard s's columns (its kind's KIND_COLUMNS; non-finite rows included), `bar` updated per row."""
         ...
 
 
@@ -244,7 +250,7 @@ def _too_many_nonfinite(dropped: int, limits: WriteLimits, total: int, rows: lis
     )
 
 
-def _write_shard(shard: dict[str, torch.Tensor], plan: CachePlan, s: int, sigma: float, dropped: int) -> None:
+def _write_shard(shard: dict[str, torch.Tensor], plan: CachePlan, s: int, sigma: float | None, dropped: int) -> None:
     # one metadata entry: safetensors does not keep the order of several, and shards must be byte-exact
     provenance = {
         "key": plan.key,
@@ -253,7 +259,7 @@ def _write_shard(shard: dict[str, torch.Tensor], plan: CachePlan, s: int, sigma:
         **({"teacher": plan.fields["teacher"]} if "teacher" in plan.fields else {"student": plan.fields["student"]}),
         "data": plan.fields["data"],
         "dropped": dropped,
-        "sigma_f": sigma,
+        **({"sigma_f": sigma} if sigma is not None else {}),  # a flow cache's noise unit
     }
     meta = {"nfm-pairs": json.dumps(provenance, sort_keys=True)}
     save_tensors(plan.cache_dir / shard_name(s, plan.num_shards), shard, metadata=meta)
@@ -324,7 +330,7 @@ def _write_locked(
     if state.is_main_process and limits.check_space:
         plan.check_space()
     base = source.header()
-    sigma = base["sigma_f"]
+    sigma, first = base.get("sigma_f"), next(iter(base["columns"]))  # first: noise, or a logit cache's logits
     if state.is_main_process:
         plan.cache_dir.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(plan.cache_dir)
@@ -340,7 +346,7 @@ def _write_locked(
     t0 = time.perf_counter()
     for s in mine:
         shard = source.encode(s, bar)
-        finite = torch.isfinite(shard["noise"]).flatten(1).all(1)
+        finite = torch.isfinite(shard[first]).flatten(1).all(1)
         finite &= torch.isfinite(shard["data"].float()).flatten(1).all(1)
         dropped = int((~finite).sum())
         dropped_total += dropped  # this process's view: the shards present at start + its own

@@ -299,21 +299,23 @@ class PairCache(_PairCache):
 
     def rows(self, chunk: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
         """Every row in storage order, shard by shard (checksums verified): the noise as the student reads it
-        (unit variance), images as floats in [-1, 1]."""
+        (unit variance; a logit cache: `logits`), images as floats in [-1, 1]."""
+        first = self.columns[0]
         for i, entry in enumerate(self.shards):
             shard = self.shard(i)
-            cols = {k: shard.empty(k) for k in ("noise", "data", "label", "index")}
+            cols = {k: shard.empty(k) for k in (first, "data", "label", "index")}
             shard.read_verified(entry, cols)
             for a in range(0, shard.rows, chunk):
                 yield {
-                    "noise": cols["noise"][a : a + chunk].float(),
+                    first: cols[first][a : a + chunk].float(),
                     "image": self.to_float(cols["data"][a : a + chunk]),
                     "label": cols["label"][a : a + chunk],
                     "index": cols["index"][a : a + chunk],
                 }
 
     def torch_dataset(self, verify: bool = True) -> torch.utils.data.Dataset:
-        """A map-style torch Dataset of (noise, image, label) rows, read from disk row by row. ``verify`` hashes
+        """A map-style torch Dataset of (noise, image, label) rows (a logit cache: (logits, image, label)), read
+        from disk row by row. ``verify`` hashes
         every shard against the index first (xxh3, about 20 GB/s), as every other reader of the cache does."""
         return _TorchPairs(self, verify)
 
@@ -322,13 +324,14 @@ class PairCache(_PairCache):
         wrapped as Arrow arrays in place (pages load when a row is touched; nothing is written elsewhere).
 
         Columns, formatted as torch tensors: ``noise`` (the stored dtype, unit variance as the student reads
-        it), ``data`` (the images as stored: grey-level codes, ``pairs.to_float(batch["data"])`` maps them to
-        [-1, 1]), ``label`` and ``index`` (the training image each row was built from). ``verify`` hashes
+        it; a logit cache: ``logits``, one per class), ``data`` (the images as stored: grey-level codes,
+        ``pairs.to_float(batch["data"])`` maps them to [-1, 1]), ``label`` and ``index`` (the training image each
+        row was built from). ``verify`` hashes
         every shard against the index first (xxh3, about 20 GB/s), as every other reader of the cache does."""
         import datasets
         import pyarrow as pa
 
-        tables = []
+        tables, first = [], self.columns[0]
         for i, entry in enumerate(self.shards):
             shard = self.shard(i)
             if verify:
@@ -337,8 +340,8 @@ class PairCache(_PairCache):
             tables.append(
                 pa.table(
                     {
-                        "noise": _arrow_array3d(cols["noise"]),
-                        "data": _arrow_array3d(cols["data"]),
+                        first: _arrow_array(cols[first]),
+                        "data": _arrow_array(cols["data"]),
                         "label": pa.array(cols["label"]),
                         "index": pa.array(cols["index"]),
                     }
@@ -346,24 +349,27 @@ class PairCache(_PairCache):
             )
         table = pa.concat_tables(tables)  # the shards stay separate chunks: still no copy
         info = datasets.DatasetInfo(
-            description=f"nfm pair cache {self.key} ({self.dir}): noise/data pairs of a teacher",
+            description=f"nfm pair cache {self.key} ({self.dir}): {self.kind} ({', '.join(self.columns)})",
             features=datasets.Features.from_arrow_schema(table.schema),
         )
         ds = datasets.Dataset(datasets.table.InMemoryTable(table), info=info, fingerprint=f"nfm-pairs-{self.key}")
         return ds.with_format("torch")
 
 
-def _arrow_array3d(x):
+def _arrow_array(x):
     """(n, c, h, w) numpy array -> datasets' Array3D extension array over the same memory (the values are not
-    copied; only the list offsets, 4 bytes per image row, are new)."""
+    copied; only the list offsets, 4 bytes per image row, are new); (n, k) (a logit cache's logits) -> a
+    fixed-size list array, no copy either."""
     import numpy as np
     import pyarrow as pa
     from datasets.features.features import Array3DExtensionType
 
-    n, c, h, w = x.shape
     if x.size >= 2**31:
         raise NFMError(f"a pair shard holds {x.size} values in one tensor, more than Arrow's 32-bit lists address")
     arr = pa.array(x.reshape(-1))
+    if x.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(arr, x.shape[1])
+    n, c, h, w = x.shape
     for size, count in ((w, n * c * h), (h, n * c), (c, n)):
         arr = pa.ListArray.from_arrays(pa.array(np.arange(0, (count + 1) * size, size, dtype=np.int32)), arr)
     return pa.ExtensionArray.from_storage(Array3DExtensionType((c, h, w), str(x.dtype)), arr)
@@ -393,7 +399,7 @@ class _TorchPairs(torch.utils.data.Dataset):
         i %= len(self)
         s = bisect.bisect_right(self.starts, i) - 1
         shard, r = self.files[s], i - self.starts[s]
-        noise = shard.read("noise", r, r + 1)[0].float()
+        noise = shard.read(self.cache.columns[0], r, r + 1)[0].float()
         image = self.cache.to_float(shard.read("data", r, r + 1))[0]
         return noise, image, int(shard.read("label", r, r + 1)[0])
 

@@ -46,7 +46,7 @@ from nfm.core.errors import NFMError
 from nfm.core.io import read_export, write_export
 from nfm.core.loop import TrainConfig, train
 from nfm.core.seeding import BatchRandom
-from nfm.pairs.reader import PairCache, require_kind
+from nfm.pairs.reader import PairCache, logits_column, require_kind
 from nfm.student.paths import ProbPath
 
 SCHEDULES = {"rf": "linear", "vp": "vp", "ve": "ve"}
@@ -198,7 +198,8 @@ class KTPairs(torch.utils.data.Dataset):
 
     def __init__(self, cache: PairCache):
         require_kind(cache.dir, cache.index, ("kt",), "a KT student")
-        cols = {"data": [], "noise": [], "label": []}
+        logits = logits_column(cache.index)
+        cols = {"data": [], logits: [], "label": []}
         for i, entry in enumerate(cache.shards):
             shard = cache.shard(i)
             out = {k: shard.empty(k) for k in cols}
@@ -206,7 +207,7 @@ class KTPairs(torch.utils.data.Dataset):
             for k in cols:
                 cols[k].append(out[k])
         self.cache = cache
-        self.data, self.logits, self.labels = (torch.cat(cols[k]) for k in ("data", "noise", "label"))
+        self.data, self.logits, self.labels = (torch.cat(cols[k]) for k in ("data", logits, "label"))
         self.image_shape = tuple(self.data.shape[1:])
         self.num_classes = self.logits.shape[1]
 

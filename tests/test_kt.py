@@ -194,9 +194,12 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     cfg = KTPairConfig(views=3, seed=5, batch_size=64, augment=AugmentConfig(shift=1, flip=True))
     res = build_kt_pairs(teacher, data, cfg, tmp_path / "cache")
     cache = PairCache(res.path, kinds=("kt",))
-    assert cache.index["kind"] == "kt" and cache.index["shapes"]["noise"] == [2] and res.total_rows == 900
+    assert cache.index["kind"] == "kt" and cache.index["shapes"]["logits"] == [2] and res.total_rows == 900
+    # the index declares its columns, and records none of a flow cache's noise settings
+    assert list(cache.index["columns"]) == ["logits", "data", "label", "index", "view"] == list(cache.columns)
+    assert not {"sigma_f", "noise_std", "prior_std"} & set(cache.index) and cache.sigma_f is None
     rows = {k: torch.cat([torch.as_tensor(cache.shard(i).read(k)) for i in range(len(cache.shards))])
-            for k in ("noise", "data", "label", "index", "view")}  # fmt: skip
+            for k in ("logits", "data", "label", "index", "view")}  # fmt: skip
     ids = torch.arange(900)
     assert torch.equal(rows["index"], ids // 3) and torch.equal(rows["view"], ids % 3)
     u, y = data.raw((ids // 3).tolist())
@@ -207,7 +210,7 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     assert torch.equal(rows["data"], views) and torch.equal(rows["label"], y)
     with torch.no_grad():
         want = torch.cat([teacher(views[a : a + 64].float() * (2 / 255) - 1) for a in range(0, 900, 64)])
-    assert torch.equal(rows["noise"], want)  # bit for bit, in the build's batches
+    assert torch.equal(rows["logits"], want)  # bit for bit, in the build's batches
     assert logit_error(res.path, teacher)["worst_abs_error"] < 1e-5
     # drawn on the fly without a teacher, the same rows in the same order (for none and OFM-KT)
     x, no_logits, labels = KTViews(data, cfg.views, cfg.seed, cfg.augment).__getitems__(list(range(900)))
@@ -221,6 +224,33 @@ def test_the_logit_cache_holds_the_teachers_logits_bit_for_bit(tmp_path):
     assert build_kt_pairs(teacher, data, cfg, tmp_path / "cache").hit
     with pytest.raises(NFMError, match="has 2 classes"):
         build_kt_pairs(teacher, TensorImages("x", "train", data.images, data.labels, 255, 3), cfg, tmp_path / "c3")
+
+
+def test_a_logit_cache_written_before_the_columns_were_declared_still_reads(tmp_path):
+    """The format of before: logits under `noise`, no `columns`, dummy sigma_f / noise_std / prior_std. Same key,
+    same logits to the KT student, the same check against its classifier."""
+    from nfm.pairs.format import INDEX_NAME
+    from nfm.student.kt import KTPairs
+    from tests.conftest import reforge_shards
+
+    teacher, data = LinearTeacher().eval(), _toy(120, 1)
+    res = build_kt_pairs(teacher, data, KTPairConfig(views=2), tmp_path / "cache")
+    new = KTPairs(PairCache(res.path, kinds=("kt",)))
+    reforge_shards(res.path, lambda cols: {("noise" if k == "logits" else k): v for k, v in cols.items()})
+    index = json.loads((res.path / INDEX_NAME).read_text())
+    del index["columns"]
+    for part in ("shapes", "dtypes"):
+        index[part] = {("noise" if k == "logits" else k): v for k, v in index[part].items()}
+    (res.path / INDEX_NAME).write_text(json.dumps({**index, "noise_std": 0.0, "sigma_f": 1.0, "prior_std": "unit"}))
+    old_cache = PairCache(res.path, kinds=("kt",))
+    assert old_cache.key == res.key and old_cache.columns[0] == "noise"
+    old = KTPairs(old_cache)
+    assert torch.equal(old.logits, new.logits) and torch.equal(old.data, new.data)
+    assert logit_error(res.path, teacher)["worst_abs_error"] < 1e-5
+    # a declared kind the key fields contradict is refused
+    (res.path / INDEX_NAME).write_text(json.dumps({**index, "kind": "teacher"}))
+    with pytest.raises(NFMError, match=r"holds unknown \('teacher'\)"):
+        PairCache(res.path, kinds=("kt",))
 
 
 def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):

@@ -52,6 +52,9 @@ def test_build_contents(export, tmp_path):
     assert [s["file"] for s in index["shards"]] == [f"pairs-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     for key in ("key", "teacher", "data", "noise_std", "sigma_f", "views", "seed", "dtypes", "shapes"):
         assert key in index
+    # the index declares its kind and the columns of its shards, each with what it means
+    assert index["kind"] == "teacher" and list(index["columns"]) == ["noise", "data", "label", "index", "view"]
+    assert "encode(x + eta * eps) / sigma_f" in index["columns"]["noise"]
     cache = PairCache(cache_dir)
     cols = {
         k: torch.cat([cache.shard(i).read(k) for i in range(4)]) for k in ("noise", "data", "label", "index", "view")
@@ -91,6 +94,24 @@ def test_second_build_is_a_cache_hit(export, tmp_path):
     assert time.perf_counter() - t0 < 10
     assert any("cache hit" in line for line in logs)
     assert shard.stat().st_mtime_ns == mtime
+
+
+def test_an_index_written_before_the_kind_was_declared_still_reads(export, tmp_path):
+    """A teacher cache of before: no `kind`, no `columns` in its index; the same key, kind and rows, and a
+    build of the same settings finds it (a hit)."""
+    cfg = PairBuildConfig(views=1, shard_rows=100)
+    cache_dir = build(export, tmp_path, cfg)
+    before = PairCache(cache_dir)
+    index = read_index(cache_dir)
+    old = {k: v for k, v in index.items() if k not in ("kind", "columns")}
+    (cache_dir / INDEX_NAME).write_text(json.dumps(old))
+    cache = PairCache(cache_dir)
+    assert (cache.key, cache.kind, cache.columns, len(cache)) == (before.key, "teacher", before.columns, len(before))
+    logs = []
+    assert build(export, tmp_path, cfg, logs=logs) == cache_dir and any("pair cache hit" in m for m in logs)
+    (cache_dir / INDEX_NAME).write_text(json.dumps({**old, "kind": "kt"}))  # a kind its key fields contradict
+    with pytest.raises(NFMError, match=r"holds unknown \('kt'\)"):
+        PairCache(cache_dir)
 
 
 @pytest.mark.parametrize("scale", [0.0, 2.0])
