@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from nfm.pipeline.results import ModelScores, Score
+
 
 def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
     """(mean, half-width of the `level` t-interval); half-width None for fewer than two values."""
@@ -58,33 +60,33 @@ def _rows(per_seed: Sequence[list[dict[str, Any]]], keys: tuple[str, ...]) -> li
     return out
 
 
-def aggregate_student(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_student(per_seed: Sequence[dict[str, Any]]) -> ModelScores:
     """One student's sweep (StudentEval.to_json) over its training seeds."""
-    out: dict[str, Any] = {
-        "seeds": len(per_seed),
-        "rows": _rows([r["rows"] for r in per_seed], ("solver", "steps")),
-        "memorisation": _mean_dict([r["memorisation"] for r in per_seed]),
-    }
     values = [r["straightness"] for r in per_seed]
-    out["straightness"], out["straightness_ci"] = interval(values)
-    out["straightness_seeds"] = values
-    if per_seed[0].get("likelihood"):
-        out["likelihood"] = per_seed[0]["likelihood"]  # seed 0's (bits/dim through the ODE is slow)
-    return out
+    straightness, straightness_ci = interval(values)
+    return ModelScores(
+        rows=[Score.from_json(r) for r in _rows([r["rows"] for r in per_seed], ("solver", "steps"))],
+        seeds=len(per_seed),
+        memorisation=_mean_dict([r["memorisation"] for r in per_seed]),
+        straightness=straightness,
+        straightness_ci=straightness_ci,
+        straightness_seeds=values,
+        likelihood=per_seed[0].get("likelihood") or None,  # seed 0's (bits/dim through the ODE is slow)
+    )
 
 
-def aggregate_teacher(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_teacher(per_seed: Sequence[dict[str, Any]]) -> ModelScores:
     """The teacher's sweep (TeacherEval.to_json) over its training seeds."""
-    out: dict[str, Any] = {
-        "seeds": len(per_seed),
-        "rows": _rows([r["rows"] for r in per_seed], ("sampler",)),
-        "memorisation": _mean_dict([r["memorisation"] for r in per_seed]),
-        "noise_std": per_seed[0].get("noise_std"),
-    }
     bpd = [r["test_bpd"] for r in per_seed if r.get("test_bpd") is not None]
-    if len(bpd) == len(per_seed):
-        out["test_bpd"], out["test_bpd_ci"] = interval(bpd)
-    return out
+    test_bpd, test_bpd_ci = interval(bpd) if bpd and len(bpd) == len(per_seed) else (None, None)
+    return ModelScores(
+        rows=[Score.from_json(r) for r in _rows([r["rows"] for r in per_seed], ("sampler",))],
+        seeds=len(per_seed),
+        memorisation=_mean_dict([r["memorisation"] for r in per_seed]),
+        test_bpd=test_bpd,
+        test_bpd_ci=test_bpd_ci,
+        noise_std=per_seed[0].get("noise_std"),
+    )
 
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:

@@ -11,6 +11,7 @@ from nfm.core.errors import NFMError
 from nfm.core.seeding import BatchRandom
 from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, paired, spread, winner
 from nfm.pipeline.presets import run_preset
+from nfm.pipeline.results import ModelScores, RunResults
 from nfm.pipeline.run import RunConfig, check_run, knob_config, seeded
 from nfm.pipeline.run.budget import matched_steps
 from nfm.pipeline.run.context import Costs
@@ -45,11 +46,12 @@ def _sweep(fid1, fid2, dopri_nfe, straight):
 
 def test_aggregate_student_averages_rows_and_keeps_every_seed():
     agg = aggregate_student([_sweep(10.0, 5.0, 200, 0.1), _sweep(12.0, 6.0, 230, 0.3)])
-    euler, dopri = agg["rows"]
-    assert agg["seeds"] == 2 and euler["fid"] == 11.0 and euler["fid_seeds"] == [10.0, 12.0]
-    assert euler["fid_ci"] == pytest.approx(12.706204736174698 * math.sqrt(2) / math.sqrt(2))
-    assert dopri["nfe"] == 215 and dopri["nfe_seeds"] == [200, 230] and dopri["kid_std"] == pytest.approx(0.3)
-    assert agg["straightness"] == pytest.approx(0.2) and agg["memorisation"]["nn_dist_mean"] == pytest.approx(0.2)
+    euler, dopri = agg.rows
+    assert agg.seeds == 2 and euler.fid == 11.0 and euler.fid_seeds == [10.0, 12.0]
+    assert euler.fid_ci == pytest.approx(12.706204736174698 * math.sqrt(2) / math.sqrt(2))
+    assert dopri.nfe == 215 and dopri.nfe_seeds == [200, 230] and dopri.kid_std == pytest.approx(0.3)
+    assert agg.straightness == pytest.approx(0.2) and agg.memorisation["nn_dist_mean"] == pytest.approx(0.2)
+    assert ModelScores.from_json(agg.to_json()) == agg  # report.json round trip
     bad = _sweep(1.0, 1.0, 1, 0.0)
     bad["rows"][1]["solver"] = "heun"
     with pytest.raises(ValueError, match="disagree"):
@@ -58,7 +60,7 @@ def test_aggregate_student_averages_rows_and_keeps_every_seed():
         [{"rows": [{"sampler": "decode", "fid": f, "kid": 0.0, "kid_std": 0.0}], "memorisation": {"m": f}}
          for f in (4.0, 6.0)]
     )  # fmt: skip
-    assert teacher["rows"][0]["fid"] == 5.0 and teacher["rows"][0]["fid_ci"] > 0
+    assert teacher.rows[0].fid == 5.0 and teacher.rows[0].fid_ci > 0 and teacher.rows[0].sampler == "decode"
 
 
 def _digits() -> RunConfig:
@@ -144,8 +146,13 @@ def _row(solver, nfe, fid, ci):
     return {"solver": solver, "steps": nfe, "nfe": nfe, "fid": fid, "fid_ci": ci, "kid": 0.0, "kid_std": 0.0}
 
 
+def _typed(results: dict) -> RunResults:
+    """A report.json of just the parts a table reads (the rest at made-up values), as RunResults."""
+    return RunResults.from_json({"preset": "test", "n": 1, "seed": 0, "extractor": "x", "reference": 1, **results})
+
+
 def test_the_headline_names_the_better_baseline_and_judges_by_intervals():
-    from nfm.pipeline.report import _headline
+    from nfm.pipeline.report.tables import headline
 
     def student(*fids):
         return {"rows": [_row("euler", 1, fids[0], 0.5), _row("dopri5", 200, fids[1], 0.2)], "straightness": 0.1}
@@ -161,7 +168,7 @@ def test_the_headline_names_the_better_baseline_and_judges_by_intervals():
         "knobs": ["nfm[eta=0]"],
         "teacher": {"rows": [{"sampler": "decode", "fid": 5.0, "fid_ci": 0.1}]},
     }
-    text = "\n".join(_headline(results, [1]))
+    text = "\n".join(headline(_typed(results), [1]))
     assert "| Euler 1 | 10.00 ± 0.50 | 12.00 ± 0.50 (sd-ot) | 0.83 | **better** (intervals separate) |" in text
     assert "| dopri5 | 4.00 ± 0.20 | 3.00 ± 0.20 (sd-ot) | 1.33 | **worse** (intervals separate) |" in text
     assert (
@@ -169,13 +176,13 @@ def test_the_headline_names_the_better_baseline_and_judges_by_intervals():
     )
     assert "against its teacher's best (decode: 5.00 ± 0.10): **better** (intervals separate)" in text
     results["students"]["nfm"]["rows"][0]["fid"] = 11.5  # 11.5 ± 0.5 against 12.0 ± 0.5: they overlap
-    assert "| 0.96 | level (intervals overlap) |" in "\n".join(_headline(results, [1]))
+    assert "| 0.96 | level (intervals overlap) |" in "\n".join(headline(_typed(results), [1]))
 
 
 def test_a_student_against_its_own_teacher_is_paired_by_seed():
     """Seed k's student learnt from seed k's teacher: the per-seed differences can separate where the two
     unpaired intervals overlap (what the teachers' seed-to-seed spread shares with their students')."""
-    from nfm.pipeline.report import _headline
+    from nfm.pipeline.report.tables import headline
 
     teacher_seeds, student_seeds = [4.74, 5.25, 4.96], [4.20, 4.50, 4.43]
     d, hw = paired(student_seeds, teacher_seeds)
@@ -206,10 +213,10 @@ def test_a_student_against_its_own_teacher_is_paired_by_seed():
             ]
         },  # fmt: skip
     }
-    text = "\n".join(_headline(results, [1]))
+    text = "\n".join(headline(_typed(results), [1]))
     assert "(decode+denoise: 4.98 ± 0.64): level (intervals overlap); paired by seed, student − teacher = " in text
     assert f"= −{abs(d):.2f} ± {hw:.2f}: **below** its teacher." in text
     assert "mix=0.5" not in text
     results["students"]["nfm"]["rows"][1]["fid_seeds"] = [4.20, 5.50, 4.43]  # one seed above its teacher
-    assert "paired by seed, student − teacher = −0.27 ± " in "\n".join(_headline(results, [1]))
-    assert ": level." in "\n".join(_headline(results, [1]))
+    assert "paired by seed, student − teacher = −0.27 ± " in "\n".join(headline(_typed(results), [1]))
+    assert ": level." in "\n".join(headline(_typed(results), [1]))

@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from nfm.core.data import DataConfig, load_data
 from nfm.core.errors import NFMError
 from nfm.pipeline.evaluate import fid_kid, straightness
 from tests.conftest import caches, run_nfm
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -413,11 +416,38 @@ def test_nfm_run_reports_student_likelihood_when_asked(tmp_path):
     assert "[evaluation] reused" in again.stdout and "through the ODE" not in again.stdout
 
 
+def _superset(a, b) -> bool:
+    """b holds everything a holds (dicts: every key, with the same value; b may add keys)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and all(k in b and _superset(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_superset, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize(
+    "report", sorted(p for p in (REPO / "docs" / "results").rglob("report.json") if "fm-kt" not in p.parts)
+)
+def test_every_committed_report_reads_as_typed_results_and_renders(report):
+    """report.json files written before the typed results: read into RunResults and written back, nothing is
+    lost or changed, and every section of report.md renders from them."""
+    from nfm.pipeline.report.tables import label, report_lines
+    from nfm.pipeline.results import RunResults
+
+    raw = json.loads(report.read_text())
+    results = RunResults.from_json(raw)
+    assert _superset(raw, results.to_json()) and RunResults.from_json(results.to_json()) == results
+    text = "\n".join(report_lines(results, Path("fid_vs_nfe.png"), None, None, {}))
+    assert "## FID vs NFE" in text and all(label(name) in text for name in results.main())
+
+
 def test_the_report_gives_kid_with_its_spread_in_the_feature_units():
-    from nfm.pipeline.report import _kid_table
+    from nfm.pipeline.report.tables import kid_table
+    from nfm.pipeline.results import RunResults
 
     row = {"solver": "euler", "nfe": 1, "fid": 13.4, "kid": 2.332962, "kid_std": 0.375065}
-    lines = _kid_table({"students": {"nfm": {"rows": [row]}}, "straightness_steps": 4}, [1])
+    results = {"preset": "test", "n": 1, "seed": 0, "extractor": "x", "reference": 1, "straightness_steps": 4}
+    lines = kid_table(RunResults.from_json({**results, "students": {"nfm": {"rows": [row]}}}), [1])
     assert "| NFM (teacher pairs) | 2.333 ± 0.375 |" in lines
     assert not any("×10³" in line for line in lines)
     assert any("4-step Euler trajectories" in line for line in lines)

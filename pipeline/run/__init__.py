@@ -107,18 +107,16 @@ def run_pipeline(
         return None
 
     ctx = EvalContext.make(cfg.eval, run, runs[0])
-    results, grids = stage_evaluation(cfg, ctx, runs, run.stages)
-    results = {"preset": preset, **results}
-    results["timings"] = run.stages.timings
-    results["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    results["peak_rss_mb"] = peak_rss_mb()
-    results["costs"] = coupling_costs(cfg, runs[0].trained, runs[0].costs)
-    results["student_steps"] = cfg.student.train.steps
-    if "matched" in runs[0].costs.data:
-        results["matched"] = runs[0].costs.data["matched"]
+    results, grids = stage_evaluation(cfg, ctx, runs, run.stages, preset)
+    results.timings = run.stages.timings
+    results.total_seconds = round(time.perf_counter() - t_all, 1)
+    results.peak_rss_mb = peak_rss_mb()
+    results.costs = coupling_costs(cfg, runs[0].trained, runs[0].costs)
+    results.student_steps = cfg.student.train.steps
+    results.matched = runs[0].costs.data.get("matched")
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
-        results["pair_cache"] = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
+        results.pair_cache = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}
     from nfm.core.sampling import sample_labels
     from nfm.pipeline.report import write_report
 

@@ -34,6 +34,7 @@ from nfm.pipeline.evaluate import (
     student_sweep,
     teacher_sweep,
 )
+from nfm.pipeline.results import RunResults
 from nfm.pipeline.run.config import EvalConfig, RunConfig, knob_name
 from nfm.pipeline.run.context import RunContext, SeedRun, Stages
 from nfm.student.train import load_student, student_prior
@@ -267,8 +268,8 @@ def _evaluate_seed(
 
 
 def stage_evaluation(
-    cfg: RunConfig, ctx: EvalContext, runs: list[SeedRun], stages: Stages
-) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    cfg: RunConfig, ctx: EvalContext, runs: list[SeedRun], stages: Stages, preset: str
+) -> tuple[RunResults, dict[str, dict[str, torch.Tensor]]]:
     """Stage 4 (main process): every seed's teacher and students; results averaged over the seeds with 95 %
     intervals (`per_seed` keeps each seed's), FID's sampling spread, the floor; seed 0's grids."""
     t0, ev, on = time.perf_counter(), ctx.ev, ctx.on
@@ -279,30 +280,30 @@ def stage_evaluation(
         grids, reused_all = grids or g, reused_all and reused
     floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
     names = list(runs[0].evaluated)
-    results: dict[str, Any] = {
-        "n": ev.n,
-        "seed": ev.seed,
-        "seeds": len(runs),
-        "extractor": on.extractor,
-        "reference": len(on.reference),
-        "students": {
+    teachers = [ps["teacher"] for ps in per_seed if ps["teacher"] is not None]
+    results = RunResults(
+        preset=preset,
+        n=ev.n,
+        seed=ev.seed,
+        extractor=on.extractor,
+        reference=len(on.reference),
+        students={
             name: aggregate_student([ps["students"][name] for ps in per_seed if name in ps["students"]])
             for name in names
         },
-        "teacher": None,
-        "floor": _floor(ctx),
-        "data_floor": on.fid_kid(on.train_images[:floor_n]),
-        "straightness_steps": ev.straightness_steps,
-        "fid_warning": fid_size_warning(on.extractor, ev.n, len(on.reference)),
-        "priors": {name: prior_used(e, runs[0].priors.get(name, "auto")) for name, e in runs[0].evaluated.items()},
-        "knobs": [knob_name(k) for k in cfg.knobs],
-        "knob_settings": {knob_name(k): k for k in cfg.knobs},
-    }
-    teachers = [ps["teacher"] for ps in per_seed if ps["teacher"] is not None]
-    if teachers:
-        results["teacher"] = aggregate_teacher(teachers)
+        teacher=aggregate_teacher(teachers) if teachers else None,
+        seeds=len(runs),
+        floor=_floor(ctx),
+        data_floor=on.fid_kid(on.train_images[:floor_n]),
+        straightness_steps=ev.straightness_steps,
+        fid_warning=fid_size_warning(on.extractor, ev.n, len(on.reference)),
+        priors={name: prior_used(e, runs[0].priors.get(name, "auto")) for name, e in runs[0].evaluated.items()},
+        knobs=[knob_name(k) for k in cfg.knobs],
+        knob_settings={knob_name(k): k for k in cfg.knobs},
+        per_seed=per_seed,
+    )
     if ev.noise_seeds:
-        results["sampling_spread"] = {
+        results.sampling_spread = {
             name: _sampling_spread(
                 ctx,
                 name,
@@ -311,11 +312,10 @@ def stage_evaluation(
                 runs[0].priors.get(name, "auto"),
             )  # fmt: skip
             for name in names
-            if name not in results["knobs"]
+            if name not in results.knobs
         }
     if ev.guidance:
-        results["guidance"] = _aggregate_guidance(ev, per_seed, len(on.reference))
-    results["per_seed"] = per_seed
+        results.guidance = _aggregate_guidance(ev, per_seed, len(on.reference))
     stages.done("evaluation", reused_all and not ctx.computed, t0)
     return results, grids
 

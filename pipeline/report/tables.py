@@ -1,0 +1,452 @@
+"""The text of report.md: each section a function of RunResults returning its Markdown lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nfm.pipeline.aggregate import paired, winner
+from nfm.pipeline.results import ModelScores, RunResults, Score
+
+LABELS = {
+    "independent@matched": "independent (I-CFM), NFM's total compute",
+    "minibatch-ot@matched": "minibatch OT (OT-CFM), NFM's total compute",
+    "sd-ot@matched": "semidiscrete OT (SD-FM), NFM's total compute",
+    "sb@matched": "Schrödinger bridge (SB-CFM), NFM's total compute",
+    "nfm": "NFM (teacher pairs)",
+    "independent": "independent (I-CFM)",
+    "minibatch-ot": "minibatch OT (OT-CFM)",
+    "sd-ot": "semidiscrete OT (SD-FM)",
+    "sb": "Schrödinger bridge (SB-CFM)",
+    "reflow": "reflow of I-CFM (2-rectified)",
+    "nfm-reflow": "reflow of NFM",
+}
+BASELINES = ("independent", "minibatch-ot", "sd-ot", "sb", "reflow")  # trained without NFM's teacher
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def cell(value: float, ci: float | None, digits: int = 2) -> str:
+    """mean ± half-width of the 95 % interval over seeds (the mean alone for one seed)."""
+    return fmt(value, digits) if ci is None else f"{value:.{digits}f} ± {ci:.{digits}f}"
+
+
+def fid(row: Score | ModelScores, metric: str = "fid", digits: int = 2) -> str:
+    """A row's (or a model's) metric as a cell."""
+    return cell(getattr(row, metric), row.ci(metric), digits)
+
+
+def label(name: str) -> str:
+    if name.startswith("nfm[") and name.endswith("]"):
+        return f"NFM, {name[4:-1]}"
+    return LABELS.get(name, name)
+
+
+def sampler_title(key: str) -> str:
+    """A sampler's name for people: euler-4 -> Euler 4, decode+denoise@fitted -> decode + denoise, fitted prior."""
+    base, fitted = key.removesuffix("@fitted"), key.endswith("@fitted")
+    title = base.replace("euler-", "Euler ").replace("+", " + ")
+    return f"{title}, fitted prior" if fitted else title
+
+
+def _kid(row: Score) -> str:
+    """KID as mean ± std (3 significant digits of the spread's scale)."""
+    return fmt(row.kid, 3) if row.kid_std is None else f"{row.kid:.3f} ± {row.kid_std:.3f}"
+
+
+def intro(results: RunResults) -> list[str]:
+    seeds = results.seeds
+    lines = [
+        f"# NFM report — preset `{results.preset}`",
+        "",
+        f"Samples per evaluation: {results.n} (fixed noise seed {results.seed}, the same for every model), "
+        f"against the held-out split ({results.reference} images); features: `{results.extractor}` through "
+        "torch-fidelity.",
+        "",
+    ]
+    if results.fid_warning:
+        lines += [f"> **Warning.** {results.fid_warning}.", ""]
+    fitted = [label(m) for m, p in results.priors.items() if p == "fitted"]
+    if fitted:
+        lines += [
+            f"Sampled from the Gaussian fitted per class to their pair cache's noise (the noise they were trained "
+            f"on; `student.sample.prior`): {', '.join(fitted)}. Every other student starts from N(0, I). The "
+            "teacher is scored from both.",
+            "",
+        ]
+    if seeds > 1:
+        lines += [
+            f"Every model was trained {seeds} times (training seeds: teacher, pairs and students; seed k adds 1000 k "
+            "to each). A cell is the mean ± the half-width of its 95 % interval over the seeds (Student's t with "
+            f"n − 1 = {seeds - 1} degrees of freedom); **bold** marks a column's winner only where its interval lies "
+            "wholly below every other model's.",
+            "",
+        ]
+    else:
+        lines += ["One training seed: no intervals, and no winner is marked (`nfm run --seeds 3` gives both).", ""]
+    floor = results.floor
+    if floor:
+        f = floor["fid"]
+        lines += [
+            f"**Floor.** {floor['n']} held-out images drawn with replacement and scored against the held-out set "
+            f"give FID {f['mean']:.2f} ± {f['std']:.2f} (mean ± std over {floor['draws']} draws): what a model that "
+            "reproduced the held-out set exactly would score at this sample count. No model can be expected "
+            "below it; differences between models smaller than FID's own sampling spread (below) mean nothing.",
+            "",
+        ]
+    if results.data_floor:
+        lines += [
+            f"(Real *training* images score FID {fmt(results.data_floor['fid'])} against held-out. That is not "
+            "a reference line: the feature network was trained on the training split and maps those images "
+            "differently from unseen ones, so they can score worse than a model's samples.)",
+            "",
+        ]
+    return lines
+
+
+def _winners(models: dict[str, ModelScores], cols: list[Any], pick) -> dict[Any, str | None]:
+    """Per column: the model whose 95 % interval lies wholly below every other's (None: no such model)."""
+    out = {}
+    for col in cols:
+        cells = {name: (r.fid, r.fid_ci) for name, res in models.items() if (r := pick(res, col)) is not None}
+        out[col] = winner(cells)
+    return out
+
+
+def fid_table(results: RunResults, nfes: list[int]) -> list[str]:
+    head = "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " | higher order | dopri5 | straightness |"
+    lines = ["## FID vs NFE (lower is better)", "", head, "|" + "---|" * (len(nfes) + 4)]
+    main = results.main()
+    win = _winners(main, nfes, lambda res, k: res.euler().get(k))
+    dp_win = _winners(main, ["dopri5"], lambda res, _: res.solver("dopri5"))
+
+    def bold(text: str, name: str, col: Any, table: dict[Any, str | None]) -> str:
+        return f"**{text}**" if table.get(col) == name else text
+
+    for name, res in main.items():
+        euler, dp = res.euler(), res.solver("dopri5")
+        hi = [r for r in res.rows if r.solver not in ("euler", "dopri5")]
+        cells = [bold(fid(euler[k]), name, k, win) if k in euler else "–" for k in nfes]
+        hi_s = ", ".join(f"{r.solver} NFE {r.nfe}: {fid(r)}" for r in hi) or "–"
+        dp_s = f"{bold(fid(dp), name, 'dopri5', dp_win)} (NFE {dp.nfe})" if dp else "–"
+        lines.append(
+            f"| {label(name)} | " + " | ".join(cells) + f" | {hi_s} | {dp_s} | {fid(res, 'straightness', 4)} |"
+        )
+    if results.teacher:
+        for fitted in (False, True):  # from N(0, I), then from the prior fitted to its pairs (if evaluated)
+            rows = [r for r in results.teacher.rows if r.sampler.endswith("@fitted") == fitted]
+            if not rows:
+                continue
+            names = " / ".join(sampler_title(r.sampler.removesuffix("@fitted")) for r in rows)
+            lines.append(
+                f"| teacher{', fitted prior' if fitted else ''} ({names}) | "
+                + " | ".join("" for _ in nfes)
+                + f" | {' / '.join(fid(r) for r in rows)} | | |"
+            )
+    if results.matched:
+        m = next(iter(results.matched.values()))
+        unit = "FLOPs (counted)" if m["by"] == "flops" else "seconds (measured on this machine)"
+        lines += [
+            "",
+            f"Rows marked *NFM's total compute* train the baseline for {m['steps']} steps instead of "
+            f"{m['base_steps']}: the NFM student's steps plus the teacher's training and the pair encoding, in "
+            f"{unit} per step of that baseline. The other rows all train {m['base_steps']} steps — the comparison "
+            "for a user who already has a teacher.",
+        ]
+    return lines
+
+
+def compare(a: Score, b: Score) -> str:
+    """How row a stands against row b (lower FID is better), by their 95 % intervals."""
+    ca, cb = a.fid_ci, b.fid_ci
+    if ca is None or cb is None:
+        return "lower mean" if a.fid < b.fid else "higher mean"  # one seed: no verdict
+    if a.fid + ca < b.fid - cb:
+        return "**better** (intervals separate)"
+    if a.fid - ca > b.fid + cb:
+        return "**worse** (intervals separate)"
+    return "level (intervals overlap)"
+
+
+def _versus(nfm: ModelScores, base: dict[str, ModelScores], nfes: list[int]) -> list[str]:
+    """Rows of the headline table: at each sampler, NFM against the baseline of lowest mean FID."""
+    cols = [(f"Euler {k}", nfm.euler().get(k), {n: r.euler().get(k) for n, r in base.items()}) for k in nfes]
+    cols.append(("dopri5", nfm.solver("dopri5"), {n: r.solver("dopri5") for n, r in base.items()}))
+    lines = ["| sampler | NFM | better baseline | FID ratio NFM / baseline | NFM is |", "|---|---|---|---|---|"]
+    for col, row, others in cols:
+        others = {n: r for n, r in others.items() if r is not None}
+        if row is None or not others:
+            continue
+        best = min(others, key=lambda n: others[n].fid)
+        ratio = row.fid / others[best].fid
+        lines.append(
+            f"| {col} | {fid(row)} | {fid(others[best])} ({best}) | {ratio:.2f} | {compare(row, others[best])} |"
+        )
+    return lines
+
+
+def headline(results: RunResults, nfes: list[int]) -> list[str]:
+    """NFM against the better baseline at each NFE (equal student budget; NFM's total compute where the run
+    has compute-matched rows) and against its own teacher."""
+    main = results.main()
+    if "nfm" not in main:
+        return []
+    base = {k: v for k, v in main.items() if k in BASELINES}
+    lines = [
+        "## NFM against the better baseline and its teacher",
+        "",
+        "At each sampler, the baseline with the lowest mean FID among "
+        f"{', '.join(label(k) for k in base) or 'none'} (the same student budget as NFM):",
+        "",
+        *_versus(main["nfm"], base, nfes),
+    ]
+    matched = {k: v for k, v in main.items() if k.endswith("@matched")}
+    if matched:
+        lines += [
+            "",
+            f"Against the baselines trained for NFM's total compute ({', '.join(matched)}):",
+            "",
+            *_versus(main["nfm"], matched, nfes),
+        ]
+    if results.teacher:
+        lines += ["", *_versus_teacher(results, results.teacher.best())]
+    return lines + [""]
+
+
+def _paired_verdict(s: Score, t: Score) -> str:
+    """Student row s against teacher row t, paired by training seed (seed k's student learnt from seed k's
+    teacher): the interval of the per-seed differences, or '' without matching seeds."""
+    a, b = s.fid_seeds or [], t.fid_seeds or []
+    if len(a) < 2 or len(a) != len(b):
+        return ""
+    d, ci = paired(a, b)
+    verdict = "**below** its teacher" if d + ci < 0 else "**above** its teacher" if d - ci > 0 else "level"
+    return f"; paired by seed, student − teacher = {d:+.2f} ± {ci:.2f}: {verdict}".replace("-", "−")
+
+
+def _versus_teacher(results: RunResults, t_best: Score) -> list[str]:
+    """The NFM student (and every knob variant trained on the teacher's seeds) at its best sampler against
+    its teacher's best sampler: unpaired intervals, and paired by seed where the seeds match."""
+    names = ["nfm"] + [k for k in results.knobs if results.students[k].seeds == results.seeds]
+    lines = []
+    for name in names:
+        s_best = results.students[name].best()
+        who = "NFM's best sampler" if name == "nfm" else f"`{name[4:-1]}`'s best sampler"
+        lines.append(
+            f"{who} ({s_best.solver}, NFE {s_best.nfe}: {fid(s_best)}) against its teacher's best "
+            f"({t_best.sampler.replace('@fitted', ', fitted prior')}: {fid(t_best)}): {compare(s_best, t_best)}"
+            f"{_paired_verdict(s_best, t_best)}."
+        )
+    return [line for pair in zip(lines, [""] * len(lines), strict=True) for line in pair][:-1]
+
+
+def knob_table(results: RunResults, nfes: list[int], frontier: Path | None) -> list[str]:
+    if not results.knobs:
+        return []
+    knob_seeds = min((results.students[k].seeds for k in results.knobs if k in results.students), default=0)
+    lines = [
+        "## The coupling knobs",
+        "",
+        "NFM students that differ from the default `nfm` row in one setting (same teacher): `eta` scales the noise "
+        "added before encoding (× the teacher's η), `views` the pairs per training image, `mix` the fraction of "
+        "each batch given fresh independent noise, `steps` the student's training steps; `prior=gaussian` is the "
+        "default student itself, sampled from N(0, I) instead of the Gaussian fitted to its pairs' noise. "
+        f"Variants trained on {knob_seeds} seed(s) (`knob_seeds`); the default row on "
+        f"{results.students['nfm'].seeds if 'nfm' in results.students else 0}.",
+        "",
+        "| variant | " + " | ".join(f"Euler {k}" for k in nfes) + " | dopri5 | straightness |",
+        "|" + "---|" * (len(nfes) + 3),
+    ]
+    for name in ["nfm", *results.knobs]:
+        res = results.students.get(name)
+        if res is None:
+            continue
+        euler, dp = res.euler(), res.solver("dopri5")
+        cells = [fid(euler[k]) if k in euler else "–" for k in nfes]
+        dp_s = f"{fid(dp)} (NFE {dp.nfe})" if dp else "–"
+        name_s = "default (`nfm`)" if name == "nfm" else f"`{results.knob_settings.get(name, name)}`"
+        lines.append(f"| {name_s} | " + " | ".join(cells) + f" | {dp_s} | {fid(res, 'straightness', 4)} |")
+    if frontier is not None:
+        lines += ["", f"![knob frontier]({frontier.name})"]
+    return lines + [""]
+
+
+def spread_table(results: RunResults, nfes: list[int]) -> list[str]:
+    spread = results.sampling_spread
+    if not spread:
+        return []
+    some = next(iter(spread.values()))
+    lines = [
+        "## FID's own sampling noise",
+        "",
+        f"One trained model (seed 0) scored on {len(some['noise_seeds'])} noise seeds ({results.n} samples each): "
+        "mean ± standard deviation. This spread is in every cell above; the intervals over training seeds add "
+        "the training noise to it.",
+        "",
+        "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " |",
+        "|" + "---|" * (len(nfes) + 1),
+    ]
+    for name, sp in spread.items():
+        cells = [
+            f"{sp['euler'][str(k)]['mean']:.2f} ± {sp['euler'][str(k)]['std']:.2f}" if str(k) in sp["euler"] else "–"
+            for k in nfes
+        ]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def guidance_table(results: RunResults) -> list[str]:
+    g = results.guidance
+    if not g or not g["rows"]:
+        return []
+    val, test = g["halves"]
+    lines = [
+        "## Classifier-free guidance",
+        "",
+        f"Guidance weights {', '.join(f'{w:g}' for w in g['weights'])} tried for every class-conditional model "
+        f"(students: v = (1 + w) v(x, t, y) − w v(x, t, ∅) at Euler {', '.join(map(str, g['nfes']))}; the teacher: "
+        "its affine parameters guided the same way, decode + denoise). Each model's weight is chosen per sampler "
+        f"and training seed on half the held-out split (validation, {val} images, noise seed + 1) and scored on "
+        f"the other half (test, {test} images, noise seed + 2) beside the same model unguided. FID against the "
+        "test half: compare the rows of this table with each other, not with the tables above (other reference "
+        "images).",
+        "",
+        "| model | sampler | unguided | guided | weight chosen (per seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for model, samplers in g["rows"].items():
+        for sampler, row in samplers.items():
+            cells = [cell(row[k], row.get(f"{k}_ci")) for k in ("unguided", "guided")]
+            chosen = ", ".join(f"{w:g}" for w in row["best"])
+            lines.append(f"| {label(model)} | {sampler_title(sampler)} | {cells[0]} | {cells[1]} | {chosen} |")
+    return lines + [""]
+
+
+def kid_table(results: RunResults, nfes: list[int]) -> list[str]:
+    lines = [
+        "",
+        "KID at the same points, mean ± standard deviation over torch-fidelity's subsets (in the feature net's "
+        "units; a spread as large as the mean means the samples are indistinguishable from held-out at this "
+        "sample count):",
+        "",
+        "| model | " + " | ".join(f"Euler {k}" for k in nfes) + " |",
+    ]
+    lines.append("|" + "---|" * (len(nfes) + 1))
+    for name, res in results.main().items():
+        euler = res.euler()
+        cells = [_kid(euler[k]) if k in euler else "–" for k in nfes]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Straightness: E_t E |v(x_t, t) − (x_1 − x_0)|² per dimension along "
+        f"{results.straightness_steps}-step Euler trajectories (0 = straight paths).",
+        "",
+    ]
+    if results.teacher:
+        tb = results.teacher
+        bpd = fid(tb, "test_bpd", 4) if tb.test_bpd is not None else "–"
+        lines += [f"Teacher: held-out bits/dim {bpd} (noise-augmented, η = {tb.noise_std}).", ""]
+    return lines
+
+
+def likelihood_table(results: RunResults) -> list[str]:
+    liks = {name: res.likelihood for name, res in results.students.items() if res.likelihood}
+    if not liks:
+        return []
+    lines = [
+        "Students as continuous normalizing flows: bits/dim of held-out x + η·ε through the ODE (`eval.likelihood`):",
+        "",
+        "| model | bits/dim | images | divergence | solver |",
+        "|---|---|---|---|---|",
+    ]
+    for name, lk in liks.items():
+        lines.append(
+            f"| {label(name)} | {fmt(lk['bits_per_dim'], 4)} | {lk['images']} | {lk['divergence']} | {lk['solver']} |"
+        )
+    if results.teacher and results.teacher.test_bpd is not None:
+        lines.append(f"| teacher (exact) | {fmt(results.teacher.test_bpd, 4)} | all | – | – |")
+    return lines + [""]
+
+
+def memorisation_table(results: RunResults) -> list[str]:
+    lines = [
+        "## Memorisation check",
+        "",
+        "RMS per-pixel distance of each sample to its nearest training image (Euler, most steps; teacher: denoised):",
+        "",
+        "| model | mean | min | fraction < 0.05 |",
+        "|---|---|---|---|",
+    ]
+    models = list(results.main().items()) + ([("teacher", results.teacher)] if results.teacher else [])
+    for name, res in models:
+        m = res.memorisation
+        lines.append(
+            f"| {label(name)} | {m['nn_dist_mean']:.3f} | {m['nn_dist_min']:.3f} | {m['frac_below_0.05']:.3f} |"
+        )
+    return lines
+
+
+def pictures(plot: Path, side_by_side: tuple[str, str] | None, grid_files: dict[tuple[str, str], Path]) -> list[str]:
+    lines = ["", "## Pictures", "", f"![FID vs NFE]({plot.name})", ""]
+    if side_by_side:
+        name, caption = side_by_side
+        lines += [f"![samples side by side]({name})", "", caption, ""]
+    if grid_files:
+        lines += [
+            f"The first 100 samples of each model and sampler, in the order of the fixed inputs, are in `samples/` "
+            f"(MODEL-SAMPLER.png; {len(grid_files)} grids in this run).",
+            "",
+        ]
+    return lines
+
+
+def cost_table(results: RunResults) -> list[str]:
+    costs = results.costs
+    if not costs:
+        return []
+    lines = [
+        "## What each coupling costs",
+        "",
+        "Training: seconds per step (same network and batch for every coupling; median over the run). "
+        "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
+        "stage was reused from an earlier run and not timed)" + (" — seed 0's run." if results.seeds > 1 else "."),
+        "",
+        "| coupling | s / training step | training steps | preparation (s) | of which |",
+        "|---|---|---|---|---|",
+    ]
+    for name, c in costs.items():
+        parts = ", ".join(f"{k} {fmt(v, 1)}" for k, v in c["prep"].items()) or "none"
+        sps = fmt(c["seconds_per_step"], 4)
+        steps = c.get("steps", results.student_steps if results.student_steps is not None else "–")
+        lines.append(f"| {label(name)} | {sps} | {steps} | {fmt(c.get('prep_seconds'), 1)} | {parts} |")
+    sd = costs.get("sd-ot", {}).get("sdot_shares")
+    if sd:
+        lines += [
+            "",
+            f"Semidiscrete OT assignment (per class): share / mass from {fmt(sd['min_over_mass'])} to "
+            f"{fmt(sd['max_over_mass'])}, total variation {sd['tv']:.4f}; an exactly uniform assignment measured "
+            f"with the same number of noise draws shows {fmt(sd['floor_min_over_mass'])} to "
+            f"{fmt(sd['floor_max_over_mass'])}, TV {sd['floor_tv']:.4f} (sampling noise alone).",
+        ]
+    return lines + [""]
+
+
+def timings(results: RunResults) -> list[str]:
+    if not results.timings:
+        return []
+    lines = ["## Time per stage", "", "| stage | seconds | reused |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.1f} | {'yes' if s['reused'] else 'no'} |" for s in results.timings]
+    return lines + ["", f"Peak memory (RSS): {results.peak_rss_mb or 0:.0f} MB", ""]
+
+
+def report_lines(
+    results: RunResults, plot: Path, frontier: Path | None, side: tuple[str, str] | None, grid_files
+) -> list[str]:
+    """report.md, section by section."""
+    nfes = results.euler_nfes()
+    lines = intro(results) + headline(results, nfes) + fid_table(results, nfes) + kid_table(results, nfes)
+    lines += guidance_table(results) + spread_table(results, nfes)
+    lines += knob_table(results, nfes, frontier) + likelihood_table(results) + cost_table(results)
+    return lines + memorisation_table(results) + pictures(plot, side, grid_files) + timings(results)
