@@ -45,6 +45,12 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1, min_time:
     return times[len(times) // 2]
 
 
+def timed_row(benchmark: str, seconds: float, batch: int, **fields) -> dict:
+    """A result row: what was timed, its own fields, then the batch, ms per call and images per second."""
+    return {"benchmark": benchmark, **fields, "batch": batch, "ms": round(seconds * 1e3, 1),
+            "img/s": round(batch / seconds, 1)}  # fmt: skip
+
+
 def write_results(name: str, rows: list[dict], notes: str = "") -> Path:
     """benchmarks/results/NAME.json and NAME.md (a table)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

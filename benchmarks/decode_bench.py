@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import timeit, write_results  # noqa: E402
+from benchmarks.common import timed_row, timeit, write_results  # noqa: E402
 from nfm.teacher.model import TarFlow, TarFlowConfig  # noqa: E402
 
 SYNTHETIC = {  # name -> (channels, image size, patch, width, blocks, layers)
@@ -36,17 +36,8 @@ VARIANTS = [  # (label, decode kwargs)
 def synthetic(name: str, device) -> TarFlow:
     c, s, p, w, nb, nl = SYNTHETIC[name]
     torch.manual_seed(0)
-    cfg = TarFlowConfig(
-        in_channels=c,
-        img_size=s,
-        patch_size=p,
-        width=w,
-        num_blocks=nb,
-        layers_per_block=nl,
-        head_dim=64 if w >= 256 else 32,
-        num_classes=10,
-        noise_std=0.05,
-    )
+    cfg = TarFlowConfig(in_channels=c, img_size=s, patch_size=p, width=w, num_blocks=nb, layers_per_block=nl,
+                        head_dim=64 if w >= 256 else 32, num_classes=10, noise_std=0.05)  # fmt: skip
     model = TarFlow(cfg)
     with torch.no_grad():
         for b in model.blocks:
@@ -68,12 +59,7 @@ def bench(model: TarFlow, label: str, batch: int, device, repeat: int) -> list[d
         iters = stats.get("iterations")
         rows.append(
             {
-                "benchmark": f"decode: {name}",
-                "model": label,
-                "patches": model.cfg.num_patches,
-                "batch": batch,
-                "ms": round(t * 1e3, 1),
-                "img/s": round(batch / t, 1),
+                **timed_row(f"decode: {name}", t, batch, model=label, patches=model.cfg.num_patches),
                 "vs sequential": f"{base / t:.2f}x",
                 "iterations/block": "-" if iters is None else "/".join(map(str, iters)),
                 "max |x - x_seq|": f"{float((out - ref).abs().max()):.1e}",

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import timeit, write_results  # noqa: E402
+from benchmarks.common import timed_row, timeit, write_results  # noqa: E402
 from nfm.core.seeding import BatchRandom  # noqa: E402
 from nfm.teacher.model import TARFLOW_SIZES, TarFlow, TarFlowConfig  # noqa: E402
 from nfm.teacher.train import teacher_loss  # noqa: E402
@@ -53,14 +53,7 @@ def bench_train(size: str, batch: int, device, repeat: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     t = timeit(step, repeat=repeat, warmup=2)
-    return {
-        "benchmark": "train step",
-        "size": size,
-        "tokens": model.cfg.num_patches,
-        "batch": batch,
-        "ms": round(t * 1e3, 1),
-        "img/s": round(batch / t, 1),
-    }
+    return timed_row("train step", t, batch, size=size, tokens=model.cfg.num_patches)
 
 
 def bench_encode(size: str, batch: int, device, repeat: int) -> dict:
@@ -69,14 +62,7 @@ def bench_encode(size: str, batch: int, device, repeat: int) -> dict:
     x, y = torch.rand(batch, c, s, s, device=device) * 2 - 1, torch.randint(0, k, (batch,), device=device)
     with torch.no_grad():
         t = timeit(lambda: model.encode(x, y), repeat=repeat, warmup=1)
-    return {
-        "benchmark": "encode (data->noise)",
-        "size": size,
-        "tokens": model.cfg.num_patches,
-        "batch": batch,
-        "ms": round(t * 1e3, 1),
-        "img/s": round(batch / t, 1),
-    }
+    return timed_row("encode (data->noise)", t, batch, size=size, tokens=model.cfg.num_patches)
 
 
 def bench_decode(size: str, batch: int, device, repeat: int) -> list[dict]:
@@ -88,16 +74,8 @@ def bench_decode(size: str, batch: int, device, repeat: int) -> list[dict]:
     for cached in (True, False):
         t = timeit(lambda cached=cached: model.decode(z, y, kv_cache=cached), repeat=repeat, warmup=1)
         times[cached] = t
-        rows.append(
-            {
-                "benchmark": f"decode ({'KV cache' if cached else 'recompute prefix'})",
-                "size": size,
-                "tokens": model.cfg.num_patches,
-                "batch": batch,
-                "ms": round(t * 1e3, 1),
-                "img/s": round(batch / t, 1),
-            }
-        )
+        what = f"decode ({'KV cache' if cached else 'recompute prefix'})"
+        rows.append(timed_row(what, t, batch, size=size, tokens=model.cfg.num_patches))
     rows[0]["speed-up"] = f"{times[False] / times[True]:.2f}x"
     return rows
 

@@ -153,11 +153,9 @@ def logit_error(cache_dir: Path, classifier: nn.Module, samples: int | None = 25
 
 def check_logits(cache_dir: Path, classifier: nn.Module, samples: int | None = 256, tolerance: float = 1e-2):
     """logit_error, refused (one line) above `tolerance`."""
+    from nfm.pairs.verify import refuse_above
+
     rec = logit_error(cache_dir, classifier, samples)
-    if not rec["worst_abs_error"] <= tolerance:
-        raise NFMError(
-            f"logit cache {Path(cache_dir).name}: the classifier's logits differ from the stored ones by up to "
-            f"{rec['worst_abs_error']:.3g} (tolerance {tolerance:g}) over {rec['rows_checked']} rows: these are not "
-            "this classifier's logits. Remove the cache (nfm pairs rm) and build it again"
-        )
+    what = f"logit cache {Path(cache_dir).name}: the classifier's logits differ from the stored ones"
+    refuse_above(rec, tolerance, what, f"{rec['rows_checked']} rows", "these are not this classifier's logits")
     return {"check": "logits", "teacher": classifier.fingerprint(), **rec}

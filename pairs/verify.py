@@ -136,15 +136,20 @@ def mark_verified(cache_dir: Path, how: dict[str, Any]) -> None:
         write_json(Path(cache_dir) / ORIGIN_NAME, {**origin, "verified": {"at": time.time(), **how}})
 
 
+def refuse_above(rec: dict[str, Any], tolerance: float, what: str, checked: str, verdict: str) -> None:
+    """A recomputation's worst error (rec: worst_abs_error), refused in one line above `tolerance`."""
+    if not rec["worst_abs_error"] <= tolerance:
+        raise NFMError(
+            f"{what} by up to {rec['worst_abs_error']:.3g} (tolerance {tolerance:g}) over {checked}: {verdict}. "
+            "Remove the cache (nfm pairs rm) and build it again"
+        )
+
+
 def check_reconstruction(
     cache_dir: Path, teacher: Teacher, samples: int | None = 64, tolerance: float = TOLERANCE
 ) -> dict[str, Any]:
     """reconstruction_error, refused (one line) above `tolerance`."""
     rec = reconstruction_error(cache_dir, teacher, samples)
-    if not rec["worst_abs_error"] <= tolerance:
-        raise NFMError(
-            f"pair cache {Path(cache_dir).name}: decoding its noise through the teacher misses x + eta * eps by up "
-            f"to {rec['worst_abs_error']:.3g} (tolerance {tolerance:g}) over {rec['pairs_checked']} pairs: these are "
-            "not this teacher's pairs. Remove the cache (nfm pairs rm) and build it with the teacher"
-        )
+    what = f"pair cache {Path(cache_dir).name}: decoding its noise through the teacher misses x + eta * eps"
+    refuse_above(rec, tolerance, what, f"{rec['pairs_checked']} pairs", "these are not this teacher's pairs")
     return {"check": "reconstruction", "teacher": teacher.fingerprint(), **rec}

@@ -391,13 +391,14 @@ def test_fashion_mnist_feature_net_is_committed_and_registered():
 
 
 def test_nfm_run_reports_student_likelihood_when_asked(tmp_path):
-    p = _run(
-        tmp_path,
+    # euler: the cost is NFE x 64 backward passes, whatever n
+    settings = (
         "couplings=nfm,independent",
         "eval.likelihood=true",
         "eval.likelihood_n=6",
-        "eval.likelihood_solver=euler",  # the cost is NFE x 64 backward passes, whatever n
+        "eval.likelihood_solver=euler",
     )
+    p = _run(tmp_path, *settings)
     assert "bits/dim of the nfm student through the ODE (6 held-out images)" in p.stdout
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     for name in ("nfm", "independent"):
@@ -406,13 +407,7 @@ def test_nfm_run_reports_student_likelihood_when_asked(tmp_path):
         assert math.isfinite(lk["bits_per_dim"]) and lk["bits_per_dim"] > 0
     md = (tmp_path / "run" / "report.md").read_text()
     assert "bits/dim of held-out x + η·ε through the ODE" in md and "| teacher (exact) |" in md
-    again = _run(
-        tmp_path,
-        "couplings=nfm,independent",
-        "eval.likelihood=true",
-        "eval.likelihood_n=6",
-        "eval.likelihood_solver=euler",  # the cost is NFE x 64 backward passes, whatever n
-    )
+    again = _run(tmp_path, *settings)
     assert "[evaluation] reused" in again.stdout and "through the ODE" not in again.stdout
 
 

@@ -252,19 +252,14 @@ def test_starflow_options_keep_exact_inverse_and_logdet(flow_factory, scale, lay
     torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac)[1], atol=1e-10, rtol=0)
 
 
+def _tiny(**kw) -> TarFlowConfig:
+    """A 4x4, one-channel, unconditional flow of two blocks, whose fresh output layers make it the identity."""
+    return TarFlowConfig(in_channels=1, img_size=4, patch_size=2, width=16, num_blocks=2, head_dim=8, num_classes=0,
+                         **kw)  # fmt: skip
+
+
 def test_fresh_softplus_model_is_the_identity():
-    cfg = TarFlowConfig(
-        in_channels=1,
-        img_size=4,
-        patch_size=2,
-        width=16,
-        num_blocks=2,
-        layers_per_block=(2, 1),
-        head_dim=8,
-        num_classes=0,
-        scale="softplus",
-    )
-    model = TarFlow(cfg).double()
+    model = TarFlow(_tiny(layers_per_block=(2, 1), scale="softplus")).double()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     z, logdet = model(x)
     torch.testing.assert_close(z, x, atol=1e-15, rtol=0)
@@ -287,18 +282,7 @@ def test_layer_list_must_match_the_blocks():
 
 
 def test_prior_variance_enters_log_prob_and_sampling():
-    cfg = TarFlowConfig(
-        in_channels=1,
-        img_size=4,
-        patch_size=2,
-        width=16,
-        num_blocks=2,
-        layers_per_block=1,
-        head_dim=8,
-        num_classes=0,
-        noise_std=0.0,
-    )
-    model = TarFlow(cfg).double()  # identity flow: x = z ~ N(0, var)
+    model = TarFlow(_tiny(layers_per_block=1, noise_std=0.0)).double()  # identity flow: x = z ~ N(0, var)
     with torch.no_grad():
         model.var.copy_(torch.rand(4, 4, dtype=torch.float64) + 0.5)
     std = model.prior_std

@@ -111,9 +111,9 @@ def run_pipeline(
     results.timings = run.stages.timings
     results.total_seconds = round(time.perf_counter() - t_all, 1)
     results.peak_rss_mb = peak_rss_mb()
-    results.costs = coupling_costs(cfg, runs[0].trained, runs[0].costs)
+    results.costs = coupling_costs(cfg, runs[0].trained, runs[0].seed.costs)
     results.student_steps = cfg.student.train.steps
-    results.matched = runs[0].costs.data.get("matched")
+    results.matched = runs[0].seed.costs.data.get("matched")
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
         results.pair_cache = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}

@@ -124,15 +124,3 @@ class SeedRun:
     trained: dict[str, Path]  # every student trained (with the sources of reflow couplings)
     evaluated: dict[str, Path]  # couplings, compute-matched baselines, knob variants
     priors: dict[str, str]  # the prior each evaluated student is sampled from, where not its own (student_prior)
-
-    @property
-    def cfg(self) -> RunConfig:
-        return self.seed.cfg
-
-    @property
-    def costs(self) -> Costs:
-        return self.seed.costs
-
-    @property
-    def data_cfg(self) -> DataConfig:
-        return self.seed.data_cfg

@@ -71,8 +71,8 @@ class EvalContext:
     @classmethod
     def make(cls, ev: EvalConfig, run: RunContext, seed0: SeedRun) -> EvalContext:
         """The evaluation set of a run: the held-out split of seed 0's data, the first 100,000 training images."""
-        extractor = ev.extractor or default_extractor(seed0.data_cfg.name)
-        test = run.data(seed0.data_cfg, "test")
+        extractor = ev.extractor or default_extractor(seed0.seed.data_cfg.name)
+        test = run.data(seed0.seed.data_cfg, "test")
         train_data = seed0.seed.train_data()
         reference, ref_labels = test.tensors()
         if len(train_data) <= 100_000:
