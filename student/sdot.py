@@ -40,10 +40,12 @@ import torch
 from filelock import FileLock
 
 from nfm.core.config import AtLeast1, Positive
+from nfm.core.distributed import process_state
 from nfm.core.errors import NFMError
 from nfm.core.io import load_state, load_tensors, read_json, save_state, save_tensors, sha256_file, write_json
 from nfm.core.rundir import progress
 from nfm.core.seeding import derive_seed
+from nfm.pairs.lookup import default_cache_root
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "potentials.safetensors"
@@ -343,3 +345,28 @@ def load_sdot(directory: Path, cfg: SDOTConfig | None = None, rows: int | None =
             f"can ({potential_bound(cfg, n):.3g}); {fix}"
         )
     return g.double(), meta
+
+
+# ----------------------------------------------------------------------------- the artifact's place in the cache root
+
+
+def sdot_root(cache_root: Path | None = None) -> Path:
+    """Where semidiscrete OT weights live: beside the pair caches (CACHE_ROOT/../sdot)."""
+    return Path(cache_root or default_cache_root()).parent / "sdot"
+
+
+def sdot_dir(data, cfg: SDOTConfig, cache_root: Path | None = None) -> tuple[Path, dict]:
+    """(directory, key fields) of the semidiscrete OT weights of `data` under `cfg`."""
+    key, fields = sdot_key(data.fingerprint, len(data), cfg, data.num_classes > 0)
+    return sdot_root(cache_root) / key, fields
+
+
+def fit_sdot_for(data, cfg: SDOTConfig, cache_root: Path | None = None, device=None, log=print):
+    """(g, metadata) of the semidiscrete OT weights of `data` under `cfg`: fitted once, then reused."""
+    d, fields = sdot_dir(data, cfg, cache_root)
+    images, labels = data.tensors()
+    meta = fit_sdot(
+        images, labels if data.num_classes else None, cfg, d, key_fields=fields,
+        device=device or process_state().device, log=log,
+    )  # fmt: skip
+    return load_sdot(d, cfg, len(data))[0], meta

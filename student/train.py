@@ -39,7 +39,7 @@ from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling,
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
 from nfm.student.sampling import Grid, Solver, sample_ode, student_inputs
-from nfm.student.sdot import SDOTConfig, fit_sdot, load_sdot, sdot_key
+from nfm.student.sdot import SDOTConfig, fit_sdot_for
 
 
 @dataclass(frozen=True)
@@ -96,28 +96,6 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
         return (v.float() - u.float()).pow(2).mean(), {}
 
     return loss_fn
-
-
-def sdot_root(cache_root: Path | None = None) -> Path:
-    """Where semidiscrete OT weights live: beside the pair caches (CACHE_ROOT/../sdot)."""
-    return Path(cache_root or default_cache_root()).parent / "sdot"
-
-
-def sdot_dir(data, cfg: SDOTConfig, cache_root: Path | None = None) -> tuple[Path, dict]:
-    """(directory, key fields) of the semidiscrete OT weights of `data` under `cfg`."""
-    key, fields = sdot_key(data.fingerprint, len(data), cfg, data.num_classes > 0)
-    return sdot_root(cache_root) / key, fields
-
-
-def fit_sdot_for(data, cfg: SDOTConfig, cache_root: Path | None = None, device=None, log=print):
-    """(g, metadata) of the semidiscrete OT weights of `data` under `cfg`: fitted once, then reused."""
-    d, fields = sdot_dir(data, cfg, cache_root)
-    images, labels = data.tensors()
-    meta = fit_sdot(
-        images, labels if data.num_classes else None, cfg, d, key_fields=fields,
-        device=device or process_state().device, log=log,
-    )  # fmt: skip
-    return load_sdot(d, cfg, len(data))[0], meta
 
 
 def open_coupling(cfg: StudentRunConfig, cache_root: Path | None = None, log=print) -> Coupling:

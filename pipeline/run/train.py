@@ -11,7 +11,7 @@ from typing import Any
 
 from nfm.core.config import config_hash, from_dict
 from nfm.core.data import DataConfig
-from nfm.core.io import check_free_space, read_json
+from nfm.core.io import check_free_space
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pipeline.evaluate import check_extractor, default_extractor
 from nfm.pipeline.run.budget import budget_flops, matched_steps
@@ -125,11 +125,9 @@ def stage_matched(s: SeedContext, flops: dict[str, float] | None, students: dict
 
 def record_sdot(s: SeedContext, scfg: StudentRunConfig) -> None:
     """The fit's metadata (written by the sd-ot student's training) into the run's costs."""
-    from nfm.student.sdot import META_NAME
-    from nfm.student.train import sdot_dir
+    from nfm.student.sdot import read_meta, sdot_dir
 
-    directory, _ = sdot_dir(s.run.data(scfg.data, "train"), scfg.flow.sdot, s.run.cache_root)
-    meta = read_json(directory / META_NAME, "semidiscrete OT metadata")
+    meta = read_meta(sdot_dir(s.run.data(scfg.data, "train"), scfg.flow.sdot, s.run.cache_root)[0])
     s.costs.record("sd-ot fit", meta["fit_seconds"], shares=meta["shares"], key=meta["key"], groups=meta["groups"])
 
 
