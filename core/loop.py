@@ -323,6 +323,15 @@ def _start(
         )
     except ValueError as e:  # accelerate names the trackers it knows
         raise NFMError(f"train.log_with={cfg.log_with}: {e}") from e
+    # accelerate drops a known tracker whose package is missing with only a log line: training would end with no
+    # tracker at all
+    started = {str(getattr(t, "value", t)) for t in acc.log_with or []}
+    missing = [t for t in trackers if t != "all" and t not in started]
+    if missing:
+        raise NFMError(
+            f"train.log_with={cfg.log_with}: {', '.join(missing)} cannot start here (its package is not installed: "
+            f"pip install {' '.join(missing)}); install it, or leave {', '.join(missing)} out of train.log_with"
+        )
     if trackers:
         _init_trackers(acc, trackers, run_dir, resolved)
     world = acc.num_processes

@@ -458,3 +458,16 @@ def test_tensorboard_tracker_logs_the_loss_through_accelerate(tmp_path):
     bad = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"], overrides=[*over[:3], "train.log_with=nope"])
     with pytest.raises(NFMError, match="train.log_with=nope"):
         run_teacher_training(bad, tmp_path / "bad")
+
+
+def test_a_known_tracker_whose_package_is_missing_stops_the_run_before_training(tmp_path):
+    """accelerate drops such a tracker with a log line; the run would train to its end with no tracker."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    over = ["train.steps=4", "train.sample_every=0", "train.log_with=tensorboard,wandb"]
+    cfg = build_config(TeacherRunConfig, preset=TEACHER_PRESETS["tiny"], overrides=over)
+    with pytest.raises(NFMError, match=r"wandb cannot start here \(its package is not installed: pip install wandb\)"):
+        run_teacher_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "export").exists()
