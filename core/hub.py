@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nfm.core.errors import NFMError
@@ -23,4 +25,21 @@ def hub_snapshot(repo_id: str, revision: str | None, repo_type: str | None = Non
         raise NFMError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "pass a local directory instead, or check the repo id and your network / HF_HUB_OFFLINE"
+        ) from e
+
+
+@contextmanager
+def hub_upload(repo_id: str) -> Iterator[None]:
+    """An upload to the Hub that fails in one line (offline, refused, not logged in, no write access), as a
+    download does, not with the HTTP library's exception."""
+    try:
+        yield
+    except NFMError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise NFMError(
+            f"could not push to {repo_id!r} on the Hugging Face Hub ({type(e).__name__}: {first}); check your "
+            "network (and HF_HUB_OFFLINE), that you are logged in with write access (huggingface-cli login, or "
+            "HF_TOKEN), and the repo id"
         ) from e

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nfm.core.errors import NFMError
+from nfm.core.hub import hub_upload
 from nfm.core.io import write_json
 from nfm.pairs.format import (
     INDEX_NAME,
@@ -139,11 +140,12 @@ def push_cache(cache_dir: Path, repo_id: str, private: bool = False, commit_mess
     card = dataset_card(index, repo_id).encode()
     ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     api = HfApi()
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.create_commit(
-        repo_id=repo_id,
-        repo_type="dataset",
-        operations=ops,
-        commit_message=commit_message or f"nfm pair cache {index['key']}",
-    )
+    with hub_upload(repo_id):
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        info = api.create_commit(
+            repo_id=repo_id,
+            repo_type="dataset",
+            operations=ops,
+            commit_message=commit_message or f"nfm pair cache {index['key']}",
+        )
     return str(getattr(info, "commit_url", info))

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from nfm.core.errors import NFMError
-from nfm.core.hub import hub_snapshot, is_repo_id
+from nfm.core.hub import hub_snapshot, hub_upload, is_repo_id
 from nfm.core.images import to_uint8
 from nfm.pairs.lookup import find_cache
 from nfm.pairs.reader import FLOW_KINDS
@@ -53,8 +53,8 @@ def _push(save: Any, repo_id: str, private: bool, commit_message: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with hub_upload(repo_id), tempfile.TemporaryDirectory() as tmp:
+        api.create_repo(repo_id, private=private, exist_ok=True)
         save(Path(tmp))
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

@@ -70,6 +70,26 @@ def test_student_save_and_from_pretrained_round_trip(tmp_path):
         nfm.Student.from_pretrained(tmp_path / "missing" / "dir")
 
 
+def test_a_push_that_cannot_reach_the_hub_fails_in_one_line(tmp_path, monkeypatch):
+    """No Hub here (offline mode, or a connection refused): the student's push and `nfm pairs push` say what to
+    check, not the HTTP library's exception or "probably a bug"."""
+    from huggingface_hub import constants
+
+    from tests.conftest import run_nfm_inline
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")
+    for offline, error in ((True, "OfflineModeIsEnabled"), (False, "ConnectError")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        with pytest.raises(NFMError, match=rf"could not push to 'me/student' on the Hugging Face Hub \({error}: "):
+            _student("linear").push_to_hub("me/student")
+    data = load_data(DATA)
+    cache = build_pairs(load_teacher(make_teacher_export(tmp_path / "t")), data, PairBuildConfig(), tmp_path / "root")
+    p = run_nfm_inline("pairs", "push", cache.key, "me/pairs", "--cache-dir", tmp_path / "root")
+    assert p.returncode == 2 and "could not push to 'me/pairs' on the Hugging Face Hub (ConnectError" in p.stderr
+    assert "probably a bug" not in p.stderr and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
 def test_hub_ids_download_and_push_through_huggingface_hub(tmp_path, monkeypatch):
     """No Hub server here: offline, a repo id fails in one line; the transport (snapshot_download,
     HfApi.create_repo / upload_folder) is stubbed to check what is sent and read."""
