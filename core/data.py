@@ -13,9 +13,11 @@ Label -1 means "no label" (the dropped class of classifier-free guidance).
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,11 +337,53 @@ class HFImages(ImageDataset):
         return h.hexdigest()[:16]
 
 
+def _near_builtin(name: str) -> str | None:
+    """The built-in source a name spells another way (fashion_mnist, Digits, MNIST-5K), else None."""
+    norm = name.strip().lower().replace("_", "-").replace(" ", "-")
+    return next((b for b in BUILTIN if b == norm or b.replace("-", "") == norm.replace("-", "")), None)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub's host takes no connection from here (one try, `timeout` seconds), or None: reachable, or
+    offline mode already set (the libraries then read their cache without trying the network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@contextmanager
+def _offline():
+    """datasets and huggingface_hub in offline mode for one load: the local cache only, no retries."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hf(cfg: DataConfig):
     import datasets
 
     name = cfg.name
     path = Path(name).expanduser()
+    near = _near_builtin(name)
+    if near and not path.is_dir():
+        raise NFMError(f"unknown dataset {name!r}: did you mean the built-in data.name={near}?")
+    unreachable = None
     try:
         if path.is_dir():
             if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -347,14 +391,24 @@ def _load_hf(cfg: DataConfig):
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         if name.startswith((".", "/", "~")):
             raise NFMError(f"dataset directory not found: {path}")
+        unreachable = _hub_unreachable()
+        if unreachable:  # no retries against a Hub that cannot answer: the local cache, or a clear no
+            with _offline():
+                return datasets.load_dataset(name)
         return datasets.load_dataset(name)
     except NFMError:
         raise
     except Exception as e:  # the hub, the network or the files: say which name failed and why
+        why = (
+            f"the Hugging Face Hub is unreachable from here ({unreachable}) and no copy is cached"
+            if unreachable
+            else f"loading it from the Hugging Face Hub failed ({type(e).__name__}: {str(e)[:200]})"
+        )
+        close = difflib.get_close_matches(name.lower(), BUILTIN, n=1, cutoff=0.6)
+        hint = f" (did you mean data.name={close[0]}?)" if close else ""
         raise NFMError(
-            f"unknown dataset {name!r}: it is not a built-in ({', '.join(BUILTIN)}), not a local directory, "
-            f"and loading it from the Hugging Face hub failed ({type(e).__name__}: {str(e)[:200]}). "
-            "Check the name, or pass a save_to_disk directory or an image folder"
+            f"unknown dataset {name!r}{hint}: it is not a built-in ({', '.join(BUILTIN)}), not a local directory, "
+            f"and {why}. Check the name, or pass a save_to_disk directory or an image folder"
         ) from e
 
 

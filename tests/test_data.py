@@ -154,6 +154,33 @@ def test_unknown_dataset_name_fails_fast_and_clearly():
         load_data(DataConfig(name="./missing/dir"))
 
 
+def test_a_built_in_name_spelt_another_way_is_named_without_asking_the_hub(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the Hub was asked"))
+    for name, builtin in (("fashion_mnist", "fashion-mnist"), ("Digits", "digits"), ("MNIST_5K", "mnist-5k")):
+        with pytest.raises(NFMError, match=f"unknown dataset '{name}': did you mean the built-in data.name={builtin}"):
+            load_data(DataConfig(name=name))
+
+
+def test_an_unreachable_hub_is_asked_once_then_only_the_local_cache(monkeypatch):
+    """No network (here: a port nothing listens on, offline mode off): one connection attempt, then the datasets
+    cache alone, not datasets' retries; the message says so, with the nearest built-in name."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    modes = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda *a, **k: modes.append(constants.HF_HUB_OFFLINE) or real(*a, **k)
+    )
+    with pytest.raises(NFMError, match=r"unknown dataset 'mnistt' \(did you mean data.name=mnist-5k\?\).*unreachable"):
+        load_data(DataConfig(name="mnistt"))
+    assert modes == [True] and constants.HF_HUB_OFFLINE is False  # offline for that load only
+
+
 def test_empty_data_name_says_how_to_set_it():
     with pytest.raises(NFMError, match="data.name is empty: this preset trains on your own images"):
         load_data(DataConfig(name=""))
