@@ -303,6 +303,17 @@ def test_reader_batches_resume_mid_stream(export, tmp_path):
             assert torch.equal(a, b)
 
 
+def test_cache_dir_may_name_the_folder_nfm_cache_dir_names(export, tmp_path):
+    """NFM_CACHE_DIR=X keeps its caches in X/pairs: --cache-dir X finds them there, as --cache-dir X/pairs does."""
+    from tests.conftest import run_nfm_inline
+
+    path = build(export, tmp_path / "x" / "pairs", PairBuildConfig(views=1))
+    for root in (tmp_path / "x", tmp_path / "x" / "pairs"):
+        listing = run_nfm_inline("pairs", "ls", "--cache-dir", root).stdout
+        assert path.name in listing and f"(1 caches under {tmp_path / 'x' / 'pairs'})" in listing
+    assert path.name in run_nfm_inline("pairs", "ls", env={"NFM_CACHE_DIR": str(tmp_path / "x")}).stdout
+
+
 def test_pairs_commands_end_to_end(export, tmp_path):
     def nfm(*args, check=True):
         return run_nfm("pairs", *args, "--cache-dir", tmp_path, check=check)

@@ -20,7 +20,11 @@ def add_device(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", help="pair-cache root (default: $NFM_CACHE_DIR/pairs or ~/.cache/nfm/pairs)")
+    p.add_argument(
+        "--cache-dir",
+        help="pair-cache root, or a folder like $NFM_CACHE_DIR that holds pairs/ (default: $NFM_CACHE_DIR/pairs or "
+        "~/.cache/nfm/pairs)",
+    )
 
 
 def add_teacher_arch(p: argparse.ArgumentParser) -> None:
@@ -95,9 +99,16 @@ def device(args: argparse.Namespace):
 
 
 def cache_root(args: argparse.Namespace) -> Path:
+    """--cache-dir X: the folder of the pair caches. X may also be what NFM_CACHE_DIR names (its caches in
+    X/pairs): where X holds no cache of its own and X/pairs is a folder, that is the one meant."""
+    from nfm.pairs.format import INDEX_NAME
     from nfm.pairs.lookup import default_cache_root
 
-    return Path(args.cache_dir).expanduser() if getattr(args, "cache_dir", None) else default_cache_root()
+    if not getattr(args, "cache_dir", None):
+        return default_cache_root()
+    root = Path(args.cache_dir).expanduser()
+    own = root.is_dir() and any((d / INDEX_NAME).is_file() for d in root.iterdir() if d.is_dir())
+    return root / "pairs" if (root / "pairs").is_dir() and not own else root
 
 
 def finished(kind: str, t0: float, run_dir: Path, export: Path) -> int:
