@@ -28,6 +28,17 @@ def hub_snapshot(repo_id: str, revision: str | None, repo_type: str | None = Non
         ) from e
 
 
+def local_or_hub(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local path as it is; otherwise a Hub repo id, downloaded (or found in the local Hub cache)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    text = str(path_or_repo)
+    if not is_repo_id(text):
+        raise NFMError(f"{text} is neither a local directory nor a Hugging Face Hub repo id (owner/name)")
+    return hub_snapshot(text, revision)
+
+
 @contextmanager
 def hub_upload(repo_id: str) -> Iterator[None]:
     """An upload to the Hub that fails in one line (offline, refused, not logged in, no write access), as a

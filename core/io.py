@@ -189,6 +189,14 @@ def export_dir(path: str | Path, what: str, train: str) -> Path:
         return p
     if not p.exists():
         raise NFMError(f"{what} not found: {p} does not exist")
+    students, teachers = sorted(p.glob("students/*/export/config.json")), sorted(p.glob("teacher-*/export/config.json"))
+    inside = teachers + students if what == "teacher" else students + teachers
+    if inside:  # an `nfm run` folder: several exports, each its own
+        names = ", ".join(str(e.parent.relative_to(p)) for e in inside)
+        raise NFMError(
+            f"{p} is an `nfm run` folder holding several exports, not one {what}: pass one of them, e.g. {p}/"
+            f"{inside[0].parent.relative_to(p)} (its report.json names each model's, under `exports`); here: {names}"
+        )
     if (p / "checkpoints").is_dir():
         raise NFMError(f"{p} is a {what} run that has not finished (no export yet): rerun its `{train}` to resume it")
     raise NFMError(

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from nfm.core.errors import NFMError
-from nfm.core.hub import hub_snapshot, hub_upload, is_repo_id
+from nfm.core.hub import hub_snapshot, hub_upload, is_repo_id, local_or_hub
 from nfm.core.images import to_uint8
 from nfm.pairs.lookup import find_cache
 from nfm.pairs.reader import FLOW_KINDS
@@ -35,17 +35,6 @@ Output = Literal["tensor", "pil", "uint8"]
 
 def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _local_or_hub(path_or_repo: str | Path, revision: str | None = None) -> Path:
-    """A local path as it is; otherwise a Hub repo id, downloaded (or found in the local Hub cache)."""
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        return p
-    text = str(path_or_repo)
-    if not is_repo_id(text):
-        raise NFMError(f"{text} is neither a local directory nor a Hugging Face Hub repo id (owner/name)")
-    return hub_snapshot(text, revision)
 
 
 def _push(save: Any, repo_id: str, private: bool, commit_message: str) -> str:
@@ -112,7 +101,7 @@ class Student:
         """A student run directory, its ``export/``, or a Hub repo holding an export."""
         from nfm.student.train import load_student, student_prior
 
-        path = _local_or_hub(path_or_repo, revision)
+        path = local_or_hub(path_or_repo, revision)
         model, meta = load_student(path, _device(device))
         return cls(model, meta, student_prior(path, meta))
 
@@ -203,7 +192,7 @@ class Teacher:
 
         spec = str(path_or_repo)
         if not spec.startswith(("ml-tarflow:", "python:")):
-            spec = str(_local_or_hub(path_or_repo, revision))
+            spec = str(local_or_hub(path_or_repo, revision))
         flow, _ = load_teacher_spec(spec, _device(device), arch)
         return cls(flow)
 

@@ -154,6 +154,8 @@ class RunResults(_Json):
     student_steps: int | None = None
     matched: dict[str, Any] | None = None
     pair_cache: dict[str, Any] | None = None
+    # where each model is, per training seed: {model: [export of seed 0, seed 1, ...]}, "teacher" among them
+    exports: dict[str, list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     nested: ClassVar[dict[str, type]] = {"students": ModelScores, "teacher": ModelScores}
     _dicts: ClassVar[frozenset[str]] = frozenset({"students"})

@@ -118,6 +118,10 @@ def test_hub_ids_download_and_push_through_huggingface_hub(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, revision: str(tmp_path / "hub"))
     back = nfm.Student.from_pretrained("me/digits-student")
     assert torch.equal(back.sample(2, steps=2, seed=0), s.sample(2, steps=2, seed=0))
+    from tests.conftest import run_nfm_inline  # the command takes the same ids
+
+    p = run_nfm_inline("student", "sample", "me/digits-student", "--n", "4", "--out", tmp_path / "out" / "s")
+    assert p.returncode == 0 and (tmp_path / "out" / "s.png").is_file(), p.stderr
 
 
 def test_teacher_from_pretrained_samples_and_saves(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import nfm
 from nfm.core.data import DataConfig, load_data
 from nfm.core.errors import NFMError
 from nfm.pipeline.evaluate import fid_kid, straightness
@@ -150,6 +151,14 @@ def test_nfm_run_end_to_end_then_reuse(tmp_path):
     # 100 samples, 128 feature dimensions: the report says the FID means little
     assert "**Warning.** FID with 100 samples against 359 reference images is unreliable" in md
     assert len(caches(tmp_path / "cache" / "pairs")) == 1
+    # where each model is: in report.json and the report; a run folder given as a student names them
+    exports = report["exports"]
+    assert set(exports) == {"nfm", "independent", "minibatch-ot", "teacher"}
+    assert all(len(v) == 1 and (Path(v[0]) / "config.json").is_file() for v in exports.values())
+    assert f"| NFM (teacher pairs) | `{exports['nfm'][0]}` |" in md
+    with pytest.raises(NFMError, match=r"is an `nfm run` folder holding several exports, not one student: pass one"):
+        nfm.Student.from_pretrained(run)
+    assert nfm.Student.from_pretrained(exports["nfm"][0]).sample(2, steps=1).shape[0] == 2
     # re-rendered from report.json and samples/ (python -m nfm.pipeline.report RUN): the same report
     from nfm.pipeline.report import rerender
 

@@ -41,14 +41,16 @@ def _run_dir(run: str) -> Path:
 
 def cmd_sample(args) -> int:
     """sample a trained student with an ODE solver"""
+    from nfm.core.hub import local_or_hub
     from nfm.core.sampling import save_samples
     from nfm.student.sampling import sample_ode, student_inputs
     from nfm.student.train import load_student, student_prior
 
     device = options.device(args)
-    model, meta = load_student(args.run, device)
+    path = local_or_hub(args.run)
+    model, meta = load_student(path, device)
     mc = meta["model"]
-    prior = student_prior(args.run, meta, args.prior)
+    prior = student_prior(path, meta, args.prior)
     inputs = student_inputs(meta, args.n, seed=args.seed, device=device, label=args.label, prior=prior)
     t0 = time.perf_counter()
     x, stats = sample_ode(
@@ -56,7 +58,8 @@ def cmd_sample(args) -> int:
         rtol=args.rtol, atol=args.atol, num_classes=mc["num_classes"],
     )  # fmt: skip
     dt = time.perf_counter() - t0
-    base = options.samples_path(args, _run_dir(args.run), f"sample-{args.solver}-{stats['nfe']}")
+    here = _run_dir(args.run) if Path(args.run).expanduser().exists() else Path(".")  # a Hub id: the working dir
+    base = options.samples_path(args, here, f"sample-{args.solver}-{stats['nfe']}")
     meta_str = {**{k: str(v) for k, v in stats.items()}, "prior": "fitted" if prior else "gaussian"}
     png = save_samples(x, inputs, mc["num_classes"], base, tensors=True, metadata=meta_str)
     print(
@@ -120,7 +123,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     )
 
     p = options.add_command(sub, "sample", cmd_sample)
-    p.add_argument("run", help="student run directory or export directory")
+    p.add_argument("run", help="student run directory, export directory, or Hub repo id (owner/name)")
     p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
     p.add_argument("--steps", type=int, default=4, help="steps of a fixed-step solver (default 4)")
     p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid (default uniform)")

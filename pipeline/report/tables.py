@@ -433,6 +433,16 @@ def cost_table(results: RunResults) -> list[str]:
     return lines + [""]
 
 
+def exports_table(results: RunResults) -> list[str]:
+    """Where each model is (seed 0; report.json lists every seed's): what Student.from_pretrained and
+    `nfm student sample` take."""
+    if not results.exports:
+        return []
+    lines = ["## The models", "", "| model | export (seed 0) |", "|---|---|"]
+    lines += [f"| {label(name)} | `{paths[0]}` |" for name, paths in results.exports.items() if paths]
+    return lines + ["", "`nfm student sample EXPORT`, `nfm.Student.from_pretrained(EXPORT)`.", ""]
+
+
 def timings(results: RunResults) -> list[str]:
     if not results.timings:
         return []
@@ -449,4 +459,5 @@ def report_lines(
     lines = intro(results) + headline(results, nfes) + fid_table(results, nfes) + kid_table(results, nfes)
     lines += guidance_table(results) + spread_table(results, nfes)
     lines += knob_table(results, nfes, frontier) + likelihood_table(results) + cost_table(results)
-    return lines + memorisation_table(results) + pictures(plot, side, grid_files) + timings(results)
+    lines += memorisation_table(results) + pictures(plot, side, grid_files) + exports_table(results)
+    return lines + timings(results)

@@ -114,6 +114,10 @@ def run_pipeline(
     results.costs = coupling_costs(cfg, runs[0].trained, runs[0].seed.costs)
     results.student_steps = cfg.student.train.steps
     results.matched = runs[0].seed.costs.data.get("matched")
+    results.exports = {name: [str(r.evaluated[name].resolve()) for r in runs if name in r.evaluated]
+                       for name in runs[0].evaluated}  # fmt: skip
+    if runs[0].teacher_source is not None:
+        results.exports["teacher"] = [r.teacher_source for r in runs]
     if runs[0].pairs is not None:
         pairs = runs[0].pairs
         results.pair_cache = {"key": pairs.key, "path": str(pairs.path), "index": str(pairs.path / INDEX_NAME)}

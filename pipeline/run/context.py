@@ -120,6 +120,7 @@ class SeedRun:
 
     seed: SeedContext
     teacher: Teacher | None
+    teacher_source: str | None  # its export, or the --from-teacher spec
     pairs: PairBuildResult | None
     trained: dict[str, Path]  # every student trained (with the sources of reflow couplings)
     evaluated: dict[str, Path]  # couplings, compute-matched baselines, knob variants

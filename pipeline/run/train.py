@@ -22,16 +22,16 @@ from nfm.teacher.protocol import Teacher, load_teacher_spec
 from nfm.teacher.train import run_teacher_training
 
 
-def stage_teacher(s: SeedContext) -> tuple[Teacher, dict[str, Any]]:
+def stage_teacher(s: SeedContext) -> tuple[Teacher, dict[str, Any], str]:
     """Stage 1: train (or reuse) the teacher, or load --from-teacher (its data, where it names one, becomes the
-    seed's data); returns (teacher, info)."""
+    seed's data); returns (teacher, info, where it came from: its export, or the --from-teacher spec)."""
     run, t0 = s.run, time.perf_counter()
     if run.from_teacher:  # an export, ml-tarflow:PATH or python:module:factory; data: its own, else the preset's
         teacher, info = load_teacher_spec(run.from_teacher, run.device, run.teacher_arch)
         if info.get("data"):
             s.data_cfg = from_dict(DataConfig, info["data"])
         s.done("teacher (--from-teacher)", True, t0)
-        return teacher, info
+        return teacher, info, run.from_teacher
     tdir = run.run_dir / f"teacher-{config_hash(s.cfg.teacher)}"
     reused = (tdir / "export" / "config.json").is_file()
     export = run_teacher_training(s.cfg.teacher, tdir, echo_config=False)  # in tdir/log.txt; the run printed it
@@ -39,7 +39,7 @@ def stage_teacher(s: SeedContext) -> tuple[Teacher, dict[str, Any]]:
     s.done("teacher", reused, t0)
     if not reused:
         s.costs.record("teacher", run.stages.timings[-1]["seconds"])
-    return teacher, info
+    return teacher, info, str(export)
 
 
 def stage_pairs(s: SeedContext, teacher: Teacher, info: dict[str, Any], pcfg: PairBuildConfig, name: str):
@@ -136,9 +136,9 @@ def train_seed(run: RunContext, cfg: RunConfig, k: int) -> SeedRun:
     s = SeedContext.make(run, cfg, k)
     if s.prefix:
         s.log.info(f"training seed {k} of {cfg.seeds}")
-    teacher, info, pairs = None, {}, None
+    teacher, info, pairs, source = None, {}, None, None
     if needs_teacher(cfg):
-        teacher, info = stage_teacher(s)
+        teacher, info, source = stage_teacher(s)
         if run.from_teacher and k == 0:  # its data is known now: check the evaluation's feature network
             check_extractor(cfg.eval.extractor or default_extractor(s.data_cfg.name))
         t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def train_seed(run: RunContext, cfg: RunConfig, k: int) -> SeedRun:
         knobs, priors = stage_knobs(s, teacher, info, trained["nfm"])
         trained.update(knobs)
         evaluated.update(knobs)
-    return SeedRun(s, teacher, pairs, trained, evaluated, priors)
+    return SeedRun(s, teacher, source, pairs, trained, evaluated, priors)
 
 
 def check_pair_space(run: RunContext, cfg: RunConfig) -> None:
