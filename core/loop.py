@@ -284,6 +284,11 @@ def _init_trackers(acc, trackers: list[str], run_dir: Path, resolved: dict) -> N
         ) from e
 
 
+def count_text(n: int) -> str:
+    """A parameter count for people: 1.23M, 45.6k, 789 (a small model is not "0.00M")."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def check_batch_fits(cfg: TrainConfig, sample_shape: tuple[int, ...], world: int) -> None:
     """Refuse a batch whose inputs alone (float32 data and noise of one process's micro-batch) exceed the
     memory this machine has available: such a step would swap or sit at step 0 for hours."""
@@ -458,7 +463,7 @@ def train(
         )
         n_params = sum(p.numel() for p in s.raw_model.parameters())
         s.log.info(
-            f"{desc}: {n_params / 1e6:.2f}M parameters, {s.world} process(es) on {acc.device}, "
+            f"{desc}: {count_text(n_params)} parameters, {s.world} process(es) on {acc.device}, "
             f"global batch {cfg.batch_size} ({s.micro} x {cfg.grad_accum} accum x {s.world}), "
             f"steps {s.step} -> {cfg.steps}"
         )

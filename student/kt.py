@@ -245,6 +245,11 @@ class KTViews(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def accuracy_text(acc: dict[str, float]) -> str:
+    """{"1": 0.9192, "4": 0.95} -> "91.92 % at K = 1, 95.00 % at K = 4" (K: sampler steps)."""
+    return ", ".join(f"{v:.2%} at K = {k}".replace("%", " %") for k, v in acc.items())
+
+
 def accuracy_at(model: KTStudent, data: ImageDataset, steps: list[int], batch: int = 1000) -> dict[int, float]:
     """Top-1 accuracy of the student with K sampler steps, for each K in `steps` (one entry for none / kd)."""
     model.eval()
@@ -344,7 +349,7 @@ def run_kt_student_training(
         if held_out is not None:
             acc = accuracy_at(ema_model, held_out, [ema_model.kt.steps])
             extra["test_accuracy"] = acc
-            log.info(f"held-out accuracy (EMA): {acc}")
+            log.info(f"held-out accuracy (EMA): {accuracy_text(acc)}")
         save_kt_student(ema_model, directory, extra)
 
     return train(

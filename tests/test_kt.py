@@ -268,6 +268,16 @@ def test_fmkt_on_a_toy_problem_reaches_the_teachers_decision_boundary(tmp_path):
     test = _toy(1000, 1)  # fresh images, labelled by the teacher
     acc = accuracy_at(student, test, [1, 2, 4])
     assert meta["kt"]["method"] == "fm-kt" and min(acc.values()) > 0.93, acc
+    n = sum(p.numel() for p in student.parameters())  # 8.9k: the log said "0.01M parameters"
+    assert f": {n / 1e3:.1f}k parameters, 1 process(es)" in (tmp_path / "student" / "log.txt").read_text()
+
+
+def test_log_lines_read_as_numbers_for_people():
+    from nfm.core.loop import count_text
+    from nfm.student.kt import accuracy_text
+
+    assert [count_text(n) for n in (279, 45_612, 12_345_678)] == ["279", "45.6k", "12.35M"]  # not "0.00M"
+    assert accuracy_text({"1": 0.09192200557103064, "4": 0.95}) == "9.19 % at K = 1, 95.00 % at K = 4"
 
 
 def test_ofmkt_learns_the_labels_without_a_teacher_and_kd_needs_one(tmp_path):
