@@ -14,6 +14,13 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("NFM_CACHE_DIR", Path.home() / ".cache" / "nfm")) / "pairs"
 
 
+def cache_ref(path_or_key: str) -> str:
+    """What an export records of the pair cache it was trained on: the key of a cache directory (find_cache finds
+    it under any machine's cache root, and no local path is published with the export); anything else as given."""
+    name = Path(path_or_key).name
+    return name if KEY_RE.match(name) else path_or_key
+
+
 def find_cache(key_or_path: str, root: Path | None = None) -> Path:
     """A cache directory from a path, a key, or a unique key prefix (under `root`, default the cache root)."""
     root = Path(root) if root is not None else default_cache_root()

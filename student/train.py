@@ -32,7 +32,7 @@ from nfm.core.prior import Prior, describe, load_prior_file
 from nfm.core.rundir import log_config, setup_logger
 from nfm.core.sampling import sample_and_save
 from nfm.core.seeding import BatchRandom
-from nfm.pairs.lookup import default_cache_root, find_cache
+from nfm.pairs.lookup import cache_ref, default_cache_root, find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
@@ -209,10 +209,12 @@ def save_student(
                       "sha256": sha256_file(Path(directory) / PRIOR_NAME), "components": p["components"]},
         }  # fmt: skip
     state = {k: v.float() for k, v in model.state_dict().items()}
+    flow = asdict(cfg.flow)
+    flow["pairs"] = cache_ref(flow["pairs"]) if flow["pairs"] else ""  # its key: no local path in an export
     config = {
         "step": step,
         "model": asdict(cfg.model),
-        "flow": asdict(cfg.flow),
+        "flow": flow,
         "data": asdict(cfg.data),
         **(extra or {}),
     }

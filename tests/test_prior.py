@@ -163,6 +163,8 @@ def test_a_student_of_a_teachers_pairs_samples_from_its_fitted_prior_and_old_exp
     prior = student_prior(export, meta)
     fitted, _ = fit_prior(PairCache(cache), PriorConfig(), log=lambda *a: None)
     assert prior is not None and torch.equal(prior.chol, fitted.chol) and meta["prior"]["cache_key"] == cache.name
+    # the export names its pair cache by key: no local path leaves the machine with it (push_to_hub)
+    assert meta["flow"]["pairs"] == cache.name and str(cache.parent) not in (export / "config.json").read_text()
     a = student_inputs(meta, 20, seed=3, prior=prior)
     b = student_inputs(meta, 20, seed=3)
     assert torch.equal(a.eps, b.eps) and torch.equal(b.z, b.eps)

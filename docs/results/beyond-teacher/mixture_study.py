@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from prior_study import cell, euler_fids, euler_head, load_run, save, students_of  # noqa: E402
 
 from nfm.core.prior import oas  # noqa: E402
+from nfm.pairs.lookup import find_cache  # noqa: E402
 from nfm.pairs.prior import read_noise  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
 from nfm.pipeline.run import seeded  # noqa: E402
@@ -109,7 +110,7 @@ def main() -> None:
     for s in range(min(cfg.seeds, args.seeds or cfg.seeds)):
         export = students[("nfm", seeded(cfg, s).student.train.seed)]
         model, meta = load_student(export)
-        cache = PairCache(meta["flow"]["pairs"])
+        cache = PairCache(find_cache(meta["flow"]["pairs"]))
         row: dict = {"seed": s, "cache": cache.key, "heldout_nats_per_dim": {}, "k": {}}
         fits: dict[int, dict[int, Mixture]] = {}
         for c, x in _noise_by_class(cache).items():

@@ -30,6 +30,7 @@ from nfm.core.data import load_data
 from nfm.core.io import read_json
 from nfm.core.prior import FittedPrior, Moments
 from nfm.core.sampling import sample_inputs
+from nfm.pairs.lookup import find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior, teacher_prior
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval
@@ -157,7 +158,7 @@ def main() -> None:
         sc = seeded(cfg, k)
         export = students[("nfm", sc.student.train.seed)]
         model, meta = load_student(export)
-        cache = PairCache(meta["flow"]["pairs"])
+        cache = PairCache(find_cache(meta["flow"]["pairs"]))
         teacher = load_teacher(teachers[cache.index["key_fields"]["teacher"]])
         _, prior_meta = fit_prior(cache, PriorConfig(), log=lambda *a: None)
         row: dict = {"seed": k, "student": str(export), "cache": cache.key, "prior": prior_meta["components"]}
