@@ -145,7 +145,7 @@ class Student:
         n: int,
         labels: int | list[int] | torch.Tensor | None = None,
         solver: str = "euler",
-        steps: int = 2,
+        steps: int = 4,  # as `nfm student sample`
         guidance: float = 0.0,
         seed: int | None = None,
         output: Output = "tensor",

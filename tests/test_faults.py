@@ -291,7 +291,8 @@ def test_a_full_disk_is_one_line_and_the_cache_resumes(export, tmp_path, monkeyp
         return real(*a, **k)
 
     monkeypatch.setattr(pb, "save_tensors", full_after_one)
-    args = ["pairs", "build", "--teacher", str(export), "--cache-dir", str(tmp_path), "pairs.shard_rows=60"]
+    args = ["pairs", "build", "--teacher", str(export), "--views", "1", "--cache-dir", str(tmp_path)]
+    args.append("pairs.shard_rows=60")
     assert main(args) == 1
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if "nfm: error" in x]  # (the rest is the progress bar)
@@ -310,7 +311,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(export, t
         raise ZeroDivisionError("boom")
 
     monkeypatch.setattr(pb, "estimate_sigma", broken)
-    args = ["pairs", "build", "--teacher", str(export), "--cache-dir", str(tmp_path)]
+    args = ["pairs", "build", "--teacher", str(export), "--views", "1", "--cache-dir", str(tmp_path)]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("nfm: error: boom (ZeroDivisionError); this is probably a bug") and err.count("\n") == 1

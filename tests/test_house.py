@@ -171,7 +171,8 @@ def test_two_process_build_counts_non_finite_pairs_over_all_processes(tmp_path, 
     train = load_data(DataConfig(name="digits"), "train")
     threes = int((train.labels == 3).sum())
     allowed = (threes - 0.5) / len(train)  # int(allowed * rows) = threes - 1
-    args = ["pairs", "build", "--teacher", "python:nanflow:make", "--data", "digits", "--cache-dir", tmp_path / "c"]
+    args = ["pairs", "build", "--teacher", "python:nanflow:make", "--data", "digits", "--views", "1"]
+    args += ["--cache-dir", tmp_path / "c"]
     args += ["pairs.shard_rows=100", f"pairs.max_nonfinite={allowed!r}"]
     env = {"PYTHONPATH": str(user_flow_dir)}
     two = run_nfm(*args, env=env, nproc=2, check=False)

@@ -303,6 +303,32 @@ def test_reader_batches_resume_mid_stream(export, tmp_path):
             assert torch.equal(a, b)
 
 
+def test_pairs_build_defaults_to_the_pairs_nfm_run_builds(export, tmp_path, monkeypatch):
+    """`nfm pairs build` on a digits teacher builds what `nfm run --preset digits` does (32 views), not 1 view;
+    --views and --preset change it; and the student's sampler defaults agree between the API and the command."""
+    import inspect
+
+    import nfm
+    import nfm.pairs.build as pb
+    from nfm.pipeline.cli import build_parser
+    from tests.conftest import run_nfm_inline
+
+    seen = []
+    monkeypatch.setattr(pb, "build_pairs", lambda teacher, data, cfg, *a, **k: seen.append(cfg.views) or 1 / 0)
+    for flags, views in (
+        ([], 32),
+        (["--views", "2"], 2),
+        (["--preset", "fashion-mnist"], 2),
+        (["--preset", "tiny"], 1),
+    ):
+        run_nfm_inline("pairs", "build", "--teacher", export, "--cache-dir", tmp_path, *flags)
+        assert seen.pop() == views, flags
+    p = run_nfm_inline("pairs", "build", "--teacher", export, "--preset", "nope", "--cache-dir", tmp_path)
+    assert p.returncode == 2 and "nope" in p.stderr and not seen
+    cli = build_parser().parse_args(["student", "sample", "RUN"])
+    assert inspect.signature(nfm.Student.sample).parameters["steps"].default == cli.steps == 4
+
+
 def test_cache_dir_may_name_the_folder_nfm_cache_dir_names(export, tmp_path):
     """NFM_CACHE_DIR=X keeps its caches in X/pairs: --cache-dir X finds them there, as --cache-dir X/pairs does."""
     from tests.conftest import run_nfm_inline

@@ -253,10 +253,10 @@ def test_pretrained_teachers_end_to_end(tmp_path, user_flow_dir):
     assert "imported" in out and "1x8x8, patch 2, width 64, 2 blocks x 1 layers, 10 classes, eta 0.1" in out
     again = run_nfm_inline("teacher", "import", f"ml-tarflow:{ckpt}", "--out", tmp_path / "imp", cwd=tmp_path)
     assert again.returncode == 2 and "already holds an export" in again.stderr
-    built = nfm("pairs", "build", "--teacher", str(tmp_path / "imp"), *cache).stdout
+    built = nfm("pairs", "build", "--teacher", str(tmp_path / "imp"), "--views", "1", *cache).stdout
     key = built.split("key: ")[1].split()[0]
     # the same checkpoint named directly gives the same teacher, hence the same cache
-    direct = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", "--data", "digits", *cache)
+    direct = nfm("pairs", "build", "--teacher", f"ml-tarflow:{ckpt}", "--data", "digits", "--views", "1", *cache)
     assert f"key: {key}" in direct.stdout and "cache hit" in direct.stdout
     verified = run_nfm_inline("pairs", "verify", key, "--teacher", f"ml-tarflow:{ckpt}", *cache, cwd=tmp_path)
     assert f"pair cache {key}: OK" in verified.stdout and "worst |decode" in verified.stdout

@@ -43,6 +43,14 @@ def cmd_build(args) -> int:
             f"the teacher {args.teacher} does not say what data it models: pass --data NAME "
             "(digits, fashion-mnist, a Hugging Face dataset or directory)"
         )
+    from nfm.pipeline.presets import RUN_PRESETS
+
+    # the pairs `nfm run --preset NAME` builds: NAME from --preset, else the data's own preset (digits: 32 views)
+    from nfm.pipeline.presets import run_preset
+
+    name = args.preset or next((n for n in (preset["data"].get("name"),) if n in RUN_PRESETS), None)
+    if name:
+        preset["pairs"] = dict(run_preset(name).get("pairs") or {})
     for flag in ("views", "dtype", "seed", "batch_size"):
         if getattr(args, flag) is not None:
             preset["pairs"][flag] = getattr(args, flag)
@@ -64,8 +72,8 @@ def _build_reflow(args) -> int:
     from nfm.pairs.reflow import build_reflow_pairs
     from nfm.student.reflow import StudentGenerator
 
-    if args.data or args.views:
-        raise NFMError("--data and --views are for teacher pairs; reflow pairs come from the student's noise")
+    if args.data or args.views or args.preset:
+        raise NFMError("--data, --views and --preset are for teacher pairs; reflow pairs come from the student's noise")
     state = process_state()
     preset = {k: getattr(args, k) for k in ("dtype", "seed", "batch_size") if getattr(args, k) is not None}
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
@@ -323,7 +331,12 @@ def register(stages: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="reflow: steps of a fixed-step solver (default 8)")
     options.add_teacher_arch(p)
     p.add_argument("--data", help="data source (default: the teacher's own; required for ml-tarflow/python teachers)")
-    p.add_argument("--views", type=int, help="noise draws per image (default 1)")
+    p.add_argument(
+        "--preset",
+        help="the pairs settings of `nfm run --preset NAME` (default: the preset named like the data, e.g. digits: "
+        "32 views; data without one: 1 view)",
+    )
+    p.add_argument("--views", type=int, help="noise draws per image (default: the preset's)")
     p.add_argument("--dtype", choices=["float16", "float32"], help="noise storage dtype (default float16)")
     p.add_argument("--seed", type=int, help="seed of the per-row noise (default 0)")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="encode batch (default 256)")
