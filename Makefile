@@ -15,7 +15,7 @@ demo: $(STAMP)  ## the main job: teacher -> pairs -> students (nfm, independent,
 	$(VENV)/bin/nfm run --preset digits
 
 smoke: $(STAMP)  ## every stage on a toy budget (seconds): nfm run --preset tiny
-	$(VENV)/bin/nfm run --preset tiny --run-dir runs/run-tiny
+	$(VENV)/bin/nfm --quiet run --preset tiny --run-dir runs/run-tiny  # the whole log: runs/run-tiny/log.txt
 
 test: $(STAMP)  ## the test suite (CPU only)
 	$(VENV)/bin/python -m pytest -q

@@ -121,6 +121,40 @@ def test_every_command_has_help(capsys):
         assert "--help" in out
 
 
+def test_version_and_the_resolved_config_of_every_configurable_command(capsys, tmp_path):
+    """`nfm --version`; --print-config on every command that takes a config: the resolved table (preset < file <
+    overrides), exit 0, nothing trained or written."""
+    import nfm
+    from nfm.pipeline.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"nfm {nfm.__version__}"
+    configurable = [p for p in _commands(build_parser()) if "--print-config" in _help(p, capsys)]
+    assert {("run",), ("teacher", "train"), ("student", "train"), ("pairs", "build"), ("kt", "run")} <= set(
+        configurable
+    ) and len(configurable) == 8
+    runs = {("run",): "seeds=7", ("kt", "run"): "seeds=7"}  # the others: a training config of their own
+    for path in [("run",), ("teacher", "train"), ("student", "train"), ("kt", "run"), ("kt", "student", "train")]:
+        setting = runs.get(path, "train.steps=7")
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "--preset", "tiny", "--run-dir", str(tmp_path / "r"), "--print-config", setting])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and "(resolved config)" in out, (path, out[-300:])
+        key = setting.split("=")[0].split(".")[-1]
+        assert any(line.split()[0].endswith(key) and line.split()[1] == "7" for line in out.splitlines()
+                   if len(line.split()) == 2), (path, out)  # fmt: skip
+    assert not (tmp_path / "r").exists()
+
+
+def _help(path, capsys) -> str:
+    from nfm.pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    return capsys.readouterr().out
+
+
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 1 process, same global batch: same losses, same weights."""
     common = ["teacher", "train", "--preset", "tiny", "train.steps=6", "train.log_every=1", "train.sample_every=0"]

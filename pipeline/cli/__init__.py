@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     from nfm.pipeline.cli import kt, options, pairs, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
+    from nfm import __version__
+
+    parser.add_argument("--version", action="version", version=f"nfm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
     options.add_quiet(parser, default=False)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")

@@ -18,11 +18,9 @@ def _preset(name: str, section: str) -> dict:
 
 def cmd_teacher_train(args) -> int:
     """train (or resume) a classifier teacher (a small ResNet) for knowledge transfer"""
-    from nfm.core.config import build_config
     from nfm.teacher.classifier import ClassifierRunConfig, run_classifier_training
 
-    cfg = build_config(ClassifierRunConfig, preset=_preset(args.preset, "teacher"), file=args.config,
-                       overrides=args.overrides)  # fmt: skip
+    cfg = options.configure(args, ClassifierRunConfig, _preset(args.preset, "teacher"))
     run_dir = Path(args.run_dir or f"runs/kt-teacher-{args.preset}")
     t0 = time.perf_counter()
     return options.finished("classifier", t0, run_dir, run_classifier_training(cfg, run_dir))
@@ -34,14 +32,14 @@ def cmd_pairs_build(args) -> int:
     The views are pure functions of (seed, image, view); the cache is the pair-cache format (noise column = the
     teacher's logits, data = the view), keyed by the teacher's and the data's fingerprints, resumable.
     """
-    from nfm.core.config import build_config, from_dict
+    from nfm.core.config import from_dict
     from nfm.core.data import DataConfig, load_data
     from nfm.pairs.kt import KTPairConfig, build_kt_pairs
     from nfm.teacher.classifier import load_classifier
 
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
     overrides += [f"{k}={v}" for k, v in (("views", args.views), ("seed", args.seed)) if v is not None]
-    cfg = build_config(KTPairConfig, preset=_preset(args.preset, "pairs"), file=args.config, overrides=overrides)
+    cfg = options.configure(args, KTPairConfig, _preset(args.preset, "pairs"), overrides)
     model, meta = load_classifier(args.teacher, options.device(args))
     data = load_data(from_dict(DataConfig, meta["data"]), "train")
     res = build_kt_pairs(model, data, cfg, options.cache_root(args), teacher_info={"source": str(args.teacher)})
@@ -66,7 +64,7 @@ def cmd_student_train(args) -> int:
     flags = {"method": args.method, "schedule": args.schedule, "steps": args.steps, "kd_loss": args.kd_loss}
     overrides = list(args.overrides) + [f"kt.{k}={v}" for k, v in flags.items() if v is not None]
     preset = _preset(args.preset, "student")
-    cfg = build_config(KTStudentRunConfig, preset=preset, file=args.config, overrides=overrides)
+    cfg = options.configure(args, KTStudentRunConfig, preset, overrides)
     if args.pairs:
         pairs = PairCache(
             find_cache(args.pairs, options.cache_root(args)), kinds=("kt",), reader="nfm kt student train"
@@ -120,12 +118,11 @@ def cmd_run(args) -> int:
     cache and students per seed and reports 95 % intervals. Rows are METHOD[+KEY=VALUE...]: e.g.
     methods=none,kd,fm-kt,fm-kt+schedule=vp,fm-kt+kd_loss=dist,ofm-kt+label_smoothing=0.1
     """
-    from nfm.core.config import build_config
     from nfm.pipeline.kt import KTRunConfig, run_kt
     from nfm.pipeline.presets import kt_preset
 
     overrides = list(args.overrides) + ([f"seeds={args.seeds}"] if args.seeds is not None else [])
-    cfg = build_config(KTRunConfig, preset=kt_preset(args.preset), file=args.config, overrides=overrides)
+    cfg = options.configure(args, KTRunConfig, kt_preset(args.preset), overrides)
     run_dir = Path(args.run_dir or f"runs/kt-{args.preset}")
     t0 = time.perf_counter()
     report = run_kt(cfg, run_dir, args.preset, options.cache_root(args))

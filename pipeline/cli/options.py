@@ -36,7 +36,23 @@ def add_config_layers(p: argparse.ArgumentParser, overrides_example: str, run_di
     p.add_argument("--config", metavar="FILE", help="config file (JSON or TOML) layered over the preset")
     if run_dir_help:
         p.add_argument("--run-dir", metavar="DIR", help=run_dir_help)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (preset < file < overrides) "
+                   "and stop")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {overrides_example}")
+
+
+def configure(args: argparse.Namespace, cls, preset: dict, overrides: list[str] | None = None):
+    """The command's config: preset < --config FILE < key=value overrides (default: the command line's). With
+    --print-config: printed, and the command stops there (exit 0) before any work."""
+    from nfm.core.config import build_config, format_table
+
+    cfg = build_config(
+        cls, preset=preset, file=args.config, overrides=args.overrides if overrides is None else overrides
+    )
+    if getattr(args, "print_config", False):
+        print(format_table(cfg, f"nfm {args.stage} {getattr(args, 'command', '')}".rstrip() + " (resolved config)"))
+        raise SystemExit(0)
+    return cfg
 
 
 def add_preset(p: argparse.ArgumentParser, names, default: str = "digits") -> None:

@@ -20,7 +20,7 @@ def cmd_build(args) -> int:
     format; a second build with the same inputs is a cache hit; an interrupted build resumes. Under
     `accelerate launch`/torchrun each process builds its own shards.
     """
-    from nfm.core.config import build_config, format_table
+    from nfm.core.config import format_table
     from nfm.core.data import load_data
     from nfm.core.distributed import process_state
     from nfm.pairs.build import PairsRunConfig, build_pairs
@@ -43,10 +43,8 @@ def cmd_build(args) -> int:
             f"the teacher {args.teacher} does not say what data it models: pass --data NAME "
             "(digits, fashion-mnist, a Hugging Face dataset or directory)"
         )
-    from nfm.pipeline.presets import RUN_PRESETS
-
     # the pairs `nfm run --preset NAME` builds: NAME from --preset, else the data's own preset (digits: 32 views)
-    from nfm.pipeline.presets import run_preset
+    from nfm.pipeline.presets import RUN_PRESETS, run_preset
 
     name = args.preset or next((n for n in (preset["data"].get("name"),) if n in RUN_PRESETS), None)
     if name:
@@ -54,7 +52,7 @@ def cmd_build(args) -> int:
     for flag in ("views", "dtype", "seed", "batch_size"):
         if getattr(args, flag) is not None:
             preset["pairs"][flag] = getattr(args, flag)
-    cfg = build_config(PairsRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    cfg = options.configure(args, PairsRunConfig, preset)
     log = print if state.is_main_process else (lambda *a: None)
     log(format_table(cfg, "nfm pairs build"))
     data = load_data(cfg.data, cfg.pairs.split)
@@ -66,7 +64,7 @@ def cmd_build(args) -> int:
 
 
 def _build_reflow(args) -> int:
-    from nfm.core.config import build_config, format_table
+    from nfm.core.config import format_table
     from nfm.core.distributed import process_state
     from nfm.pairs.build import PairBuildConfig
     from nfm.pairs.reflow import build_reflow_pairs
@@ -77,7 +75,7 @@ def _build_reflow(args) -> int:
     state = process_state()
     preset = {k: getattr(args, k) for k in ("dtype", "seed", "batch_size") if getattr(args, k) is not None}
     overrides = [o.removeprefix("pairs.") for o in args.overrides]
-    cfg = build_config(PairBuildConfig, preset=preset, file=args.config, overrides=overrides)
+    cfg = options.configure(args, PairBuildConfig, preset, overrides)
     for flag in ("n", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise NFMError(f"--{flag} must be >= 1, got {getattr(args, flag)}")

@@ -18,14 +18,13 @@ def cmd_run(args) -> int:
     `--seeds 3` (intervals), `knobs=eta=0,views=1,mix=0.25` (NFM variants), `compute_matched=independent`
     (baselines at NFM's total compute), `eval.noise_seeds=5` (FID's own sampling spread).
     """
-    from nfm.core.config import build_config
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
 
     overrides = [o.removeprefix("run.") for o in args.overrides]  # run.couplings=... reads as couplings=...
     if args.seeds is not None:
         overrides.append(f"seeds={args.seeds}")
-    cfg = build_config(RunConfig, preset=run_preset(args.preset), file=args.config, overrides=overrides)
+    cfg = options.configure(args, RunConfig, run_preset(args.preset), overrides)
     run_dir = Path(args.run_dir or f"runs/run-{args.preset}")
     t0 = time.perf_counter()
     report = run_pipeline(cfg, run_dir, args.preset, args.from_teacher, options.cache_root(args), args.teacher_arch)

@@ -18,7 +18,7 @@ def cmd_train(args) -> int:
     same network, steps and batch; flow.source=data:NAME starts from a data set instead of N(0, I). Rerunning the
     same command resumes, data position included.
     """
-    from nfm.core.config import _merge, build_config
+    from nfm.core.config import _merge
     from nfm.pipeline.presets import student_preset, student_size_overrides
     from nfm.student.train import StudentRunConfig, run_student_training
 
@@ -27,7 +27,7 @@ def cmd_train(args) -> int:
         preset = _merge(preset, student_size_overrides(args.size))
     flow = {k: v for k, v in (("coupling", args.coupling), ("pairs", args.pairs)) if v}
     preset = _merge(preset, {"flow": flow})
-    cfg = build_config(StudentRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    cfg = options.configure(args, StudentRunConfig, preset)
     run_dir = Path(args.run_dir or f"runs/student-{args.preset}-{cfg.flow.coupling}")
     t0 = time.perf_counter()
     return options.finished("student", t0, run_dir, run_student_training(cfg, run_dir, options.cache_root(args)))

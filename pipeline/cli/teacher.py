@@ -16,14 +16,14 @@ def cmd_train(args) -> int:
     Train a TarFlow teacher by maximum likelihood on x + eta * eps. Rerunning the same command resumes from the
     newest checkpoint.
     """
-    from nfm.core.config import _merge, build_config
+    from nfm.core.config import _merge
     from nfm.pipeline.presets import size_overrides, teacher_preset
     from nfm.teacher.train import TeacherRunConfig, run_teacher_training
 
     preset = teacher_preset(args.preset)
     if args.size:
         preset = _merge(preset, size_overrides(args.size))
-    cfg = build_config(TeacherRunConfig, preset=preset, file=args.config, overrides=args.overrides)
+    cfg = options.configure(args, TeacherRunConfig, preset)
     run_dir = Path(args.run_dir or f"runs/teacher-{args.preset}")
     t0 = time.perf_counter()
     return options.finished("teacher", t0, run_dir, run_teacher_training(cfg, run_dir))
