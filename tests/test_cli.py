@@ -110,8 +110,8 @@ def test_every_command_has_help(capsys):
     paths = list(_commands(build_parser()))
     wanted = {("student", "sample"), ("student", "eval"), ("run",), ("teacher", "import"), ("pairs", "prior")}
     assert wanted <= set(paths)
-    assert len(paths) == 28  # nfm; teacher + 4; pairs + 7; student + 3; run; kt + teacher + train, pairs + build,
-    # student + train, eval, run
+    assert len(paths) == 29  # nfm; teacher + 4; pairs + 7; student + 3; run; kt + teacher + train, pairs + build,
+    # student + train, eval, run; doctor
     for path in paths:
         with pytest.raises(SystemExit) as exit_:
             main([*path, "--help"])

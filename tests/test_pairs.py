@@ -329,6 +329,24 @@ def test_pairs_build_defaults_to_the_pairs_nfm_run_builds(export, tmp_path, monk
     assert inspect.signature(nfm.Student.sample).parameters["steps"].default == cli.steps == 4
 
 
+def test_nfm_doctor_reports_versions_caches_data_and_feature_networks(export, tmp_path):
+    import json
+
+    import nfm
+    from tests.conftest import run_nfm_inline
+
+    good = build(export, tmp_path / "root", PairBuildConfig(views=1))
+    bad = build(export, tmp_path / "root", PairBuildConfig(views=1, seed=1))
+    index = json.loads((bad / INDEX_NAME).read_text())
+    (bad / INDEX_NAME).write_text(json.dumps({**index, "key": good.name}))  # claims another cache's key
+    p = run_nfm_inline("doctor", "--cache-dir", tmp_path / "root")
+    out = p.stdout
+    assert p.returncode == 0 and out.startswith(f"nfm {nfm.__version__} (") and "packages: torch " in out
+    assert f"  {good.name}  teacher " in out and "complete, built here" in out
+    assert f"  {bad.name}  UNREADABLE: " in out and "digits         found: 1x8x8, 10 classes" in out
+    assert "nfm-digits                 installed (128-d features)" in out
+
+
 def test_cache_dir_may_name_the_folder_nfm_cache_dir_names(export, tmp_path):
     """NFM_CACHE_DIR=X keeps its caches in X/pairs: --cache-dir X finds them there, as --cache-dir X/pairs does."""
     from tests.conftest import run_nfm_inline

@@ -29,7 +29,7 @@ from nfm.core.errors import NFMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nfm.pipeline.cli import kt, options, pairs, run, student, teacher
+    from nfm.pipeline.cli import doctor, kt, options, pairs, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     from nfm import __version__
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
     options.add_quiet(parser, default=False)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for group in (teacher, pairs, student, run, kt):
+    for group in (teacher, pairs, student, run, kt, doctor):
         group.register(stages)
     return parser
 
