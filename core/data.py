@@ -28,6 +28,8 @@ from nfm.core.config import added
 from nfm.core.errors import NFMError
 
 BUILTIN = ("digits", "fashion-mnist", "mnist-5k")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")  # fmt: skip
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -58,6 +60,7 @@ class ImageDataset(torch.utils.data.Dataset):
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # 0: unlabelled
     levels: int  # stored values are integers 0..levels; x = u * 2 / levels - 1
+    class_names: tuple[str, ...] | None = None  # the name of each class, where the source has them
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -163,7 +166,9 @@ def _fashion_mnist(cfg: DataConfig, split: str) -> TensorImages:
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise NFMError(f"Fashion-MNIST files in {root} disagree: images {images.shape}, labels {labels.shape}")
     x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)  # (N, 1, 28, 28)
-    return TensorImages("fashion-mnist", split, x, torch.from_numpy(labels.astype(np.int64)), 255, 10)
+    ds = TensorImages("fashion-mnist", split, x, torch.from_numpy(labels.astype(np.int64)), 255, 10)
+    ds.class_names = FASHION_MNIST_CLASSES
+    return ds
 
 
 def _held_out_split(n: int, cfg: DataConfig, split: str) -> torch.Tensor:
@@ -233,6 +238,8 @@ class HFImages(ImageDataset):
             feat = cols[self.label_col]
             n = getattr(feat, "num_classes", None)
             self.num_classes = int(n) if n else int(max(ds[self.label_col])) + 1
+            names = getattr(feat, "names", None)  # a ClassLabel's (an image folder's: its subfolders)
+            self.class_names = tuple(map(str, names)) if names else None
         first = self._first_image(ds, image_col, cfg.skip_bad)
         if first is None:
             raise NFMError(f"dataset {name!r} split {split!r} is empty")
@@ -453,7 +460,7 @@ def load_data(cfg: DataConfig, split: str = "train") -> ImageDataset:
         )
     if not cfg.use_labels:
         ds.labels = torch.full_like(ds.labels, -1)
-        ds.num_classes = 0
+        ds.num_classes, ds.class_names = 0, None
         ds._fingerprint = None
     ds.data_config = cfg  # what loads it again (a pair cache records it for the students trained on it)
     return ds

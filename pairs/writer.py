@@ -140,6 +140,7 @@ def data_header(data: ImageDataset, split: str) -> dict[str, Any]:
         "rows": len(data),
         "levels": data.levels,
         "num_classes": data.num_classes,
+        **({"class_names": list(data.class_names)} if data.class_names else {}),
     }
 
 

@@ -49,12 +49,17 @@ def _push(save: Any, repo_id: str, private: bool, commit_message: str) -> str:
     return str(getattr(info, "commit_url", info))
 
 
-def _labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor | None:
-    """None: classes cycled 0..K-1 (unconditional models: none); an int: every sample; a sequence: as given."""
+def _labels(
+    labels, n: int, num_classes: int, device: torch.device, names: list[str] | None = None
+) -> torch.Tensor | None:
+    """None: classes cycled 0..K-1 (unconditional models: none); an int or a class name: every sample; a
+    sequence of either: as given. `names`: the class names the model's data has (an image folder's subfolders)."""
     if not num_classes:
         if labels is not None:
             raise NFMError("this model has no classes: leave labels=None")
         return None
+    if isinstance(labels, str) or (isinstance(labels, list | tuple) and any(isinstance(v, str) for v in labels)):
+        labels = _class_ids(labels, names)
     if labels is None:
         y = torch.arange(n) % num_classes
     elif isinstance(labels, int):
@@ -66,6 +71,19 @@ def _labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Ten
     if ((y < -1) | (y >= num_classes)).any():
         raise NFMError(f"labels must be classes 0..{num_classes - 1} (or -1: unconditional), got {y.unique().tolist()}")
     return y.to(device)
+
+
+def _class_ids(labels: str | list | tuple, names: list[str] | None) -> int | list[int]:
+    """Class names -> class ids, by the names the model's data has."""
+    if not names:
+        raise NFMError(f"labels={labels!r}: this model records no class names (its data has none): give class ids")
+    index = {name: i for i, name in enumerate(names)}
+    wanted = [labels] if isinstance(labels, str) else list(labels)
+    unknown = [v for v in wanted if isinstance(v, str) and v not in index]
+    if unknown:
+        raise NFMError(f"unknown class {unknown[0]!r}; this model's classes: {', '.join(names)}")
+    ids = [index[v] if isinstance(v, str) else v for v in wanted]
+    return ids[0] if isinstance(labels, str) else ids
 
 
 def _output(x: torch.Tensor, output: Output):
@@ -93,6 +111,11 @@ class Student:
         self.model = model
         self.config = config
         self.prior = prior  # core.prior.Prior | None
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each class of the data it was trained on, where the data has them (labels="circle")."""
+        return self.config.get("class_names")
 
     @classmethod
     def from_pretrained(
@@ -162,7 +185,7 @@ class Student:
         if prior == "fitted" and self.prior is None:
             raise NFMError("this student has no fitted prior (it was not trained on a teacher's pairs): prior=gaussian")
         seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
-        y = _labels(labels, n, self.num_classes, self.device)
+        y = _labels(labels, n, self.num_classes, self.device, self.class_names)
         fitted = None if prior == "gaussian" else self.prior
         inputs = student_inputs(self.config, n, seed=seed, device=self.device, labels=y, prior=fitted)
         x, _ = sample_ode(
@@ -175,8 +198,9 @@ class Teacher:
     """A normalizing-flow teacher: this project's TarFlow, an ml-tarflow checkpoint or a user's flow (the
     teacher protocol: encode, decode, image_shape, num_classes). `flow` is the underlying module."""
 
-    def __init__(self, flow: Any):
+    def __init__(self, flow: Any, class_names: list[str] | None = None):
         self.flow = flow
+        self.class_names = class_names  # of its data, where its export records them (labels="circle")
 
     @classmethod
     def from_pretrained(
@@ -193,8 +217,12 @@ class Teacher:
         spec = str(path_or_repo)
         if not spec.startswith(("ml-tarflow:", "python:")):
             spec = str(local_or_hub(path_or_repo, revision))
-        flow, _ = load_teacher_spec(spec, _device(device), arch)
-        return cls(flow)
+        flow, info = load_teacher_spec(spec, _device(device), arch)
+        if info["kind"] != "tarflow":
+            return cls(flow)
+        from nfm.teacher.export import export_info
+
+        return cls(flow, export_info(spec).get("class_names"))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """A TarFlow teacher's export (model.safetensors + config.json); other flows save themselves."""
@@ -240,7 +268,7 @@ class Teacher:
         dev = teacher_device(self.flow)
         seed = int(torch.randint(2**31 - 1, ()).item()) if seed is None else seed
         eps = torch.randn(n, *self.image_shape, generator=torch.Generator().manual_seed(seed))
-        y = _labels(labels, n, self.num_classes, dev)
+        y = _labels(labels, n, self.num_classes, dev, self.class_names)
         x = self.flow.decode((eps * prior_std(self.flow).cpu()).to(dev), y)
         if denoise and callable(getattr(self.flow, "denoise", None)) and getattr(self.flow, "noise_std", 0) > 0:
             x = self.flow.denoise(x, y)

@@ -259,6 +259,13 @@ def load_student(path: str | Path, device="cpu") -> tuple[nn.Module, dict[str, A
     return model.to(device).eval().requires_grad_(False), meta
 
 
+def _class_names(coupling: Coupling) -> dict[str, list[str]] | None:
+    """{"class_names": [...]} of the data a coupling reads (its data set, or its pair cache's), for the export."""
+    data = getattr(coupling, "data", None)
+    names = data.class_names if data is not None else coupling.cache.index["data"].get("class_names")
+    return {"class_names": list(names)} if names else None
+
+
 def run_student_training(
     cfg: StudentRunConfig, run_dir: Path, cache_root: Path | None = None, echo_config: bool = True
 ) -> Path:
@@ -281,7 +288,7 @@ def run_student_training(
         batches=coupling.stream(cfg.train.seed, cfg.train.steps, cfg.train.num_workers),
         loss_fn=flow_matching_loss(coupling, path, cfg.flow, cfg.model.class_dropout if cfg.model.num_classes else 0),
         resolved_config=to_dict(cfg),
-        export_fn=lambda m, d, step: save_student(m, d, step, cfg, prior=prior),
+        export_fn=lambda m, d, step: save_student(m, d, step, cfg, _class_names(coupling), prior=prior),
         sample_fn=lambda m, png: sample_grid(m, cfg, png, prior[0] if prior else None),
         desc=f"student[{coupling.name}]",
         sample_shape=tuple(coupling.image_shape),

@@ -138,7 +138,12 @@ def run_teacher_training(cfg: TeacherRunConfig, run_dir: Path, echo_config: bool
             ema_model,
             directory,
             step,
-            extra={"data": asdict(cfg.data), "test_bpd": bpd, "data_fingerprint": data.fingerprint},
+            extra={
+                "data": asdict(cfg.data),
+                "test_bpd": bpd,
+                "data_fingerprint": data.fingerprint,
+                **({"class_names": list(data.class_names)} if data.class_names else {}),
+            },  # fmt: skip
         )
 
     export_dir = train(

@@ -143,6 +143,34 @@ def test_image_folder(tmp_path):
     ds = load_data(DataConfig(name=str(tmp_path / "imgs"), image_size=8, held_out=0.2), "train")
     x, y = ds.tensors()
     assert x.shape == (8, 3, 8, 8) and ds.num_classes == 2 and set(y.tolist()) <= {0, 1}
+    assert ds.class_names == ("cat", "dog")
+
+
+def test_a_student_of_an_image_folder_samples_its_classes_by_name(tmp_path):
+    """The folder's class names travel with the export: labels="dog" is class 1; an unknown name is one line."""
+    from PIL import Image
+
+    import nfm
+    from nfm.core.config import build_config
+    from nfm.pipeline.presets import STUDENT_PRESETS
+    from nfm.student.train import StudentRunConfig, run_student_training
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    over = [f"data.name={tmp_path / 'imgs'}", "data.image_size=8", "flow.coupling=independent", "train.steps=2",
+            "train.batch_size=4", "train.sample_every=0"]  # fmt: skip
+    cfg = build_config(StudentRunConfig, preset=STUDENT_PRESETS["tiny"], overrides=over)
+    student = nfm.Student.from_pretrained(run_student_training(cfg, tmp_path / "s"))
+    assert student.class_names == ["cat", "dog"]
+    x = student.sample(3, labels="dog", steps=1, seed=0)
+    assert torch.equal(x, student.sample(3, labels=1, steps=1, seed=0))
+    by_name, by_id = (student.sample(2, labels=labels, steps=1, seed=0) for labels in (["cat", "dog"], [0, 1]))
+    assert torch.equal(by_name, by_id)
+    with pytest.raises(NFMError, match="unknown class 'bird'; this model's classes: cat, dog"):
+        student.sample(1, labels="bird")
 
 
 def test_unknown_dataset_name_fails_fast_and_clearly():
