@@ -11,6 +11,7 @@ Images reach the extractors as uint8 (N, C, H, W), the way torch-fidelity passes
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
 import os
@@ -106,7 +107,25 @@ class _InceptionFIDHelper(_Extractor):
         return (self.net(x).flatten(1),)
 
 
-def register_extractors() -> None:
+FILE_PREFIX = "featurenet:"  # featurenet:PATH.safetensors: a network trained on the user's own images
+
+
+def registered_name(extractor: str) -> str:
+    """The name torch-fidelity knows an extractor by: its own, or for featurenet:PATH (a path, which its names may
+    not hold) nfm-file-HASH of the resolved path."""
+    if not extractor.startswith(FILE_PREFIX):
+        return extractor
+    path = Path(extractor.removeprefix(FILE_PREFIX)).expanduser().resolve()
+    return "nfm-file-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+
+
+def register_extractors(extractor: str = "") -> None:
+    """The built-in extractors, and `extractor` where it names a feature network file (featurenet:PATH)."""
+    if extractor.startswith(FILE_PREFIX) and registered_name(extractor) not in FEATURE_EXTRACTORS_REGISTRY:
+        path = str(Path(extractor.removeprefix(FILE_PREFIX)).expanduser().resolve())
+        load_featurenet(path)  # refused in one line where it is not such a file
+        cls = type("NFMFeaturesFile", (_NFMFeatures,), {"data_name": path})
+        torch_fidelity.register_feature_extractor(registered_name(extractor), cls)
     for data_name in RECIPES:
         name = f"nfm-{data_name}"
         if name not in FEATURE_EXTRACTORS_REGISTRY:
@@ -123,15 +142,22 @@ def default_extractor(data_name: str) -> str:
 def check_extractor(extractor: str) -> int:
     """Refuse an extractor that cannot run here (unknown, or Inception without its weights) before any work
     starts; returns its feature dimension."""
-    register_extractors()
-    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+    register_extractors(extractor)
+    if registered_name(extractor) not in FEATURE_EXTRACTORS_REGISTRY:
         raise NFMError(
             f"unknown feature extractor {extractor!r}; registered: {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}"
         )
     if extractor == INCEPTION:
-        inception_weights()  # raises with the fix
+        try:
+            inception_weights()
+        except NFMError as e:
+            raise NFMError(
+                f"{e}. Without it, evaluate with a feature network trained on your own labelled images: "
+                "`python -m nfm.pipeline.featurenet DATA --out-dir DIR`, then eval.extractor=featurenet:DIR/"
+                "featurenet-NAME.safetensors"
+            ) from e
         return 2048
-    return 128 if extractor.startswith("nfm-") else 0
+    return 128 if extractor.startswith(("nfm-", FILE_PREFIX)) else 0
 
 
 def fid_size_warning(extractor: str, samples: int, reference: int) -> str | None:
@@ -172,6 +198,7 @@ class FeatureScorer:
         _check_finite(reference, "the reference images")
         self.cuda = torch.cuda.is_available()
         self.kid_subset_size, self.batch_size = kid_subset_size, batch_size
+        extractor = registered_name(extractor)
         kw = {"feature_extractor": extractor, "fid": True, "kid": True, "verbose": False}
         self.fid_layer = resolve_feature_layer_for_metric("fid", **kw)
         self.kid_layer = resolve_feature_layer_for_metric("kid", **kw)

