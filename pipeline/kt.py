@@ -283,6 +283,16 @@ def write_kt_report(report: dict[str, Any], run_dir: Path) -> Path:
 
 
 def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(report)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return path
+
+
+def accuracy_figure(report: dict[str, Any]):
+    """Held-out accuracy against K: flow students as lines, the others (and the teacher) as bands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,8 +302,12 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8.6 if len(flows) > 1 else 6.4, 4.2), dpi=120)
     ks = report["eval_steps"]
 
-    def band(c: dict[str, Any], name: str, style: str, color: str, z: float = 2) -> None:
-        ax.axhline(c["mean"], linestyle=style, color=color, label=name, zorder=z, linewidth=1.6)
+    def band(c: dict[str, Any], name: str, style: str, color: str, z: float = 2, width: float = 1.6) -> None:
+        """A model with no K as a line at its mean (the value in the legend: equal means draw one line) and
+        its interval as a band."""
+        ci = f" ± {c['ci']:.2f}" if c["ci"] else ""
+        ax.axhline(c["mean"], linestyle=style, color=color, label=f"{name}: {c['mean']:.2f}{ci} %", zorder=z,
+                   linewidth=width)  # fmt: skip
         if c["ci"]:
             ax.axhspan(c["mean"] - c["ci"], c["mean"] + c["ci"], color=color, alpha=0.12)
 
@@ -305,7 +319,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     extra = 0
     for m in bands:
         if m == "none":  # drawn over the others: equal means stay visible as both
-            band(report["students"][m]["1"], label(m), ":", "tab:grey", 3)
+            band(report["students"][m]["1"], label(m), ":", "tab:grey", 3, width=2.6)
             continue
         band(report["students"][m]["1"], label(m), band_styles[extra % 6], band_colors[extra % 6])
         extra += 1
@@ -334,9 +348,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return path
+    return fig
 
 
 def rerender(run_dir: Path) -> Path:

@@ -355,7 +355,7 @@ def test_kt_commands_refuse_bad_input_in_one_line(tmp_path):
 
 
 def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_path):
-    from nfm.pipeline.kt import KTRunConfig, aggregate, write_kt_report
+    from nfm.pipeline.kt import KTRunConfig, accuracy_figure, aggregate, write_kt_report
 
     methods = ("none", "kd", "fm-kt", "ofm-kt+label_smoothing=0.1")
     per_seed = [
@@ -378,6 +378,13 @@ def test_the_kt_report_pairs_every_flow_row_with_kd_and_the_plain_student(tmp_pa
     assert "| student + OFM-KT (online, no teacher) (label_smoothing=0.1) | 68.00 ± " in md
     assert "Minus vanilla KD" in md and "Minus the student alone" in md
     assert (tmp_path / "accuracy_vs_steps.png").stat().st_size > 0
+    # equal means draw one line: the legend gives each model's value, so neither hides the other
+    same = {**report, "students": {**report["students"], "none": report["students"]["kd"]}}
+    fig = accuracy_figure(same)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    kd = report["students"]["kd"]["1"]
+    assert f"student alone (cross-entropy): {kd['mean']:.2f} ± {kd['ci']:.2f} %" in legend
+    assert f"student + vanilla KD: {kd['mean']:.2f} ± {kd['ci']:.2f} %" in legend
     # a report.json from before the per-row differences renders the same table
     old = {k: v for k, v in report.items() if k != "differences"} | {"fmkt_minus_kd": d["kd"]["fm-kt"]}
     old["students"] = {m: report["students"][m] for m in ("none", "kd", "fm-kt")}

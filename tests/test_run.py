@@ -474,6 +474,27 @@ def test_every_committed_report_reads_as_typed_results_and_renders(report):
     assert "## FID vs NFE" in text and all(label(name) in text for name in results.main())
 
 
+def test_the_knob_frontier_labels_every_tick_and_no_two_labels_overlap():
+    """The digits report's 16 models, many of them close together: every y tick has a number, and no point's
+    label overlaps another's (they were drawn over each other and over the axis)."""
+    from nfm.pipeline.report import read_results
+    from nfm.pipeline.report.plots import frontier_figure
+
+    fig = frontier_figure(read_results(REPO / "docs" / "results" / "digits"))
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        ticks = [t.get_text() for t in ax.get_yticklabels()]
+        assert len(ticks) >= 4 and all(ticks), ticks
+        boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text() != " teacher"]
+        assert len(boxes) == 16
+        assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+        inside = ax.get_window_extent(renderer)
+        assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)  # not over the axis and its numbers
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_the_report_gives_kid_with_its_spread_in_the_feature_units():
     from nfm.pipeline.report.tables import kid_table
     from nfm.pipeline.results import RunResults

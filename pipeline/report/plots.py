@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,6 +38,47 @@ def _plain_log_y(ax) -> None:
     ax.yaxis.set_major_formatter(plain)
     ax.yaxis.set_minor_formatter(plain)
     ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
+NICE_TICKS = [m * 10.0**e for e in range(-3, 5) for m in (1, 1.5, 2, 3, 4, 5, 6, 8)]
+
+
+def _log_y_ticks(ax) -> None:
+    """A log y axis whose every tick is labelled, at round values spread over the data's range (matplotlib's
+    own labels only some minor ticks, and none above 10 on some ranges)."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in NICE_TICKS if lo <= t <= hi]
+    while len(ticks) > 9:  # thin them out, keeping the powers of ten
+        ticks = [t for i, t in enumerate(ticks) if i % 2 == 0 or math.log10(t).is_integer()]
+    ax.set_yticks(ticks)
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylim(lo, hi)
+
+
+def _part_labels(fig, texts: list, pad: float = 1.0, rounds: int = 60) -> None:
+    """Move point labels apart until no two overlap (display coordinates): each overlapping pair is pushed apart
+    vertically by the overlap, a few pixels at a time."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for _ in range(rounds):
+        boxes = [t.get_window_extent(renderer).expanded(1.0, 1.0 + pad / 10) for t in texts]
+        moved = False
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                a, b = boxes[i], boxes[j]
+                if a.overlaps(b):
+                    dy = (min(a.y1, b.y1) - max(a.y0, b.y0)) / 2 + 0.5
+                    up, down = (texts[i], texts[j]) if a.y0 + a.y1 >= b.y0 + b.y1 else (texts[j], texts[i])
+                    for t, s in ((up, dy), (down, -dy)):
+                        x, y = t.get_position()
+                        t.set_position((x, y + s * 72 / fig.dpi))  # offset points
+                    moved = True
+        if not moved:
+            return
 
 
 def _errorbar(ax, xs, rows, metric, **kw):
@@ -102,11 +144,20 @@ def plot_fid_vs_nfe(results: RunResults, path: Path, metric: str = "fid") -> Pat
 def plot_frontier(results: RunResults, path: Path, few: tuple[int, ...] = (1, 2)) -> Path:
     """Few-step FID (Euler 1, Euler 2) against many-step FID for NFM, its knob variants and the baselines:
     the trade-off a knob makes, one panel per few-step NFE."""
+    fig = frontier_figure(results, few)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    _pyplot().close(fig)
+    return path
+
+
+def frontier_figure(results: RunResults, few: tuple[int, ...] = (1, 2)):
+    """plot_frontier's figure, its point labels parted."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(few), figsize=(5.2 * len(few), 4.6), dpi=120, squeeze=False)
     knobs = set(results.knobs)
     # label offsets cycle through four corners in order of x, so that neighbouring points' labels part
     corners = [((4, 3), "left"), ((4, -9), "left"), ((-4, 3), "right"), ((-4, -9), "right")]
+    labels = []
     for ax, k in zip(axes[0], few):
         points = []
         for name, res in results.students.items():
@@ -122,14 +173,18 @@ def plot_frontier(results: RunResults, path: Path, few: tuple[int, ...] = (1, 2)
                 linestyle="none", capsize=2, **style,
             )  # fmt: skip
             points.append((many.fid, euler[k].fid, results.knob_settings.get(name, name)))
+        lo, hi = ax.get_xlim()
         for i, (x, y, short) in enumerate(sorted(points)):
             offset, ha = corners[i % 4]
-            ax.annotate(short, (x, y), fontsize=7, xytext=offset, textcoords="offset points", ha=ha)
+            side = (x - lo) / (hi - lo)  # near an edge, the label goes inwards: it stays inside the axes
+            if (side < 0.25 and ha == "right") or (side > 0.75 and ha == "left"):
+                offset, ha = (-offset[0], offset[1]), "left" if ha == "right" else "right"
+            labels.append(ax.annotate(short, (x, y), fontsize=7, xytext=offset, textcoords="offset points", ha=ha))
         if results.teacher:
             best = results.teacher.best().fid
             ax.axvline(best, color="grey", linestyle="--", linewidth=0.8)
             ax.text(best, ax.get_ylim()[1], " teacher", fontsize=7, va="top")
-        _plain_log_y(ax)
+        _log_y_ticks(ax)
         ax.set_xlabel("many-step FID (dopri5; else the most Euler steps)")
         ax.set_ylabel(f"FID at Euler {k} (log scale)")
         ax.set_title(f"few-step (Euler {k}) vs many-step quality", fontsize=10)
@@ -139,9 +194,9 @@ def plot_frontier(results: RunResults, path: Path, few: tuple[int, ...] = (1, 2)
         fontsize=9,
     )
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-    return path
+    for ax in axes[0]:
+        _part_labels(fig, [t for t in labels if t.axes is ax])
+    return fig
 
 
 def one_per_class(labels: torch.Tensor | None, n: int, k: int = 10) -> tuple[list[int], list[int] | None]:
