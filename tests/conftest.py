@@ -40,6 +40,28 @@ def run_nfm(*args, cwd=None, env=None, nproc=1, check=True, timeout=1800, backgr
     return p
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nfm_on_machines(*args, machines: int = 2, cwd=None, port: int | None = None) -> list[subprocess.Popen]:
+    """`nfm ARGS` as `machines` machines of one process each, as a multi-node launch starts it (torchrun
+    --nnodes N --node_rank K, one rendezvous over the loopback, gloo): a Popen per machine, output piped."""
+    port = port or free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", "--nproc_per_node=1",
+              "--master_addr=127.0.0.1", f"--master_port={port}"]  # fmt: skip
+    return [
+        subprocess.Popen([*launch, f"--node_rank={k}", "-m", "nfm", *map(str, args)], cwd=cwd, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for k in range(machines)
+    ]  # fmt: skip
+
+
 def run_nfm_inline(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     """`nfm ARGS` in this process, for commands refused on their input before any work is done: the same
     `main` as the console command (exit status, stdout, stderr), without a new interpreter's ~3 s start.

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -169,6 +170,54 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     wb = load_tensors(tmp_path / "two/export/model.safetensors")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def _finish(procs, timeout: float = 900) -> list[str]:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
+    return outs
+
+
+@pytest.mark.slow
+def test_two_machines_build_the_pair_cache_and_train_the_student_as_one_does(tmp_path):
+    """Two machines of one process each (torchrun --nnodes 2 over the loopback, gloo) sharing one cache root, as
+    a network file system would: the cache equals one process's byte for byte; the student equals one machine's
+    two-process run; a killed machine leaves the run resumable from its last checkpoint."""
+    from tests.conftest import caches, make_teacher_export, nfm_on_machines
+
+    teacher = make_teacher_export(tmp_path / "t")
+    build = ["pairs", "build", "--teacher", teacher, "--views", "3", "pairs.shard_rows=50"]
+    nfm(*build, "--cache-dir", tmp_path / "one", cwd=tmp_path)
+    outs = _finish(nfm_on_machines(*build, "--cache-dir", tmp_path / "shared", cwd=tmp_path))
+    (one,), (two,) = caches(tmp_path / "one"), caches(tmp_path / "shared")
+    assert one.name == two.name and "pair cache built" in outs[0] and "pair cache built" not in outs[1]
+    assert sorted(f.name for f in two.iterdir()) == sorted(f.name for f in one.iterdir())
+    assert all((one / f.name).read_bytes() == f.read_bytes() for f in two.glob("*.safetensors"))
+
+    train = ["student", "train", "--preset", "tiny", "--pairs", two.name, "--cache-dir", tmp_path / "shared",
+             "train.steps=6", "train.sample_every=0"]  # fmt: skip
+    run_nfm(*train, "--run-dir", tmp_path / "local2", nproc=2, cwd=tmp_path)
+    _finish(nfm_on_machines(*train, "--run-dir", tmp_path / "nodes2", cwd=tmp_path))
+    a = load_tensors(tmp_path / "local2" / "export" / "model.safetensors")
+    b = load_tensors(tmp_path / "nodes2" / "export" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # a machine dies mid-run (its launcher killed, as a power cut would): the other cannot go on alone and is
+    # stopped too; the same launch on both resumes from the last checkpoint both wrote
+    long = [*train[:-2], "train.steps=400", "train.ckpt_every=5", "train.sample_every=0", "--run-dir", tmp_path / "r"]
+    procs = nfm_on_machines(*long, cwd=tmp_path)
+    ckpts = tmp_path / "r" / "checkpoints"
+    while procs[1].poll() is None and not list(ckpts.glob("step-*")):
+        time.sleep(0.05)
+    import psutil
+
+    for p in procs[::-1]:  # the launcher and its worker: torchrun starts workers in sessions of their own
+        for q in [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
+            q.kill()
+        p.wait()
+    assert list(ckpts.glob("step-*")) and not (tmp_path / "r" / "export").exists()
+    outs = _finish(nfm_on_machines(*long, cwd=tmp_path))
+    assert "resumed from" in outs[0] and "(step 0)" not in outs[0] and (tmp_path / "r" / "export").is_dir()
 
 
 def test_a_launcher_that_started_one_of_several_processes_is_named():
