@@ -2,6 +2,9 @@
 
 Both take x_t (b, C, H, W), t (b,) in [0, 1] and labels y (b,) with -1 = the null class of
 classifier-free guidance (a learned embedding of its own), and return a velocity shaped like x_t.
+With `model.interval` they take a step length h (b,) as well (`h=`): the average velocity over [t, t + h] of
+a one-step student (student/meanflow.py); its embedding starts at zero, so at h = 0 such a network is a plain
+velocity network, and one without the input loads and samples as before.
 The transformer conditions every block on (time + class) with adaLN-zero, so each block
 starts as the identity and the output layer starts at zero.
 """
@@ -17,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from nfm.core.config import ShapedByData, check_choices
+from nfm.core.config import ShapedByData, added, check_choices
 from nfm.core.errors import NFMError
 from nfm.student.names import STUDENT_SIZES  # noqa: F401 (re-exported)
 
@@ -37,6 +40,7 @@ class StudentModelConfig(ShapedByData):
     heads: int = 4  # dit
     mlp_ratio: float = 4.0  # dit
     class_dropout: float = 0.1  # P(label -> null) during training, for classifier-free guidance
+    interval: bool = added(False)  # a second time input, the step length h (MeanFlow / shortcut students)
 
     def validate(self) -> None:
         check_choices(self, "model.")
@@ -62,23 +66,34 @@ class StudentModelConfig(ShapedByData):
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 as in DiT), (b,) -> (b, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32  # float64 stays exact (the tests)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = 1000.0 * t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class Conditioning(nn.Module):
-    """c = MLP(sinusoid(t)) + class embedding (row num_classes = the null class)."""
+    """c = MLP(sinusoid(t)) + class embedding (row num_classes = the null class) [+ MLP(sinusoid(h)): the step
+    length of an interval student, its last layer zero at the start]."""
 
-    def __init__(self, width: int, num_classes: int, freq_dim: int = 256):
+    def __init__(self, width: int, num_classes: int, freq_dim: int = 256, interval: bool = False):
         super().__init__()
         self.freq_dim = freq_dim
         self.time = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.num_classes = num_classes
         self.classes = nn.Embedding(num_classes + 1, width) if num_classes else None
+        self.step = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width)) if interval else None
+        if self.step is not None:
+            nn.init.zeros_(self.step[2].weight)
+            nn.init.zeros_(self.step[2].bias)
 
-    def forward(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, y: torch.Tensor | None, h: torch.Tensor | None = None) -> torch.Tensor:
         c = self.time(timestep_embedding(t, self.freq_dim).to(self.time[0].weight.dtype))
+        if self.step is not None:
+            h = torch.zeros_like(t) if h is None else h
+            c = c + self.step(timestep_embedding(h, self.freq_dim).to(self.step[0].weight.dtype))
+        elif h is not None:
+            raise NFMError("this student has no step-length input (model.interval): sample it with a plain solver")
         if self.classes is not None:
             if y is None:
                 y = torch.full((t.shape[0],), -1, dtype=torch.long, device=t.device)
@@ -91,13 +106,15 @@ class MLPVelocity(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.in_channels * cfg.img_size**2
-        self.cond = Conditioning(cfg.width, cfg.num_classes)
+        self.cond = Conditioning(cfg.width, cfg.num_classes, interval=cfg.interval)
         self.inp = nn.Linear(d, cfg.width)
         self.hidden = nn.ModuleList(nn.Linear(cfg.width, cfg.width) for _ in range(cfg.depth))
         self.out = nn.Linear(cfg.width, d)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        c = self.cond(t, y)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        c = self.cond(t, y, h)
         h = self.inp(x.flatten(1)) + c
         for layer in self.hidden:
             h = layer(nn.functional.silu(h)) + c
@@ -137,7 +154,7 @@ class DiTVelocity(nn.Module):
         tokens = (cfg.img_size // p) ** 2
         self.embed = nn.Linear(cfg.in_channels * p * p, w)
         self.pos = nn.Parameter(torch.randn(1, tokens, w) * 0.02)
-        self.cond = Conditioning(w, cfg.num_classes)
+        self.cond = Conditioning(w, cfg.num_classes, interval=cfg.interval)
         self.blocks = nn.ModuleList(DiTBlock(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
@@ -146,15 +163,17 @@ class DiTVelocity(nn.Module):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p, s = self.cfg.patch_size, self.cfg.img_size // self.cfg.patch_size
-        h = self.embed(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)) + self.pos  # (b, t, w)
-        c = self.cond(t, y)  # (b, w)
+        tok = self.embed(rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)) + self.pos  # (b, t, w)
+        c = self.cond(t, y, h)  # (b, w)
         for block in self.blocks:
-            h = block(h, c)
+            tok = block(tok, c)
         shift, scale = self.ada(c).chunk(2, dim=-1)
-        h = self.out(modulate(self.norm(h), shift, scale))  # (b, t, c*p*p)
-        return rearrange(h, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=s, w=s, p1=p, p2=p)
+        tok = self.out(modulate(self.norm(tok), shift, scale))  # (b, t, c*p*p)
+        return rearrange(tok, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=s, w=s, p1=p, p2=p)
 
 
 class ResBlock(nn.Module):
@@ -183,14 +202,16 @@ class ConvVelocity(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch = cfg.width
-        self.cond = Conditioning(ch, cfg.num_classes)
+        self.cond = Conditioning(ch, cfg.num_classes, interval=cfg.interval)
         self.inp = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         self.blocks = nn.ModuleList(ResBlock(ch, ch) for _ in range(cfg.depth))
         self.norm = nn.GroupNorm(8 if ch % 8 == 0 else 1, ch)
         self.out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        c = nn.functional.silu(self.cond(t, y))
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        c = nn.functional.silu(self.cond(t, y, h))
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, c)

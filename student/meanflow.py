@@ -1,0 +1,76 @@
+"""One-step students: the average velocity over a step (MeanFlow, Geng et al. 2025), in this project's time.
+
+Time runs from the noise (t = 0) to the data (t = 1): x_t = (1 - t) z + t x, v = x - z for the linear path. An
+interval student u(x_t, t, h) (student/models.py, `model.interval`) learns the average velocity over [t, t + h],
+
+    u(x_t, t, h) = (1 / h) int_t^{t+h} v(x_tau, tau) dtau,   so   x_{t+h} = x_t + h u(x_t, t, h).
+
+Differentiating h u = int_t^s v dtau along the flow with the end s = t + h fixed gives the MeanFlow identity
+
+    u = v + h (d/dt) u(x_t, t, s - t),   d/dt = v . grad_x + d/dt - d/dh,
+
+the paper's u = v - (t - r) du/dt with its time reversed (its noise is at t = 1). The derivative is one
+forward-mode JVP of the network (torch.func.jvp) with tangents (v, 1, -1) on (x, t, h); the target is detached,
+so the loss asks the network to satisfy the identity at the points it is sampled at. At h = 0 the target is v:
+plain flow matching. Sampling takes steps of the average velocity: one step x = z + u(z, 0, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nfm.core.errors import NFMError
+
+
+def _column(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return a.view(-1, *([1] * (like.dim() - 1)))
+
+
+def average_velocity_target(
+    model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, h: torch.Tensor, v: torch.Tensor, y: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u(x_t, t, h), its MeanFlow target v + h (d/dt) u, detached) from one JVP: the network's output with
+    gradients for the loss, the derivative along the flow with the step's end held fixed."""
+
+    def u_of(x: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
+        return model(x, tt, y, h=hh)
+
+    u, du_dt = torch.func.jvp(u_of, (x_t, t, h), (v, torch.ones_like(t), -torch.ones_like(h)))
+    return u, (v + _column(h, v) * du_dt).detach()
+
+
+def sample_steps(
+    t: torch.Tensor, share_equal: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, h) for a batch whose times t (b,) are drawn already: a second time s from the same law pairs with t,
+    the two ordered so that t <= s and h = s - t; a share `share_equal` of the rows keeps h = 0 (flow matching,
+    the paper's r = t share)."""
+    if not 0.0 <= share_equal <= 1.0:
+        raise NFMError(f"the share of rows with h = 0 must be in [0, 1], got {share_equal}")
+    b = t.shape[0]
+    other = t[torch.randperm(b, generator=generator, device="cpu").to(t.device)]
+    lo, hi = torch.minimum(t, other), torch.maximum(t, other)
+    equal = torch.rand(b, generator=generator, device="cpu").to(t.device) < share_equal
+    return torch.where(equal, t, lo), torch.where(equal, torch.zeros_like(t), hi - lo)
+
+
+def adaptive_loss(u: torch.Tensor, target: torch.Tensor, power: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
+    """MeanFlow's adaptively weighted squared error: per row ||u - target||^2 / sg(||u - target||^2 + eps)^power
+    (power 0: the plain squared error), averaged over the batch."""
+    err = (u - target).flatten(1).pow(2).sum(1)
+    return (err / (err.detach() + eps) ** power).mean()
+
+
+@torch.no_grad()
+def sample_mean(
+    model: nn.Module, z: torch.Tensor, y: torch.Tensor | None, steps: int = 1
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """x_1 from z by `steps` equal steps of the average velocity (NFE = steps): x <- x + h u(x, t, h)."""
+    if steps < 1:
+        raise NFMError(f"steps must be >= 1, got {steps}")
+    x, h = z, 1.0 / steps
+    for k in range(steps):
+        t = torch.full((z.shape[0],), k * h, device=z.device, dtype=z.dtype)
+        x = x + h * model(x, t, y, h=torch.full_like(t, h))
+    return x, {"nfe": steps, "forward_passes": steps}
