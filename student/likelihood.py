@@ -127,6 +127,8 @@ def student_bpd(
     """Mean bits/dim (8-bit scale) of images + eta * eps under a student export (with the density of `prior` at
     the noise end, when given: the student's fitted prior); hutchinson=-1 picks exact divergence for images of at
     most 1,024 dimensions and 8 Hutchinson probes above."""
+    if solver == "mean":
+        raise NFMError("bits/dim integrates the instantaneous velocity (h = 0): use dopri5 or a fixed-step solver")
     d = images[0].numel()
     k = (0 if d <= 1024 else 8) if hutchinson < 0 else hutchinson
     device = next(model.parameters()).device

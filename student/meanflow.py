@@ -40,18 +40,33 @@ def average_velocity_target(
     return u, (v + _column(h, v) * du_dt).detach()
 
 
-def sample_steps(
-    t: torch.Tensor, share_equal: float, generator: torch.Generator | None = None
+def meanflow_loss(
+    model: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    h: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None,
+    power: float = 1.0,
+) -> torch.Tensor:
+    """The training loss of a batch: u from the model as given (a distributed wrapper's forward, whose backward
+    synchronises the gradients), its target from a JVP of the bare module without gradients."""
+    u = model(x_t, t, y, h=h)
+    with torch.no_grad():
+        _, target = average_velocity_target(getattr(model, "module", model), x_t, t, h, v, y)
+    return adaptive_loss(u.float(), target.float(), power)
+
+
+def pair_steps(
+    t: torch.Tensor, s: torch.Tensor, u: torch.Tensor, share_equal: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t, h) for a batch whose times t (b,) are drawn already: a second time s from the same law pairs with t,
-    the two ordered so that t <= s and h = s - t; a share `share_equal` of the rows keeps h = 0 (flow matching,
-    the paper's r = t share)."""
+    """(t, h) of a batch from two times t, s (b,) drawn from the same law and uniforms u (b,): the two ordered so
+    that the step runs from the earlier to the later (h = later - earlier >= 0); the rows with u < share_equal
+    keep h = 0 at t (flow matching: the paper's r = t share)."""
     if not 0.0 <= share_equal <= 1.0:
         raise NFMError(f"the share of rows with h = 0 must be in [0, 1], got {share_equal}")
-    b = t.shape[0]
-    other = t[torch.randperm(b, generator=generator, device="cpu").to(t.device)]
-    lo, hi = torch.minimum(t, other), torch.maximum(t, other)
-    equal = torch.rand(b, generator=generator, device="cpu").to(t.device) < share_equal
+    lo, hi = torch.minimum(t, s), torch.maximum(t, s)
+    equal = u < share_equal
     return torch.where(equal, t, lo), torch.where(equal, torch.zeros_like(t), hi - lo)
 
 

@@ -10,7 +10,7 @@ CouplingName = Literal["nfm", "independent", "minibatch-ot", "sd-ot", "sb", "ref
 PAIRED: tuple[str, ...] = ("nfm", "reflow")  # couplings read from a pair cache
 COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)
 
-Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5"]
+Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5", "mean"]  # mean: steps of an average velocity
 Grid = Literal["uniform", "data-end"]
 SOLVERS = {
     "euler": "euler",
@@ -18,8 +18,9 @@ SOLVERS = {
     "heun": "heun2",
     "rk4": "rk4",
     "dopri5": "dopri5",
+    "mean": "mean",  # not torchdiffeq's: student/sampling.py steps an interval student's average velocity
 }  # -> torchdiffeq
-EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "mean": 1}
 
 
 def fixed_nfe(solver: str, steps: int) -> int:

@@ -36,7 +36,8 @@ class CountedVelocity(nn.Module):
         self.label = label
         self._drawn = time.monotonic()
 
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity at (x, t); with h, an interval student's average velocity over [t, t + h]."""
         self.nfe += 1
         if self.progress is not None:  # redrawn at most every `mininterval` seconds (a log file: every 30 s)
             self.progress.set_postfix_str(f"{self.label} NFE {self.nfe}, t = {float(t):.3f}", refresh=False)
@@ -45,12 +46,14 @@ class CountedVelocity(nn.Module):
                 self.progress.refresh()
                 self._drawn = now
         tt = t.to(x.dtype).expand(x.shape[0])
+        step = {} if h is None else {"h": h.to(x.dtype).expand(x.shape[0])}
         if self.guidance == 0.0:
             self.forward_passes += 1
-            return self.model(x, tt, self.y).float()
+            return self.model(x, tt, self.y, **step).float()
         self.forward_passes += 2
         null = torch.full_like(self.y, -1)
-        v = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.y, null])).float()
+        step2 = {k: torch.cat([v, v]) for k, v in step.items()}
+        v = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.y, null]), **step2).float()
         v_cond, v_uncond = v.chunk(2)
         return (1 + self.guidance) * v_cond - self.guidance * v_uncond
 
@@ -103,6 +106,13 @@ def sample_ode(
         if solver == "dopri5":
             t = torch.tensor([0.0, 1.0], device=x0.device)
             x = odeint(func, x0, t, method="dopri5", rtol=rtol, atol=atol, options=inside(t))[-1]
+        elif solver == "mean":  # an interval student (MeanFlow): x <- x + h u(x, t, h), one evaluation a step
+            if not getattr(getattr(model, "cfg", None), "interval", False):
+                raise NFMError("solver=mean steps an average velocity: this student has none (train it with "
+                               "flow.objective=meanflow); use euler, heun or dopri5")  # fmt: skip
+            t, x = time_grid(steps, grid, rho).to(x0.device), x0
+            for a, b in zip(t[:-1], t[1:]):
+                x = x + (b - a) * func(a, x, b - a)
         elif solver == "heun":  # EDM's Heun: the last step is Euler, so no evaluation at t = 1
             t = time_grid(steps, grid, rho).to(x0.device)
             x = odeint(func, x0, t[:-1], method=SOLVERS[solver])[-1] if steps > 1 else x0

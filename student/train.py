@@ -36,6 +36,7 @@ from nfm.pairs.lookup import cache_ref, default_cache_root, find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
+from nfm.student.meanflow import meanflow_loss, pair_steps
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
 from nfm.student.sampling import Grid, Solver, sample_ode, student_inputs
@@ -57,6 +58,11 @@ class FlowConfig:
     sdot: SDOTConfig = added(SDOTConfig())  # sd-ot: the semidiscrete OT fit
     # nfm, reflow: the fraction of each batch whose pairs take fresh N(0, I) noise (a mixture with independent)
     mix_independent: Annotated[float, Range(min=0, max=1)] = added(0.0)
+    # fm: the instantaneous velocity; meanflow: the average velocity over a step (one-step sampling; one JVP a
+    # training step; sets model.interval; linear path only) — student/meanflow.py
+    objective: Literal["fm", "meanflow"] = added("fm")
+    meanflow_equal: Annotated[float, Range(min=0, max=1)] = added(0.75)  # share of rows with h = 0
+    meanflow_power: Annotated[float, Range(min=0)] = added(1.0)  # adaptive loss weight 1 / (err + 1e-3)^power
 
     def make_path(self) -> ProbPath:
         return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max, self.sigma)
@@ -89,9 +95,14 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
         z, x, y = coupling.couple(batch, rng)
         t = path.clamp_time(sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device))
         eps = rng.randn(*x.shape[1:]).to(x.device, x.dtype) if path.stochastic else None
+        if flow.objective == "meanflow":  # a second time and a uniform per row: the step [t, t + h]
+            s = path.clamp_time(sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device))
+            t, h = pair_steps(t, s, rng.rand().to(x.device), flow.meanflow_equal)
         xt, u = path.sample(z, x, t, eps)
         if class_dropout > 0:
             y = torch.where(rng.rand().to(y.device) < class_dropout, torch.full_like(y, -1), y)
+        if flow.objective == "meanflow":
+            return meanflow_loss(model, xt, t.to(xt.dtype), h.to(xt.dtype), u, y, flow.meanflow_power), {}
         v = model(xt, t, y)
         return (v.float() - u.float()).pow(2).mean(), {}
 
@@ -124,8 +135,14 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
         )
     if model.num_classes > coupling.num_classes:
         raise NFMError(f"model.num_classes={model.num_classes} but the data has {coupling.num_classes} classes")
-    model.validate()
     flow = cfg.flow
+    if flow.objective == "meanflow":
+        if flow.path != "linear":
+            raise NFMError(
+                f"objective=meanflow needs flow.path=linear (its identity is the linear path's), not {flow.path}"
+            )
+        model = replace(model, interval=True)
+    model.validate()
     if flow.coupling in PAIRED and flow.source != "gaussian":
         raise NFMError(f"the {flow.coupling} coupling reads its source end from its pair cache: leave flow.source")
     if flow.coupling in PAIRED and flow.pairs:

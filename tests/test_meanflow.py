@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nfm.core.errors import NFMError
-from nfm.student.meanflow import adaptive_loss, average_velocity_target, sample_mean, sample_steps
+from nfm.student.meanflow import adaptive_loss, average_velocity_target, pair_steps, sample_mean
 from nfm.student.models import StudentModelConfig, build_student
 
 
@@ -69,11 +69,12 @@ def test_an_exact_average_velocity_steps_to_the_flow_s_end_in_one_step():
 
 
 def test_step_pairs_keep_a_share_at_h_zero_and_stay_inside_the_unit_interval():
-    t = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
-    tt, h = sample_steps(t, 0.75, torch.Generator().manual_seed(1))
-    assert (h >= 0).all() and (tt + h <= 1).all() and abs(float((h == 0).float().mean()) - 0.75) < 0.02
+    t, s, u = torch.rand(3, 20_000, generator=torch.Generator().manual_seed(0))
+    tt, h = pair_steps(t, s, u, 0.75)
+    assert (h >= 0).all() and (tt + h <= 1).all() and torch.equal(h == 0, u < 0.75)
+    assert torch.equal(tt[u >= 0.75], torch.minimum(t, s)[u >= 0.75]) and torch.equal(tt[u < 0.75], t[u < 0.75])
     with pytest.raises(NFMError, match="must be in"):
-        sample_steps(t, 1.5)
+        pair_steps(t, s, u, 1.5)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv", "dit"])
@@ -89,3 +90,65 @@ def test_a_student_without_the_step_input_is_the_network_of_before(arch):
     torch.testing.assert_close(interval(x, t, None, h=torch.full((2,), 0.3, dtype=torch.float64)), plain(x, t))
     with pytest.raises(NFMError, match="has no step-length input"):
         plain(x, t, None, h=t)
+
+
+def test_a_meanflow_student_maps_noise_to_either_mode_in_one_step_where_flow_matching_lands_between():
+    """Independent pairs of z ~ N(0, 1) and x = +-2: the paths cross, so one Euler step of a flow-matching
+    student lands near the mean (0); one step of a MeanFlow student follows the flow's map, z < 0 -> -2 and
+    z > 0 -> +2 (the monotone transport), as the paper's one-step samples do."""
+    from nfm.student.meanflow import meanflow_loss, pair_steps
+
+    def student(interval: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        cfg = StudentModelConfig(arch="mlp", width=64, depth=3, num_classes=0, interval=interval).resolved(1, 1, 0)
+        return build_student(cfg)
+
+    g = torch.Generator().manual_seed(0)
+    models = {"fm": student(False), "meanflow": student(True)}
+    for name, model in models.items():
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(600):
+            z = torch.randn(256, 1, 1, 1, generator=g)
+            x = torch.where(torch.rand(256, 1, 1, 1, generator=g) < 0.5, -2.0, 2.0)
+            t = torch.rand(256, generator=g)
+            if name == "meanflow":
+                t, h = pair_steps(t, torch.rand(256, generator=g), torch.rand(256, generator=g), 0.5)
+                xt = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * x
+                loss = meanflow_loss(model, xt, t, h, x - z, None)
+            else:
+                xt = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * x
+                loss = (model(xt, t) - (x - z)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    z = torch.linspace(-2.5, 2.5, 201).view(-1, 1, 1, 1)
+    away = z.abs().flatten() > 0.5  # away from the boundary the map is settled
+    with torch.no_grad():
+        fm_one = z + models["fm"](z, torch.zeros(201))
+    mf_one, _ = sample_mean(models["meanflow"], z, None, 1)
+    assert float(fm_one.abs().flatten()[away].mean()) < 1.0  # between the modes
+    assert float((mf_one.flatten()[away] - 2 * z.flatten()[away].sign()).abs().mean()) < 0.5  # on them
+
+
+def test_nfm_student_train_with_the_meanflow_objective_and_its_one_step_sampler(tmp_path):
+    """`flow.objective=meanflow` trains an interval student (the step input set for it) through the usual loop;
+    `solver=mean` samples it at NFE = steps; a plain student is refused that solver, a VP path that objective."""
+    from nfm.core.config import build_config
+    from nfm.pipeline.presets import STUDENT_PRESETS
+    from nfm.student.sampling import sample_ode
+    from nfm.student.train import StudentRunConfig, load_student, run_student_training
+
+    over = ["flow.coupling=independent", "flow.objective=meanflow", "train.steps=4", "train.batch_size=16",
+            "train.sample_every=0", "model.arch=mlp"]  # fmt: skip
+    cfg = build_config(StudentRunConfig, preset=STUDENT_PRESETS["tiny"], overrides=over)
+    model, meta = load_student(run_student_training(cfg, tmp_path / "s"))
+    assert meta["model"]["interval"] is True and meta["flow"]["objective"] == "meanflow"
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    x, stats = sample_ode(model, z, y, solver="mean", steps=2)
+    assert stats["nfe"] == 2 and x.shape == z.shape and torch.isfinite(x).all()
+    plain = build_student(StudentModelConfig(arch="mlp", width=8, depth=1, num_classes=0).resolved(1, 8, 0))
+    with pytest.raises(NFMError, match="solver=mean steps an average velocity: this student has none"):
+        sample_ode(plain, z, None, solver="mean", steps=1)
+    vp = build_config(StudentRunConfig, preset=STUDENT_PRESETS["tiny"], overrides=[*over, "flow.path=vp"])
+    with pytest.raises(NFMError, match="objective=meanflow needs flow.path=linear"):
+        run_student_training(vp, tmp_path / "vp")
