@@ -167,8 +167,8 @@ class Student:
         self,
         n: int,
         labels: int | list[int] | torch.Tensor | None = None,
-        solver: str = "euler",
-        steps: int = 4,  # as `nfm student sample`
+        solver: str = "auto",  # as `nfm student sample`: mean for a one-step student, euler otherwise
+        steps: int = 4,
         guidance: float = 0.0,
         seed: int | None = None,
         output: Output = "tensor",
@@ -176,9 +176,10 @@ class Student:
     ):
         """n samples from the student's own prior (its fitted prior if it has one, else its path's N(0, I);
         prior="gaussian" forces N(0, I); a data-source student starts from held-out source images), integrated
-        with `solver` (euler, midpoint, heun, rk4: `steps` steps; dopri5: adaptive). labels: None cycles the
+        with `solver` (euler, midpoint, heun, rk4, mean: `steps` steps; dopri5: adaptive; auto: mean for a one-step
+        student, meanflow or shortcut, euler otherwise). labels: None cycles the
         classes, an int or a list picks them. seed: the noise (None: a fresh one)."""
-        from nfm.student.sampling import sample_ode, student_inputs
+        from nfm.student.sampling import pick_solver, sample_ode, student_inputs
 
         if prior not in ("auto", "gaussian", "fitted"):
             raise NFMError(f"prior={prior!r}: choose auto, gaussian or fitted")
@@ -188,6 +189,7 @@ class Student:
         y = _labels(labels, n, self.num_classes, self.device, self.class_names)
         fitted = None if prior == "gaussian" else self.prior
         inputs = student_inputs(self.config, n, seed=seed, device=self.device, labels=y, prior=fitted)
+        solver = pick_solver(solver, self.model)
         x, _ = sample_ode(
             self.model, inputs.z, y, solver=solver, steps=steps, guidance=guidance, num_classes=self.num_classes
         )

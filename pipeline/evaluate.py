@@ -395,10 +395,12 @@ def student_sweep(
     dopri5_tol: float = 1e-5,
     straightness_steps: int = 32,
     prior=None,
+    mean_nfes=(1, 2, 4),
     log=print,
 ) -> StudentEval:
     """FID/KID of one student across solvers and NFE, on fixed noise and labels; straightness; memorisation.
-    `prior`: the fitted prior to sample from (student.train.student_prior), None for the path's N(0, I)."""
+    `prior`: the fitted prior to sample from (student.train.student_prior), None for the path's N(0, I).
+    A one-step student (an interval network) is also stepped with its average velocity at `mean_nfes`."""
     from nfm.student.sampling import sample_ode, student_inputs
 
     mc = meta["model"]
@@ -406,6 +408,8 @@ def student_sweep(
     inputs = student_inputs(meta, on.n, seed=on.seed, device=device, labels_like=on.reference_labels, prior=prior)
     rows, grids = [], {}
     plan = [("euler", k) for k in euler_nfes] + list(higher) + ([("dopri5", None)] if dopri5 else [])
+    if mc.get("interval"):
+        plan += [("mean", k) for k in mean_nfes]
     bar = progress(len(plan), f"sweep ({on.n} samples)", "sampler")
     for solver, steps in plan:
         x, stats = sample_ode(

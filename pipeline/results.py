@@ -117,6 +117,10 @@ class ModelScores(_Json):
     def solver(self, name: str) -> Score | None:
         return next((r for r in self.rows if r.solver == name), None)
 
+    def mean_steps(self) -> dict[int, Score]:
+        """A one-step student's rows stepped with its average velocity (solver mean), by NFE."""
+        return {r.nfe: r for r in self.rows if r.solver == "mean"}
+
     def many_step(self) -> Score:
         """The row with the most NFE: dopri5 where it ran, else the largest Euler."""
         return self.solver("dopri5") or max((r for r in self.rows if r.solver == "euler"), key=lambda r: r.nfe)
@@ -156,6 +160,8 @@ class RunResults(_Json):
     pair_cache: dict[str, Any] | None = None
     # where each model is, per training seed: {model: [export of seed 0, seed 1, ...]}, "teacher" among them
     exports: dict[str, list[str]] | None = None
+    # a run of several objectives: {student: [coupling, objective]} of its couplings x objectives
+    objectives: dict[str, list[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     nested: ClassVar[dict[str, type]] = {"students": ModelScores, "teacher": ModelScores}
     _dicts: ClassVar[frozenset[str]] = frozenset({"students"})

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nfm.core.errors import NFMError
 
 
-def _column(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def column(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -36,8 +37,10 @@ def average_velocity_target(
     def u_of(x: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
         return model(x, tt, y, h=hh)
 
-    u, du_dt = torch.func.jvp(u_of, (x_t, t, h), (v, torch.ones_like(t), -torch.ones_like(h)))
-    return u, (v + _column(h, v) * du_dt).detach()
+    # attention through its math kernel: the fused ones (flash, memory-efficient) have no forward-mode derivative
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du_dt = torch.func.jvp(u_of, (x_t, t, h), (v, torch.ones_like(t), -torch.ones_like(h)))
+    return u, (v + column(h, v) * du_dt).detach()
 
 
 def meanflow_loss(

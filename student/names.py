@@ -1,5 +1,5 @@
 """The student's names that the `nfm` command lists without loading torch: network sizes, couplings,
-solvers and time grids."""
+objectives, solvers and time grids."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from typing import Literal
 CouplingName = Literal["nfm", "independent", "minibatch-ot", "sd-ot", "sb", "reflow"]
 PAIRED: tuple[str, ...] = ("nfm", "reflow")  # couplings read from a pair cache
 COUPLINGS: tuple[str, ...] = typing.get_args(CouplingName)
+
+# what a student learns: fm the instantaneous velocity; meanflow / shortcut the average velocity over a step
+Objective = Literal["fm", "meanflow", "shortcut"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+ONE_STEP: tuple[str, ...] = ("meanflow", "shortcut")  # interval students, sampled with solver=mean
 
 Solver = Literal["euler", "midpoint", "heun", "rk4", "dopri5", "mean"]  # mean: steps of an average velocity
 Grid = Literal["uniform", "data-end"]

@@ -58,6 +58,13 @@ class CountedVelocity(nn.Module):
         return (1 + self.guidance) * v_cond - self.guidance * v_uncond
 
 
+def pick_solver(solver: str, model: nn.Module) -> str:
+    """`auto`: mean for an interval student (a one-step objective: its average velocity), euler otherwise."""
+    if solver != "auto":
+        return solver
+    return "mean" if getattr(getattr(model, "cfg", None), "interval", False) else "euler"
+
+
 def time_grid(steps: int, kind: str = "uniform", rho: float = 2.0) -> torch.Tensor:
     """t_0 = 0 < t_1 < ... < t_steps = 1: uniform, or data-end t_i = 1 - (1 - i/N)^rho."""
     if steps < 1:
@@ -106,10 +113,10 @@ def sample_ode(
         if solver == "dopri5":
             t = torch.tensor([0.0, 1.0], device=x0.device)
             x = odeint(func, x0, t, method="dopri5", rtol=rtol, atol=atol, options=inside(t))[-1]
-        elif solver == "mean":  # an interval student (MeanFlow): x <- x + h u(x, t, h), one evaluation a step
+        elif solver == "mean":  # an interval student (meanflow, shortcut): x <- x + h u(x, t, h), one NFE a step
             if not getattr(getattr(model, "cfg", None), "interval", False):
                 raise NFMError("solver=mean steps an average velocity: this student has none (train it with "
-                               "flow.objective=meanflow); use euler, heun or dopri5")  # fmt: skip
+                               "flow.objective=meanflow or shortcut); use euler, heun or dopri5")  # fmt: skip
             t, x = time_grid(steps, grid, rho).to(x0.device), x0
             for a, b in zip(t[:-1], t[1:]):
                 x = x + (b - a) * func(a, x, b - a)

@@ -38,9 +38,11 @@ from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
 from nfm.student.meanflow import meanflow_loss, pair_steps
 from nfm.student.models import StudentModelConfig, build_student
+from nfm.student.names import ONE_STEP, Objective
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
 from nfm.student.sampling import Grid, Solver, sample_ode, student_inputs
 from nfm.student.sdot import SDOTConfig, fit_sdot_for
+from nfm.student.shortcut import consistency_steps, grid_time, shortcut_loss
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,14 @@ class FlowConfig:
     sdot: SDOTConfig = added(SDOTConfig())  # sd-ot: the semidiscrete OT fit
     # nfm, reflow: the fraction of each batch whose pairs take fresh N(0, I) noise (a mixture with independent)
     mix_independent: Annotated[float, Range(min=0, max=1)] = added(0.0)
-    # fm: the instantaneous velocity; meanflow: the average velocity over a step (one-step sampling; one JVP a
-    # training step; sets model.interval; linear path only) — student/meanflow.py
-    objective: Literal["fm", "meanflow"] = added("fm")
+    # fm: the instantaneous velocity; meanflow / shortcut: the average velocity over a step, for one-step sampling
+    # (solver=mean; they set model.interval; linear path only): meanflow from one JVP a training step
+    # (student/meanflow.py), shortcut from two steps of half the length (student/shortcut.py)
+    objective: Objective = added("fm")
     meanflow_equal: Annotated[float, Range(min=0, max=1)] = added(0.75)  # share of rows with h = 0
     meanflow_power: Annotated[float, Range(min=0)] = added(1.0)  # adaptive loss weight 1 / (err + 1e-3)^power
+    shortcut_share: Annotated[float, Range(min=0, max=1)] = added(0.25)  # share of self-consistency rows
+    shortcut_levels: Annotated[int, Range(min=1)] = added(7)  # steps 2d = 1, 1/2, .. 2^-(levels-1)
 
     def make_path(self) -> ProbPath:
         return ProbPath(self.path, self.ve_sigma_min, self.ve_sigma_max, self.sigma)
@@ -98,11 +103,19 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
         if flow.objective == "meanflow":  # a second time and a uniform per row: the step [t, t + h]
             s = path.clamp_time(sample_time(x.shape[0], rng, flow.time, flow.time_mean, flow.time_std).to(x.device))
             t, h = pair_steps(t, s, rng.rand().to(x.device), flow.meanflow_equal)
+        elif flow.objective == "shortcut":  # a share of rows: a step 2d from a grid point; the rest h = 0
+            u_share, u_level, u_place = (rng.rand().to(x.device) for _ in range(3))
+            consistent, step = consistency_steps(u_share, u_level, u_place, flow.shortcut_share, flow.shortcut_levels)
+            t = torch.where(consistent, grid_time(step, u_place).to(t.dtype), t)
+            h = torch.where(consistent, step.to(t.dtype), torch.zeros_like(t))
         xt, u = path.sample(z, x, t, eps)
         if class_dropout > 0:
             y = torch.where(rng.rand().to(y.device) < class_dropout, torch.full_like(y, -1), y)
         if flow.objective == "meanflow":
             return meanflow_loss(model, xt, t.to(xt.dtype), h.to(xt.dtype), u, y, flow.meanflow_power), {}
+        if flow.objective == "shortcut":
+            finest = 2.0**-flow.shortcut_levels
+            return shortcut_loss(model, xt, t.to(xt.dtype), h.to(xt.dtype), u, y, consistent, finest), {}
         v = model(xt, t, y)
         return (v.float() - u.float()).pow(2).mean(), {}
 
@@ -136,12 +149,15 @@ def resolve(cfg: StudentRunConfig, coupling: Coupling) -> StudentRunConfig:
     if model.num_classes > coupling.num_classes:
         raise NFMError(f"model.num_classes={model.num_classes} but the data has {coupling.num_classes} classes")
     flow = cfg.flow
-    if flow.objective == "meanflow":
+    if flow.objective in ONE_STEP:
         if flow.path != "linear":
             raise NFMError(
-                f"objective=meanflow needs flow.path=linear (its identity is the linear path's), not {flow.path}"
+                f"objective={flow.objective} needs flow.path=linear (its steps are the linear path's, from t = 0 "
+                f"to 1), not {flow.path}"
             )
         model = replace(model, interval=True)
+        if cfg.sample.solver == "euler":  # the preview steps the average velocity it learns
+            cfg = replace(cfg, sample=replace(cfg.sample, solver="mean"))
     model.validate()
     if flow.coupling in PAIRED and flow.source != "gaussian":
         raise NFMError(f"the {flow.coupling} coupling reads its source end from its pair cache: leave flow.source")

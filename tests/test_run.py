@@ -14,7 +14,7 @@ import nfm
 from nfm.core.data import DataConfig, load_data
 from nfm.core.errors import NFMError
 from nfm.pipeline.evaluate import fid_kid, straightness
-from tests.conftest import caches, run_nfm
+from tests.conftest import caches, run_nfm, run_nfm_inline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,6 +276,29 @@ def test_a_run_without_a_teacher_from_a_data_source(tmp_path):
     assert "(source image, sample) pairs" in (run / "report.md").read_text()
 
 
+def test_one_step_objectives_crossed_with_the_couplings_in_one_report(tmp_path):
+    """objectives=meanflow: every coupling's one-step student (a reflow's source trained by flow matching, not
+    evaluated), sampled with its average velocity at eval.mean_nfes; the report's objective x coupling table
+    and costs; sb with a one-step objective is refused before any work."""
+    _run(tmp_path, "couplings=nfm,reflow", "objectives=meanflow", "reflow.n=200", "reflow.steps=2",
+         "eval.mean_nfes=1,2")  # fmt: skip
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["students"]) == ["nfm/meanflow", "reflow/meanflow"]
+    assert report["objectives"] == {"nfm/meanflow": ["nfm", "meanflow"], "reflow/meanflow": ["reflow", "meanflow"]}
+    kinds = sorted(d.name.rsplit("-", 1)[0] for d in (run / "students").iterdir())
+    assert kinds == ["independent", "nfm-meanflow", "reflow-meanflow"]  # no flow-matching nfm student
+    for name in report["students"]:
+        rows = report["students"][name]["rows"]
+        assert [(r["solver"], r["nfe"]) for r in rows if r["solver"] == "mean"] == [("mean", 1), ("mean", 2)]
+        assert report["costs"][name]["seconds_per_step"] > 0
+    md = (run / "report.md").read_text()
+    assert "## One-step students: objective × coupling" in md and "| MeanFlow, NFE 1 | MeanFlow, NFE 2 |" in md
+    assert "| NFM (teacher pairs) |" in md and "NFM (teacher pairs), MeanFlow" in md
+    p = run_nfm_inline("run", "--preset", "tiny", "--run-dir", tmp_path / "sb", "couplings=sb", "objectives=shortcut")
+    assert p.returncode != 0 and "drop sb from couplings" in p.stderr and not (tmp_path / "sb").exists()
+
+
 def test_interrupted_run_resumes(tmp_path):
     """kill -9 once the student has written its first checkpoint (step 10 of 600); the rerun reuses the
     teacher and pairs and resumes the student. The kill is placed by the run's progress, not by a clock:
@@ -360,8 +383,6 @@ def test_a_run_without_room_for_its_pair_caches_stops_before_training(tmp_path, 
     pair build checks what is left to write; both are one line naming the size, the place and the way out."""
     import shutil
     from collections import namedtuple
-
-    from tests.conftest import run_nfm_inline
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, (1 << 40) - (10 << 20), 10 << 20))

@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
     preset = student_preset(args.preset)
     if args.size:
         preset = _merge(preset, student_size_overrides(args.size))
-    flow = {k: v for k, v in (("coupling", args.coupling), ("pairs", args.pairs)) if v}
+    flow = {k: v for k, v in (("coupling", args.coupling), ("pairs", args.pairs), ("objective", args.objective)) if v}
     preset = _merge(preset, {"flow": flow})
     cfg = options.configure(args, StudentRunConfig, preset)
     run_dir = Path(args.run_dir or f"runs/student-{args.preset}-{cfg.flow.coupling}")
@@ -43,7 +43,7 @@ def cmd_sample(args) -> int:
     """sample a trained student with an ODE solver"""
     from nfm.core.hub import local_or_hub
     from nfm.core.sampling import save_samples
-    from nfm.student.sampling import sample_ode, student_inputs
+    from nfm.student.sampling import pick_solver, sample_ode, student_inputs
     from nfm.student.train import load_student, student_prior
 
     device = options.device(args)
@@ -52,18 +52,18 @@ def cmd_sample(args) -> int:
     mc = meta["model"]
     prior = student_prior(path, meta, args.prior)
     inputs = student_inputs(meta, args.n, seed=args.seed, device=device, label=args.label, prior=prior)
-    t0 = time.perf_counter()
+    t0, solver = time.perf_counter(), pick_solver(args.solver, model)
     x, stats = sample_ode(
-        model, inputs.z, inputs.y, solver=args.solver, steps=args.steps, grid=args.grid, guidance=args.guidance,
+        model, inputs.z, inputs.y, solver=solver, steps=args.steps, grid=args.grid, guidance=args.guidance,
         rtol=args.rtol, atol=args.atol, num_classes=mc["num_classes"],
     )  # fmt: skip
     dt = time.perf_counter() - t0
     here = _run_dir(args.run) if Path(args.run).expanduser().exists() else Path(".")  # a Hub id: the working dir
-    base = options.samples_path(args, here, f"sample-{args.solver}-{stats['nfe']}")
+    base = options.samples_path(args, here, f"sample-{solver}-{stats['nfe']}")
     meta_str = {**{k: str(v) for k, v in stats.items()}, "prior": "fitted" if prior else "gaussian"}
     png = save_samples(x, inputs, mc["num_classes"], base, tensors=True, metadata=meta_str)
     print(
-        f"{args.n} samples from {'the fitted prior' if prior else 'N(0, I)'}, solver {args.solver}, "
+        f"{args.n} samples from {'the fitted prior' if prior else 'N(0, I)'}, solver {solver}, "
         f"NFE {stats['nfe']} ({stats['forward_passes']} forward passes), "
         f"{dt:.2f}s ({args.n / dt:.0f} img/s) -> {png}"
     )
@@ -106,13 +106,17 @@ def cmd_eval(args) -> int:
 
 def register(stages: argparse._SubParsersAction) -> None:
     from nfm.pipeline.presets import STUDENT_PRESETS
-    from nfm.student.names import COUPLINGS, GRIDS, SOLVERS, STUDENT_SIZES
+    from nfm.student.names import COUPLINGS, GRIDS, OBJECTIVES, SOLVERS, STUDENT_SIZES
 
     sub = options.add_group(stages, "student", "stage three: the flow-matching student")
 
     p = options.add_command(sub, "train", cmd_train)
     options.add_preset(p, STUDENT_PRESETS)
     p.add_argument("--coupling", choices=COUPLINGS, help="coupling (default nfm)")
+    p.add_argument(
+        "--objective", choices=OBJECTIVES,
+        help="fm (default): the velocity; meanflow or shortcut: the average velocity over a step (one-step sampling)",
+    )  # fmt: skip
     p.add_argument("--pairs", help="nfm / reflow coupling: pair cache key, key prefix or directory")
     p.add_argument("--size", help=f"named network size ({', '.join(STUDENT_SIZES)})")
     options.add_cache_dir(p)
@@ -124,7 +128,10 @@ def register(stages: argparse._SubParsersAction) -> None:
 
     p = options.add_command(sub, "sample", cmd_sample)
     p.add_argument("run", help="student run directory, export directory, or Hub repo id (owner/name)")
-    p.add_argument("--solver", default="euler", choices=list(SOLVERS), help="ODE solver (default euler)")
+    p.add_argument(
+        "--solver", default="auto", choices=["auto", *SOLVERS],
+        help="ODE solver (default auto: mean for a one-step student, meanflow or shortcut; euler otherwise)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=4, help="steps of a fixed-step solver (default 4)")
     p.add_argument("--grid", default="uniform", choices=GRIDS, help="time grid (default uniform)")
     p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w (default 0)")

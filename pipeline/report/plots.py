@@ -99,9 +99,15 @@ def plot_fid_vs_nfe(results: RunResults, path: Path, metric: str = "fid") -> Pat
     main = results.main()
     for name, res in main.items():
         rows = [r for r in res.rows if r.solver == "euler"]
-        line = _errorbar(ax, [r.nfe for r in rows], rows, metric, marker="o", label=_label(name))
+        mean = sorted(res.mean_steps().values(), key=lambda r: r.nfe)  # a one-step student: its own sampler
+        if mean:  # the line: steps of its average velocity; Euler steps of its velocity (h = 0) dotted
+            line = _errorbar(ax, [r.nfe for r in mean], mean, metric, marker="*", ms=9, label=_label(name))
+            _errorbar(ax, [r.nfe for r in rows], rows, metric, marker="o", ms=3, linestyle=":", alpha=0.6,
+                      color=line.lines[0].get_color())  # fmt: skip
+        else:
+            line = _errorbar(ax, [r.nfe for r in rows], rows, metric, marker="o", label=_label(name))
         color = line.lines[0].get_color()
-        for r in (r for r in res.rows if r.solver != "euler"):
+        for r in (r for r in res.rows if r.solver not in ("euler", "mean")):
             _errorbar(ax, [r.nfe], [r], metric, marker=markers.get(r.solver, "d"), color=color, ms=7)
     if results.teacher:
         # decode dotted, decode+denoise dashed; grey from N(0, I), gold from the fitted prior
@@ -115,8 +121,11 @@ def plot_fid_vs_nfe(results: RunResults, path: Path, metric: str = "fid") -> Pat
         f = floor[metric]
         ax.axhspan(max(f["mean"] - f["std"], 1e-6), f["mean"] + f["std"], color="black", alpha=0.12)
         ax.axhline(f["mean"], color="black", linewidth=0.8, label=f"floor: held-out resampled (n={floor['n']})")
-    solvers = sorted({r.solver for res in main.values() for r in res.rows} - {"euler"})
+    solvers = sorted({r.solver for res in main.values() for r in res.rows} - {"euler", "mean"})
     handles, labels = ax.get_legend_handles_labels()
+    if any(res.mean_steps() for res in main.values()):
+        handles.append(Line2D([], [], color="dimgrey", marker="*", ms=9))
+        labels.append("one-step students: average-velocity steps (dotted: their Euler steps)")
     for solver in solvers:
         handles.append(Line2D([], [], color="dimgrey", marker=markers.get(solver, "d"), linestyle="none"))
         labels.append(f"{solver} (marker; colour = model)")

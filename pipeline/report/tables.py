@@ -22,6 +22,7 @@ LABELS = {
     "nfm-reflow": "reflow of NFM",
 }
 BASELINES = ("independent", "minibatch-ot", "sd-ot", "sb", "reflow")  # trained without NFM's teacher
+OBJECTIVES = {"fm": "flow matching", "meanflow": "MeanFlow", "shortcut": "shortcut"}
 
 
 def fmt(v: float | None, digits: int = 2) -> str:
@@ -41,6 +42,9 @@ def fid(row: Score | ModelScores, metric: str = "fid", digits: int = 2) -> str:
 def label(name: str) -> str:
     if name.startswith("nfm[") and name.endswith("]"):
         return f"NFM, {name[4:-1]}"
+    coupling, _, objective = name.partition("/")  # a one-step student: nfm/meanflow
+    if objective:
+        return f"{LABELS.get(coupling, coupling)}, {OBJECTIVES.get(objective, objective)}"
     return LABELS.get(name, name)
 
 
@@ -297,6 +301,65 @@ def spread_table(results: RunResults, nfes: list[int]) -> list[str]:
     return lines + [""]
 
 
+def _one_step_rows(res: ModelScores, objective: str) -> dict[int, Score]:
+    """The rows a student of `objective` is meant to be sampled with, by NFE: Euler for flow matching, steps of
+    the average velocity for the one-step objectives."""
+    return res.euler() if objective == "fm" else res.mean_steps()
+
+
+def one_step_table(results: RunResults) -> list[str]:
+    """Objective x coupling x NFE: each student at the few steps one-step students are for, and which coupling
+    a one-step student wants."""
+    grid = results.objectives
+    if not grid:
+        return []
+    objectives = list(dict.fromkeys(o for _, o in grid.values()))
+    couplings = list(dict.fromkeys(c for c, _ in grid.values()))
+    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in _one_step_rows(results.students[n], o)})
+    cells = {(n, k): r for n, (_, o) in grid.items() for k, r in _one_step_rows(results.students[n], o).items()}
+    win = {k: winner({n: (r.fid, r.fid_ci) for (n, kk), r in cells.items() if kk == k}) for k in nfes}
+    cols = [(o, k) for o in objectives for k in nfes]
+    lines = [
+        "## One-step students: objective × coupling",
+        "",
+        "Every coupling trained with each objective, the same network, steps and batch (a one-step student adds "
+        "a step-length embedding to the network's conditioning). Flow matching is sampled with Euler steps; "
+        "MeanFlow and shortcut students with steps of the average velocity they learn (NFE = steps). FID; **bold**: "
+        "the best of all students at that NFE where its 95 % interval lies below every other's.",
+        "",
+        "| coupling | " + " | ".join(f"{OBJECTIVES.get(o, o)}, NFE {k}" for o, k in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    names = {(c, o): n for n, (c, o) in grid.items()}
+    for c in couplings:
+        row = []
+        for o, k in cols:
+            n = names.get((c, o))
+            r = cells.get((n, k))
+            row.append("–" if r is None else f"**{fid(r)}**" if win[k] == n else fid(r))
+        lines.append(f"| {LABELS.get(c, c)} | " + " | ".join(row) + " |")
+    lines.append("")
+    for k in nfes:
+        at = {n: r for (n, kk), r in cells.items() if kk == k}
+        best = min(at, key=lambda n: at[n].fid)
+        lines.append(f"- NFE {k}: the lowest mean is {label(best)} ({fid(at[best])}).")
+    costs = results.costs or {}
+    for o in (o for o in objectives if o != "fm"):  # seed 0's training, as the cost table gives it
+        ratios = sorted(costs[n]["seconds_per_step"] / costs[c]["seconds_per_step"] for n, (c, oo) in grid.items()
+                        if oo == o and (costs.get(n) or {}).get("seconds_per_step") and (costs.get(c) or {})
+                        .get("seconds_per_step"))  # fmt: skip
+        if ratios:
+            lines.append(f"- A {OBJECTIVES[o]} training step costs {ratios[len(ratios) // 2]:.2f}× a flow-matching "
+                         f"step of the same coupling (median over {len(ratios)} couplings, seconds per step as "
+                         "measured in this run).")  # fmt: skip
+    nfm_one = [(n, cells[(n, 1)]) for n, (c, o) in grid.items() if c == "nfm" and o != "fm" and (n, 1) in cells]
+    reflow = cells.get((names.get(("reflow", "fm")), 1))
+    for n, r in nfm_one if reflow is not None else []:
+        lines.append(f"- One step, {label(n)} against reflow (flow matching): {fid(r)} against {fid(reflow)}, "
+                     f"{compare(r, reflow)}.")  # fmt: skip
+    return lines + [""]
+
+
 def guidance_table(results: RunResults) -> list[str]:
     g = results.guidance
     if not g or not g["rows"]:
@@ -457,7 +520,7 @@ def report_lines(
     """report.md, section by section."""
     nfes = results.euler_nfes()
     lines = intro(results) + headline(results, nfes) + fid_table(results, nfes) + kid_table(results, nfes)
-    lines += guidance_table(results) + spread_table(results, nfes)
+    lines += one_step_table(results) + guidance_table(results) + spread_table(results, nfes)
     lines += knob_table(results, nfes, frontier) + likelihood_table(results) + cost_table(results)
     lines += memorisation_table(results) + pictures(plot, side, grid_files) + exports_table(results)
     return lines + timings(results)

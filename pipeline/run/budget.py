@@ -14,7 +14,7 @@ import torch
 from nfm.core.data import ImageDataset
 from nfm.core.errors import NFMError
 from nfm.core.io import read_json
-from nfm.pipeline.run.config import REFLOW_FROM, RunConfig
+from nfm.pipeline.run.config import REFLOW_FROM, RunConfig, crossed
 from nfm.pipeline.run.context import Costs
 from nfm.teacher.protocol import Teacher
 
@@ -98,20 +98,22 @@ def coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: Costs) -> d
             "nfm-reflow": ["teacher", "nfm pairs", "nfm-reflow pairs"]}  # fmt: skip
     steps = cfg.student.train.steps
     out = {}
-    for coupling in cfg.couplings + tuple(f"{c}@matched" for c in cfg.compute_matched):
+    models = {**{name: c for name, (c, _) in crossed(cfg).items()}, **{f"{c}@matched": f"{c}@matched"
+              for c in cfg.compute_matched}}  # fmt: skip
+    for name, coupling in models.items():  # a one-step student (nfm/meanflow) prepares as its coupling does
         parts: dict[str, float | None] = {p: costs.data.get(p, {}).get("seconds") for p in prep.get(coupling, [])}
         if coupling in REFLOW_FROM:  # the source student's training is part of a reflow coupling's cost
             sps = seconds_per_step(students[REFLOW_FROM[coupling]].parent)
             parts[f"{REFLOW_FROM[coupling]} student"] = None if sps is None else round(sps * steps, 1)
-        out[coupling] = {
-            "seconds_per_step": seconds_per_step(students[coupling].parent),
+        out[name] = {
+            "seconds_per_step": seconds_per_step(students[name].parent),
             "prep": parts,
             "prep_seconds": None if None in parts.values() else round(sum(parts.values()), 1),
         }
         if coupling.startswith("sd-ot") and "sd-ot fit" in costs.data:
-            out[coupling]["prep"] = {"sd-ot fit": costs.data["sd-ot fit"]["seconds"]}
-            out[coupling]["prep_seconds"] = costs.data["sd-ot fit"]["seconds"]
-            out[coupling]["sdot_shares"] = costs.data["sd-ot fit"]["shares"]
+            out[name]["prep"] = {"sd-ot fit": costs.data["sd-ot fit"]["seconds"]}
+            out[name]["prep_seconds"] = costs.data["sd-ot fit"]["seconds"]
+            out[name]["sdot_shares"] = costs.data["sd-ot fit"]["shares"]
         if coupling.endswith("@matched"):
-            out[coupling]["steps"] = costs.data["matched"][coupling.removesuffix("@matched")]["steps"]
+            out[name]["steps"] = costs.data["matched"][coupling.removesuffix("@matched")]["steps"]
     return out

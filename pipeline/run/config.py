@@ -10,6 +10,7 @@ from nfm.core.config import AtLeast1, NonNegative, Positive, Scale, added, check
 from nfm.core.errors import NFMError
 from nfm.core.seeding import seeded_config
 from nfm.pairs.build import PairBuildConfig
+from nfm.student.names import ONE_STEP, Objective
 from nfm.student.sampling import Solver
 from nfm.student.train import StudentRunConfig
 from nfm.teacher.train import TeacherRunConfig
@@ -43,6 +44,9 @@ class EvalConfig:
     # (evaluate.choose_guidance); () = no guided rows
     guidance: tuple[float, ...] = added(())
     guidance_nfes: tuple[int, ...] = added((1, 2, 8))
+    # one-step students (objectives meanflow, shortcut): steps of their average velocity (solver mean), beside
+    # the Euler rows of the instantaneous velocity they learn at h = 0
+    mean_nfes: tuple[int, ...] = added((1, 2, 4))
 
 
 # the couplings of a run: every student coupling, plus nfm-reflow (reflow from the nfm student; `reflow` is
@@ -95,6 +99,9 @@ class RunConfig:
     knob_seeds: AtLeast1 = added(1)  # the knob variants train on the first knob_seeds seeds
     compute_matched: tuple[RunCoupling, ...] = added(())  # baselines trained again for NFM's total compute
     matched_by: MatchedBy = added("flops")  # flops (counted) or seconds (measured here) of teacher + pairs
+    # what the students learn, crossed with the couplings (the same network, steps and batch): fm, and the
+    # one-step objectives meanflow and shortcut (students named COUPLING/OBJECTIVE, sampled at eval.mean_nfes)
+    objectives: tuple[Objective, ...] = added(("fm",))
 
 
 def seeded(cfg: RunConfig, k: int) -> RunConfig:
@@ -121,6 +128,16 @@ def knob_name(knob: str) -> str:
     return f"nfm[{knob}]"
 
 
+def student_name(coupling: str, objective: str) -> str:
+    """A run's name of the student of one coupling and objective: the coupling for fm, nfm/meanflow else."""
+    return coupling if objective == "fm" else f"{coupling}/{objective}"
+
+
+def crossed(cfg: RunConfig) -> dict[str, tuple[str, str]]:
+    """{student name: (coupling, objective)} of the run's couplings x objectives, in that order."""
+    return {student_name(c, o): (c, o) for o in cfg.objectives for c in cfg.couplings}
+
+
 def needs_teacher(cfg: RunConfig) -> bool:
     """A teacher is trained (or loaded) when a coupling reads its pairs or the report evaluates it."""
     return cfg.eval.teacher or any(c in ("nfm", "nfm-reflow") for c in cfg.couplings)
@@ -143,3 +160,15 @@ def check_run(cfg: RunConfig) -> None:
             )
     if cfg.compute_matched and "nfm" not in cfg.couplings:
         raise NFMError("compute_matched gives baselines NFM's total compute: add nfm to couplings")
+    if not cfg.objectives or len(set(cfg.objectives)) < len(cfg.objectives):
+        raise NFMError(f"objectives must name each objective once (fm, meanflow, shortcut), got {cfg.objectives}")
+    if any(o in ONE_STEP for o in cfg.objectives):
+        if "sb" in cfg.couplings:
+            raise NFMError(
+                "objectives meanflow and shortcut train on the linear path, and the sb student on the bridge path: "
+                "drop sb from couplings, or train its one-step students in a run of their own"
+            )
+        if cfg.student.flow.path != "linear":
+            raise NFMError(
+                f"objectives meanflow and shortcut need student.flow.path=linear, not {cfg.student.flow.path}"
+            )

@@ -35,7 +35,7 @@ from nfm.pipeline.evaluate import (
     teacher_sweep,
 )
 from nfm.pipeline.results import RunResults
-from nfm.pipeline.run.config import EvalConfig, RunConfig, knob_name
+from nfm.pipeline.run.config import EvalConfig, RunConfig, crossed, knob_name
 from nfm.pipeline.run.context import RunContext, SeedRun, Stages
 from nfm.student.train import load_student, student_prior
 from nfm.teacher.protocol import Teacher
@@ -125,7 +125,7 @@ def _evaluate_student(
         out = student_sweep(
             model, meta, on, euler_nfes=ev.euler_nfes, higher=((ev.higher_solver, ev.higher_steps),),
             dopri5=ev.dopri5, dopri5_tol=ev.dopri5_tol, straightness_steps=ev.straightness_steps, prior=prior,
-            log=ctx.log.info,
+            mean_nfes=ev.mean_nfes, log=ctx.log.info,
         )  # fmt: skip
         if ev.likelihood:
             from nfm.student.likelihood import student_bpd
@@ -299,6 +299,7 @@ def stage_evaluation(
         fid_warning=fid_size_warning(on.extractor, ev.n, len(on.reference)),
         priors={name: prior_used(e, runs[0].priors.get(name, "auto")) for name, e in runs[0].evaluated.items()},
         knobs=[knob_name(k) for k in cfg.knobs],
+        objectives={n: list(co) for n, co in crossed(cfg).items()} if cfg.objectives != ("fm",) else None,
         knob_settings={knob_name(k): k for k in cfg.knobs},
         per_seed=per_seed,
     )

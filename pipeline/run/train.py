@@ -15,7 +15,16 @@ from nfm.core.io import check_free_space
 from nfm.pairs.build import PairBuildConfig, PairBuildResult, build_pairs
 from nfm.pipeline.evaluate import check_extractor, default_extractor
 from nfm.pipeline.run.budget import budget_flops, matched_steps
-from nfm.pipeline.run.config import REFLOW_FROM, RunConfig, knob_config, knob_name, needs_teacher, seeded
+from nfm.pipeline.run.config import (
+    REFLOW_FROM,
+    RunConfig,
+    crossed,
+    knob_config,
+    knob_name,
+    needs_teacher,
+    seeded,
+    student_name,
+)
 from nfm.pipeline.run.context import RunContext, SeedContext, SeedRun
 from nfm.student.train import StudentRunConfig, run_student_training
 from nfm.teacher.protocol import Teacher, load_teacher_spec
@@ -76,22 +85,30 @@ def train_student(s: SeedContext, scfg: StudentRunConfig, name: str, kind: str) 
 
 
 def stage_students(s: SeedContext, pairs: PairBuildResult | None) -> dict[str, Path]:
-    """Stage 3: one student per coupling, the same network, steps and batch for every coupling. A reflow
-    coupling first trains (or reuses) its source student, then builds its pair cache from it."""
+    """Stage 3: one student per coupling and objective, the same network, steps and batch for every one. A
+    reflow coupling first trains (or reuses) its source student (flow matching), then builds its pair cache
+    from it; the one-step students of a coupling train on the same pairs as its flow-matching student."""
     students: dict[str, Path] = {}
-    order = [c for c in ("independent", "nfm") if any(REFLOW_FROM.get(r) == c for r in s.cfg.couplings)]
-    order += [c for c in s.cfg.couplings if c not in order]
-    for coupling in order:
-        pairs_dir = ""
-        if coupling == "nfm":
-            pairs_dir = str(pairs.path.resolve())
-        elif coupling in REFLOW_FROM:
-            pairs_dir = str(reflow_pairs(s, students[REFLOW_FROM[coupling]], coupling).path.resolve())
-        scfg = s.student_cfg(coupling, pairs_dir)
-        students[coupling] = train_student(s, scfg, coupling, coupling)
-        if coupling == "sd-ot":
+    sources = [c for c in ("independent", "nfm") if any(REFLOW_FROM.get(r) == c for r in s.cfg.couplings)]
+    order = sources + [c for c in s.cfg.couplings if c not in sources]
+    jobs = [(c, "fm") for c in (order if "fm" in s.cfg.objectives else sources)]
+    jobs += [(c, o) for o in s.cfg.objectives if o != "fm" for c in s.cfg.couplings]
+    pairs_dirs: dict[str, str] = {}
+    for coupling, objective in jobs:
+        if coupling not in pairs_dirs:
+            pairs_dirs[coupling] = ""
+            if coupling == "nfm":
+                pairs_dirs[coupling] = str(pairs.path.resolve())
+            elif coupling in REFLOW_FROM:
+                source = students[REFLOW_FROM[coupling]]
+                pairs_dirs[coupling] = str(reflow_pairs(s, source, coupling).path.resolve())
+        scfg = s.student_cfg(coupling, pairs_dirs[coupling])
+        scfg = replace(scfg, flow=replace(scfg.flow, objective=objective))
+        name = student_name(coupling, objective)
+        students[name] = train_student(s, scfg, name, coupling if objective == "fm" else f"{coupling}-{objective}")
+        if coupling == "sd-ot":  # the fit the students of every objective share
             record_sdot(s, scfg)
-    return students  # the run's couplings and the source students of its reflow couplings
+    return students  # the run's couplings x objectives and the source students of its reflow couplings
 
 
 def stage_knobs(
@@ -148,7 +165,7 @@ def train_seed(run: RunContext, cfg: RunConfig, k: int) -> SeedRun:
     else:
         s.log.info(f"no teacher: the couplings {', '.join(cfg.couplings)} do not use one (eval.teacher=false)")
     trained = stage_students(s, pairs)
-    evaluated = {c: trained[c] for c in cfg.couplings}
+    evaluated = {name: trained[name] for name in crossed(cfg)}
     if cfg.compute_matched:
         flops = budget_flops(cfg, teacher, s.train_data(), not run.from_teacher) if cfg.matched_by == "flops" else None
         matched = stage_matched(s, flops, trained)
