@@ -350,7 +350,7 @@ def _near_builtin(name: str) -> str | None:
     return next((b for b in BUILTIN if b == norm or b.replace("-", "") == norm.replace("-", "")), None)
 
 
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
+def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the Hub's host takes no connection from here (one try, `timeout` seconds), or None: reachable, or
     offline mode already set (the libraries then read their cache without trying the network)."""
     import socket
@@ -398,7 +398,7 @@ def _load_hf(cfg: DataConfig):
             return datasets.load_dataset("imagefolder", data_dir=str(path))
         if name.startswith((".", "/", "~")):
             raise NFMError(f"dataset directory not found: {path}")
-        unreachable = _hub_unreachable()
+        unreachable = hub_unreachable()
         if unreachable:  # no retries against a Hub that cannot answer: the local cache, or a clear no
             with _offline():
                 return datasets.load_dataset(name)

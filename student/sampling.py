@@ -20,6 +20,7 @@ from nfm.core.config import one_of
 from nfm.core.errors import NFMError
 from nfm.core.prior import Prior
 from nfm.core.sampling import SampleInputs, sample_inputs
+from nfm.student.meanflow import mean_steps
 from nfm.student.names import EVALS_PER_STEP, GRIDS, SOLVERS, Grid, Solver, fixed_nfe  # noqa: F401 (re-exported)
 
 
@@ -117,9 +118,7 @@ def sample_ode(
             if not getattr(getattr(model, "cfg", None), "interval", False):
                 raise NFMError("solver=mean steps an average velocity: this student has none (train it with "
                                "flow.objective=meanflow or shortcut); use euler, heun or dopri5")  # fmt: skip
-            t, x = time_grid(steps, grid, rho).to(x0.device), x0
-            for a, b in zip(t[:-1], t[1:]):
-                x = x + (b - a) * func(a, x, b - a)
+            x = mean_steps(func, x0, time_grid(steps, grid, rho).to(x0.device))
         elif solver == "heun":  # EDM's Heun: the last step is Euler, so no evaluation at t = 1
             t = time_grid(steps, grid, rho).to(x0.device)
             x = odeint(func, x0, t[:-1], method=SOLVERS[solver])[-1] if steps > 1 else x0

@@ -233,6 +233,7 @@ def test_a_one_step_objective_trains_through_the_usual_loop_and_samples_with_its
     z, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
     x, stats = sample_ode(model, z, y, solver="mean", steps=2)
     assert stats["nfe"] == 2 and x.shape == z.shape and torch.isfinite(x).all()
+    torch.testing.assert_close(x, sample_mean(model, z, y, 2)[0])  # the sampler's loop is sample_mean's
     sampled = run_nfm_inline("student", "sample", export, "--n", 4, "--steps", 2, "--out", tmp_path / "grid")
     assert sampled.returncode == 0 and "solver mean, NFE 2" in sampled.stdout, sampled.stderr
     plain = build_student(StudentModelConfig(arch="mlp", width=8, depth=1, num_classes=0).resolved(1, 8, 0))

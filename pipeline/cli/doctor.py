@@ -93,7 +93,7 @@ def cmd_doctor(args) -> int:
     (`nfm pairs verify KEY` checks a cache's bytes).
     """
     import nfm
-    from nfm.core.data import _hub_unreachable
+    from nfm.core.data import hub_unreachable
     from nfm.pairs.lookup import default_cache_root
 
     root = options.cache_root(args)
@@ -110,7 +110,7 @@ def cmd_doctor(args) -> int:
     print("\n".join(_caches(root)))
     print("built-in data:\n" + "\n".join(_data()))
     print("FID feature networks:\n" + "\n".join(_feature_networks()))
-    hub = _hub_unreachable(timeout=3.0) if args.network else None
+    hub = hub_unreachable(timeout=3.0) if args.network else None
     if args.network:
         print(f"Hugging Face Hub: {'unreachable (' + hub + ')' if hub else 'reachable (or offline mode is set)'}")
     sys.stdout.flush()
