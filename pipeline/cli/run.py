@@ -16,7 +16,8 @@ def cmd_run(args) -> int:
     nfm-reflow`; `run.couplings=...` is the same), FID/KID evaluation and the report in one run directory.
     Finished stages are reused, interrupted ones resume: rerun the same command. Evidence settings:
     `--seeds 3` (intervals), `knobs=eta=0,views=1,mix=0.25` (NFM variants), `compute_matched=independent`
-    (baselines at NFM's total compute), `eval.noise_seeds=5` (FID's own sampling spread).
+    (baselines at NFM's total compute), `eval.noise_seeds=5` (FID's own sampling spread),
+    `objectives=fm,meanflow,shortcut` (one-step students of every coupling, sampled at eval.mean_nfes).
     """
     from nfm.pipeline.presets import run_preset
     from nfm.pipeline.run import RunConfig, run_pipeline
