@@ -476,14 +476,14 @@ def cost_table(results: RunResults) -> list[str]:
         "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
         "stage was reused from an earlier run and not timed)" + (" — seed 0's run." if results.seeds > 1 else "."),
         "",
-        "| coupling | s / training step | training steps | preparation (s) | of which |",
-        "|---|---|---|---|---|",
+        "| coupling | parameters | s / training step | training steps | preparation (s) | of which |",
+        "|---|---|---|---|---|---|",
     ]
     for name, c in costs.items():
         parts = ", ".join(f"{k} {fmt(v, 1)}" for k, v in c["prep"].items()) or "none"
-        sps = fmt(c["seconds_per_step"], 4)
+        sps, params = fmt(c["seconds_per_step"], 4), f"{c['params']:,}" if c.get("params") else "–"
         steps = c.get("steps", results.student_steps if results.student_steps is not None else "–")
-        lines.append(f"| {label(name)} | {sps} | {steps} | {fmt(c.get('prep_seconds'), 1)} | {parts} |")
+        lines.append(f"| {label(name)} | {params} | {sps} | {steps} | {fmt(c.get('prep_seconds'), 1)} | {parts} |")
     sd = costs.get("sd-ot", {}).get("sdot_shares")
     if sd:
         lines += [

@@ -91,6 +91,13 @@ def seconds_per_step(run: Path) -> float | None:
     return round(batch / rates[len(rates) // 2], 4) if rates and batch else None
 
 
+def parameter_count(export: Path) -> int:
+    """The parameters of an exported student (a one-step student's step embedding among them)."""
+    from nfm.core.io import load_tensors
+
+    return sum(t.numel() for t in load_tensors(export / "model.safetensors", "student weights").values())
+
+
 def coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: Costs) -> dict[str, Any]:
     """Per coupling: seconds per training step, and the seconds spent preparing the coupling where they were
     measured (teacher training, pair encoding, the OT fit, the reflow source student's training and solves)."""
@@ -107,6 +114,7 @@ def coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: Costs) -> d
             parts[f"{REFLOW_FROM[coupling]} student"] = None if sps is None else round(sps * steps, 1)
         out[name] = {
             "seconds_per_step": seconds_per_step(students[name].parent),
+            "params": parameter_count(students[name]),
             "prep": parts,
             "prep_seconds": None if None in parts.values() else round(sum(parts.values()), 1),
         }
