@@ -17,6 +17,8 @@ plain flow matching. Sampling takes steps of the average velocity: one step x = 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,20 +45,23 @@ def average_velocity_target(
     return u, (v + column(h, v) * du_dt).detach()
 
 
-def meanflow_loss(
-    model: nn.Module,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    h: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None,
-    power: float = 1.0,
-) -> torch.Tensor:
+class StepRows(NamedTuple):
+    """The rows of a one-step objective's batch: x_t on the path at time t, the step length h (0: a flow-matching
+    row), the path's velocity v there, the labels y (None: unconditional)."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    h: torch.Tensor
+    v: torch.Tensor
+    y: torch.Tensor | None
+
+
+def meanflow_loss(model: nn.Module, rows: StepRows, power: float = 1.0) -> torch.Tensor:
     """The training loss of a batch: u from the model as given (a distributed wrapper's forward, whose backward
     synchronises the gradients), its target from a JVP of the bare module without gradients."""
-    u = model(x_t, t, y, h=h)
+    u = model(rows.x_t, rows.t, rows.y, h=rows.h)
     with torch.no_grad():
-        _, target = average_velocity_target(getattr(model, "module", model), x_t, t, h, v, y)
+        _, target = average_velocity_target(getattr(model, "module", model), *rows)
     return adaptive_loss(u.float(), target.float(), power)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nfm.core.errors import NFMError
-from nfm.student.meanflow import column
+from nfm.student.meanflow import StepRows, column
 
 
 def consistency_target(
@@ -51,27 +51,20 @@ def grid_time(step: torch.Tensor, u_place: torch.Tensor) -> torch.Tensor:
     return (u_place * count).floor().clamp(max=count - 1) * step
 
 
-def shortcut_loss(
-    model: nn.Module,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    h: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None,
-    consistent: torch.Tensor,
-    finest: float,
-) -> torch.Tensor:
+def shortcut_loss(model: nn.Module, rows: StepRows, consistent: torch.Tensor, finest: float) -> torch.Tensor:
     """The loss of a batch: the squared error of s(x_t, t, h) against v on the flow-matching rows (h = 0) and
-    against the two-half-steps target on the `consistent` rows (h = 2d), computed from the bare module without
-    gradients (a distributed wrapper's forward gives the output whose backward synchronises)."""
+    against the two-half-steps target on the `consistent` rows (h = 2d; half steps of at most `finest` taken
+    with the instantaneous velocity), computed from the bare module without gradients (a distributed wrapper's
+    forward gives the output whose backward synchronises)."""
+    x_t, t, h, v, y = rows
     s = model(x_t, t, y, h=h)
     target = v.clone()
     if consistent.any():
-        bare, rows = getattr(model, "module", model), consistent.nonzero().flatten()
-        d = h[rows] / 2
+        bare, idx = getattr(model, "module", model), consistent.nonzero().flatten()
+        d = h[idx] / 2
         query = torch.where(d <= finest, torch.zeros_like(d), d)
         with torch.no_grad():
-            yy = None if y is None else y[rows]
-            target[rows] = consistency_target(bare, x_t[rows], t[rows], d, yy, query).to(target.dtype)
+            yy = None if y is None else y[idx]
+            target[idx] = consistency_target(bare, x_t[idx], t[idx], d, yy, query).to(target.dtype)
     wide = torch.promote_types(s.dtype, torch.float32)  # bfloat16 under autocast: the error in float32 at least
     return (s.to(wide) - target.to(wide)).pow(2).mean()

@@ -36,7 +36,7 @@ from nfm.pairs.lookup import cache_ref, default_cache_root, find_cache
 from nfm.pairs.prior import PriorConfig, fit_prior
 from nfm.pairs.reader import FLOW_KINDS, PairCache
 from nfm.student.couplings import PAIRED, Coupling, CouplingName, make_coupling, make_source
-from nfm.student.meanflow import meanflow_loss, pair_steps
+from nfm.student.meanflow import StepRows, meanflow_loss, pair_steps
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.names import ONE_STEP, Objective
 from nfm.student.paths import PathName, ProbPath, TimeSampler, sample_time
@@ -111,11 +111,11 @@ def flow_matching_loss(coupling: Coupling, path: ProbPath, flow: FlowConfig, cla
         xt, u = path.sample(z, x, t, eps)
         if class_dropout > 0:
             y = torch.where(rng.rand().to(y.device) < class_dropout, torch.full_like(y, -1), y)
-        if flow.objective == "meanflow":
-            return meanflow_loss(model, xt, t.to(xt.dtype), h.to(xt.dtype), u, y, flow.meanflow_power), {}
-        if flow.objective == "shortcut":
-            finest = 2.0**-flow.shortcut_levels
-            return shortcut_loss(model, xt, t.to(xt.dtype), h.to(xt.dtype), u, y, consistent, finest), {}
+        if flow.objective in ONE_STEP:
+            rows = StepRows(xt, t.to(xt.dtype), h.to(xt.dtype), u, y)
+            if flow.objective == "meanflow":
+                return meanflow_loss(model, rows, flow.meanflow_power), {}
+            return shortcut_loss(model, rows, consistent, 2.0**-flow.shortcut_levels), {}
         v = model(xt, t, y)
         return (v.float() - u.float()).pow(2).mean(), {}
 

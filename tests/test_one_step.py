@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nfm.core.errors import NFMError
-from nfm.student.meanflow import adaptive_loss, average_velocity_target, pair_steps, sample_mean
+from nfm.student.meanflow import StepRows, adaptive_loss, average_velocity_target, pair_steps, sample_mean
 from nfm.student.models import StudentModelConfig, build_student
 from nfm.student.shortcut import consistency_steps, consistency_target, grid_time, shortcut_loss
 
@@ -135,7 +135,7 @@ def test_without_self_consistency_rows_the_shortcut_loss_is_the_flow_matching_lo
     model = _student(True)
     x, v = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.randn(4, 1, 4, 4, dtype=torch.float64)
     t, zero, y = torch.rand(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64), torch.tensor([0, 1, 2, -1])
-    loss = shortcut_loss(model, x, t, zero, v, y, torch.zeros(4, dtype=torch.bool), 2.0**-7)
+    loss = shortcut_loss(model, StepRows(x, t, zero, v, y), torch.zeros(4, dtype=torch.bool), 2.0**-7)
     fm = (model(x, t, y, h=zero) - v).pow(2).mean()
     assert float(loss) == pytest.approx(float(fm), rel=1e-12)
     # a self-consistency row's target is the two half steps (the finest: with the instantaneous velocity)
@@ -145,7 +145,9 @@ def test_without_self_consistency_rows_the_shortcut_loss_is_the_flow_matching_lo
         target[0] = consistency_target(model, x[:1], t[:1], h[:1] / 2, y[:1], h[:1] / 2)[0]
         target[2] = consistency_target(model, x[2:3], t[2:3], h[2:3] / 2, y[2:3], zero[:1])[0]
     expected = (model(x, t, y, h=h) - target).pow(2).mean()
-    assert float(shortcut_loss(model, x, t, h, v, y, rows, 2.0**-7)) == pytest.approx(float(expected), rel=1e-12)
+    assert float(shortcut_loss(model, StepRows(x, t, h, v, y), rows, 2.0**-7)) == pytest.approx(
+        float(expected), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv", "dit"])
@@ -190,9 +192,9 @@ def test_one_step_students_map_noise_to_either_mode_in_one_step_where_flow_match
                 t, h = torch.where(rows, grid_time(step, u[2]), t), torch.where(rows, step, h)
             xt = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * x
             if name == "meanflow":
-                loss = meanflow_loss(model, xt, t, h, x - z, None)
+                loss = meanflow_loss(model, StepRows(xt, t, h, x - z, None))
             elif name == "shortcut":
-                loss = shortcut_loss(model, xt, t, h, x - z, None, rows, 2.0**-3)
+                loss = shortcut_loss(model, StepRows(xt, t, h, x - z, None), rows, 2.0**-3)
             else:
                 loss = (model(xt, t) - (x - z)).pow(2).mean()
             opt.zero_grad()
