@@ -357,8 +357,9 @@ class StudentEval:
         )
 
     def euler_grids(self, max_nfe: int = 8) -> dict[str, torch.Tensor]:
-        """The grids of the Euler rows up to max_nfe steps (what the report shows)."""
-        keys = [r.grid_key for r in self.rows if r.solver == "euler" and r.nfe <= max_nfe]
+        """The grids of the Euler rows up to max_nfe steps (what the report shows), and of a one-step student's
+        average-velocity steps."""
+        keys = [r.grid_key for r in self.rows if r.solver in ("euler", "mean") and r.nfe <= max_nfe]
         return {k: self.grids[k] for k in keys if k in self.grids}
 
 

@@ -295,6 +295,8 @@ def test_one_step_objectives_crossed_with_the_couplings_in_one_report(tmp_path):
     md = (run / "report.md").read_text()
     assert "## One-step students: objective × coupling" in md and "| MeanFlow, NFE 1 | MeanFlow, NFE 2 |" in md
     assert "| NFM (teacher pairs) |" in md and "NFM (teacher pairs), MeanFlow" in md
+    assert "![one-step students](one_step.png)" in md and (run / "one_step.png").is_file()
+    assert (run / "samples" / "nfm+meanflow-mean-1.png").is_file()  # a file, not a folder per coupling
     p = run_nfm_inline("run", "--preset", "tiny", "--run-dir", tmp_path / "sb", "couplings=sb", "objectives=shortcut")
     assert p.returncode != 0 and "drop sb from couplings" in p.stderr and not (tmp_path / "sb").exists()
 

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from nfm.core.io import atomic_write, read_json, write_json
-from nfm.pipeline.report.plots import one_per_class, plot_fid_vs_nfe, plot_frontier, plot_side_by_side, write_grids
+from nfm.pipeline.report.plots import (
+    grid_file,
+    one_per_class,
+    plot_fid_vs_nfe,
+    plot_frontier,
+    plot_one_step,
+    plot_side_by_side,
+    write_grids,
+)
 from nfm.pipeline.report.tables import report_lines
 from nfm.pipeline.results import RunResults
 
@@ -38,6 +46,7 @@ def write_report(
     write_json(out_dir / "report.json", results.to_json())
     plot = plot_fid_vs_nfe(results, out_dir / "fid_vs_nfe.png")
     frontier = plot_frontier(results, out_dir / "knob_frontier.png") if results.knobs else None
+    one_step = plot_one_step(results, out_dir / "one_step.png")
     grid_files = {**(grid_files or {}), **write_grids(grids, out_dir)}
     side = plot_side_by_side(grids, labels, out_dir / "samples.png") if grids else None
     caption_file = out_dir / "samples" / "caption.txt"
@@ -46,7 +55,7 @@ def write_report(
     elif (out_dir / "samples.png").is_file() and caption_file.is_file():
         side = (out_dir / "samples.png", caption_file.read_text().strip())
     side_md = (side[0].name, side[1]) if side else None
-    lines = report_lines(results, plot, frontier, side_md, grid_files)
+    lines = report_lines(results, plot, frontier, side_md, grid_files, one_step)
     report = out_dir / "report.md"
     atomic_write(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return report
@@ -57,15 +66,14 @@ def rerender(out_dir: Path) -> Path:
     change to the report's code): the numbers are read, not recomputed."""
     out_dir = Path(out_dir)
     results = read_results(out_dir)
-    found = {f.name for f in (out_dir / "samples").glob("*.png")}
     files = {}
     teacher = [f"teacher-{r.sampler}" for r in (results.teacher.rows if results.teacher else [])]
     for model in ["teacher", *results.students]:
         keys = [t[len("teacher-") :] for t in teacher] if model == "teacher" else []
         if model != "teacher":
             rows = results.students[model].rows
-            keys = [f"{r.solver}-{r.nfe}" for r in rows if r.solver == "euler" and r.nfe <= 8]
+            keys = [f"{r.solver}-{r.nfe}" for r in rows if r.solver in ("euler", "mean") and r.nfe <= 8]
         for key in keys:
-            if f"{model}-{key}.png" in found:
-                files[(model, key)] = Path("samples") / f"{model}-{key}.png"
+            if (out_dir / grid_file(model, key)).is_file():
+                files[(model, key)] = grid_file(model, key)
     return write_report(results, {}, out_dir, files)

@@ -9,6 +9,7 @@ import torch
 
 from nfm.core.images import grid_image, save_grid
 from nfm.core.io import atomic_write
+from nfm.pipeline.report.tables import OBJECTIVES, one_step_rows
 from nfm.pipeline.report.tables import label as _label
 from nfm.pipeline.report.tables import sampler_title as _sampler_title
 from nfm.pipeline.results import RunResults
@@ -284,6 +285,50 @@ def plot_side_by_side(
     return path, caption
 
 
+def plot_one_step(results: RunResults, path: Path) -> Path | None:
+    """FID against NFE at the few steps one-step students are for: a panel per objective (flow matching with
+    Euler steps, the one-step objectives with their average-velocity steps), a line per coupling in the same
+    colour in every panel; a shared log y axis, 95 % intervals."""
+    grid = results.objectives
+    if not grid:
+        return None
+    plt = _pyplot()
+    objectives = list(dict.fromkeys(o for _, o in grid.values()))
+    couplings = list(dict.fromkeys(c for c, _ in grid.values()))
+    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in one_step_rows(results.students[n], o)})
+    fig, axes = plt.subplots(1, len(objectives), figsize=(3.4 * len(objectives) + 1.8, 3.8), dpi=120, sharey=True)
+    axes = [axes] if len(objectives) == 1 else list(axes)
+    colors = {c: f"C{i}" for i, c in enumerate(couplings)}
+    names = {(c, o): n for n, (c, o) in grid.items()}
+    for ax, o in zip(axes, objectives, strict=True):
+        for c in couplings:
+            rows = one_step_rows(results.students[names[(c, o)]], o) if (c, o) in names else {}
+            pts = [rows[k] for k in nfes if k in rows]
+            if pts:
+                _errorbar(ax, [r.nfe for r in pts], pts, "fid", marker="o", color=colors[c], label=_label(c))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(nfes, [str(k) for k in nfes])
+        ax.xaxis.set_minor_locator(matplotlib_null_locator())
+        ax.set_xlabel("NFE (Euler steps)" if o == "fm" else "NFE (average-velocity steps)")
+        ax.set_title(OBJECTIVES.get(o, o), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    _log_y_ticks(axes[0])
+    axes[0].set_ylabel(f"FID vs held-out ({results.extractor}), log scale")
+    seeds = results.seeds
+    note = f"mean ± 95 % interval over {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{results.preset}: which coupling a few-step student wants ({note})", fontsize=10)
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png", bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def grid_file(model: str, key: str) -> Path:
+    """samples/MODEL-KEY.png, a one-step student's MODEL written nfm+meanflow (one file, not a folder)."""
+    return Path("samples") / f"{model.replace('/', '+')}-{key}.png"
+
+
 def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dict[tuple[str, str], Path]:
     """samples/MODEL-KEY.png for every grid (first 100 samples, 10 columns); returns their relative paths."""
     files = {}
@@ -295,7 +340,6 @@ def write_grids(grids: dict[str, dict[str, torch.Tensor]], out_dir: Path) -> dic
             if source is not None:
                 m = min(50, len(x), len(source))
                 x = torch.stack([source[:m].to(x), x[:m]], 1).flatten(0, 1)
-            f = out_dir / "samples" / f"{model}-{key}.png"
-            save_grid(x[:100], f, nrow=10)
-            files[(model, key)] = f.relative_to(out_dir)
+            save_grid(x[:100], out_dir / grid_file(model, key), nrow=10)
+            files[(model, key)] = grid_file(model, key)
     return files

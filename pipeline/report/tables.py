@@ -301,13 +301,13 @@ def spread_table(results: RunResults, nfes: list[int]) -> list[str]:
     return lines + [""]
 
 
-def _one_step_rows(res: ModelScores, objective: str) -> dict[int, Score]:
+def one_step_rows(res: ModelScores, objective: str) -> dict[int, Score]:
     """The rows a student of `objective` is meant to be sampled with, by NFE: Euler for flow matching, steps of
     the average velocity for the one-step objectives."""
     return res.euler() if objective == "fm" else res.mean_steps()
 
 
-def one_step_table(results: RunResults) -> list[str]:
+def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]:
     """Objective x coupling x NFE: each student at the few steps one-step students are for, and which coupling
     a one-step student wants."""
     grid = results.objectives
@@ -315,8 +315,8 @@ def one_step_table(results: RunResults) -> list[str]:
         return []
     objectives = list(dict.fromkeys(o for _, o in grid.values()))
     couplings = list(dict.fromkeys(c for c, _ in grid.values()))
-    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in _one_step_rows(results.students[n], o)})
-    cells = {(n, k): r for n, (_, o) in grid.items() for k, r in _one_step_rows(results.students[n], o).items()}
+    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in one_step_rows(results.students[n], o)})
+    cells = {(n, k): r for n, (_, o) in grid.items() for k, r in one_step_rows(results.students[n], o).items()}
     win = {k: winner({n: (r.fid, r.fid_ci) for (n, kk), r in cells.items() if kk == k}) for k in nfes}
     cols = [(o, k) for o in objectives for k in nfes]
     lines = [
@@ -357,7 +357,7 @@ def one_step_table(results: RunResults) -> list[str]:
     for n, r in nfm_one if reflow is not None else []:
         lines.append(f"- One step, {label(n)} against reflow (flow matching): {fid(r)} against {fid(reflow)}, "
                      f"{compare(r, reflow)}.")  # fmt: skip
-    return lines + [""]
+    return lines + ([""] + [f"![one-step students]({figure.name})"] if figure else []) + [""]
 
 
 def guidance_table(results: RunResults) -> list[str]:
@@ -515,12 +515,17 @@ def timings(results: RunResults) -> list[str]:
 
 
 def report_lines(
-    results: RunResults, plot: Path, frontier: Path | None, side: tuple[str, str] | None, grid_files
+    results: RunResults,
+    plot: Path,
+    frontier: Path | None,
+    side: tuple[str, str] | None,
+    grid_files,
+    one_step: Path | None = None,
 ) -> list[str]:
     """report.md, section by section."""
     nfes = results.euler_nfes()
     lines = intro(results) + headline(results, nfes) + fid_table(results, nfes) + kid_table(results, nfes)
-    lines += one_step_table(results) + guidance_table(results) + spread_table(results, nfes)
+    lines += one_step_table(results, one_step) + guidance_table(results) + spread_table(results, nfes)
     lines += knob_table(results, nfes, frontier) + likelihood_table(results) + cost_table(results)
     lines += memorisation_table(results) + pictures(plot, side, grid_files) + exports_table(results)
     return lines + timings(results)
