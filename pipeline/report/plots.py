@@ -224,7 +224,8 @@ def one_per_class(labels: torch.Tensor | None, n: int, k: int = 10) -> tuple[lis
 def _panel_keys(model: str, keys: list[str]) -> list[str]:
     if model == "teacher":
         return keys
-    euler = [k for k in keys if k.startswith("euler-")]
+    mean = [k for k in keys if k.startswith("mean-")]  # a one-step student: its average-velocity steps
+    euler = mean or [k for k in keys if k.startswith("euler-")]
     return sorted(euler, key=lambda k: int(k.split("-")[1]))
 
 

@@ -49,9 +49,13 @@ def label(name: str) -> str:
 
 
 def sampler_title(key: str) -> str:
-    """A sampler's name for people: euler-4 -> Euler 4, decode+denoise@fitted -> decode + denoise, fitted prior."""
+    """A sampler's name for people: euler-4 -> Euler 4, mean-2 -> 2 average-velocity steps, decode+denoise@fitted
+    -> decode + denoise, fitted prior."""
     base, fitted = key.removesuffix("@fitted"), key.endswith("@fitted")
     title = base.replace("euler-", "Euler ").replace("+", " + ")
+    if base.startswith("mean-"):  # a one-step student's steps of its average velocity
+        k = base.removeprefix("mean-")
+        title = f"{k} average-velocity step{'' if k == '1' else 's'}"
     return f"{title}, fitted prior" if fitted else title
 
 
