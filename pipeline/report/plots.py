@@ -9,7 +9,7 @@ import torch
 
 from nfm.core.images import grid_image, save_grid
 from nfm.core.io import atomic_write
-from nfm.pipeline.report.tables import OBJECTIVES, one_step_rows
+from nfm.pipeline.report.tables import OBJECTIVES, one_step_grid, one_step_rows
 from nfm.pipeline.report.tables import label as _label
 from nfm.pipeline.report.tables import sampler_title as _sampler_title
 from nfm.pipeline.results import RunResults
@@ -290,17 +290,13 @@ def plot_one_step(results: RunResults, path: Path) -> Path | None:
     """FID against NFE at the few steps one-step students are for: a panel per objective (flow matching with
     Euler steps, the one-step objectives with their average-velocity steps), a line per coupling in the same
     colour in every panel; a shared log y axis, 95 % intervals."""
-    grid = results.objectives
-    if not grid:
+    if not results.objectives:
         return None
     plt = _pyplot()
-    objectives = list(dict.fromkeys(o for _, o in grid.values()))
-    couplings = list(dict.fromkeys(c for c, _ in grid.values()))
-    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in one_step_rows(results.students[n], o)})
+    objectives, couplings, nfes, names = one_step_grid(results)
     fig, axes = plt.subplots(1, len(objectives), figsize=(3.4 * len(objectives) + 1.8, 3.8), dpi=120, sharey=True)
     axes = [axes] if len(objectives) == 1 else list(axes)
     colors = {c: f"C{i}" for i, c in enumerate(couplings)}
-    names = {(c, o): n for n, (c, o) in grid.items()}
     for ax, o in zip(axes, objectives, strict=True):
         for c in couplings:
             rows = one_step_rows(results.students[names[(c, o)]], o) if (c, o) in names else {}

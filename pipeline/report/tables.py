@@ -311,15 +311,23 @@ def one_step_rows(res: ModelScores, objective: str) -> dict[int, Score]:
     return res.euler() if objective == "fm" else res.mean_steps()
 
 
+def one_step_grid(results: RunResults) -> tuple[list[str], list[str], list[int], dict[tuple[str, str], str]]:
+    """The axes of a run of several objectives (table and figure): its objectives, its couplings, the NFE its
+    one-step students were swept at, and {(coupling, objective): student name}."""
+    grid = results.objectives or {}
+    objectives = list(dict.fromkeys(o for _, o in grid.values()))
+    couplings = list(dict.fromkeys(c for c, _ in grid.values()))
+    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in one_step_rows(results.students[n], o)})
+    return objectives, couplings, nfes, {(c, o): n for n, (c, o) in grid.items()}
+
+
 def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]:
     """Objective x coupling x NFE: each student at the few steps one-step students are for, and which coupling
     a one-step student wants."""
     grid = results.objectives
     if not grid:
         return []
-    objectives = list(dict.fromkeys(o for _, o in grid.values()))
-    couplings = list(dict.fromkeys(c for c, _ in grid.values()))
-    nfes = sorted({k for n, (_, o) in grid.items() if o != "fm" for k in one_step_rows(results.students[n], o)})
+    objectives, couplings, nfes, names = one_step_grid(results)
     cells = {(n, k): r for n, (_, o) in grid.items() for k, r in one_step_rows(results.students[n], o).items()}
     win = {k: winner({n: (r.fid, r.fid_ci) for (n, kk), r in cells.items() if kk == k}) for k in nfes}
     cols = [(o, k) for o in objectives for k in nfes]
@@ -334,7 +342,6 @@ def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]
         "| coupling | " + " | ".join(f"{OBJECTIVES.get(o, o)}, NFE {k}" for o, k in cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    names = {(c, o): n for n, (c, o) in grid.items()}
     for c in couplings:
         row = []
         for o, k in cols:
