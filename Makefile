@@ -17,8 +17,8 @@ demo: $(STAMP)  ## the main job: teacher -> pairs -> students (nfm, independent,
 smoke: $(STAMP)  ## every stage on a toy budget (seconds): nfm run --preset tiny
 	$(VENV)/bin/nfm --quiet run --preset tiny --run-dir runs/run-tiny  # the whole log: runs/run-tiny/log.txt
 
-test: $(STAMP)  ## the test suite (CPU only)
-	$(VENV)/bin/python -m pytest -q
+test: $(STAMP)  ## the test suite (CPU only), one worker per core
+	$(VENV)/bin/python -m pytest -q -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/python -m tests.layers

@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N workers share the cores, one thread each (and their
+    os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses); two threads per worker on two cores slow both many times
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
