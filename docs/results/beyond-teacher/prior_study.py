@@ -15,6 +15,9 @@ and, as a control with no teacher and no student, the same Gaussian fitted per c
 statistics (prior.json).
 
     python docs/results/beyond-teacher/prior_study.py RUN_DIR [--out FILE.json] [--nfes 1,2,4,8]
+
+The results are written to --out after every seed; run again with the same --out (say, after `--seeds 3` on the
+same run directory), the seeds already there for the same student export are kept, not measured again.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ def main() -> None:
     ev, reference, ref_labels = cfg.eval, on.reference, on.reference_labels
     students, teachers = students_of(args.run, cfg.student.train.steps), teachers_of(args.run)
     results: dict = {"run": str(args.run), "n": ev.n, "extractor": on.extractor, "nfes": nfes, "seeds": []}
+    done = _measured(args.out, results)
 
     classes = int(ref_labels.max()) + 1
     pixel = _pixel_gaussian(train_images, train_labels, classes)
@@ -157,6 +161,10 @@ def main() -> None:
     for k in range(cfg.seeds):
         sc = seeded(cfg, k)
         export = students[("nfm", sc.student.train.seed)]
+        if (k, str(export)) in done:
+            results["seeds"].append(done[k, str(export)])
+            print(f"seed {k}: kept from {args.out}", flush=True)
+            continue
         model, meta = load_student(export)
         cache = PairCache(find_cache(meta["flow"]["pairs"]))
         teacher = load_teacher(teachers[cache.index["key_fields"]["teacher"]])
@@ -188,6 +196,16 @@ def main() -> None:
         results["seeds"].append(row)
         save(results, args.out)
     _table(results)
+
+
+def _measured(out: Path | None, results: dict) -> dict:
+    """The seed rows of an earlier run of this study at `out` with the same settings, by (seed, student)."""
+    if not out or not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if any(old.get(k) != results[k] for k in ("n", "extractor", "nfes")):
+        return {}
+    return {(row["seed"], row["student"]): row for row in old["seeds"]}
 
 
 def _table(r: dict) -> None:
