@@ -205,7 +205,14 @@ def _measured(out: Path | None, results: dict) -> dict:
     old = json.loads(out.read_text())
     if any(old.get(k) != results[k] for k in ("n", "extractor", "nfes")):
         return {}
-    return {(row["seed"], row["student"]): row for row in old["seeds"]}
+    return {(row["seed"], row["student"]): _int_keys(row) for row in old["seeds"]}
+
+
+def _int_keys(d):
+    """A row read back from JSON with its Euler counts as ints again (JSON keeps only string keys)."""
+    if not isinstance(d, dict):
+        return d
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in d.items()}
 
 
 def _table(r: dict) -> None:
