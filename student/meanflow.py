@@ -17,6 +17,7 @@ plain flow matching. Sampling takes steps of the average velocity: one step x = 
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -39,8 +40,11 @@ def average_velocity_target(
     def u_of(x: torch.Tensor, tt: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
         return model(x, tt, y, h=hh)
 
-    # attention through its math kernel: the fused ones (flash, memory-efficient) have no forward-mode derivative
-    with sdpa_kernel(SDPBackend.MATH):
+    # attention through its math kernel: the fused ones (flash, memory-efficient) have no forward-mode derivative.
+    # torch's first JVP in a process loads its own decompositions through torch.jit.script and warns that this is
+    # deprecated: torch's own call, not one a user can change, so it is not shown to them
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         u, du_dt = torch.func.jvp(u_of, (x_t, t, h), (v, torch.ones_like(t), -torch.ones_like(h)))
     return u, (v + column(h, v) * du_dt).detach()
 
