@@ -71,6 +71,7 @@ def test_a_wheel_holds_only_the_nfm_package(tmp_path):
     cmd = [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "absent from the `packages` configuration" not in p.stdout + p.stderr  # every folder it ships is declared
     (wheel,) = tmp_path.glob("nfm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
