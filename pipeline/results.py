@@ -162,12 +162,21 @@ class RunResults(_Json):
     exports: dict[str, list[str]] | None = None
     # a run of several objectives: {student: [coupling, objective]} of its couplings x objectives
     objectives: dict[str, list[str]] | None = None
+    # the run's settings as its config.json holds them (`nfm report merge` checks that only the seeds differ)
+    config: dict[str, Any] | None = None
+    # `nfm report merge`: [{"run": its directory, "seeds": [the training seeds it gave]}, ...]
+    merged_from: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     nested: ClassVar[dict[str, type]] = {"students": ModelScores, "teacher": ModelScores}
     _dicts: ClassVar[frozenset[str]] = frozenset({"students"})
 
     def none_kept(self) -> set[str]:
         return {"teacher", "fid_warning"}
+
+    def seed_ids(self) -> list[int]:
+        """The training seeds of per_seed, in its order (reports written before it recorded them: 0, 1, ...)."""
+        first = (self.config or {}).get("first_seed", 0)
+        return [ps.get("seed", first + i) for i, ps in enumerate(self.per_seed or [])] or [first]
 
     def main(self) -> dict[str, ModelScores]:
         """The students of the comparison (couplings and compute-matched baselines, not the knob variants)."""

@@ -266,6 +266,64 @@ def test_seeds_knobs_and_compute_matched_baselines_in_one_report(tmp_path):
     assert "] done in" not in again.stdout and "[evaluation] reused" in again.stdout  # every stage reused
 
 
+def _deep_update(d: dict, new: dict) -> dict:
+    return {**d, **{k: _deep_update(d[k], v) if isinstance(v, dict) else v for k, v in new.items()}}
+
+
+def test_a_runs_seeds_trained_apart_merge_into_the_report_of_one_run(tmp_path):
+    """--first-seed trains a run's later seeds elsewhere (another machine, another session); `nfm report merge`
+    joins the reports into the one a single run over every seed writes, and refuses reports that do not fit."""
+    import shutil
+
+    from nfm.pipeline.run.merge import merge_reports
+
+    env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
+    common = ["--preset", "tiny", "couplings=nfm,independent"]
+    run_nfm("run", *common, "--run-dir", tmp_path / "a", env=env)  # seed 0, one machine
+    p = run_nfm("run", *common, "--run-dir", tmp_path / "b", "--seeds", "1", "--first-seed", "1", env=env)
+    assert "[seed 1: teacher] done" in p.stdout
+    out = tmp_path / "merged"
+    m = run_nfm_inline("report", "merge", tmp_path / "b", tmp_path / "a", "--out", out)
+    assert m.returncode == 0 and "report: " in m.stdout, m.stderr
+    # the single run over both seeds where both machines' work lies: it trains nothing again
+    whole = tmp_path / "whole"
+    for part in ("a", "b"):
+        shutil.copytree(tmp_path / part, whole, dirs_exist_ok=True, ignore=shutil.ignore_patterns("report.*"))
+    p = run_nfm("run", *common, "--run-dir", whole, "--seeds", "2", env=env)
+    for stage in ("seed 0: teacher", "seed 1: teacher", "seed 0: student nfm", "seed 1: student independent"):
+        assert f"[{stage}] reused" in p.stdout, stage
+    merged, single = (json.loads((d / "report.json").read_text()) for d in (out, whole))
+    assert merged["seeds"] == single["seeds"] == 2 and [ps["seed"] for ps in merged["per_seed"]] == [0, 1]
+    for key in ("students", "teacher", "per_seed", "floor", "data_floor", "priors"):
+        assert merged[key] == single[key], key
+    assert merged["students"]["nfm"]["rows"][0]["fid_ci"] > 0
+    assert merged["merged_from"] == [
+        {"run": str(tmp_path / "a"), "seeds": [0]},
+        {"run": str(tmp_path / "b"), "seeds": [1]},
+    ]
+    md = (out / "report.md").read_text()
+    assert "Every model was trained 2 times" in md and "Joined by `nfm report merge`" in md
+    assert (out / "samples.png").is_file() and (out / "fid_vs_nfe.png").is_file()
+    assert json.loads((out / "config.json").read_text())["seeds"] == 2
+
+    with pytest.raises(NFMError, match="training seed 0 is in the reports of"):
+        merge_reports([tmp_path / "a", whole], tmp_path / "m2")
+    with pytest.raises(NFMError, match="directory of its own"):
+        merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "a")
+    # a run with other settings, and a seed left out between two others
+    edits = {"steps": {"student": {"train": {"steps": 99}}}, "gap": {"first_seed": 2}}
+    for name, edit in edits.items():
+        shutil.copytree(tmp_path / "b", tmp_path / name)
+        report = json.loads((tmp_path / "b" / "report.json").read_text())
+        report["config"] = _deep_update(report["config"], edit)
+        report["per_seed"][0]["seed"] = report["config"]["first_seed"]
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    with pytest.raises(NFMError, match=r"other settings than .*student\.train\.steps: 99 against 20"):
+        merge_reports([tmp_path / "a", tmp_path / "steps"], tmp_path / "m3")
+    with pytest.raises(NFMError, match="no report gives training seed 1: run it"):
+        merge_reports([tmp_path / "a", tmp_path / "gap"], tmp_path / "m4")
+
+
 def test_a_run_without_a_teacher_from_a_data_source(tmp_path):
     _run(tmp_path, "couplings=independent,minibatch-ot", "student.flow.source=data:digits", "eval.teacher=false")
     run = tmp_path / "run"

@@ -9,7 +9,8 @@
     nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot] [--pairs KEY] [key=value ...]
     nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
     nfm student eval   RUN [--split test] [--eta 0.1] [--hutchinson K]
-    nfm run            [--preset digits] [--from-teacher SPEC] [key=value ...]
+    nfm run            [--preset digits] [--from-teacher SPEC] [--seeds N] [--first-seed K] [key=value ...]
+    nfm report render RUN | merge RUN... --out DIR
     nfm kt teacher train | pairs build --teacher RUN | eval RUN
     nfm kt student train --pairs KEY [--method none|kd|fm-kt|ofm-kt] [--schedule rf|vp|ve] [--kd-loss kl|dist]
     nfm kt run         [--preset fashion-mnist] [--seeds 3] [key=value ...]
@@ -29,7 +30,7 @@ from nfm.core.errors import NFMError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nfm.pipeline.cli import doctor, kt, options, pairs, run, student, teacher
+    from nfm.pipeline.cli import doctor, kt, options, pairs, report, run, student, teacher
 
     parser = argparse.ArgumentParser(prog="nfm", description="Normalized Flow Matching: teacher, pairs, student.")
     from nfm import __version__
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFM_DEBUG=1)")
     options.add_quiet(parser, default=False)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for group in (teacher, pairs, student, run, kt, doctor):
+    for group in (teacher, pairs, student, run, report, kt, doctor):
         group.register(stages)
     return parser
 

@@ -22,7 +22,7 @@ from nfm.pipeline.report.plots import (
 from nfm.pipeline.report.tables import report_lines
 from nfm.pipeline.results import RunResults
 
-__all__ = ["one_per_class", "plot_side_by_side", "read_results", "rerender", "write_report"]
+__all__ = ["grid_files", "one_per_class", "plot_side_by_side", "read_results", "rerender", "write_report"]
 
 
 def read_results(out_dir: Path) -> RunResults:
@@ -61,11 +61,8 @@ def write_report(
     return report
 
 
-def rerender(out_dir: Path) -> Path:
-    """Write report.md and the plots of a finished run again from its report.json and samples/ (after a
-    change to the report's code): the numbers are read, not recomputed."""
-    out_dir = Path(out_dir)
-    results = read_results(out_dir)
+def grid_files(results: RunResults, out_dir: Path) -> dict[tuple[str, str], Path]:
+    """The sample grids of `results`' models that out_dir/samples/ holds, by (model, sampler)."""
     files = {}
     teacher = [f"teacher-{r.sampler}" for r in (results.teacher.rows if results.teacher else [])]
     for model in ["teacher", *results.students]:
@@ -76,4 +73,12 @@ def rerender(out_dir: Path) -> Path:
         for key in keys:
             if (out_dir / grid_file(model, key)).is_file():
                 files[(model, key)] = grid_file(model, key)
-    return write_report(results, {}, out_dir, files)
+    return files
+
+
+def rerender(out_dir: Path) -> Path:
+    """Write report.md and the plots of a finished run again from its report.json and samples/ (after a
+    change to the report's code): the numbers are read, not recomputed."""
+    out_dir = Path(out_dir)
+    results = read_results(out_dir)
+    return write_report(results, {}, out_dir, grid_files(results, out_dir))

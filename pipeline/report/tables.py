@@ -84,16 +84,24 @@ def intro(results: RunResults) -> list[str]:
             "teacher is scored from both.",
             "",
         ]
+    ids = results.seed_ids()
     if seeds > 1:
+        which = "" if ids == list(range(seeds)) else f"seeds {ids[0]} to {ids[-1]}; "
         lines += [
-            f"Every model was trained {seeds} times (training seeds: teacher, pairs and students; seed k adds 1000 k "
-            "to each). A cell is the mean ± the half-width of its 95 % interval over the seeds (Student's t with "
-            f"n − 1 = {seeds - 1} degrees of freedom); **bold** marks a column's winner only where its interval lies "
-            "wholly below every other model's.",
+            f"Every model was trained {seeds} times ({which}training seeds: teacher, pairs and students; seed k "
+            "adds 1000 k to each). A cell is the mean ± the half-width of its 95 % interval over the seeds "
+            f"(Student's t with n − 1 = {seeds - 1} degrees of freedom); **bold** marks a column's winner only "
+            "where its interval lies wholly below every other model's.",
             "",
         ]
     else:
-        lines += ["One training seed: no intervals, and no winner is marked (`nfm run --seeds 3` gives both).", ""]
+        which = f" (seed {ids[0]}: 1000 × {ids[0]} added to each training seed)" if ids[0] else ""
+        lines += [f"One training seed{which}: no intervals, and no winner is marked (`nfm run --seeds 3` gives both).",
+                  ""]  # fmt: skip
+    if results.merged_from:
+        parts = ", ".join(f"`{m['run']}` (seed{'s' if len(m['seeds']) > 1 else ''} {', '.join(map(str, m['seeds']))})"
+                          for m in results.merged_from)  # fmt: skip
+        lines += [f"Joined by `nfm report merge` from the reports of {parts}.", ""]
     floor = results.floor
     if floor:
         f = floor["fid"]
@@ -289,7 +297,8 @@ def spread_table(results: RunResults, nfes: list[int]) -> list[str]:
     lines = [
         "## FID's own sampling noise",
         "",
-        f"One trained model (seed 0) scored on {len(some['noise_seeds'])} noise seeds ({results.n} samples each): "
+        f"One trained model (seed {results.seed_ids()[0]}) scored on {len(some['noise_seeds'])} noise seeds "
+        f"({results.n} samples each): "
         "mean ± standard deviation. This spread is in every cell above; the intervals over training seeds add "
         "the training noise to it.",
         "",
@@ -485,7 +494,8 @@ def cost_table(results: RunResults) -> list[str]:
         "",
         "Training: seconds per step (same network and batch for every coupling; median over the run). "
         "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
-        "stage was reused from an earlier run and not timed)" + (" — seed 0's run." if results.seeds > 1 else "."),
+        "stage was reused from an earlier run and not timed)"
+        + (f" — seed {results.seed_ids()[0]}'s run." if results.seeds > 1 else "."),
         "",
         "| coupling | parameters | s / training step | training steps | preparation (s) | of which |",
         "|---|---|---|---|---|---|",
@@ -508,11 +518,11 @@ def cost_table(results: RunResults) -> list[str]:
 
 
 def exports_table(results: RunResults) -> list[str]:
-    """Where each model is (seed 0; report.json lists every seed's): what Student.from_pretrained and
+    """Where each model is (the first seed; report.json lists every seed's): what Student.from_pretrained and
     `nfm student sample` take."""
     if not results.exports:
         return []
-    lines = ["## The models", "", "| model | export (seed 0) |", "|---|---|"]
+    lines = ["## The models", "", f"| model | export (seed {results.seed_ids()[0]}) |", "|---|---|"]
     lines += [f"| {label(name)} | `{paths[0]}` |" for name, paths in results.exports.items() if paths]
     return lines + ["", "`nfm student sample EXPORT`, `nfm.Student.from_pretrained(EXPORT)`.", ""]
 

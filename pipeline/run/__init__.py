@@ -15,10 +15,12 @@ reruns only what depends on it:
 
 With `seeds=N` (`nfm run --seeds N`) the teacher, pairs and students are trained N times: seed k adds
 1000 k to every training seed (teacher, pairs, students, OT fit, reflow noise), so seed 0 is the
-single-seed run and its stages are reused. Stage directories are named by their hashes, so every
-seed's stages live side by side in RUN (seed k's costs in RUN/costs-seed{k}.json). Every model is
-evaluated on the same noise (eval.seed); the report gives each FID as a mean with a 95 % interval
-over the seeds. Beside them:
+single-seed run and its stages are reused. `first_seed=K` (`--first-seed K`) starts at seed K: one
+run's seeds trained on several machines or in several sessions (`--seeds 1 --first-seed 1` on one,
+`--seeds 1 --first-seed 2` on another), whose reports `nfm report merge` joins. Stage directories are
+named by their hashes, so every seed's stages live side by side in RUN (seed k's costs in
+RUN/costs-seed{k}.json). Every model is evaluated on the same noise (eval.seed); the report gives each
+FID as a mean with a 95 % interval over the seeds. Beside them:
 
     knobs=eta=0,views=1,mix=0.25   NFM variants (KNOBS): other pairs or student settings, same teacher
     compute_matched=independent    baselines trained again for NFM's total compute (teacher + pairs + student)
@@ -53,6 +55,7 @@ from nfm.pipeline.run.config import (
     knob_config,
     knob_name,
     needs_teacher,
+    seed_range,
     seeded,
 )
 from nfm.pipeline.run.context import RunContext, Stages, peak_rss_mb
@@ -78,6 +81,11 @@ __all__ = [
 ]
 
 
+def run_settings(cfg: RunConfig, preset: str, from_teacher: str | None) -> dict:
+    """A run's settings as its config.json and report.json record them."""
+    return {"preset": preset, "from_teacher": from_teacher, **to_dict(cfg)}
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: Path,
@@ -94,7 +102,7 @@ def run_pipeline(
     log = setup_logger(run_dir, name="nfm.run", main=state.is_main_process)
     log.info(format_table(cfg, f"nfm run --preset {preset} -> {run_dir}"))
     if state.is_main_process:
-        write_json(run_dir / "config.json", {"preset": preset, "from_teacher": from_teacher, **to_dict(cfg)})
+        write_json(run_dir / "config.json", run_settings(cfg, preset, from_teacher))
     run = RunContext(run_dir, Path(cache_root or default_cache_root()), from_teacher, teacher_arch, Stages(log),
                      state.device, state.is_main_process)  # fmt: skip
     if not from_teacher:  # the evaluation's feature network, checked before hours of training
@@ -102,7 +110,7 @@ def run_pipeline(
         if run.main and needs_teacher(cfg) and cfg.pairs.check_space:
             check_pair_space(run, cfg)
     t_all = time.perf_counter()
-    runs = [train_seed(run, seeded(cfg, k), k) for k in range(cfg.seeds)]
+    runs = [train_seed(run, seeded(cfg, k), k) for k in seed_range(cfg)]
     if not run.main:
         return None
 
@@ -111,6 +119,7 @@ def run_pipeline(
     results.timings = run.stages.timings
     results.total_seconds = round(time.perf_counter() - t_all, 1)
     results.peak_rss_mb = peak_rss_mb()
+    results.config = run_settings(cfg, preset, from_teacher)
     results.costs = coupling_costs(cfg, runs[0].trained, runs[0].seed.costs)
     results.student_steps = cfg.student.train.steps
     results.matched = runs[0].seed.costs.data.get("matched")

@@ -95,6 +95,9 @@ class RunConfig:
     sb_sigma: Scale = added(0.5)  # the sb student: flow.path=bridge, flow.sigma=sb_sigma (plan reg 2 sigma^2)
     reflow: ReflowConfig = added(ReflowConfig())  # the reflow / nfm-reflow pair caches
     seeds: AtLeast1 = added(1)  # training seeds (teacher, pairs, students); the report gives 95 % intervals
+    # the first of them: seeds first_seed .. first_seed + seeds - 1 (one run's seeds split across machines or
+    # sessions; `nfm report merge` joins their reports into the report of the whole run)
+    first_seed: NonNegative = added(0)
     knobs: tuple[str, ...] = added(())  # NFM variants: eta=0, views=1, mix=0.25, ... (KNOBS)
     knob_seeds: AtLeast1 = added(1)  # the knob variants train on the first knob_seeds seeds
     compute_matched: tuple[RunCoupling, ...] = added(())  # baselines trained again for NFM's total compute
@@ -102,6 +105,11 @@ class RunConfig:
     # what the students learn, crossed with the couplings (the same network, steps and batch): fm, and the
     # one-step objectives meanflow and shortcut (students named COUPLING/OBJECTIVE, sampled at eval.mean_nfes)
     objectives: tuple[Objective, ...] = added(("fm",))
+
+
+def seed_range(cfg: RunConfig) -> range:
+    """The training seeds this run trains (first_seed, first_seed + 1, ...)."""
+    return range(cfg.first_seed, cfg.first_seed + cfg.seeds)
 
 
 def seeded(cfg: RunConfig, k: int) -> RunConfig:

@@ -93,7 +93,7 @@ class SeedContext:
 
     @property
     def prefix(self) -> str:
-        return f"seed {self.k}: " if self.cfg.seeds > 1 else ""
+        return f"seed {self.k}: " if self.cfg.seeds > 1 or self.cfg.first_seed else ""
 
     @property
     def log(self) -> logging.Logger:

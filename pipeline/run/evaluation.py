@@ -276,7 +276,7 @@ def stage_evaluation(
     per_seed, grids, reused_all = [], {}, True
     for k, run in enumerate(runs):
         res, g, reused = _evaluate_seed(ctx, run, grids=k == 0)
-        per_seed.append(res)
+        per_seed.append({"seed": run.seed.k, **res})
         grids, reused_all = grids or g, reused_all and reused
     floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
     names = list(runs[0].evaluated)
@@ -316,12 +316,14 @@ def stage_evaluation(
             if name not in results.knobs
         }
     if ev.guidance:
-        results.guidance = _aggregate_guidance(ev, per_seed, len(on.reference))
+        halves = [len(on.reference) // 2, len(on.reference) - len(on.reference) // 2]
+        results.guidance = {"weights": [0.0, *ev.guidance], "nfes": list(ev.guidance_nfes), "halves": halves,
+                            "rows": guided_rows(per_seed)}  # fmt: skip
     stages.done("evaluation", reused_all and not ctx.computed, t0)
     return results, grids
 
 
-def _aggregate_guidance(ev: EvalConfig, per_seed: list[dict[str, Any]], reference: int) -> dict[str, Any]:
+def guided_rows(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """The guided rows over the seeds: per model and sampler, the test-half FID unguided and guided (mean and
     interval) and the weight each seed chose."""
     rows: dict[str, dict[str, dict[str, Any]]] = {}
@@ -333,5 +335,4 @@ def _aggregate_guidance(ev: EvalConfig, per_seed: list[dict[str, Any]], referenc
                 row[k], row[f"{k}_ci"] = interval([c[k] for c in seeds])
                 row[f"{k}_seeds"] = [c[k] for c in seeds]
             rows.setdefault(model, {})[sampler] = row
-    return {"weights": [0.0, *ev.guidance], "nfes": list(ev.guidance_nfes), "halves": [reference // 2,
-            reference - reference // 2], "rows": rows}  # fmt: skip
+    return rows

@@ -22,6 +22,7 @@ from nfm.pipeline.run.config import (
     knob_config,
     knob_name,
     needs_teacher,
+    seed_range,
     seeded,
     student_name,
 )
@@ -152,11 +153,11 @@ def train_seed(run: RunContext, cfg: RunConfig, k: int) -> SeedRun:
     """Teacher, pairs and every student of training seed k (cfg: seeded(run config, k))."""
     s = SeedContext.make(run, cfg, k)
     if s.prefix:
-        s.log.info(f"training seed {k} of {cfg.seeds}")
+        s.log.info(f"training seed {k} (seeds {cfg.first_seed} to {cfg.first_seed + cfg.seeds - 1})")
     teacher, info, pairs, source = None, {}, None, None
     if needs_teacher(cfg):
         teacher, info, source = stage_teacher(s)
-        if run.from_teacher and k == 0:  # its data is known now: check the evaluation's feature network
+        if run.from_teacher and k == cfg.first_seed:  # its data is known now: check the evaluation's feature network
             check_extractor(cfg.eval.extractor or default_extractor(s.data_cfg.name))
         t0 = time.perf_counter()
         pairs = stage_pairs(s, teacher, info, cfg.pairs, "pairs")
@@ -184,7 +185,7 @@ def check_pair_space(run: RunContext, cfg: RunConfig) -> None:
     not trained yet (where a teacher exists, nothing is lost by the pair build's own check)."""
     from nfm.pairs.build import estimate_cache_bytes
 
-    fresh = [k for k in range(cfg.seeds) if not (run.run_dir / f"teacher-{config_hash(seeded(cfg, k).teacher)}"
+    fresh = [k for k in seed_range(cfg) if not (run.run_dir / f"teacher-{config_hash(seeded(cfg, k).teacher)}"
              / "export" / "config.json").is_file()]  # fmt: skip
     if not fresh:
         return
