@@ -109,10 +109,11 @@ def test_every_command_has_help(capsys):
     from nfm.pipeline.cli import build_parser, main
 
     paths = list(_commands(build_parser()))
-    wanted = {("student", "sample"), ("student", "eval"), ("run",), ("teacher", "import"), ("pairs", "prior")}
+    wanted = {("student", "sample"), ("student", "eval"), ("run",), ("teacher", "import"), ("pairs", "prior"),
+              ("report", "merge")}  # fmt: skip
     assert wanted <= set(paths)
-    assert len(paths) == 29  # nfm; teacher + 4; pairs + 7; student + 3; run; kt + teacher + train, pairs + build,
-    # student + train, eval, run; doctor
+    assert len(paths) == 32  # nfm; teacher + 4; pairs + 7; student + 3; run; report + render, merge; kt + teacher +
+    # train, pairs + build, student + train, eval, run; doctor
     for path in paths:
         with pytest.raises(SystemExit) as exit_:
             main([*path, "--help"])
