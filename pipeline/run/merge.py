@@ -137,7 +137,11 @@ def merge_reports(runs: list[Path], out: Path) -> Path:
     runs, out = [Path(r) for r in runs], Path(out)
     if len(runs) < 2:
         raise NFMError("nfm report merge joins the reports of two or more runs: name each run directory")
-    if any(out.resolve() == r.resolve() for r in runs):
+    named = [r.resolve() for r in runs]
+    twice = next((r for r in runs if named.count(r.resolve()) > 1), None)
+    if twice is not None:
+        raise NFMError(f"{twice} is named twice: name each run directory once")
+    if out.resolve() in named:
         raise NFMError(f"--out {out} is one of the runs it merges: write the merged report to a directory of its own")
     parts = sorted((_read(r) for r in runs), key=lambda p: p.seeds[0])
     _check(parts)
