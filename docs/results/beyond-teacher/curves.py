@@ -21,8 +21,9 @@ from pathlib import Path
 from nfm.core.io import atomic_write, read_json
 
 NFM_N01 = "nfm[prior=gaussian]"  # the knob variant: the same NFM student sampled from N(0, I)
+TEACHER = "teacher"  # its decode + denoise from its fitted prior, drawn beside the students (one sampler, no steps)
 LABELS = {"nfm": "NFM, fitted prior", NFM_N01: "NFM, N(0, I)", "independent": "I-CFM", "minibatch-ot": "OT-CFM",
-          "sd-ot": "SD-FM"}  # fmt: skip
+          "sd-ot": "SD-FM", TEACHER: "teacher, decode + denoise, fitted prior"}  # fmt: skip
 TEACHER_ROWS = {"decode+denoise": "N(0, I)", "decode+denoise@fitted": "fitted prior"}
 
 
@@ -44,6 +45,11 @@ def length(runs: list[Path]) -> dict:
         if steps in out:
             raise SystemExit(f"{run}: two runs train their students {steps} steps; give each length once")
         out[steps] = {name: _euler(s) for name, s in seed0["students"].items() if name in LABELS}
+        fitted = [
+            r["fid"] for r in (seed0.get("teacher") or {}).get("rows", []) if r["sampler"] == "decode+denoise@fitted"
+        ]
+        if fitted:  # the same at every Euler count: a line to read the students against
+            out[steps][TEACHER] = dict.fromkeys(out[steps]["nfm"], fitted[0])
     return dict(sorted(out.items()))
 
 
@@ -71,6 +77,8 @@ def _print_length(r: dict) -> None:
         print("| model | " + " | ".join(f"{n:,} steps" for n in r) + " |")
         print("|---|" + "---|" * len(r))
         for name, label in LABELS.items():
+            if not any(name in row for row in r.values()):
+                continue
             cells = [f"{row[name][steps]:.2f}" if name in row else "–" for row in r.values()]
             print(f"| {label} | " + " | ".join(cells) + " |")
 
@@ -119,9 +127,11 @@ def _plot_length(r: dict, path: Path) -> None:
         values = []
         for k, (name, label) in enumerate(LABELS.items()):
             pts = [(n, row[name][steps]) for n, row in r.items() if name in row]
+            if not pts:
+                continue
             values += [v for _, v in pts]
-            ax.plot(*zip(*pts, strict=True), marker="o", color="C0" if name == NFM_N01 else f"C{k}", label=label,
-                    ls="--" if name == NFM_N01 else "-")  # fmt: skip
+            color, ls = {NFM_N01: ("C0", "--"), TEACHER: ("k", ":")}.get(name, (f"C{k}", "-"))
+            ax.plot(*zip(*pts, strict=True), marker="s" if name == TEACHER else "o", color=color, label=label, ls=ls)
         ax.set(xscale="log", title=f"Euler {steps}", xlabel="student training steps")
         _log_axis(ax, values)
         ax.set_xticks(list(r), [f"{n:,}" for n in r])
