@@ -278,7 +278,8 @@ def test_a_runs_seeds_trained_apart_merge_into_the_report_of_one_run(tmp_path):
     from nfm.pipeline.run.merge import merge_reports
 
     env = {"NFM_CACHE_DIR": str(tmp_path / "cache")}
-    common = ["--preset", "tiny", "couplings=nfm,independent"]
+    # the knob variant (the NFM student from N(0, I)) is seed 0's only (knob_seeds=1): run b trains none
+    common = ["--preset", "tiny", "couplings=nfm,independent", "knobs=prior=gaussian"]
     run_nfm("run", *common, "--run-dir", tmp_path / "a", env=env)  # seed 0, one machine
     p = run_nfm("run", *common, "--run-dir", tmp_path / "b", "--seeds", "1", "--first-seed", "1", env=env)
     assert "[seed 1: teacher] done" in p.stdout
@@ -296,7 +297,9 @@ def test_a_runs_seeds_trained_apart_merge_into_the_report_of_one_run(tmp_path):
     assert merged["seeds"] == single["seeds"] == 2 and [ps["seed"] for ps in merged["per_seed"]] == [0, 1]
     for key in ("students", "teacher", "per_seed", "floor", "data_floor", "priors"):
         assert merged[key] == single[key], key
-    assert merged["students"]["nfm"]["rows"][0]["fid_ci"] > 0
+    assert merged["students"]["nfm"]["rows"][0]["fid_ci"] > 0 and merged["knobs"] == ["nfm[prior=gaussian]"]
+    assert merged["students"]["nfm[prior=gaussian]"]["seeds"] == 1
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["knobs"] == []
     assert merged["merged_from"] == [
         {"run": str(tmp_path / "a"), "seeds": [0]},
         {"run": str(tmp_path / "b"), "seeds": [1]},

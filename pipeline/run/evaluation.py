@@ -298,9 +298,9 @@ def stage_evaluation(
         straightness_steps=ev.straightness_steps,
         fid_warning=fid_size_warning(on.extractor, ev.n, len(on.reference)),
         priors={name: prior_used(e, runs[0].priors.get(name, "auto")) for name, e in runs[0].evaluated.items()},
-        knobs=[knob_name(k) for k in cfg.knobs],
+        knobs=[knob_name(k) for k in cfg.knobs if knob_name(k) in names],  # none where no seed < knob_seeds
         objectives={n: list(co) for n, co in crossed(cfg).items()} if cfg.objectives != ("fm",) else None,
-        knob_settings={knob_name(k): k for k in cfg.knobs},
+        knob_settings={knob_name(k): k for k in cfg.knobs if knob_name(k) in names},
         per_seed=per_seed,
     )
     if ev.noise_seeds:
