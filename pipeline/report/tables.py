@@ -210,14 +210,16 @@ def headline(results: RunResults, nfes: list[int]) -> list[str]:
     if "nfm" not in main:
         return []
     base = {k: v for k, v in main.items() if k in BASELINES}
-    lines = [
-        "## NFM against the better baseline and its teacher",
-        "",
-        "At each sampler, the baseline with the lowest mean FID among "
-        f"{', '.join(label(k) for k in base) or 'none'} (the same student budget as NFM):",
-        "",
-        *_versus(main["nfm"], base, nfes),
-    ]
+    if not base and not results.teacher:
+        return []
+    lines = ["## NFM against the better baseline and its teacher" if base else "## NFM against its teacher", ""]
+    if base:  # a run of NFM alone has no baseline to name
+        lines += [
+            "At each sampler, the baseline with the lowest mean FID among "
+            f"{', '.join(label(k) for k in base)} (the same student budget as NFM):",
+            "",
+            *_versus(main["nfm"], base, nfes),
+        ]
     matched = {k: v for k, v in main.items() if k.endswith("@matched")}
     if matched:
         lines += [
@@ -227,7 +229,7 @@ def headline(results: RunResults, nfes: list[int]) -> list[str]:
             *_versus(main["nfm"], matched, nfes),
         ]
     if results.teacher:
-        lines += ["", *_versus_teacher(results, results.teacher.best())]
+        lines += [*([""] if base else []), *_versus_teacher(results, results.teacher.best())]
     return lines + [""]
 
 
