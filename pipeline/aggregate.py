@@ -89,6 +89,18 @@ def aggregate_teacher(per_seed: Sequence[dict[str, Any]]) -> ModelScores:
     )
 
 
+def aggregate_seeds(
+    per_seed: Sequence[dict[str, Any]], names: Sequence[str]
+) -> tuple[dict[str, ModelScores], ModelScores | None]:
+    """(students, teacher) over a run's per-seed results: each student over the seeds that trained it (a knob
+    variant trains on the first knob_seeds only), the teacher over the seeds that scored one."""
+    students = {
+        name: aggregate_student([ps["students"][name] for ps in per_seed if name in ps["students"]]) for name in names
+    }
+    teachers = [ps["teacher"] for ps in per_seed if ps.get("teacher") is not None]
+    return students, aggregate_teacher(teachers) if teachers else None
+
+
 def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
     """(mean, half-width of the t-interval) of the per-seed differences a_k - b_k: the comparison of two
     quantities measured on the same seeds (a student against its own seed's teacher), which removes what

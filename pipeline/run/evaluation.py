@@ -24,7 +24,7 @@ from nfm.core.seeding import derive_seed
 from nfm.pairs.build import PairBuildResult
 from nfm.pairs.prior import PriorConfig, prior_dir, teacher_prior
 from nfm.pairs.reader import PairCache
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher, interval, spread
+from nfm.pipeline.aggregate import aggregate_seeds, interval, spread
 from nfm.pipeline.evaluate import (
     EvalSet,
     StudentEval,
@@ -280,18 +280,15 @@ def stage_evaluation(
         grids, reused_all = grids or g, reused_all and reused
     floor_n = min(len(on.train_images), max(ev.n, len(on.reference)))
     names = list(runs[0].evaluated)
-    teachers = [ps["teacher"] for ps in per_seed if ps["teacher"] is not None]
+    students, teacher = aggregate_seeds(per_seed, names)
     results = RunResults(
         preset=preset,
         n=ev.n,
         seed=ev.seed,
         extractor=on.extractor,
         reference=len(on.reference),
-        students={
-            name: aggregate_student([ps["students"][name] for ps in per_seed if name in ps["students"]])
-            for name in names
-        },
-        teacher=aggregate_teacher(teachers) if teachers else None,
+        students=students,
+        teacher=teacher,
         seeds=len(runs),
         floor=_floor(ctx),
         data_floor=on.fid_kid(on.train_images[:floor_n]),

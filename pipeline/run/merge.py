@@ -17,7 +17,7 @@ from typing import Any
 
 from nfm.core.errors import NFMError
 from nfm.core.io import read_json, write_json
-from nfm.pipeline.aggregate import aggregate_student, aggregate_teacher
+from nfm.pipeline.aggregate import aggregate_seeds
 from nfm.pipeline.report import grid_files, read_results, write_report
 from nfm.pipeline.results import RunResults
 from nfm.pipeline.run.evaluation import guided_rows
@@ -100,8 +100,7 @@ def merge_results(parts: list[_Part]) -> RunResults:
     """The results of one run over every part's seeds (parts sorted by their first seed)."""
     first = parts[0]
     per_seed = [{**ps, "seed": k} for p in parts for k, ps in zip(p.seeds, p.results.per_seed or [], strict=True)]
-    names = list(dict.fromkeys(name for p in parts for name in p.results.students))
-    teachers = [ps["teacher"] for ps in per_seed if ps.get("teacher") is not None]
+    students, teacher = aggregate_seeds(per_seed, list(dict.fromkeys(n for p in parts for n in p.results.students)))
     exports: dict[str, list[str]] = {}
     for p in parts:
         for model, paths in (p.results.exports or {}).items():
@@ -115,11 +114,8 @@ def merge_results(parts: list[_Part]) -> RunResults:
         settings["first_seed"] = per_seed[0]["seed"]
     return dataclasses.replace(
         first.results,
-        students={
-            name: aggregate_student([ps["students"][name] for ps in per_seed if name in ps["students"]])
-            for name in names
-        },  # fmt: skip
-        teacher=aggregate_teacher(teachers) if teachers else None,
+        students=students,
+        teacher=teacher,
         seeds=len(per_seed),
         per_seed=per_seed,
         guidance=guidance,
