@@ -68,6 +68,15 @@ def launch_warning(env) -> str | None:
     return None
 
 
+def _close_process_group() -> None:
+    """Tear down the process group of a multi-process command before the interpreter exits: left to the
+    interpreter's exit, gloo's threads can be destroyed while still joinable, and a rank that finished its
+    work aborts ("terminate called without an active exception", SIGABRT)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr: `nfm: error: <what>`, and for an unexpected exception its type
     and a hint; --debug (or NFM_DEBUG=1) shows the traceback instead."""
@@ -113,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"nfm: error: {e} ({type(e).__name__}); {_hint(e)}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":
