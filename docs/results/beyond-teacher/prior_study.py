@@ -14,16 +14,19 @@ and, as a control with no teacher and no student, the same Gaussian fitted per c
 (mean + OAS-shrunk covariance): what the Gaussian alone is worth. It also prints each cache's per-class noise
 statistics (prior.json).
 
-    python docs/results/beyond-teacher/prior_study.py RUN_DIR [--out FILE.json] [--nfes 1,2,4,8]
+    python docs/results/beyond-teacher/prior_study.py RUN_DIR [RUN_DIR...] [--out FILE.json] [--nfes 1,2,4,8]
 
-The results are written to --out after every seed; run again with the same --out (say, after `--seeds 3` on the
-same run directory), the seeds already there for the same student export are kept, not measured again.
+Several run directories are the seeds of one study trained apart (`nfm run --seeds 1 --first-seed K`): their
+settings must be the same but for the seeds. The results are written to --out after every seed; run again with
+the same --out (say, after `--seeds 3` on the same run directory), the seeds already there for the same student
+export are kept, not measured again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ from nfm.pairs.prior import PriorConfig, fit_prior, teacher_prior
 from nfm.pairs.reader import PairCache
 from nfm.pipeline.aggregate import interval
 from nfm.pipeline.evaluate import EvalSet, default_extractor
-from nfm.pipeline.run import RunConfig, seeded
+from nfm.pipeline.run import RunConfig, seed_range, seeded
 from nfm.student.sampling import sample_ode, student_inputs
 from nfm.student.train import load_student, student_prior
 from nfm.teacher.export import load_teacher
@@ -116,6 +119,18 @@ def load_run(run: Path) -> tuple[RunConfig, EvalSet, tuple[torch.Tensor, torch.T
     return cfg, on, (train_images, train_labels)
 
 
+def _same_study(run: Path, cfg: RunConfig) -> RunConfig:
+    """`run`'s config, refused unless it is `cfg`'s but for its seeds (the seeds of one study trained apart)."""
+    saved = read_json(run / "config.json", "run config")
+    other = from_dict(RunConfig, {k: v for k, v in saved.items() if k not in ("preset", "from_teacher")})
+    if replace(other, seeds=cfg.seeds, first_seed=cfg.first_seed) != cfg:
+        raise SystemExit(
+            f"{run}: its settings differ from the first run's beyond --seeds/--first-seed; "
+            "give the runs of one study only"
+        )
+    return other
+
+
 def teachers_of(run: Path) -> dict[str, Path]:
     return {load_teacher(d).fingerprint(): d for d in sorted(run.glob("teacher-*/export"))}
 
@@ -140,15 +155,15 @@ def _pixel_gaussian(images: torch.Tensor, labels: torch.Tensor, classes: int) ->
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--nfes", default="1,2,4,8")
     args = ap.parse_args()
     nfes = [int(k) for k in args.nfes.split(",")]
-    cfg, on, (train_images, train_labels) = load_run(args.run)
+    cfg, on, (train_images, train_labels) = load_run(args.runs[0])
     ev, reference, ref_labels = cfg.eval, on.reference, on.reference_labels
-    students, teachers = students_of(args.run, cfg.student.train.steps), teachers_of(args.run)
-    results: dict = {"run": str(args.run), "n": ev.n, "extractor": on.extractor, "nfes": nfes, "seeds": []}
+    results: dict = {"run": [str(r) for r in args.runs], "n": ev.n, "extractor": on.extractor, "nfes": nfes}
+    results["seeds"] = []
     done = _measured(args.out, results)
 
     classes = int(ref_labels.max()) + 1
@@ -158,8 +173,9 @@ def main() -> None:
     results["pixel_gaussian"] = on.fid_kid(x)["fid"]
     print(f"per-class Gaussian of the training pixels: FID {results['pixel_gaussian']:.3f}", flush=True)
 
-    for k in range(cfg.seeds):
+    for run, k in [(r, k) for r in args.runs for k in seed_range(_same_study(r, cfg))]:
         sc = seeded(cfg, k)
+        students, teachers = students_of(run, cfg.student.train.steps), teachers_of(run)
         export = students[("nfm", sc.student.train.seed)]
         if (k, str(export)) in done:
             results["seeds"].append(done[k, str(export)])
