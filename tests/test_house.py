@@ -82,6 +82,30 @@ def test_a_wheel_holds_only_the_nfm_package(tmp_path):
     assert not any(n.startswith("nfm/tests") or n.startswith("nfm/benchmarks") for n in names)
 
 
+# ----------------------------------------------------------------------------- the documents' links
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a markdown link or image
+
+
+def broken_links(files: list[Path]) -> list[str]:
+    """Every relative link or image in `files` whose target does not exist (web addresses are not checked)."""
+    out = []
+    for md in files:
+        for target in LINK.findall(md.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (md.parent / path).exists():
+                out.append(f"{md.name}: {target}")
+    return out
+
+
+def test_every_relative_link_of_the_readme_and_the_results_resolves(tmp_path):
+    files = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    assert broken_links(files) == []
+    (tmp_path / "here.png").write_bytes(b"")
+    (tmp_path / "r.md").write_text("![a](here.png) [b](https://x.org/y) [c](#top) ![d](gone.png) [e](sub/f.md#x)")
+    assert [s.split(": ")[1] for s in broken_links([tmp_path / "r.md"])] == ["gone.png", "sub/f.md#x"]
+
+
 # ----------------------------------------------------------------------------- defect 2: the Python floor
 
 # stdlib modules newer than Python 3.10, with the release that added them
