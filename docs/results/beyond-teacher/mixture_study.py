@@ -9,13 +9,18 @@ k with the best held-out likelihood is kept per class, and the NFM student is sa
 component drawn per sample from a fixed generator) and, with the same eps, from the k = 1 fit: FID at each Euler
 count, as in prior_study.py.
 
-    python docs/results/beyond-teacher/mixture_study.py RUN_DIR [--out FILE.json] [--ks 1,2,4] [--iters 20]
-        [--nfes 1,2,4,8] [--seeds N]
+    python docs/results/beyond-teacher/mixture_study.py RUN_DIR [RUN_DIR...] [--out FILE.json] [--ks 1,2,4]
+        [--iters 20] [--nfes 1,2,4,8] [--seeds N]
+
+Several run directories are the seeds of one study trained apart (as in prior_study.py). The results are written
+to --out after every seed; run again with the same --out, the seeds already there (same settings, same pair
+cache) are kept, not measured again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -23,13 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prior_study import cell, euler_fids, euler_head, load_run, save, students_of  # noqa: E402
+from prior_study import _int_keys, _same_study, cell, euler_fids, euler_head, load_run, save, students_of  # noqa: E402
 
 from nfm.core.prior import oas  # noqa: E402
 from nfm.pairs.lookup import find_cache  # noqa: E402
 from nfm.pairs.prior import read_noise  # noqa: E402
 from nfm.pairs.reader import PairCache  # noqa: E402
-from nfm.pipeline.run import seeded  # noqa: E402
+from nfm.pipeline.run import seed_range, seeded  # noqa: E402
 from nfm.student.paths import ProbPath  # noqa: E402
 from nfm.student.sampling import student_inputs  # noqa: E402
 from nfm.student.train import load_student  # noqa: E402
@@ -96,21 +101,27 @@ def _noise_by_class(cache: PairCache) -> dict[int, torch.Tensor]:
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--ks", default="1,2,4")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--nfes", default="1,2,4,8")
-    ap.add_argument("--seeds", type=int, help="only the first SEEDS training seeds (default: all the run's)")
+    ap.add_argument("--seeds", type=int, help="only the first SEEDS training seeds (default: all the runs')")
     args = ap.parse_args()
     ks, nfes = [int(k) for k in args.ks.split(",")], [int(k) for k in args.nfes.split(",")]
-    cfg, on, _ = load_run(args.run)
-    students = students_of(args.run, cfg.student.train.steps)
-    results: dict = {"run": str(args.run), "n": on.n, "ks": ks, "iters": args.iters, "nfes": nfes, "seeds": []}
-    for s in range(min(cfg.seeds, args.seeds or cfg.seeds)):
-        export = students[("nfm", seeded(cfg, s).student.train.seed)]
+    cfg, on, _ = load_run(args.runs[0])
+    results: dict = {"run": [str(r) for r in args.runs], "n": on.n, "ks": ks, "iters": args.iters, "nfes": nfes}
+    results["seeds"] = []
+    done = _measured(args.out, results)
+    seeds = [(run, s) for run in args.runs for s in seed_range(_same_study(run, cfg))][: args.seeds]
+    for run, s in seeds:
+        export = students_of(run, cfg.student.train.steps)[("nfm", seeded(cfg, s).student.train.seed)]
         model, meta = load_student(export)
         cache = PairCache(find_cache(meta["flow"]["pairs"]))
+        if (s, cache.key) in done:
+            results["seeds"].append(done[s, cache.key])
+            print(f"seed {s}: kept from {args.out}", flush=True)
+            continue
         row: dict = {"seed": s, "cache": cache.key, "heldout_nats_per_dim": {}, "k": {}}
         fits: dict[int, dict[int, Mixture]] = {}
         for c, x in _noise_by_class(cache).items():
@@ -139,6 +150,16 @@ def main() -> None:
         results["seeds"].append(row)
         save(results, args.out)
     _table(results)
+
+
+def _measured(out: Path | None, results: dict) -> dict:
+    """The seed rows of an earlier run of this study at `out` with the same settings, by (seed, pair cache)."""
+    if not out or not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if any(old.get(k) != results[k] for k in ("n", "ks", "iters", "nfes")):
+        return {}
+    return {(row["seed"], row["cache"]): _int_keys(row) for row in old["seeds"]}
 
 
 def _table(r: dict) -> None:
