@@ -114,8 +114,9 @@ def main() -> None:
     results["seeds"] = []
     done = _measured(args.out, results)
     seeds = [(run, s) for run in args.runs for s in seed_range(_same_study(run, cfg))][: args.seeds]
+    students = {r: students_of(r, cfg.student.train.steps) for r in args.runs}
     for run, s in seeds:
-        export = students_of(run, cfg.student.train.steps)[("nfm", seeded(cfg, s).student.train.seed)]
+        export = students[run][("nfm", seeded(cfg, s).student.train.seed)]
         model, meta = load_student(export)
         cache = PairCache(find_cache(meta["flow"]["pairs"]))
         if (s, cache.key) in done:

@@ -173,9 +173,10 @@ def main() -> None:
     results["pixel_gaussian"] = on.fid_kid(x)["fid"]
     print(f"per-class Gaussian of the training pixels: FID {results['pixel_gaussian']:.3f}", flush=True)
 
+    found = {r: (students_of(r, cfg.student.train.steps), teachers_of(r)) for r in args.runs}  # each run once
     for run, k in [(r, k) for r in args.runs for k in seed_range(_same_study(r, cfg))]:
         sc = seeded(cfg, k)
-        students, teachers = students_of(run, cfg.student.train.steps), teachers_of(run)
+        students, teachers = found[run]
         export = students[("nfm", sc.student.train.seed)]
         if (k, str(export)) in done:
             results["seeds"].append(done[k, str(export)])
