@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--nfes", default="1,2,4,8")
     args = ap.parse_args()
     nfes = [int(k) for k in args.nfes.split(",")]
+    args.runs = [r.resolve() for r in args.runs]  # a seed kept in --out is found whatever the working folder
     cfg, on, (train_images, train_labels) = load_run(args.runs[0])
     ev, reference, ref_labels = cfg.eval, on.reference, on.reference_labels
     results: dict = {"run": [str(r) for r in args.runs], "n": ev.n, "extractor": on.extractor, "nfes": nfes}
