@@ -220,3 +220,44 @@ def test_a_student_against_its_own_teacher_is_paired_by_seed():
     results["students"]["nfm"]["rows"][1]["fid_seeds"] = [4.20, 5.50, 4.43]  # one seed above its teacher
     assert "paired by seed, student − teacher = −0.27 ± " in "\n".join(headline(_typed(results), [1]))
     assert ": level." in "\n".join(headline(_typed(results), [1]))
+
+
+def test_one_step_nfm_against_reflow_and_sd_fm_is_paired_by_seed():
+    """The one-step table's verdicts: NFM's one-step student at NFE 1 against reflow (flow matching and the
+    same objective) and SD-FM (the same objective), by unpaired intervals and by the per-seed differences,
+    which separate where the intervals overlap (seed-to-seed spread the couplings share)."""
+    from nfm.pipeline.report.tables import one_step_table
+
+    def student(seeds, solver="mean"):
+        mean, ci = interval(seeds)
+        return {"seeds": 3, "rows": [{**_row(solver, 1, mean, ci), "fid_seeds": seeds}]}
+
+    nfm, reflow = [10.0, 14.0, 8.0], [9.0, 12.5, 7.2]  # NFM higher on every seed, by 1.0, 1.5, 0.8
+    results = {
+        "seeds": 3,
+        "students": {
+            "reflow": student([7.0, 8.0, 9.0], "euler"),
+            "nfm/meanflow": student(nfm),
+            "reflow/meanflow": student(reflow),
+            "sd-ot/meanflow": student([11.0, 13.0, 9.0]),
+        },
+        "objectives": {
+            "reflow": ["reflow", "fm"],
+            "nfm/meanflow": ["nfm", "meanflow"],
+            "reflow/meanflow": ["reflow", "meanflow"],
+            "sd-ot/meanflow": ["sd-ot", "meanflow"],
+        },
+    }
+    text = "\n".join(one_step_table(_typed(results)))
+    d, hw = paired(nfm, reflow)
+    assert d == pytest.approx(1.1, abs=1e-12) and d - hw > 0
+    assert (
+        "- One step, NFM (teacher pairs), MeanFlow against reflow of I-CFM (2-rectified), MeanFlow: "
+        f"10.67 ± {interval(nfm)[1]:.2f} against 9.57 ± {interval(reflow)[1]:.2f}, level (intervals overlap); "
+        f"paired by seed, NFM − rival = +1.10 ± {hw:.2f}: **higher**." in text
+    )
+    assert "MeanFlow against reflow of I-CFM (2-rectified), flow matching: " in text
+    assert "MeanFlow against semidiscrete OT (SD-FM), MeanFlow: " in text and "−0.33 ± " in text
+    results["students"]["sd-ot/meanflow"] = {"seeds": 1, "rows": [_row("mean", 1, 11.0, None)]}  # one seed: none
+    text = "\n".join(one_step_table(_typed(results)))
+    assert "against semidiscrete OT (SD-FM), MeanFlow: 10.67 ± " in text and "11.00, lower mean." in text

@@ -233,15 +233,21 @@ def headline(results: RunResults, nfes: list[int]) -> list[str]:
     return lines + [""]
 
 
+def paired_clause(a: Score, b: Score, minus: str, below: str = "**lower**", above: str = "**higher**") -> str:
+    """Row a against row b paired by training seed (seed k of each from the same data split, teacher and noise):
+    '; paired by seed, MINUS = d ± ci: verdict', or '' where the rows do not share two or more seeds."""
+    x, y = a.fid_seeds or [], b.fid_seeds or []
+    if len(x) < 2 or len(x) != len(y):
+        return ""
+    d, ci = paired(x, y)
+    verdict = below if d + ci < 0 else above if d - ci > 0 else "level"
+    return f"; paired by seed, {minus} = {d:+.2f} ± {ci:.2f}".replace("-", "−") + f": {verdict}"
+
+
 def _paired_verdict(s: Score, t: Score) -> str:
     """Student row s against teacher row t, paired by training seed (seed k's student learnt from seed k's
-    teacher): the interval of the per-seed differences, or '' without matching seeds."""
-    a, b = s.fid_seeds or [], t.fid_seeds or []
-    if len(a) < 2 or len(a) != len(b):
-        return ""
-    d, ci = paired(a, b)
-    verdict = "**below** its teacher" if d + ci < 0 else "**above** its teacher" if d - ci > 0 else "level"
-    return f"; paired by seed, student − teacher = {d:+.2f} ± {ci:.2f}: {verdict}".replace("-", "−")
+    teacher)."""
+    return paired_clause(s, t, "student - teacher", "**below** its teacher", "**above** its teacher")
 
 
 def _versus_teacher(results: RunResults, t_best: Score) -> list[str]:
@@ -374,11 +380,12 @@ def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]
             lines.append(f"- A {OBJECTIVES[o]} training step costs {ratios[len(ratios) // 2]:.2f}× a flow-matching "
                          f"step of the same coupling (median over {len(ratios)} couplings, seconds per step as "
                          "measured in this run).")  # fmt: skip
-    nfm_one = [(n, cells[(n, 1)]) for n, (c, o) in grid.items() if c == "nfm" and o != "fm" and (n, 1) in cells]
-    reflow = cells.get((names.get(("reflow", "fm")), 1))
-    for n, r in nfm_one if reflow is not None else []:
-        lines.append(f"- One step, {label(n)} against reflow (flow matching): {fid(r)} against {fid(reflow)}, "
-                     f"{compare(r, reflow)}.")  # fmt: skip
+    for n, r in ((n, cells[(n, 1)]) for n, (c, o) in grid.items() if c == "nfm" and o != "fm" and (n, 1) in cells):
+        for rival in (("reflow", "fm"), ("reflow", grid[n][1]), ("sd-ot", grid[n][1])):  # one step, paired
+            if (m := names.get(rival)) is not None and (m, 1) in cells:
+                who, b = label(m) + (", flow matching" if rival[1] == "fm" else ""), cells[(m, 1)]
+                lines.append(f"- One step, {label(n)} against {who}: {fid(r)} against {fid(b)}, {compare(r, b)}"
+                             f"{paired_clause(r, b, 'NFM - rival')}.")  # fmt: skip
     return lines + ([""] + [f"![one-step students]({figure.name})"] if figure else []) + [""]
 
 
