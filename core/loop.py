@@ -253,8 +253,10 @@ class _Session:
             "lr": lr,
             "img_per_s": round(len(window) * self.cfg.batch_size / max(seconds, 1e-9), 1),
         }
+        where = {"device": self.acc.device.type, "processes": self.world, "threads": torch.get_num_threads()}
         if self.cfg.log_with:
             self.acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.step)
+        rec |= where  # what img/s was measured on: costs compare only students trained alike
         if self.acc.is_main_process:
             append_metrics(metrics_path, rec)
             parts = " ".join(f"{k} {v:.4f}" for k, v in means.items())

@@ -27,6 +27,7 @@ def test_teacher_train_sample_eval_end_to_end(tmp_path):
     assert json.loads((run / "config.json").read_text())["model"]["img_size"] == 8
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [5, 10, 15, 20] and all("bpd" in m for m in metrics)
+    assert all(m["device"] == "cpu" and m["processes"] == 1 and m["threads"] >= 1 for m in metrics)  # img/s's basis
     pngs = sorted((run / "samples").glob("*.png"))
     assert [p.name for p in pngs] == ["step-0000010.png", "step-0000020.png"]
     assert Image.open(pngs[-1]).size[0] >= 8 * 10  # 10 columns of (upscaled) 8x8 samples

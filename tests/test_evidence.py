@@ -261,3 +261,37 @@ def test_one_step_nfm_against_reflow_and_sd_fm_is_paired_by_seed():
     results["students"]["sd-ot/meanflow"] = {"seeds": 1, "rows": [_row("mean", 1, 11.0, None)]}  # one seed: none
     text = "\n".join(one_step_table(_typed(results)))
     assert "against semidiscrete OT (SD-FM), MeanFlow: 10.67 ± " in text and "11.00, lower mean." in text
+
+
+def test_where_a_student_was_timed_is_read_from_its_metrics(tmp_path):
+    """trained_on: the device, processes and threads its img/s was measured with; both where a resume changed
+    them; None for a run from before they were recorded."""
+    from nfm.pipeline.run.budget import trained_on
+
+    line = '{{"step": {}, "img_per_s": 100.0, "device": "cpu", "processes": 1, "threads": {}}}'
+    (tmp_path / "metrics.jsonl").write_text("\n".join(line.format(s, t) for s, t in ((1, 1), (2, 1), (3, 2))))
+    assert trained_on(tmp_path) == "cpu, 1 process, 1 thread then cpu, 1 process, 2 threads"
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "img_per_s": 100.0}')
+    assert trained_on(tmp_path) is None and trained_on(tmp_path / "nowhere") is None
+
+
+def test_one_step_cost_ratio_sets_only_students_trained_alike_against_each_other():
+    """A one-step objective's cost is a ratio of two students' seconds per step; one reused from a run with other
+    threads, or resumed under other conditions, is left out (and said to be), never mixed into the median."""
+    from nfm.pipeline.report.tables import cost_ratio_line
+
+    def c(sps, where):
+        return {"seconds_per_step": sps, "trained_on": where}
+
+    one, two = "cpu, 1 process, 1 thread", "cpu, 1 process, 2 threads"
+    alike = [(c(0.30, two), c(0.10, two)), (c(0.40, two), c(0.20, two)), (c(0.90, two), c(0.30, two))]
+    text = "\n".join(cost_ratio_line("meanflow", alike))
+    assert "costs 3.00× a flow-matching step" in text and "median over 3 couplings" in text
+    assert f"both students on {two}" in text and "left out" not in text
+    mixed = [*alike, (c(0.10, two), c(0.40, one)), (c(0.2, f"{one} then {two}"), c(0.1, f"{one} then {two}"))]
+    text = "\n".join(cost_ratio_line("meanflow", mixed))
+    assert "costs 3.00×" in text and "median over 3 couplings" in text and "2 left out" in text
+    text = "\n".join(cost_ratio_line("shortcut", mixed[3:]))
+    assert "is not set against a flow-matching step" in text and "×" not in text
+    legacy = [({"seconds_per_step": 0.2}, {"seconds_per_step": 0.1})]  # report.json from before it was recorded
+    assert "costs 2.00×" in "\n".join(cost_ratio_line("shortcut", legacy)) and cost_ratio_line("meanflow", []) == []

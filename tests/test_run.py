@@ -353,6 +353,7 @@ def test_one_step_objectives_crossed_with_the_couplings_in_one_report(tmp_path):
         rows = report["students"][name]["rows"]
         assert [(r["solver"], r["nfe"]) for r in rows if r["solver"] == "mean"] == [("mean", 1), ("mean", 2)]
         assert report["costs"][name]["seconds_per_step"] > 0 and report["costs"][name]["params"] > 0
+        assert report["costs"][name]["trained_on"].startswith("cpu, 1 process, ")
     md = (run / "report.md").read_text()
     assert "## One-step students: objective × coupling" in md and "| MeanFlow, NFE 1 | MeanFlow, NFE 2 |" in md
     assert "| NFM (teacher pairs) |" in md and "NFM (teacher pairs), MeanFlow" in md

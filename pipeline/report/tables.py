@@ -373,13 +373,9 @@ def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]
         lines.append(f"- NFE {k}: the lowest mean is {label(best)} ({fid(at[best])}).")
     costs = results.costs or {}
     for o in (o for o in objectives if o != "fm"):  # seed 0's training, as the cost table gives it
-        ratios = sorted(costs[n]["seconds_per_step"] / costs[c]["seconds_per_step"] for n, (c, oo) in grid.items()
-                        if oo == o and (costs.get(n) or {}).get("seconds_per_step") and (costs.get(c) or {})
-                        .get("seconds_per_step"))  # fmt: skip
-        if ratios:
-            lines.append(f"- A {OBJECTIVES[o]} training step costs {ratios[len(ratios) // 2]:.2f}× a flow-matching "
-                         f"step of the same coupling (median over {len(ratios)} couplings, seconds per step as "
-                         "measured in this run).")  # fmt: skip
+        lines += cost_ratio_line(o, [(costs[n], costs[c]) for n, (c, oo) in grid.items() if oo == o and
+                                     (costs.get(n) or {}).get("seconds_per_step") and
+                                     (costs.get(c) or {}).get("seconds_per_step")])  # fmt: skip
     for n, r in ((n, cells[(n, 1)]) for n, (c, o) in grid.items() if c == "nfm" and o != "fm" and (n, 1) in cells):
         for rival in (("reflow", "fm"), ("reflow", grid[n][1]), ("sd-ot", grid[n][1])):  # one step, paired
             if (m := names.get(rival)) is not None and (m, 1) in cells:
@@ -387,6 +383,28 @@ def one_step_table(results: RunResults, figure: Path | None = None) -> list[str]
                 lines.append(f"- One step, {label(n)} against {who}: {fid(r)} against {fid(b)}, {compare(r, b)}"
                              f"{paired_clause(r, b, 'NFM - rival')}.")  # fmt: skip
     return lines + ([""] + [f"![one-step students]({figure.name})"] if figure else []) + [""]
+
+
+def cost_ratio_line(objective: str, pairs: list[tuple[dict, dict]]) -> list[str]:
+    """A one-step objective's seconds per step over flow matching's, per coupling (its student, the coupling's
+    flow-matching student), median over the couplings whose two students were trained alike: a student reused
+    from a run with other threads, or resumed under other conditions, would time the machine, not the objective."""
+    alike = [(a, b) for a, b in pairs if a.get("trained_on") == b.get("trained_on") and " then " not in
+             (a.get("trained_on") or "")]  # fmt: skip
+    if not pairs:
+        return []
+    what = f"A {OBJECTIVES[objective]} training step"
+    if not alike:
+        return [f"- {what} is not set against a flow-matching step: no coupling's two students were trained "
+                "alike (device, processes, threads: the cost table gives each)."]  # fmt: skip
+    ratios = sorted(a["seconds_per_step"] / b["seconds_per_step"] for a, b in alike)
+    left = len(pairs) - len(alike)
+    where = alike[0][0].get("trained_on")
+    return [f"- {what} costs {ratios[len(ratios) // 2]:.2f}× a flow-matching step of the same coupling (median "
+            f"over {len(ratios)} couplings, seconds per step as measured in this run"
+            + (f", both students on {where}" if where and len({a.get('trained_on') for a, _ in alike}) == 1 else "")
+            + (f"; {left} left out, their students trained under different conditions" if left else "")
+            + ")."]  # fmt: skip
 
 
 def guidance_table(results: RunResults) -> list[str]:
@@ -501,19 +519,23 @@ def cost_table(results: RunResults) -> list[str]:
     lines = [
         "## What each coupling costs",
         "",
-        "Training: seconds per step (same network and batch for every coupling; median over the run). "
+        "Training: seconds per step (same network and batch for every coupling; median over the run), on the "
+        "device, processes and threads per process it was measured with (`then` where a resume changed them; – "
+        "where the run did not record them): compare seconds only between students trained alike. "
         "Preparation: the seconds spent before the student could train, as measured when it ran (– where that "
         "stage was reused from an earlier run and not timed)"
         + (f" — seed {results.seed_ids()[0]}'s run." if results.seeds > 1 else "."),
         "",
-        "| coupling | parameters | s / training step | training steps | preparation (s) | of which |",
-        "|---|---|---|---|---|---|",
+        "| coupling | parameters | s / training step | trained on | training steps | preparation (s) | of which |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, c in costs.items():
         parts = ", ".join(f"{k} {fmt(v, 1)}" for k, v in c["prep"].items()) or "none"
         sps, params = fmt(c["seconds_per_step"], 4), f"{c['params']:,}" if c.get("params") else "–"
         steps = c.get("steps", results.student_steps if results.student_steps is not None else "–")
-        lines.append(f"| {label(name)} | {params} | {sps} | {steps} | {fmt(c.get('prep_seconds'), 1)} | {parts} |")
+        where = c.get("trained_on") or "–"
+        lines.append(f"| {label(name)} | {params} | {sps} | {where} | {steps} | {fmt(c.get('prep_seconds'), 1)} "
+                     f"| {parts} |")  # fmt: skip
     sd = costs.get("sd-ot", {}).get("sdot_shares")
     if sd:
         lines += [

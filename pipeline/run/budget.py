@@ -91,6 +91,18 @@ def seconds_per_step(run: Path) -> float | None:
     return round(batch / rates[len(rates) // 2], 4) if rates and batch else None
 
 
+def trained_on(run: Path) -> str | None:
+    """Where a student run measured its img/s (device, processes, threads per process), from its metrics.jsonl:
+    None where not recorded (runs before it was), both conditions where a resume changed them."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    seen = dict.fromkeys((r["device"], r["processes"], r["threads"]) for r in map(json.loads,
+                         metrics.read_text().splitlines()) if "threads" in r)  # fmt: skip
+    where = [f"{d}, {p} process{'es' * (p > 1)}, {t} thread{'s' * (t > 1)}" for d, p, t in seen]
+    return " then ".join(where) or None
+
+
 def parameter_count(export: Path) -> int:
     """The parameters of an exported student (a one-step student's step embedding among them)."""
     from nfm.core.io import load_tensors
@@ -114,6 +126,7 @@ def coupling_costs(cfg: RunConfig, students: dict[str, Path], costs: Costs) -> d
             parts[f"{REFLOW_FROM[coupling]} student"] = None if sps is None else round(sps * steps, 1)
         out[name] = {
             "seconds_per_step": seconds_per_step(students[name].parent),
+            "trained_on": trained_on(students[name].parent),
             "params": parameter_count(students[name]),
             "prep": parts,
             "prep_seconds": None if None in parts.values() else round(sum(parts.values()), 1),
