@@ -6,8 +6,9 @@
     nfm teacher import ml-tarflow:PATH.pth --out DIR [--teacher-arch k=v,...] [--data NAME]
     nfm pairs build    --teacher RUN|ml-tarflow:PATH|python:mod:factory [--data NAME] [--views K] [key=value ...]
     nfm pairs ls | verify KEY | rm KEY | push KEY OWNER/NAME | pull OWNER/NAME
-    nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot] [--pairs KEY] [key=value ...]
-    nfm student sample RUN [--solver euler|midpoint|heun|rk4|dopri5] [--steps 4] [--grid uniform|data-end]
+    nfm student train  [--preset digits] [--coupling nfm|independent|minibatch-ot|...] [--pairs KEY]
+                       [--objective fm|meanflow|shortcut] [key=value ...]
+    nfm student sample RUN [--solver auto|euler|midpoint|heun|rk4|mean|dopri5] [--steps 4] [--grid uniform|data-end]
     nfm student eval   RUN [--split test] [--eta 0.1] [--hutchinson K]
     nfm run            [--preset digits] [--from-teacher SPEC] [--seeds N] [--first-seed K] [key=value ...]
     nfm report render RUN | merge RUN... --out DIR
