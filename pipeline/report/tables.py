@@ -389,10 +389,10 @@ def cost_ratio_line(objective: str, pairs: list[tuple[dict, dict]]) -> list[str]
     """A one-step objective's seconds per step over flow matching's, per coupling (its student, the coupling's
     flow-matching student), median over the couplings whose two students were trained alike: a student reused
     from a run with other threads, or resumed under other conditions, would time the machine, not the objective."""
-    alike = [(a, b) for a, b in pairs if a.get("trained_on") == b.get("trained_on") and " then " not in
-             (a.get("trained_on") or "")]  # fmt: skip
     if not pairs:
         return []
+    alike = [(a, b) for a, b in pairs if a.get("trained_on") == b.get("trained_on") and " then " not in
+             (a.get("trained_on") or "")]  # fmt: skip
     what = f"A {OBJECTIVES[objective]} training step"
     if not alike:
         return [f"- {what} is not set against a flow-matching step: no coupling's two students were trained "

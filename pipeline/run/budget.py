@@ -81,12 +81,18 @@ def matched_steps(
     return out
 
 
+def metric_lines(run: Path) -> list[dict[str, Any]]:
+    """A training run's metrics.jsonl, a dict a logged window ([] where it has none)."""
+    metrics = run / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
 def seconds_per_step(run: Path) -> float | None:
     """Median seconds per training step of a student run, from its metrics.jsonl (img/s and the batch)."""
-    metrics, config = run / "metrics.jsonl", run / "config.json"
-    if not metrics.is_file() or not config.is_file():
+    config = run / "config.json"
+    if not config.is_file():
         return None
-    rates = sorted(r["img_per_s"] for r in map(json.loads, metrics.read_text().splitlines()) if r.get("img_per_s"))
+    rates = sorted(r["img_per_s"] for r in metric_lines(run) if r.get("img_per_s"))
     batch = read_json(config, "student config").get("train", {}).get("batch_size")
     return round(batch / rates[len(rates) // 2], 4) if rates and batch else None
 
@@ -94,11 +100,7 @@ def seconds_per_step(run: Path) -> float | None:
 def trained_on(run: Path) -> str | None:
     """Where a student run measured its img/s (device, processes, threads per process), from its metrics.jsonl:
     None where not recorded (runs before it was), both conditions where a resume changed them."""
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    seen = dict.fromkeys((r["device"], r["processes"], r["threads"]) for r in map(json.loads,
-                         metrics.read_text().splitlines()) if "threads" in r)  # fmt: skip
+    seen = dict.fromkeys((r["device"], r["processes"], r["threads"]) for r in metric_lines(run) if "threads" in r)
     where = [f"{d}, {p} process{'es' * (p > 1)}, {t} thread{'s' * (t > 1)}" for d, p, t in seen]
     return " then ".join(where) or None
 
